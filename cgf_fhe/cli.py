@@ -1,0 +1,55 @@
+"""`cgf-fhe` command line. Each stage registers its own subcommands (``register(subparsers)``)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# modules that expose register(subparsers); each adds its subcommands with set_defaults(func=...)
+STAGES = (
+    "cgf_fhe.training.cli",  # finetune, distill, evaluate, sweep
+    "cgf_fhe.export.cli",  # export, check, report, calibrate-costs
+    "cgf_fhe.simulate.cli",  # simulate
+    "cgf_fhe.pipeline",  # pipeline
+)
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cgf-fhe", description=__doc__)
+    parser.add_argument("--version", action="version", version="cgf-fhe " + __import__("cgf_fhe").__version__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mod in STAGES:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name == mod:  # stage not built yet
+                continue
+            raise
+        m.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+    from .models import CheckpointError
+    from .fhe_ops import GraphError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except (UserError, DataError, CheckpointError, GraphError, FileNotFoundError) as exc:
+        print(f"cgf-fhe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cgf-fhe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

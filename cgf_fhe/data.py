@@ -1,0 +1,112 @@
+"""GLUE/MRPC data: a local folder of GLUE TSVs or the `datasets` hub, tokenized in pairs.
+
+Source selection (first that is given wins): ``data_dir`` argument (CLI ``--data-dir``), the
+environment variable ``CGF_FHE_DATA_DIR``, the hub (``datasets.load_dataset("glue", "mrpc")``).
+The local format is the GLUE one: tab-separated, header ``label sentence1 sentence2 idx``, and
+**no quoting at all** (sentences contain ``"``), so it is read with ``quoting=csv.QUOTE_NONE``.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import DataCollatorWithPadding
+
+ENV_VAR = "CGF_FHE_DATA_DIR"
+COLUMNS = ("label", "sentence1", "sentence2", "idx")
+SPLITS = ("train", "validation")
+
+
+class DataError(RuntimeError):
+    """Raised when MRPC cannot be found or parsed; the message names every source tried."""
+
+
+def read_glue_tsv(path: str | Path) -> datasets.Dataset:
+    """Read one GLUE MRPC TSV (no quoting) into a `datasets.Dataset` with columns label/sentence1/sentence2/idx."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"MRPC split file not found: {path}")
+    rows = {name: [] for name in COLUMNS}
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header] != list(COLUMNS):
+            raise DataError(f"{path}: expected header {list(COLUMNS)} (tab-separated), got {header!r}")
+        for lineno, row in enumerate(reader, start=2):
+            if len(row) != len(COLUMNS):
+                raise DataError(f"{path}:{lineno}: expected {len(COLUMNS)} tab-separated fields, got {len(row)}")
+            try:
+                label, idx = int(row[0]), int(row[3])
+            except ValueError as exc:
+                raise DataError(f"{path}:{lineno}: label and idx must be integers ({exc})") from None
+            if label not in (0, 1):
+                raise DataError(f"{path}:{lineno}: label must be 0 or 1, got {label}")
+            rows["label"].append(label)
+            rows["sentence1"].append(row[1])
+            rows["sentence2"].append(row[2])
+            rows["idx"].append(idx)
+    return datasets.Dataset.from_dict(rows)
+
+
+def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
+    """The local folder to read, or None to use the hub."""
+    if data_dir:
+        return Path(data_dir)
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else None
+
+
+def load_mrpc(data_dir: str | Path | None = None) -> datasets.DatasetDict:
+    """Load MRPC train/validation from a local GLUE folder or the hub; one clear error if neither works."""
+    local = resolve_data_dir(data_dir)
+    if local is not None:
+        origin = "--data-dir" if data_dir else f"${ENV_VAR}"
+        if not local.is_dir():
+            raise DataError(
+                f"MRPC data folder {str(local)!r} (from {origin}) does not exist. Pass --data-dir with a folder "
+                f"holding train.tsv and validation.tsv, set {ENV_VAR}, or leave both unset to use the "
+                "`datasets` hub (glue/mrpc)."
+            )
+        return datasets.DatasetDict({s: read_glue_tsv(local / f"{s}.tsv") for s in SPLITS})
+    try:
+        ds = datasets.load_dataset("glue", "mrpc")
+    except Exception as exc:  # offline, no cache, ...
+        raise DataError(
+            "Could not load MRPC: no --data-dir given, no $CGF_FHE_DATA_DIR set, and the `datasets` hub "
+            f"(glue/mrpc) failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    return datasets.DatasetDict({s: ds[s] for s in SPLITS})
+
+
+def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int = 128, max_samples: int | None = None):
+    """Pair-tokenize (sentence1, sentence2) with truncation; padding is left to the collator (dynamic)."""
+    if max_samples is not None:
+        ds = ds.select(range(min(max_samples, len(ds))))
+
+    def enc(batch):
+        out = tokenizer(batch["sentence1"], batch["sentence2"], truncation=True, max_length=max_length)
+        out["labels"] = batch["label"]
+        return out
+
+    keep = ("input_ids", "token_type_ids", "attention_mask", "labels")
+    ds = ds.map(enc, batched=True, desc=None)
+    ds = ds.remove_columns([c for c in ds.column_names if c not in keep])
+    ds.set_format("torch")
+    return ds
+
+
+def make_loader(ds, tokenizer, batch_size: int, shuffle: bool, seed: int = 0, pad_to_multiple_of: int | None = None):
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=gen)
+
+
+def load_tokenized(tokenizer, data_dir=None, max_length=128, max_train_samples=None, max_eval_samples=None):
+    raw = load_mrpc(data_dir)
+    return (
+        tokenize_split(raw["train"], tokenizer, max_length, max_train_samples),
+        tokenize_split(raw["validation"], tokenizer, max_length, max_eval_samples),
+    )

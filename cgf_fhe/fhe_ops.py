@@ -1,0 +1,377 @@
+"""THE table of FHE op semantics, and the one graph walk that applies it.
+
+Every ONNX op the project emits or meets has one :class:`OpSpec` in :data:`OP_TABLE` saying whether it
+may touch a ciphertext, with which operands, how many multiplicative levels it consumes and what it
+costs. :func:`analyze` walks a graph once: it propagates *encryption taint* from the inputs declared
+encrypted, checks each tainted node against the table, and computes each value's multiplicative
+depth. The verifier (``cgf-fhe check``), the depth report (``cgf-fhe report``) and the simulator all
+call :func:`analyze` / read :data:`OP_TABLE`; nothing else states op semantics.
+
+Level model (CKKS with rescaling after every multiplication):
+* ``Mul``/``MatMul``/``Gemm``/``Div``-by-plaintext with a ciphertext operand consume one level, whether the
+  other operand is a ciphertext (ct-ct, with relinearisation) or a plaintext (ct-pt, incl. a scalar).
+* ``Pow`` with constant natural exponent k: ``ceil(log2 k)`` levels (repeated squaring).
+* ``ReduceMean`` = sum then scalar ``1/n``: one level. Additions, sums, negation and data movement: none.
+* A node's output depth = max depth of its encrypted inputs + its levels.
+
+Packing model for counts (what :mod:`cgf_fhe.simulate` executes with TenSEAL's batched ``CKKSTensor``):
+*slot batching* -- every tensor element is one ciphertext and the examples of a batch sit in its slots.
+Element-wise ops then cost one ciphertext op per output element, a ``MatMul`` [M,K]x[K,N] costs M*N*K
+multiplications and M*N*(K-1) additions, reductions cost additions, and no rotation is ever needed
+(``rotations`` = 0). Data movement (reshape, transpose, gather) only re-indexes ciphertexts.
+The report's *row* packing model (one token's hidden vector per ciphertext) is derived from the same
+counts in :mod:`cgf_fhe.export.report`.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# cost classes
+FREE, ADD, MUL_PT, MUL_CT, REJECT = "free", "add", "mul_pt", "mul_ct", "reject"
+
+
+@dataclass
+class NodeCtx:
+    node: onnx.NodeProto
+    enc: list[bool]  # per input: is it a ciphertext
+    consts: list[np.ndarray | None]  # per input: constant value when known
+    in_shapes: list[tuple | None]
+    out_shapes: list[tuple | None]
+
+    def attr(self, name, default=None):
+        for a in self.node.attribute:
+            if a.name == name:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    op_type: str
+    ct_allowed: bool
+    why: str = ""  # why it is refused on a ciphertext / what it computes
+    # which inputs may be ciphertexts (None = any); others must be plaintext
+    ct_inputs: tuple[int, ...] | None = None
+    check: Callable[[NodeCtx], str | None] | None = None  # extra condition: return a reason to refuse
+    levels: Callable[[NodeCtx], int] | int = 0
+    cost: str = FREE
+    counts: Callable[[NodeCtx], Counter] | None = None
+
+
+def _numel(shape) -> int | None:
+    if shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
+        return None
+    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+
+
+def _out_numel(ctx: NodeCtx) -> int:
+    n = _numel(ctx.out_shapes[0] if ctx.out_shapes else None)
+    return n if n is not None else 1
+
+
+def _elementwise_counts(kind: str):
+    def f(ctx: NodeCtx) -> Counter:
+        n = _out_numel(ctx)
+        if kind == "mul":
+            both = sum(ctx.enc[:2]) == 2
+            return Counter({"ct_ct_mults" if both else "ct_pt_mults": n})
+        return Counter({"additions": n})
+
+    return f
+
+
+def _matmul_counts(ctx: NodeCtx) -> Counter:
+    a, b = (ctx.in_shapes + [None, None])[:2]
+    out = _out_numel(ctx)
+    k = None
+    if a is not None and len(a) >= 1 and isinstance(a[-1], int):
+        k = a[-1]
+        if ctx.node.op_type == "Gemm" and ctx.attr("transA", 0):
+            k = a[0]
+    k = k or 1
+    both = sum(ctx.enc[:2]) == 2
+    c = Counter({"ct_ct_mults" if both else "ct_pt_mults": out * k, "additions": out * (k - 1)})
+    if ctx.node.op_type == "Gemm" and len(ctx.node.input) > 2:
+        c["additions"] += out
+    return c
+
+
+def _reduce_counts(ctx: NodeCtx) -> Counter:
+    nin = _numel(ctx.in_shapes[0]) or 1
+    nout = _out_numel(ctx)
+    c = Counter({"additions": max(nin - nout, 0)})
+    if ctx.node.op_type == "ReduceMean":
+        c["ct_pt_mults"] = nout
+    return c
+
+
+def _pow_exponent(ctx: NodeCtx) -> int | None:
+    e = ctx.consts[1] if len(ctx.consts) > 1 else None
+    if e is None or e.size != 1:
+        return None
+    v = float(e.reshape(-1)[0])
+    return int(v) if v.is_integer() and v >= 1 else None
+
+
+def _pow_check(ctx: NodeCtx) -> str | None:
+    if len(ctx.enc) > 1 and ctx.enc[1]:
+        return "the exponent is encrypted"
+    e = ctx.consts[1] if len(ctx.consts) > 1 else None
+    if e is None:
+        return "the exponent is not a constant (only constant natural exponents are polynomial)"
+    if _pow_exponent(ctx) is None:
+        return f"exponent {e.reshape(-1).tolist()} is not a natural number >= 1"
+    return None
+
+
+def _pow_levels(ctx: NodeCtx) -> int:
+    k = _pow_exponent(ctx) or 1
+    return math.ceil(math.log2(k)) if k > 1 else 0
+
+
+def _pow_counts(ctx: NodeCtx) -> Counter:
+    k = _pow_exponent(ctx) or 1
+    mults = (k.bit_length() - 1) + (bin(k).count("1") - 1)  # square-and-multiply
+    return Counter({"ct_ct_mults": mults * _out_numel(ctx)})
+
+
+def _div_check(ctx: NodeCtx) -> str | None:
+    if ctx.enc[1]:
+        return "division by a ciphertext (needs an input-dependent reciprocal)"
+    return None
+
+
+def _gather_check(ctx: NodeCtx) -> str | None:
+    return None
+
+
+def _cast_check(ctx: NodeCtx) -> str | None:
+    to = ctx.attr("to")
+    if to not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+        return f"cast of a ciphertext to non-float type {onnx.TensorProto.DataType.Name(to)}"
+    return None
+
+
+def _mul_levels(ctx: NodeCtx) -> int:
+    return 1
+
+
+_MOVE = dict(ct_allowed=True, ct_inputs=(0,), levels=0, cost=FREE)
+_NONPOLY = "is not a polynomial: replace it by a polynomial approximation over a calibrated interval"
+_COMPARE = "needs a comparison, which CKKS cannot evaluate on ciphertexts"
+
+OP_TABLE: dict[str, OpSpec] = {}
+
+
+def _add(spec: OpSpec):
+    OP_TABLE[spec.op_type] = spec
+
+
+for _op in ("Add", "Sub"):
+    _add(OpSpec(_op, True, "addition", levels=0, cost=ADD, counts=_elementwise_counts("add")))
+_add(OpSpec("Neg", True, "negation", levels=0, cost=FREE))
+_add(OpSpec("Sum", True, "n-ary addition", levels=0, cost=ADD, counts=_elementwise_counts("add")))
+_add(OpSpec("Mul", True, "multiplication (ct-ct or ct-pt)", levels=1, cost=MUL_CT, counts=_elementwise_counts("mul")))
+_add(OpSpec("Div", True, "division by a plaintext = multiplication by its reciprocal", ct_inputs=(0,),
+            check=_div_check, levels=1, cost=MUL_PT, counts=_elementwise_counts("mul")))
+_add(OpSpec("MatMul", True, "matrix product (ct-pt or ct-ct)", levels=1, cost=MUL_CT, counts=_matmul_counts))
+_add(OpSpec("Gemm", True, "matrix product plus bias", levels=1, cost=MUL_CT, counts=_matmul_counts))
+_add(OpSpec("Pow", True, "power by a constant natural exponent (repeated squaring)", ct_inputs=(0,),
+            check=_pow_check, levels=_pow_levels, cost=MUL_CT, counts=_pow_counts))
+_add(OpSpec("ReduceSum", True, "sum over axes", ct_inputs=(0,), levels=0, cost=ADD, counts=_reduce_counts))
+_add(OpSpec("ReduceMean", True, "sum over axes times the public constant 1/n", ct_inputs=(0,), levels=1,
+            cost=MUL_PT, counts=_reduce_counts))
+for _op in ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Slice", "Split",
+            "Gather", "GatherElements", "Tile", "Dropout"):
+    _add(OpSpec(_op, why="data movement (re-indexes ciphertexts)", **_MOVE))
+_add(OpSpec("Concat", True, "data movement (re-indexes ciphertexts)", ct_inputs=None, levels=0, cost=FREE))
+_add(OpSpec("Cast", True, "float cast (no-op on ciphertexts)", ct_inputs=(0,), check=_cast_check, levels=0))
+for _op in ("Shape", "Size"):  # the shape of a ciphertext tensor is public
+    _add(OpSpec(_op, True, "shape (public)", ct_inputs=(0,), levels=0, cost=FREE))
+
+for _op in ("Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Tanh", "Sigmoid", "Softmax", "LogSoftmax", "Gelu",
+            "LayerNormalization", "Sin", "Cos", "HardSigmoid", "Softplus", "Elu", "Selu", "Mish", "Swish",
+            "InstanceNormalization", "BatchNormalization", "GroupNormalization", "RMSNormalization", "Rsqrt"):
+    _add(OpSpec(_op, False, f"{_op} {_NONPOLY}", cost=REJECT))
+for _op in ("Max", "Min", "ArgMax", "ArgMin", "ReduceMax", "ReduceMin", "Relu", "LeakyRelu", "PRelu", "Abs",
+            "Sign", "Clip", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Where", "Not", "And",
+            "Or", "Xor", "Round", "Floor", "Ceil", "TopK", "IsNaN", "IsInf", "Mod"):
+    _add(OpSpec(_op, False, f"{_op} {_COMPARE}", cost=REJECT))
+for _op in ("If", "Loop", "Scan"):
+    _add(OpSpec(_op, False, f"{_op} is data-dependent control flow, impossible on ciphertexts", cost=REJECT))
+
+# Ops that only ever appear on plaintext values (mask preprocessing, constants) need no entry: a node none of
+# whose inputs is encrypted is plaintext and may use any op.
+
+
+@dataclass
+class NodeResult:
+    name: str
+    op_type: str
+    index: int
+    encrypted: bool  # does it touch a ciphertext (any encrypted input)
+    depth: int  # multiplicative depth of its (encrypted) output; 0 for plaintext nodes
+    levels: int  # levels this node consumes
+    operands: str  # "ct-ct", "ct-pt", "ct", "pt"
+    counts: Counter = field(default_factory=Counter)
+    violation: str | None = None
+    encrypted_inputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Analysis:
+    nodes: list[NodeResult]
+    encrypted_inputs: list[str]
+    depth: dict[str, int]  # value name -> depth, encrypted values only
+    outputs: dict[str, int]  # graph output -> depth (encrypted outputs)
+
+    @property
+    def violations(self) -> list[NodeResult]:
+        return [n for n in self.nodes if n.violation]
+
+    @property
+    def total_depth(self) -> int:
+        return max(self.depth.values(), default=0)
+
+
+class GraphError(ValueError):
+    """The file is not a readable ONNX model, or names inputs that do not exist."""
+
+
+def load_model(path) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise GraphError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc})") from None
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise GraphError(f"{path}: onnx.checker rejects the model: {exc}") from None
+    return model
+
+
+ENCRYPTED_KEY = "cgf_fhe.encrypted_inputs"
+
+
+def declared_encrypted(model: onnx.ModelProto) -> list[str]:
+    """Encrypted inputs declared in metadata_props (comma-separated or JSON list)."""
+    import json
+
+    for p in model.metadata_props:
+        if p.key == ENCRYPTED_KEY:
+            v = p.value.strip()
+            return list(json.loads(v)) if v.startswith("[") else [s.strip() for s in v.split(",") if s.strip()]
+    return []
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    consts = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(a.t)
+                elif a.name in ("value_float", "value_int"):
+                    consts[node.output[0]] = np.array(onnx.helper.get_attribute_value(a))
+                elif a.name in ("value_floats", "value_ints"):
+                    consts[node.output[0]] = np.array(onnx.helper.get_attribute_value(a))
+        elif node.op_type in ("Identity", "Cast") and node.input and node.input[0] in consts:
+            v = consts[node.input[0]]
+            if node.op_type == "Cast":
+                to = [a.i for a in node.attribute if a.name == "to"][0]
+                v = v.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+            consts[node.output[0]] = v
+    return consts
+
+
+def _shapes(model: onnx.ModelProto, input_dims: dict[str, tuple] | None) -> dict[str, tuple]:
+    """Static shapes of every value after fixing the graph inputs' symbolic dims (best effort)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    if input_dims:
+        for inp in m.graph.input:
+            if inp.name in input_dims:
+                dims = inp.type.tensor_type.shape.dim
+                for d, v in zip(dims, input_dims[inp.name]):
+                    d.ClearField("dim_param")
+                    d.dim_value = int(v)
+    try:
+        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:
+        pass
+    out = {}
+    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+    return out
+
+
+def analyze(model: onnx.ModelProto, encrypted: list[str] | None = None, input_dims: dict[str, tuple] | None = None,
+            node_depth_hook: Callable[[NodeResult], None] | None = None) -> Analysis:
+    """Propagate encryption taint and depth through ``model`` using :data:`OP_TABLE`.
+
+    ``encrypted``: graph inputs that are ciphertexts (default: the ``cgf_fhe.encrypted_inputs`` metadata).
+    ``input_dims``: concrete dims for the inputs (for op counts), e.g. ``{"embeddings": (1, 16, 64)}``.
+    """
+    graph = model.graph
+    names = [i.name for i in graph.input]
+    enc_names = list(encrypted) if encrypted else declared_encrypted(model)
+    if not enc_names:
+        raise GraphError("no encrypted input declared: pass --encrypted NAME or export with cgf-fhe export "
+                         f"(graph inputs: {names})")
+    unknown = [n for n in enc_names if n not in names]
+    if unknown:
+        raise GraphError(f"--encrypted names {unknown} that are not graph inputs (graph inputs: {names})")
+    consts = _constants(graph)
+    shapes = _shapes(model, input_dims)
+    depth: dict[str, int] = {n: 0 for n in enc_names}
+    results = []
+    for i, node in enumerate(graph.node):
+        enc = [bool(x) and x in depth for x in node.input]
+        name = node.name or f"{node.op_type}_{i}"
+        if not any(enc):
+            results.append(NodeResult(name, node.op_type, i, False, 0, 0, "pt"))
+            continue
+        spec = OP_TABLE.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        ctx = NodeCtx(node, enc, [consts.get(x) for x in node.input], [shapes.get(x) for x in node.input],
+                      [shapes.get(x) for x in node.output])
+        enc_in = [x for x, e in zip(node.input, enc) if e]
+        n_ct = sum(enc)
+        operands = "ct-ct" if n_ct >= 2 else ("ct-pt" if len([x for x in node.input if x]) >= 2 else "ct")
+        violation = None
+        if spec is None:
+            dom = f"{node.domain}::" if node.domain not in ("", "ai.onnx") else ""
+            violation = f"unknown op {dom}{node.op_type} (not in the FHE op table), refused on ciphertexts"
+        elif not spec.ct_allowed:
+            violation = spec.why
+        else:
+            if spec.ct_inputs is not None:
+                bad = [node.input[j] for j, e in enumerate(enc) if e and j not in spec.ct_inputs]
+                if bad:
+                    violation = f"{node.op_type} input(s) {bad} must be plaintext but are encrypted"
+            if violation is None and spec.check is not None:
+                violation = spec.check(ctx)
+        levels = 0
+        counts = Counter()
+        if violation is None:
+            levels = spec.levels(ctx) if callable(spec.levels) else spec.levels
+            if spec.counts is not None:
+                counts = spec.counts(ctx)
+        d = max(depth[x] for x in enc_in) + levels
+        for o in node.output:
+            if o:
+                depth[o] = d
+        r = NodeResult(name, node.op_type, i, True, d, levels, operands, counts, violation, enc_in)
+        results.append(r)
+        if node_depth_hook:
+            node_depth_hook(r)
+    outs = {o.name: depth[o.name] for o in graph.output if o.name in depth}
+    return Analysis(results, enc_names, depth, outs)

