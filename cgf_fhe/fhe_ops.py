@@ -193,7 +193,8 @@ for _op in ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Identity
     _add(OpSpec(_op, why="data movement (re-indexes ciphertexts)", **_MOVE))
 _add(OpSpec("Concat", True, "data movement (re-indexes ciphertexts)", ct_inputs=None, levels=0, cost=FREE))
 _add(OpSpec("Cast", True, "float cast (no-op on ciphertexts)", ct_inputs=(0,), check=_cast_check, levels=0))
-for _op in ("Shape", "Size"):  # the shape of a ciphertext tensor is public
+PUBLIC_OUTPUT_OPS = ("Shape", "Size")
+for _op in PUBLIC_OUTPUT_OPS:  # the shape of a ciphertext tensor is public: its output is plaintext
     _add(OpSpec(_op, True, "shape (public)", ct_inputs=(0,), levels=0, cost=FREE))
 
 for _op in ("Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Tanh", "Sigmoid", "Softmax", "LogSoftmax", "Gelu",
@@ -314,6 +315,21 @@ def _shapes(model: onnx.ModelProto, input_dims: dict[str, tuple] | None) -> dict
     return out
 
 
+def _implicit_inputs(node: onnx.NodeProto) -> list[str]:
+    """Outer-scope values read inside a node's subgraphs (If/Loop/Scan bodies), recursively."""
+    out: list[str] = []
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            defined = {i.name for i in g.input} | {i.name for i in g.initializer}
+            for n in g.node:
+                for x in list(n.input) + _implicit_inputs(n):
+                    if x and x not in defined and x not in out:
+                        out.append(x)
+                defined.update(o for o in n.output if o)
+    return out
+
+
 def analyze(model: onnx.ModelProto, encrypted: list[str] | None = None, input_dims: dict[str, tuple] | None = None,
             node_depth_hook: Callable[[NodeResult], None] | None = None) -> Analysis:
     """Propagate encryption taint and depth through ``model`` using :data:`OP_TABLE`.
@@ -336,14 +352,15 @@ def analyze(model: onnx.ModelProto, encrypted: list[str] | None = None, input_di
     results = []
     for i, node in enumerate(graph.node):
         enc = [bool(x) and x in depth for x in node.input]
+        captured = [x for x in _implicit_inputs(node) if x in depth] if node.attribute else []
         name = node.name or f"{node.op_type}_{i}"
-        if not any(enc):
+        if not any(enc) and not captured:
             results.append(NodeResult(name, node.op_type, i, False, 0, 0, "pt"))
             continue
         spec = OP_TABLE.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         ctx = NodeCtx(node, enc, [consts.get(x) for x in node.input], [shapes.get(x) for x in node.input],
                       [shapes.get(x) for x in node.output])
-        enc_in = [x for x, e in zip(node.input, enc) if e]
+        enc_in = [x for x, e in zip(node.input, enc) if e] + [x for x in captured if x not in node.input]
         n_ct = sum(enc)
         operands = "ct-ct" if n_ct >= 2 else ("ct-pt" if len([x for x in node.input if x]) >= 2 else "ct")
         violation = None
@@ -352,6 +369,8 @@ def analyze(model: onnx.ModelProto, encrypted: list[str] | None = None, input_di
             violation = f"unknown op {dom}{node.op_type} (not in the FHE op table), refused on ciphertexts"
         elif not spec.ct_allowed:
             violation = spec.why
+        elif captured:
+            violation = f"{node.op_type} reads ciphertexts {captured} inside a subgraph, which is not analysed"
         else:
             if spec.ct_inputs is not None:
                 bad = [node.input[j] for j, e in enumerate(enc) if e and j not in spec.ct_inputs]
@@ -366,9 +385,10 @@ def analyze(model: onnx.ModelProto, encrypted: list[str] | None = None, input_di
             if spec.counts is not None:
                 counts = spec.counts(ctx)
         d = max(depth[x] for x in enc_in) + levels
-        for o in node.output:
-            if o:
-                depth[o] = d
+        if node.op_type not in PUBLIC_OUTPUT_OPS:  # a ciphertext's shape is public: not tainted
+            for o in node.output:
+                if o:
+                    depth[o] = d
         r = NodeResult(name, node.op_type, i, True, d, levels, operands, counts, violation, enc_in)
         results.append(r)
         if node_depth_hook:

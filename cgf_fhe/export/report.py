@@ -1,0 +1,662 @@
+"""``cgf-fhe report``: multiplicative depth, op counts, bootstrap placement and a latency estimate.
+
+Everything about individual ops (allowed?, levels, slot-model counts) comes from :func:`cgf_fhe.fhe_ops.analyze`;
+this module aggregates it per encoder layer and stage (:mod:`cgf_fhe.export.graphinfo`), places refreshes with
+:func:`cgf_fhe.bootstrap.plan_bootstraps`, and prices it with a cost table (:mod:`cgf_fhe.export.costs`).
+
+Packing models (``--packing``)
+------------------------------
+``slots`` (default; what the simulator runs): every tensor element is one ciphertext, the examples of a batch sit
+in its slots (up to N/2 examples per pass). Element-wise ops cost one ciphertext op per element, a MatMul
+``[M,K] x [K,N]`` costs ``M*N*K`` multiplications and ``M*N*(K-1)`` additions, and **no rotation** is ever needed.
+Counts are per pass; the per-example latency is the pass latency divided by the slot count.
+
+``row``: one example per pass; the **last axis of every tensor is packed in the slots** (a token's hidden vector is
+one ciphertext, a row of attention scores is one ciphertext), every other index is a separate ciphertext:
+
+* element-wise op: one ciphertext op per output ciphertext; an encrypted operand broadcast along the last axis
+  (last dim 1) is first replicated by rotate-and-add: ``ceil(log2 d)`` rotations + additions per ciphertext;
+* reduction over the last axis (ReduceSum/ReduceMean): rotate-and-sum, ``ceil(log2 d)`` rotations and additions
+  per input ciphertext; reductions over other axes are ciphertext additions; ReduceMean adds one ct-pt mult;
+* MatMul/Gemm ciphertext x plaintext matrix ``[K, N]``: diagonal method with baby-step/giant-step per input
+  ciphertext: ``d = max(K, N)`` diagonals, ``n1 = ceil(sqrt d)``, ``n2 = ceil(d/n1)``: ``(n1-1)+(n2-1)`` rotations,
+  ``d`` ct-pt mults, ``d-1`` additions;
+* MatMul ciphertext x ciphertext ``[.., M, K] x [.., K, N]`` (Q K^T, P V): for each output row and each ``k`` the
+  scalar ``a[m,k]`` is isolated (one ct-pt mask) and replicated (``ceil(log2 N)`` rotations + additions), then
+  multiplied with row ``k`` of the second operand (one ct-ct mult) and accumulated;
+* data movement that changes the packed axis (a Transpose moving the last axis, a Reshape changing the last dim,
+  Gather/Slice/Concat/Split on the last axis): one mask (ct-pt) and one rotation per element moved for a
+  Transpose, per output (or input, whichever is larger) ciphertext otherwise; other data movement is free.
+
+It is a deliberately simple, documented model (not an optimised layout such as those of dedicated HE transformer
+compilers); use it to compare graphs, not as an absolute prediction.
+
+Levels, depth and bootstraps
+----------------------------
+``depth`` of a node = multiplicative depth of its encrypted output from the encrypted inputs; per layer/stage
+``depth`` = the longest chain of levels inside that group (its "levels per layer"), ``depth_in``/``depth_out`` the
+absolute depth entering/leaving it. Refreshes (bootstraps, or TenSEAL's client-aided decrypt + re-encrypt) are
+placed for the budget ``--levels L`` by greedy lazy refresh (see :mod:`cgf_fhe.bootstrap`); each refresh point
+refreshes every ciphertext of that tensor (``refreshed_ciphertexts``).
+
+JSON schema (``cgf-fhe-report/1``; ``--format json`` prints it, ``-o DIR`` writes ``DIR/report.json``)
+---------------------------------------------------------------------------------------------------
+Top level: ``file``, ``encrypted_inputs``, ``seq_len``, ``input_dims``, ``packing``, ``total_depth``,
+``min_level_budget_no_bootstrap`` (= total depth), ``min_level_budget_feasible`` (largest single-node need),
+``level_budget``, ``bootstraps_total``, ``bootstraps_lower_bound`` (``ceil(depth/L) - 1``),
+``refreshed_ciphertexts``, ``bootstrap_kind``, ``bootstrap_nodes`` / ``bootstrap_values`` (ordered refresh
+positions: producing node, refreshed value), ``levels_per_layer``, ``bootstraps_per_layer``, ``ckks``
+(``poly_modulus``, ``slots``, ``coeff_bits``, ``log_q``, ``scale_bits``, ``secure_128``), ``costs`` (``ms`` per op,
+``note``, ``source``), ``latency_seconds`` (one encrypted pass on the server), ``examples_per_pass``,
+``latency_per_example_seconds``, ``client_seconds`` (encrypt inputs + decrypt outputs), ``totals`` (op counts),
+``layers`` (list), ``head`` (list of non-layer groups: ``name`` in embeddings/pooler/classifier/input/other),
+``stages`` (per stage summed over layers, with ``depth_per_layer``), ``critical_path`` (nodes consuming levels,
+input to output), ``nodes`` (list), ``poly`` (the export metadata's polynomial groups, when present).
+
+Each layer/group: ``index`` (layers) or ``name`` (head), ``depth`` (levels consumed inside it), ``depth_in``,
+``depth_out``, ``ct_ct_mults``, ``ct_pt_mults``, ``additions``, ``rotations``, ``ciphertexts`` (largest encrypted
+tensor, in ciphertexts), ``nodes``, ``encrypted_nodes``, ``bootstraps``, ``bootstrap_nodes``,
+``refreshed_ciphertexts``, ``latency_seconds``; layers also carry ``stages`` (same fields per stage).
+Each node: ``name``, ``op_type``, ``layer``, ``stage``, ``encrypted``, ``depth``, ``levels``, ``operands``
+(ct-ct / ct-pt / ct / pt), the four op counts, ``ciphertexts``, ``levels_left`` (after the node, before any
+refresh of its output), ``refreshed`` (its outputs refreshed by the plan).
+Several files: ``{"schema": ..., "models": [report, ...]}``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import onnx
+
+from .. import fhe_ops
+from ..bootstrap import plan_bootstraps
+from ..cli import UserError
+from . import costs as costs_mod
+from .graphinfo import HEAD_STAGES, STAGES, classify
+
+SCHEMA = "cgf-fhe-report/1"
+COUNT_KEYS = ("ct_ct_mults", "ct_pt_mults", "additions", "rotations")
+OP_MS = {"ct_ct_mults": "ct_ct_mult", "ct_pt_mults": "ct_pt_mult", "additions": "add", "rotations": "rotation"}
+DEFAULT_SEQ_LEN = 128
+
+
+# --- row packing model -------------------------------------------------------------------------------------------
+
+def _numel(shape):
+    if shape is None or any(not isinstance(d, int) or d is None or d < 0 for d in shape):
+        return None
+    return int(math.prod(shape)) if shape else 1
+
+
+def _cts_row(shape):
+    n = _numel(shape)
+    if n is None:
+        return None
+    return n // shape[-1] if shape and shape[-1] else 1
+
+
+def _log2(d) -> int:
+    return max(math.ceil(math.log2(d)), 0) if d and d > 1 else 0
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _axes(node, consts, rank):
+    axes = None
+    if len(node.input) > 1 and node.input[1] and node.input[1] in consts:
+        axes = [int(a) for a in consts[node.input[1]].reshape(-1)]
+    elif _attr(node, "axes") is not None:
+        axes = list(_attr(node, "axes"))
+    if axes is None:
+        return list(range(rank)) if not _attr(node, "noop_with_empty_axes", 0) else []
+    return [a % rank for a in axes] if rank else axes
+
+
+def row_counts(node: onnx.NodeProto, res: fhe_ops.NodeResult, enc: list[bool], shapes: dict, consts: dict) -> Counter:
+    """Op counts of one encrypted node under the row packing model (see module doc)."""
+    op = node.op_type
+    ins = [shapes.get(x) or (tuple(consts[x].shape) if x in consts else None) for x in node.input]
+    out = shapes.get(node.output[0]) if node.output else None
+    n_out = _cts_row(out) or 1
+    d_out = out[-1] if out else 1
+    c = Counter()
+
+    def replicate():
+        for x, s, e in zip(node.input, ins, enc):
+            if e and s is not None and len(s) and s[-1] == 1 and isinstance(d_out, int) and d_out > 1:
+                k = (_cts_row(s) or 1) * _log2(d_out)
+                c["rotations"] += k
+                c["additions"] += k
+
+    if op in ("Add", "Sub", "Sum"):
+        c["additions"] += n_out
+        replicate()
+    elif op in ("Mul", "Div"):
+        c["ct_ct_mults" if sum(enc[:2]) == 2 else "ct_pt_mults"] += n_out
+        replicate()
+    elif op == "Pow":
+        k = fhe_ops._pow_exponent(fhe_ops.NodeCtx(node, enc, [consts.get(x) for x in node.input], ins, [out])) or 1
+        c["ct_ct_mults"] += ((k.bit_length() - 1) + (bin(k).count("1") - 1)) * n_out
+    elif op in ("MatMul", "Gemm"):
+        a, b = (ins + [None, None])[:2]
+        if a is None or b is None:
+            return c
+        if op == "Gemm":
+            a = a[::-1] if _attr(node, "transA", 0) else a
+            b = b[::-1] if _attr(node, "transB", 0) else b
+        k_dim, n_dim = a[-1], b[-1]
+        if sum(enc[:2]) == 2:  # ct x ct
+            lead = _numel(out[:-2]) if out is not None and len(out) > 2 else 1
+            m_dim = a[-2] if len(a) >= 2 else 1
+            pairs = (lead or 1) * m_dim * k_dim
+            c["ct_pt_mults"] += pairs
+            c["rotations"] += pairs * _log2(n_dim)
+            c["additions"] += pairs * _log2(n_dim) + (lead or 1) * m_dim * (k_dim - 1)
+            c["ct_ct_mults"] += pairs
+        else:  # ct x pt: BSGS diagonal method per input ciphertext
+            ct_shape = a if enc[0] else b[::-1]
+            n_in = _cts_row(ct_shape) or 1
+            d = max(k_dim, n_dim)
+            n1 = math.ceil(math.sqrt(d))
+            n2 = math.ceil(d / n1)
+            c["rotations"] += n_in * ((n1 - 1) + (n2 - 1))
+            c["ct_pt_mults"] += n_in * d
+            c["additions"] += n_in * (d - 1 + (1 if op == "Gemm" and len(node.input) > 2 else 0))
+    elif op in ("ReduceSum", "ReduceMean"):
+        s = ins[0]
+        if s is None:
+            return c
+        rank = len(s)
+        axes = _axes(node, consts, rank)
+        n_in = _cts_row(s) or 1
+        if rank and (rank - 1) in axes:
+            k = n_in * _log2(s[-1])
+            c["rotations"] += k
+            c["additions"] += k
+        n_in_after = n_in if not rank or (rank - 1) not in axes else n_in
+        c["additions"] += max(n_in_after - n_out, 0)
+        if op == "ReduceMean":
+            c["ct_pt_mults"] += n_out
+    elif op == "Transpose":
+        s = ins[0]
+        perm = _attr(node, "perm") or (list(range(len(s)))[::-1] if s is not None else None)
+        if s is not None and perm is not None and len(s) and perm[-1] != len(s) - 1:
+            n = _numel(s) or 0
+            c["rotations"] += n
+            c["ct_pt_mults"] += n
+            c["additions"] += n
+    elif op in ("Reshape", "Flatten"):
+        s = ins[0]
+        if s is not None and out is not None and (s[-1] if s else 1) != d_out:
+            k = max(_cts_row(s) or 1, n_out)
+            c["rotations"] += k
+            c["ct_pt_mults"] += k
+    elif op in ("Gather", "Slice", "Concat", "Split", "GatherElements"):
+        s = ins[0]
+        rank = len(s) if s is not None else 0
+        if op == "Slice":
+            ax = [int(a) % rank for a in consts[node.input[3]].reshape(-1)] if len(node.input) > 3 and \
+                node.input[3] in consts and rank else list(range(rank))
+        else:
+            ax = [int(_attr(node, "axis", 0)) % rank] if rank else []
+        if rank and (rank - 1) in ax:
+            c["rotations"] += n_out
+            c["ct_pt_mults"] += n_out
+    elif op in ("Expand", "Tile"):
+        replicate()
+    return c
+
+
+# --- aggregation -------------------------------------------------------------------------------------------------
+
+def _input_dims(model: onnx.ModelProto, seq_len: int) -> dict:
+    dims = {}
+    inits = {i.name for i in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        shape = inp.type.tensor_type.shape.dim
+        dims[inp.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (1 if i == 0 else seq_len)
+                               for i, d in enumerate(shape))
+    return dims
+
+
+def _meta(model) -> dict:
+    out = {}
+    for p in model.metadata_props:
+        if p.key.startswith("cgf_fhe."):
+            try:
+                out[p.key[8:]] = json.loads(p.value)
+            except json.JSONDecodeError:
+                out[p.key[8:]] = p.value
+    return out
+
+
+def _group_stats(idx: list[int], nodes_out: list[dict], results, producer_of_input, depth_of) -> dict:
+    """Aggregate node rows ``idx`` (indices into the graph)."""
+    members = set(idx)
+    local: dict[str, int] = {}
+    depth_in = 0
+    tot = Counter()
+    cts = 0
+    for i in idx:
+        r = results[i]
+        row = nodes_out[i]
+        if not r.encrypted:
+            continue
+        for k in COUNT_KEYS:
+            tot[k] += row[k]
+        cts = max(cts, row["ciphertexts"])
+        best = 0
+        for x in r.encrypted_inputs:
+            p = producer_of_input.get(x)
+            if p is not None and p in members:
+                best = max(best, local.get(x, 0))
+            else:
+                depth_in = max(depth_in, depth_of.get(x, 0))
+        for o in row["outputs"]:
+            local[o] = best + r.levels
+    enc_nodes = [i for i in idx if results[i].encrypted]
+    return {
+        "depth": max(local.values(), default=0),
+        "depth_in": depth_in if enc_nodes else 0,
+        "depth_out": max((results[i].depth for i in enc_nodes), default=0),
+        **{k: int(tot[k]) for k in COUNT_KEYS},
+        "ciphertexts": int(cts),
+        "nodes": len(idx),
+        "encrypted_nodes": len(enc_nodes),
+    }
+
+
+def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: int = 40,
+                 cost_table: str | Path | dict | None = None, encrypted: list[str] | None = None,
+                 seq_len: int | None = None, packing: str = "slots") -> dict:
+    """The report as a JSON-serialisable dict (schema in the module doc and docs/)."""
+    if packing not in ("slots", "row"):
+        raise UserError(f"unknown packing model {packing!r} (slots|row)")
+    if isinstance(model_or_path, onnx.ModelProto):
+        model, path = model_or_path, "<model>"
+    else:
+        path = str(model_or_path)
+        if not Path(path).is_file():
+            raise fhe_ops.GraphError(f"{path}: no such file")
+        model = fhe_ops.load_model(path)
+    meta = _meta(model)
+    seq = int(seq_len or meta.get("seq_len") or meta.get("max_length") or DEFAULT_SEQ_LEN)
+    dims = _input_dims(model, seq)
+    analysis = fhe_ops.analyze(model, encrypted or None, dims)
+    if analysis.violations:
+        v = analysis.violations
+        raise fhe_ops.GraphError(f"{path}: {len(v)} operation(s) on ciphertexts are not FHE-evaluable (first: node "
+                                 f"{v[0].name} ({v[0].op_type}): {v[0].violation}); run `cgf-fhe check` for the list")
+    shapes = fhe_ops._shapes(model, dims)
+    consts = fhe_ops._constants(model.graph)
+    where = classify(model)
+    gnodes = list(model.graph.node)
+    results = analysis.nodes
+    min_feasible = max((r.levels for r in results if r.encrypted), default=0)
+    L = analysis.total_depth if level_budget is None else int(level_budget)
+    plan = plan_bootstraps(model, analysis, L)
+
+    producer = {}
+    for i, n in enumerate(gnodes):
+        for o in n.output:
+            if o:
+                producer[o] = i
+    refreshed_by_node = defaultdict(list)
+    for v in plan.refresh:
+        if v in producer:
+            refreshed_by_node[producer[v]].append(v)
+
+    def cts_of(value):
+        s = shapes.get(value)
+        return (_numel(s) if packing == "slots" else _cts_row(s)) or 1
+
+    rows = []
+    for i, (n, r) in enumerate(zip(gnodes, results)):
+        layer, stage = where[i]
+        enc_flags = [bool(x) and x in analysis.depth for x in n.input]
+        if r.encrypted:
+            cnt = Counter(r.counts) if packing == "slots" else row_counts(n, r, enc_flags, shapes, consts)
+        else:
+            cnt = Counter()
+        outs = [o for o in n.output if o]
+        rp = plan.nodes.get(r.name)
+        rows.append({
+            "name": r.name, "op_type": r.op_type, "layer": layer, "stage": stage, "encrypted": r.encrypted,
+            "depth": r.depth if r.encrypted else 0, "levels": r.levels, "operands": r.operands,
+            **{k: int(cnt.get(k, 0)) for k in COUNT_KEYS},
+            "ciphertexts": max((cts_of(o) for o in outs), default=0) if r.encrypted else 0,
+            "levels_left": rp.levels_out if rp else None,
+            "refreshed": refreshed_by_node.get(i, []),
+            "outputs": outs,
+        })
+
+    # CKKS parameters and costs
+    chain = costs_mod.chain_for(L, scale_bits)
+    n_ring = costs_mod.ring_for(chain)
+    secure = n_ring is not None
+    n_ring = n_ring or 65536
+    table = cost_table if isinstance(cost_table, dict) else costs_mod.load_cost_table(cost_table)
+    cst = costs_mod.costs_for(table, n_ring, chain)
+    ms = cst["ms"]
+    refresh_ms = ms["bootstrap"] if ms.get("bootstrap") is not None else ms.get("refresh")
+    refresh_kind = "bootstrap" if ms.get("bootstrap") is not None else "client-aided refresh (decrypt + re-encrypt)"
+    slots = n_ring // 2
+
+    def latency(stats: dict, refreshed_cts: int) -> float:
+        t = sum(stats[k] * ms[OP_MS[k]] for k in COUNT_KEYS)
+        t += refreshed_cts * (refresh_ms or 0.0)
+        return t / 1e3
+
+    depth_of = dict(analysis.depth)
+    by_layer = defaultdict(list)
+    by_layer_stage = defaultdict(lambda: defaultdict(list))
+    head = defaultdict(list)
+    for i, row in enumerate(rows):
+        if row["layer"] is not None:
+            by_layer[row["layer"]].append(i)
+            by_layer_stage[row["layer"]][row["stage"]].append(i)
+        else:
+            head[row["stage"]].append(i)
+
+    def refresh_info(idx):
+        vals = [v for i in idx for v in rows[i]["refreshed"]]
+        return {"bootstraps": len(vals), "bootstrap_nodes": [rows[i]["name"] for i in idx if rows[i]["refreshed"]],
+                "refreshed_ciphertexts": int(sum(cts_of(v) for v in vals))}
+
+    def group(idx):
+        st = _group_stats(idx, rows, results, producer, depth_of)
+        st.update(refresh_info(idx))
+        st["latency_seconds"] = latency(st, st["refreshed_ciphertexts"])
+        return st
+
+    layers = []
+    for li in sorted(by_layer):
+        g = {"index": li, **group(by_layer[li])}
+        g["stages"] = {s: group(by_layer_stage[li][s]) for s in STAGES if by_layer_stage[li].get(s)}
+        g["stages"].update({s: group(ix) for s, ix in by_layer_stage[li].items() if s not in STAGES})
+        layers.append(g)
+    head_groups = [{"name": s, **group(head[s])} for s in HEAD_STAGES if head.get(s)]
+    stage_totals = {}
+    for s in list(STAGES) + sorted({st for lay in layers for st in lay["stages"]} - set(STAGES)):
+        members = [i for li in by_layer for i in by_layer_stage[li].get(s, [])]
+        if members:
+            agg = Counter()
+            for lay in layers:
+                if s in lay["stages"]:
+                    for k in COUNT_KEYS + ("bootstraps", "refreshed_ciphertexts"):
+                        agg[k] += lay["stages"][s][k]
+            stage_totals[s] = {**{k: int(agg[k]) for k in COUNT_KEYS + ("bootstraps", "refreshed_ciphertexts")},
+                               "depth_per_layer": [lay["stages"][s]["depth"] if s in lay["stages"] else 0
+                                                   for lay in layers]}
+    all_idx = list(range(len(rows)))
+    totals = group(all_idx)
+
+    # critical path: from the deepest encrypted output back to an encrypted input through the deepest operand
+    crit = []
+    if analysis.depth:
+        outs = [o.name for o in model.graph.output if o.name in analysis.depth]
+        cur = max(outs or analysis.depth, key=lambda v: analysis.depth[v])
+        seen = set()
+        while cur in producer and cur not in seen:
+            seen.add(cur)
+            i = producer[cur]
+            r = results[i]
+            if r.levels:
+                crit.append({k: rows[i][k] for k in ("name", "op_type", "layer", "stage", "depth", "levels")})
+            if not r.encrypted_inputs:
+                break
+            cur = max(r.encrypted_inputs, key=lambda v: analysis.depth.get(v, 0))
+        crit.reverse()
+
+    enc_inputs = list(analysis.encrypted_inputs)
+    out_enc = [o.name for o in model.graph.output if o.name in analysis.depth]
+    client_ms = (sum(cts_of(x) for x in enc_inputs) * (ms.get("encrypt") or 0.0)
+                 + sum(cts_of(x) for x in out_enc) * (ms.get("decrypt") or 0.0))
+    report = {
+        "schema": SCHEMA,
+        "file": path,
+        "encrypted_inputs": enc_inputs,
+        "seq_len": seq,
+        "input_dims": {k: list(v) for k, v in dims.items()},
+        "packing": packing,
+        "total_depth": analysis.total_depth,
+        "min_level_budget_no_bootstrap": analysis.total_depth,
+        "min_level_budget_feasible": min_feasible,
+        "level_budget": L,
+        "bootstraps_total": plan.count,
+        "bootstraps_lower_bound": max(math.ceil(analysis.total_depth / L) - 1, 0) if L > 0 else None,
+        "refreshed_ciphertexts": totals["refreshed_ciphertexts"],
+        "bootstrap_kind": refresh_kind,
+        "bootstrap_nodes": list(plan.refresh_nodes),
+        "bootstrap_values": list(plan.refresh),
+        "levels_per_layer": [lay["depth"] for lay in layers],
+        "bootstraps_per_layer": [lay["bootstraps"] for lay in layers],
+        "ckks": {"poly_modulus": n_ring, "slots": slots, "coeff_bits": chain, "log_q": sum(chain),
+                 "scale_bits": scale_bits, "secure_128": secure,
+                 "note": "" if secure else f"log Q = {sum(chain)} exceeds the 128-bit bound of every N <= 65536: "
+                                           "use a smaller --levels (more bootstraps)"},
+        "costs": {"ms": ms, "note": cst["note"], "source": cst["source"]},
+        "latency_seconds": totals["latency_seconds"],
+        "examples_per_pass": slots if packing == "slots" else 1,
+        "latency_per_example_seconds": totals["latency_seconds"] / (slots if packing == "slots" else 1),
+        "client_seconds": client_ms / 1e3,
+        "totals": {k: totals[k] for k in COUNT_KEYS + ("ciphertexts", "nodes", "encrypted_nodes")},
+        "layers": layers,
+        "head": head_groups,
+        "stages": stage_totals,
+        "critical_path": crit,
+        "nodes": [{k: v for k, v in row.items() if k != "outputs"} for row in rows],
+        "poly": meta.get("poly"),
+    }
+    return report
+
+
+# --- rendering ---------------------------------------------------------------------------------------------------
+
+def _fmt_int(v) -> str:
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _fmt_s(v: float) -> str:
+    if v >= 86400:
+        return f"{v / 86400:.1f} d"
+    if v >= 3600:
+        return f"{v / 3600:.1f} h"
+    if v >= 60:
+        return f"{v / 60:.1f} min"
+    return f"{v:.3g} s"
+
+
+def _layer_rows(rep: dict) -> list[list[str]]:
+    out = []
+    for lay in rep["layers"]:
+        out.append([f"layer {lay['index']}", str(lay["depth"]), str(lay["depth_out"]), _fmt_int(lay["ct_ct_mults"]),
+                    _fmt_int(lay["ct_pt_mults"]), _fmt_int(lay["additions"]), _fmt_int(lay["rotations"]),
+                    _fmt_int(lay["ciphertexts"]), str(lay["bootstraps"]), _fmt_s(lay["latency_seconds"])])
+    for g in rep["head"]:
+        if g["encrypted_nodes"]:
+            out.append([g["name"], str(g["depth"]), str(g["depth_out"]), _fmt_int(g["ct_ct_mults"]),
+                        _fmt_int(g["ct_pt_mults"]), _fmt_int(g["additions"]), _fmt_int(g["rotations"]),
+                        _fmt_int(g["ciphertexts"]), str(g["bootstraps"]), _fmt_s(g["latency_seconds"])])
+    return out
+
+
+LAYER_COLS = ["group", "levels", "depth out", "ct x ct", "ct x pt", "adds", "rotations", "max cts", "bootstraps",
+              "est. time"]
+STAGE_COLS = ["stage", "levels / layer", "ct x ct", "ct x pt", "adds", "rotations", "bootstraps"]
+
+
+def _stage_rows(rep: dict) -> list[list[str]]:
+    return [[s, ",".join(map(str, v["depth_per_layer"])), _fmt_int(v["ct_ct_mults"]), _fmt_int(v["ct_pt_mults"]),
+             _fmt_int(v["additions"]), _fmt_int(v["rotations"]), str(v["bootstraps"])] for s, v in rep["stages"].items()]
+
+
+def _summary_lines(rep: dict) -> list[str]:
+    ck = rep["ckks"]
+    lines = [
+        f"file: {rep['file']}  (encrypted: {', '.join(rep['encrypted_inputs'])}; seq len {rep['seq_len']}; "
+        f"packing: {rep['packing']})",
+        f"total multiplicative depth: {rep['total_depth']}  -> smallest level budget with no bootstrap: "
+        f"{rep['min_level_budget_no_bootstrap']}",
+        f"level budget L = {rep['level_budget']}: {rep['bootstraps_total']} refresh point(s) "
+        f"({_fmt_int(rep['refreshed_ciphertexts'])} ciphertexts; {rep['bootstrap_kind']})",
+        f"levels per layer: {rep['levels_per_layer']}; bootstraps per layer: {rep['bootstraps_per_layer']}",
+        f"CKKS: N = {ck['poly_modulus']} ({ck['slots']} slots), chain {len(ck['coeff_bits'])} primes, "
+        f"log Q = {ck['log_q']}{'' if ck['secure_128'] else '  (NOT 128-bit secure: ' + ck['note'] + ')'}",
+        f"estimated server latency: {_fmt_s(rep['latency_seconds'])} per pass "
+        f"({rep['examples_per_pass']} example(s) per pass -> {_fmt_s(rep['latency_per_example_seconds'])} "
+        f"per example); client encrypt+decrypt {_fmt_s(rep['client_seconds'])}",
+        f"costs: {rep['costs']['note']}; source: {rep['costs']['source']}",
+    ]
+    if rep["bootstrap_nodes"]:
+        shown = ", ".join(rep["bootstrap_nodes"][:12]) + (" ..." if len(rep["bootstrap_nodes"]) > 12 else "")
+        lines.append(f"refresh after: {shown}")
+    if rep["critical_path"]:
+        seq = []
+        for c in rep["critical_path"]:
+            tag = f"L{c['layer']}.{c['stage']}" if c["layer"] is not None else c["stage"]
+            if seq and seq[-1][0] == tag:
+                seq[-1][1] += c["levels"]
+            else:
+                seq.append([tag, c["levels"]])
+        lines.append("critical path (levels): " + " > ".join(f"{t}({n})" for t, n in seq))
+    return lines
+
+
+def to_markdown(rep: dict) -> str:
+    def table(cols, rows):
+        out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        return out
+
+    lines = ["# FHE depth and cost report", ""] + [f"- {x}" for x in _summary_lines(rep)] + ["", "## Per layer", ""]
+    lines += table(LAYER_COLS, _layer_rows(rep))
+    if rep["stages"]:
+        lines += ["", "## Per stage (summed over layers)", ""] + table(STAGE_COLS, _stage_rows(rep))
+    if rep["critical_path"]:
+        lines += ["", "## Critical path", "", "| node | op | layer | stage | depth |", "|---|---|---|---|---|"]
+        lines += [f"| {c['name']} | {c['op_type']} | {c['layer'] if c['layer'] is not None else '-'} | {c['stage']} | "
+                  f"{c['depth']} |" for c in rep["critical_path"]]
+    return "\n".join(lines) + "\n"
+
+
+def compare_rows(reps: list[dict]) -> tuple[list[str], list[list[str]]]:
+    cols = ["metric"] + [Path(r["file"]).name for r in reps]
+    metrics = [
+        ("total depth", lambda r: str(r["total_depth"])),
+        ("min L without bootstrap", lambda r: str(r["min_level_budget_no_bootstrap"])),
+        ("level budget L", lambda r: str(r["level_budget"])),
+        ("bootstraps at L", lambda r: str(r["bootstraps_total"])),
+        ("levels per layer", lambda r: ",".join(map(str, r["levels_per_layer"]))),
+        ("bootstraps per layer", lambda r: ",".join(map(str, r["bootstraps_per_layer"]))),
+        ("ct x ct mults", lambda r: _fmt_int(r["totals"]["ct_ct_mults"])),
+        ("ct x pt mults", lambda r: _fmt_int(r["totals"]["ct_pt_mults"])),
+        ("additions", lambda r: _fmt_int(r["totals"]["additions"])),
+        ("rotations", lambda r: _fmt_int(r["totals"]["rotations"])),
+        ("ring N", lambda r: str(r["ckks"]["poly_modulus"])),
+        ("latency / pass", lambda r: _fmt_s(r["latency_seconds"])),
+        ("latency / example", lambda r: _fmt_s(r["latency_per_example_seconds"])),
+    ]
+    return cols, [[name] + [f(r) for r in reps] for name, f in metrics]
+
+
+def _console():
+    from rich.console import Console
+
+    con = Console()
+    return con if con.is_terminal else Console(width=160)
+
+
+def print_report(rep: dict, show_nodes: bool = False) -> None:
+    from rich.table import Table
+
+    con = _console()
+    for line in _summary_lines(rep):
+        con.print(line, highlight=False, markup=False)
+    t = Table(title="per encoder layer (and head)")
+    for c in LAYER_COLS:
+        t.add_column(c, justify="left" if c == "group" else "right")
+    for r in _layer_rows(rep):
+        t.add_row(*r)
+    con.print(t)
+    if rep["stages"]:
+        t = Table(title="per stage (summed over layers)")
+        for c in STAGE_COLS:
+            t.add_column(c, justify="left" if c == "stage" else "right")
+        for r in _stage_rows(rep):
+            t.add_row(*r)
+        con.print(t)
+    if show_nodes:
+        t = Table(title="encrypted nodes")
+        for c in ("node", "op", "layer", "stage", "operands", "levels", "depth", "levels left"):
+            t.add_column(c)
+        for n in rep["nodes"]:
+            if n["encrypted"]:
+                t.add_row(n["name"], n["op_type"], str(n["layer"]), n["stage"], n["operands"], str(n["levels"]),
+                          str(n["depth"]), str(n["levels_left"]) + (" (refresh)" if n["refreshed"] else ""))
+        con.print(t)
+
+
+def run_report(args) -> int:
+    reps = [build_report(m, level_budget=args.levels, scale_bits=args.scale_bits, cost_table=args.cost_table,
+                         encrypted=args.encrypted, seq_len=args.seq_len, packing=args.packing) for m in args.models]
+    single = len(reps) == 1
+    payload = reps[0] if single else {"schema": SCHEMA, "models": reps}
+    if args.output_dir:
+        from .plots import plot_levels, plot_stage_ops
+
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if single:
+            (out / "report.json").write_text(json.dumps(reps[0], indent=2))
+            (out / "report.md").write_text(to_markdown(reps[0]))
+            plot_levels(reps[0], out / "levels_per_layer.png")
+            plot_stage_ops(reps[0], out / "ops_per_stage.png")
+        else:
+            cols, rows = compare_rows(reps)
+            md = ["# Comparison", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            md += ["| " + " | ".join(r) + " |" for r in rows]
+            (out / "comparison.md").write_text("\n".join(md) + "\n")
+            (out / "comparison.json").write_text(json.dumps(payload, indent=2))
+            for r, m in zip(reps, args.models):
+                sub = out / Path(m).stem
+                sub.mkdir(exist_ok=True)
+                (sub / "report.json").write_text(json.dumps(r, indent=2))
+                (sub / "report.md").write_text(to_markdown(r))
+                plot_levels(r, sub / "levels_per_layer.png")
+                plot_stage_ops(r, sub / "ops_per_stage.png")
+    if args.format == "json":
+        print(json.dumps(payload, indent=2))
+    elif args.format == "md":
+        if single:
+            print(to_markdown(reps[0]))
+        else:
+            cols, rows = compare_rows(reps)
+            print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+            print("\n".join("| " + " | ".join(r) + " |" for r in rows))
+    else:
+        if single:
+            print_report(reps[0], args.nodes)
+        else:
+            from rich.table import Table
+
+            cols, rows = compare_rows(reps)
+            t = Table(title="comparison")
+            for c in cols:
+                t.add_column(c)
+            for r in rows:
+                t.add_row(*r)
+            _console().print(t)
+    if args.output_dir and args.format != "json":
+        print(f"wrote {args.output_dir}")
+    return 0

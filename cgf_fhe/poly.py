@@ -1,0 +1,695 @@
+"""Polynomial stand-ins for BERT's non-linearities, evaluated exactly as a CKKS evaluator would.
+
+Fitting
+-------
+:func:`fit` approximates ``f`` on ``[a, b]`` by a polynomial in the normalised variable
+``t = alpha*x + beta`` with ``alpha = 2/(b-a)``, ``beta = -(a+b)/(b-a)`` (so ``t`` is in [-1, 1] and every
+Chebyshev polynomial / power of ``t`` stays in [-1, 1]: CKKS values must stay bounded). Methods:
+Chebyshev interpolation (``numpy.polynomial.chebyshev.chebinterpolate``, near-minimax) or weighted least
+squares (``chebfit``; used for 1/sqrt with relative-error weights). Give a ``degree`` or a target
+``max_error`` (smallest degree that meets it). The achieved max error is measured on a dense grid
+(:data:`GRID` points) and stored in :attr:`PolyApprox.max_error`.
+
+Evaluation forms (torch code uses only ``+``, ``-``, elementwise ``*`` and multiplication by constants --
+never ``**``, ``/`` or a transcendental; the same code runs on a depth tracker, see :meth:`PolyApprox.stats`)
+------------------------------------------------------------------------------------------------------------
+Level model (:mod:`cgf_fhe.fhe_ops`): a ct*ct product and a ct*constant product each consume one level,
+additions (incl. adding a constant, ``T+T`` for ``2T``) consume none. ``N`` = 1 level for the input
+normalisation ``t = x*alpha + beta``, or 0 when ``alpha`` is folded into the previous linear layer
+(``prescaled``, see :func:`cgf_fhe.split.fold_for_export`).
+
+* ``"powers"``: monomial basis. Product tree ``t^k = t^ceil(k/2) * t^floor(k/2)`` (depth ``ceil(log2 k)``),
+  then the constant-weighted sum. ``depth(d) = N + ceil(log2 d) + 1``; ct-ct products ``d - 1``.
+  (Monomial coefficients of a high-degree fit grow large: fine in float64, lossy in float32.)
+* ``"ps"``: Paterson-Stockmeyer / baby-step giant-step in the Chebyshev basis. Baby steps
+  ``T_1..T_{m-1}``, giant steps ``T_m, T_2m, T_4m, ...`` via ``T_2k = (T_k+T_k)*T_k - 1``,
+  ``T_2k+1 = (T_k+1 + T_k+1)*T_k - T_1``; recursive split ``p = q*T_n + r`` with
+  ``T_{n+j} = 2 T_n T_j - T_{n-j}``. For ``d + 1 = m*2^g``:
+  ``depth(d) = N + ceil(log2(m-1)) + 1 + g`` -- i.e. ``N + log2(d+1)`` for ``m = 2`` (optimal) and
+  ``N + log2(d+1) + 1`` for ``m >= 4``; ct-ct products ``(m-2) + g + (2^g - 1)`` (``m=2``: ``g + 2^g - 1``,
+  vs ``d-1`` for powers). Other degrees: computed exactly by :meth:`PolyApprox.stats` (same code path).
+  Default ``m``: the one with the smallest depth, then fewest ct-ct products.
+* exp range reduction (``squarings = k`` with "ps"/"powers"): ``exp(x) = exp(x/2^k)^(2^k)``; the polynomial
+  fits ``exp(x/2^k)`` on ``[a, b]`` and is squared ``k`` times: depth ``+ k``. On wide CGF intervals such as
+  [-35, 9] it turns a useless degree-15 fit (relative error > 100) into ~1e-6 for 2 more levels;
+  :func:`fit_exp` picks the smallest ``k`` meeting a relative-error target. Values stay bounded (>= 0).
+* ``"square"`` (exp only): ``exp(x) ~ (1 + x/2^r)^(2^r)``, ``t = x*2^-r + 1`` then ``r`` squarings:
+  ``depth = N + r`` (``r + 1``, or ``r`` with the scalar folded).
+
+Modules
+-------
+:class:`PolyExp` (CGF's ``attention.self.cgf_exp``; ``forward(x, valid=None)``), :class:`PolyGELU`,
+:class:`PolyTanh` (pooler), and two LayerNorm replacements that keep ``weight``/``bias`` under the
+``nn.LayerNorm`` names (state-dict compatible):
+
+* :class:`NewtonLayerNorm`: ``1/sqrt(var+eps)`` by a polynomial initial guess on the calibrated variance
+  interval plus Newton steps ``y <- 1.5*y - (0.5*v*y)*(y*y)``. Depth ``3 + P + 2*steps`` with ``P`` the
+  prescaled polynomial depth (1: centring matmul, 1: squaring, P, 2 per Newton step, 1: times ``gamma*(x-mu)``).
+* :class:`FrozenLayerNorm`: variance replaced by a calibrated per-layer constant: LN is affine,
+  ``y = x @ ((I - 11^T/H) diag(gamma/sigma)) + beta`` -- ONE plaintext matmul, depth 1. (A learnable sigma
+  would be redundant: ``gamma`` is trained and absorbs it.)
+
+Every module records its input range while ``calibrating``; at evaluation it counts inputs outside its
+interval (exp: only over ``valid`` positions) in ``n_out``/``n_seen`` and keeps ``last_penalty``, a
+differentiable mean squared excess (in normalised units) for the last forward. ``guard = True`` clamps
+inputs into the interval first: a plaintext *training aid* against polynomial blow-up outside the interval
+(not the encrypted computation; :func:`cgf_fhe.split.fold_for_export` switches it off). Counting is skipped
+while torch is exporting/compiling and when ``track`` is False. ``depth`` = levels the module consumes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, asdict
+from typing import Callable
+
+import numpy as np
+import torch
+from numpy.polynomial import chebyshev as C
+from torch import nn
+
+GRID = 20001
+PENALTY_CAP = 100.0  # per-element cap of the normalised excess in the interval penalty
+REL_FLOOR = 1e-3  # relative errors are reported where |f| >= this
+FORMS = ("ps", "powers", "square")
+
+
+# ----------------------------------------------------------------------------------------------- functions
+def _erf(x):
+    from scipy.special import erf
+
+    return erf(x)
+
+
+FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "exp": np.exp,
+    "tanh": np.tanh,
+    "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))),
+    "invsqrt": lambda v: 1.0 / np.sqrt(v),
+}
+
+
+def torch_function(fn: Callable) -> Callable[[np.ndarray], np.ndarray]:
+    """A torch callable (e.g. a model's activation module) as a float64 numpy function for fitting."""
+
+    def f(x):
+        with torch.no_grad():
+            return fn(torch.as_tensor(np.asarray(x, dtype=np.float64))).numpy()
+
+    return f
+
+
+# ----------------------------------------------------------------------------------------------- depth tracker
+class DepthVal:
+    """Stand-in ciphertext: runs an evaluation schedule and records depth and operation counts."""
+
+    def __init__(self, depth: int = 0, stats: dict | None = None):
+        self.depth = depth
+        self.stats = stats if stats is not None else {"ct_ct": 0, "ct_pt": 0, "add": 0}
+
+    def _new(self, depth):
+        return DepthVal(depth, self.stats)
+
+    def __add__(self, o):
+        self.stats["add"] += 1
+        return self._new(max(self.depth, o.depth) if isinstance(o, DepthVal) else self.depth)
+
+    __radd__ = __add__
+    __sub__ = __add__
+    __rsub__ = __add__
+
+    def __neg__(self):
+        return self._new(self.depth)
+
+    def __mul__(self, o):
+        if isinstance(o, DepthVal):
+            self.stats["ct_ct"] += 1
+            return self._new(max(self.depth, o.depth) + 1)
+        self.stats["ct_pt"] += 1
+        return self._new(self.depth + 1)
+
+    __rmul__ = __mul__
+
+
+# ----------------------------------------------------------------------------------------------- schedules
+def _cheb_provider(t):
+    """Lazily computed Chebyshev polynomials T_k(t) with depth ceil(log2 k)."""
+    cache = {1: t}
+
+    def T(k: int):
+        if k == 0:
+            return 1.0
+        if k not in cache:
+            h = k // 2
+            if k % 2 == 0:
+                a = T(h)
+                cache[k] = (a + a) * a - 1.0
+            else:
+                a, b = T(h + 1), T(h)
+                cache[k] = (a + a) * b - t
+        return cache[k]
+
+    return T
+
+
+def _ps_eval(c: list[float], m: int, T):
+    """sum_k c[k] T_k by baby-step giant-step splitting (Chebyshev basis)."""
+    L = len(c)
+    if L <= m:
+        acc = c[0]
+        for k in range(1, L):
+            acc = acc + T(k) * c[k]
+        return acc
+    n = m
+    while 2 * n < L:
+        n *= 2
+    q = [c[n]] + [2.0 * c[n + j] for j in range(1, L - n)]
+    r = [c[k] - (c[2 * n - k] if 2 * n - k < L else 0.0) for k in range(n)]
+    return _ps_eval(q, m, T) * T(n) + _ps_eval(r, m, T)
+
+
+def _powers_eval(mono: list[float], t):
+    P = {1: t}
+
+    def pw(k):
+        if k not in P:
+            P[k] = pw(k - k // 2) * pw(k // 2)
+        return P[k]
+
+    acc = mono[0]
+    for k in range(1, len(mono)):
+        acc = acc + pw(k) * mono[k]
+    return acc
+
+
+def _square_eval(r: int, t):
+    y = t
+    for _ in range(r):
+        y = y * y
+    return y
+
+
+# ----------------------------------------------------------------------------------------------- approximation
+@dataclass
+class PolyApprox:
+    """A fitted approximation: Chebyshev coefficients in ``t = alpha*x + beta`` on ``[a, b]`` (or the
+    ``square`` exp form with parameter ``r``) plus its evaluation form."""
+
+    name: str
+    a: float
+    b: float
+    degree: int
+    form: str = "ps"
+    coeffs: list[float] = field(default_factory=list)  # Chebyshev basis in t (empty for "square")
+    baby: int = 2  # PS baby-step size m
+    r: int = 0  # square form: (1 + x/2^r)^(2^r)
+    squarings: int = 0  # range reduction (exp only): p fits exp(x/2^k) and the result is p^(2^k)
+    method: str = "interp"
+    max_error: float = float("nan")  # max |p(x) - f(x)| on the dense grid
+    max_rel_error: float = float("nan")
+
+    def __post_init__(self):
+        if self.form not in FORMS:
+            raise ValueError(f"{self.name}: unknown evaluation form {self.form!r}; choose one of {FORMS}")
+        if not (self.b > self.a):
+            raise ValueError(f"{self.name}: empty interval [{self.a}, {self.b}]")
+        if self.form == "square":
+            if self.r < 1:
+                raise ValueError(f"{self.name}: square form needs r >= 1, got {self.r}")
+            self.degree = 2 ** self.r
+        elif self.degree < 1:
+            raise ValueError(f"{self.name}: degree must be >= 1, got {self.degree}")
+        if self.squarings < 0 or (self.squarings and self.form == "square"):
+            raise ValueError(f"{self.name}: squarings must be >= 0 and not combined with the square form")
+
+    # normalisation t = alpha*x + beta
+    @property
+    def alpha(self) -> float:
+        return 2.0 ** -self.r if self.form == "square" else 2.0 / (self.b - self.a)
+
+    @property
+    def beta(self) -> float:
+        return 1.0 if self.form == "square" else -(self.a + self.b) / (self.b - self.a)
+
+    @property
+    def monomial(self) -> list[float]:
+        return [float(v) for v in C.cheb2poly(np.asarray(self.coeffs, dtype=np.float64))]
+
+    def _schedule(self, t):
+        if self.form == "square":
+            return _square_eval(self.r, t)
+        if self.form == "powers":
+            return _square_eval(self.squarings, _powers_eval(self.monomial, t))
+        y = _ps_eval([float(v) for v in self.coeffs], self.baby, _cheb_provider(t))
+        return _square_eval(self.squarings, y)
+
+    def evaluate(self, x, prescaled: bool = False):
+        """Torch evaluation in the encrypted form. ``prescaled``: ``x`` is already ``alpha*x`` (only
+        ``beta`` is added, which is free)."""
+        t = (x if prescaled else x * self.alpha) + self.beta
+        return self._schedule(t)
+
+    def numpy_eval(self, x: np.ndarray) -> np.ndarray:
+        """Direct float64 evaluation (reference for the torch form)."""
+        x = np.asarray(x, dtype=np.float64)
+        t = self.alpha * x + self.beta
+        if self.form == "square":
+            return t ** (2 ** self.r)
+        return C.chebval(t, np.asarray(self.coeffs, dtype=np.float64)) ** (2 ** self.squarings)
+
+    def stats(self, prescaled: bool = False) -> dict:
+        """Depth and operation counts of the evaluation schedule (run on :class:`DepthVal`)."""
+        x = DepthVal(0)
+        y = self.evaluate(x, prescaled=prescaled)
+        return {"depth": y.depth if isinstance(y, DepthVal) else 0, **x.stats}
+
+    def depth(self, prescaled: bool = False) -> int:
+        return form_depth(self.form, self.degree, prescaled=prescaled, baby=self.baby, r=self.r,
+                          squarings=self.squarings)
+
+    def error_on(self, f: Callable, n: int = GRID, a: float | None = None, b: float | None = None):
+        """(max abs error, max relative error where |f| >= REL_FLOOR) on a grid of ``n`` points."""
+        xs = np.linspace(self.a if a is None else a, self.b if b is None else b, n)
+        y = f(xs)
+        err = np.abs(self.numpy_eval(xs) - y)
+        big = np.abs(y) >= REL_FLOOR
+        rel = err[big] / np.abs(y[big]) if big.any() else err / np.maximum(np.abs(y), 1e-300)
+        return float(err.max()), float(rel.max())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["alpha"], d["beta"] = self.alpha, self.beta
+        d["depth"] = self.depth()
+        d["depth_prescaled"] = self.depth(prescaled=True)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PolyApprox":
+        keys = ("name", "a", "b", "degree", "form", "coeffs", "baby", "r", "squarings", "method", "max_error",
+                "max_rel_error")
+        return cls(**{k: d[k] for k in keys if k in d})
+
+
+def ps_depth_closed(degree: int, baby: int) -> int:
+    """Closed form for full degrees ``d + 1 = m * 2^g`` (prescaled; add 1 for the normalisation)."""
+    g = max(0, math.ceil(math.log2((degree + 1) / baby)))
+    if baby * 2 ** g != degree + 1:
+        raise ValueError(f"closed form needs degree+1 = m*2^g (degree {degree}, m {baby})")
+    return math.ceil(math.log2(baby - 1)) + 1 + g if baby > 1 else 1 + g
+
+
+def form_depth(form: str, degree: int, prescaled: bool = False, baby: int = 2, r: int = 0,
+               squarings: int = 0) -> int:
+    """Levels consumed by a form (the stated depth; checked against fhe_ops.analyze in the tests)."""
+    n = 0 if prescaled else 1
+    if form == "square":
+        return n + r
+    if form == "powers":
+        return n + math.ceil(math.log2(degree)) + 1 + squarings
+    if form == "ps":
+        # exact for every degree: run the schedule on the depth tracker (closed form in the module doc)
+        probe = PolyApprox("probe", -1.0, 1.0, degree, "ps", [1.0] * (degree + 1), baby=baby)
+        return probe.stats(prescaled=prescaled)["depth"] + squarings
+    raise ValueError(f"unknown form {form!r}")
+
+
+def best_baby(degree: int) -> int:
+    """Baby-step size with the smallest depth, then the fewest ct-ct products."""
+    best = None
+    m = 2
+    while m <= max(2, degree + 1):
+        probe = PolyApprox("probe", -1.0, 1.0, degree, "ps", [1.0] * (degree + 1), baby=m)
+        s = probe.stats(prescaled=True)
+        key = (s["depth"], s["ct_ct"], m)
+        if best is None or key < best[0]:
+            best = (key, m)
+        m *= 2
+    return best[1]
+
+
+def _resolve(fn) -> tuple[str, Callable]:
+    if isinstance(fn, str):
+        if fn not in FUNCTIONS:
+            raise ValueError(f"unknown function {fn!r}; known: {sorted(FUNCTIONS)} (or pass a callable)")
+        return fn, FUNCTIONS[fn]
+    return getattr(fn, "__name__", "f"), fn
+
+
+def fit(fn, a: float, b: float, degree: int | None = None, max_error: float | None = None, form: str = "ps",
+        method: str = "interp", relative: bool = False, max_degree: int = 127, r: int | None = None,
+        name: str | None = None, baby: int | None = None, squarings: int = 0) -> PolyApprox:
+    """Fit ``fn`` (name in :data:`FUNCTIONS` or a numpy callable) on ``[a, b]``.
+
+    ``degree`` or ``max_error`` (smallest degree meeting it, up to ``max_degree``; for ``square`` the
+    smallest ``r``). ``method``: ``"interp"`` (Chebyshev interpolation) or ``"lsq"`` (least squares on the
+    grid, weighted by ``1/|f|`` when ``relative``). ``squarings`` (exp only): fit ``exp(x/2^k)`` and square
+    ``k`` times (range reduction; ``k`` more levels, far smaller error on wide intervals).
+    The achieved max error, measured on a dense grid, is stored."""
+    fname, f = _resolve(fn)
+    name = name or fname
+    a, b = float(a), float(b)
+    if not b > a:
+        raise ValueError(f"{name}: empty interval [{a}, {b}]")
+    if squarings and f is not np.exp:
+        raise ValueError(f"{name}: squarings (range reduction) is only valid for exp")
+    if form == "square":
+        if r is None and degree is not None:
+            r = max(1, math.ceil(math.log2(degree)))
+        if r is not None:
+            return _finish(PolyApprox(name, a, b, 2 ** r, "square", [], r=r, method="square"), f)
+        if max_error is None:
+            raise ValueError(f"{name}: give r, degree or max_error")
+        for rr in range(1, 31):
+            p = _finish(PolyApprox(name, a, b, 2 ** rr, "square", [], r=rr, method="square"), f)
+            if p.max_error <= max_error:
+                return p
+        raise ValueError(f"{name}: (1+x/2^r)^(2^r) does not reach max error {max_error} on [{a}, {b}] for r <= 30")
+    if degree is not None:
+        return _fit_degree(name, f, a, b, degree, form, method, relative, baby, squarings)
+    if max_error is None:
+        raise ValueError(f"{name}: give degree or max_error")
+    for d in range(1, max_degree + 1):
+        p = _fit_degree(name, f, a, b, d, form, method, relative, baby, squarings)
+        if p.max_error <= max_error:
+            return p
+    raise ValueError(f"{name}: no polynomial of degree <= {max_degree} reaches max error {max_error} on [{a}, {b}] "
+                     f"(best {p.max_error:.3g}); narrow the interval or raise max_degree")
+
+
+def fit_exp(a: float, b: float, degree: int, form: str = "ps", squarings: int | None = None,
+            rel_target: float = 1e-3, max_squarings: int = 12, method: str = "interp") -> PolyApprox:
+    """exp on ``[a, b]`` with range reduction; ``squarings=None`` picks the smallest ``k`` whose max relative
+    error (where exp >= REL_FLOOR) is <= ``rel_target`` (else the most accurate ``k`` tried)."""
+    if squarings is not None:
+        return fit("exp", a, b, degree=degree, form=form, squarings=squarings, method=method)
+    best = None
+    for k in range(0, max_squarings + 1):
+        p = fit("exp", a, b, degree=degree, form=form, squarings=k, method=method)
+        if p.max_rel_error <= rel_target:
+            return p
+        if best is None or p.max_rel_error < best.max_rel_error:
+            best = p
+    return best
+
+
+def _fit_degree(name, f, a, b, degree, form, method, relative, baby, squarings=0) -> PolyApprox:
+    alpha, beta = 2.0 / (b - a), -(a + b) / (b - a)
+    g = (lambda x: np.exp(x * 2.0 ** -squarings)) if squarings else f
+    if method == "interp":
+        coeffs = C.chebinterpolate(lambda t: g((t - beta) / alpha), degree)
+    elif method == "lsq":
+        xs = np.linspace(a, b, 4 * GRID)
+        ys = g(xs)
+        w = 1.0 / np.maximum(np.abs(ys), 1e-300) if relative else None
+        coeffs = C.chebfit(alpha * xs + beta, ys, degree, w=w)
+    else:
+        raise ValueError(f"{name}: unknown fit method {method!r} (interp|lsq)")
+    p = PolyApprox(name, a, b, degree, form, [float(c) for c in coeffs], method=method, squarings=squarings,
+                   baby=baby or (best_baby(degree) if form == "ps" else 2))
+    return _finish(p, f)
+
+
+def _finish(p: PolyApprox, f) -> PolyApprox:
+    p.max_error, p.max_rel_error = p.error_on(f)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- modules
+def _exporting() -> bool:
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or getattr(torch.compiler, "is_exporting", lambda: False)())
+
+
+class IntervalTracker(nn.Module):
+    """Calibration (min/max), out-of-interval counting and penalty for one approximated input."""
+
+    kind = "op"
+
+    def __init__(self, interval: tuple[float, float] | None = None):
+        super().__init__()
+        self.interval = tuple(float(v) for v in interval) if interval is not None else None
+        self.calibrating = False
+        self.track = True
+        self.guard = False  # training aid: clamp inputs into the interval (plaintext only, never exported)
+        self.cal_min, self.cal_max, self.cal_count = math.inf, -math.inf, 0
+        self.n_out, self.n_seen = 0, 0
+        self.out_min, self.out_max = math.inf, -math.inf
+        self.last_penalty: torch.Tensor | None = None
+
+    def reset_counters(self):
+        self.n_out, self.n_seen = 0, 0
+        self.out_min, self.out_max = math.inf, -math.inf
+        self.last_penalty = None
+
+    def _observe(self, x: torch.Tensor, valid: torch.Tensor | None = None):
+        """``x`` in original units (not normalised). ``valid``: bool mask broadcastable to x."""
+        if not self.track or _exporting():
+            self.last_penalty = None
+            return
+        if valid is not None:
+            valid = valid.expand_as(x) if valid.shape != x.shape else valid
+            vals = x[valid]
+        else:
+            vals = x.reshape(-1)
+        with torch.no_grad():
+            v = vals.detach()
+            if v.numel() and self.calibrating:
+                self.cal_min = min(self.cal_min, float(v.min()))
+                self.cal_max = max(self.cal_max, float(v.max()))
+                self.cal_count += int(v.numel())
+        if self.interval is None:
+            self.last_penalty = None
+            return
+        a, b = self.interval
+        with torch.no_grad():
+            out = ~((v >= a) & (v <= b))  # NaN counts as outside
+            k = int(out.sum())
+            self.n_out += k
+            self.n_seen += int(v.numel())
+            if k:
+                self.out_min = min(self.out_min, float(v[out].min()))
+                self.out_max = max(self.out_max, float(v[out].max()))
+        if vals.numel():
+            excess = (torch.relu(vals - b) + torch.relu(a - vals)) * (2.0 / (b - a))
+            # bounded and finite even when an upstream polynomial has blown up
+            excess = torch.nan_to_num(excess, nan=PENALTY_CAP, posinf=PENALTY_CAP).clamp(max=PENALTY_CAP)
+            self.last_penalty = (excess * excess).mean()
+        else:
+            self.last_penalty = None
+
+    def interval_stats(self) -> dict:
+        d = {"interval": list(self.interval) if self.interval else None, "n_out": self.n_out, "n_seen": self.n_seen,
+             "frac_out": self.n_out / self.n_seen if self.n_seen else 0.0}
+        if self.n_out:
+            d["out_min"], d["out_max"] = self.out_min, self.out_max
+        return d
+
+
+class PolyModule(IntervalTracker):
+    """Base of the elementwise polynomial modules (exp, GELU, tanh)."""
+
+    foldable = True
+
+    def __init__(self, approx: PolyApprox):
+        super().__init__((approx.a, approx.b))
+        self.approx = approx
+        self.prescaled = False
+
+    @property
+    def alpha(self) -> float:
+        return self.approx.alpha
+
+    @property
+    def beta(self) -> float:
+        return self.approx.beta
+
+    @property
+    def depth(self) -> int:
+        return self.approx.depth(prescaled=self.prescaled)
+
+    def _poly(self, x, valid=None):
+        if self.track and not _exporting():
+            self._observe(x * (1.0 / self.alpha) if self.prescaled else x, valid)
+        if self.guard and not _exporting():
+            a, b = (v * self.alpha for v in self.interval) if self.prescaled else self.interval
+            x = x.clamp(a, b)
+        return self.approx.evaluate(x, prescaled=self.prescaled)
+
+    def forward(self, x):
+        return self._poly(x)
+
+    def to_settings(self) -> dict:
+        return {"kind": self.kind, "approx": self.approx.to_dict(), "depth": self.approx.depth(),
+                "depth_folded": self.approx.depth(prescaled=True)}
+
+    def extra_repr(self) -> str:
+        p = self.approx
+        return (f"[{p.a:.4g}, {p.b:.4g}], form={p.form}, degree={p.degree}, depth={self.depth}, "
+                f"max_err={p.max_error:.3g}, prescaled={self.prescaled}")
+
+
+class PolyExp(PolyModule):
+    """exp on the CGF argument (``attention.self.cgf_exp``); counts only ``valid`` positions."""
+
+    kind = "exp"
+
+    def forward(self, x, valid=None):
+        return self._poly(x, valid)
+
+
+class PolyGELU(PolyModule):
+    kind = "gelu"
+
+
+class PolyTanh(PolyModule):
+    kind = "tanh"
+
+
+def _centering(h: int, dtype, device) -> torch.Tensor:
+    return torch.eye(h, dtype=dtype, device=device) - torch.full((h, h), 1.0 / h, dtype=dtype, device=device)
+
+
+class _LNBase(IntervalTracker):
+    """Keeps ``weight``/``bias`` under nn.LayerNorm's names; observes the variance ``var + eps``."""
+
+    def __init__(self, ln: nn.LayerNorm | None = None, hidden: int | None = None, eps: float = 1e-12,
+                 interval=None):
+        super().__init__(interval)
+        if ln is not None:
+            self.weight, self.bias = ln.weight, ln.bias
+            hidden, eps = ln.normalized_shape[-1], ln.eps
+        else:
+            self.weight = nn.Parameter(torch.ones(hidden))
+            self.bias = nn.Parameter(torch.zeros(hidden))
+        self.hidden, self.eps = int(hidden), float(eps)
+        self.normalized_shape = (self.hidden,)
+
+    def _observe_var(self, x):
+        if (self.track or self.calibrating) and not _exporting():
+            with torch.no_grad():
+                v = x.detach().var(-1, unbiased=False) + self.eps
+            self._observe(v)
+
+
+class FrozenLayerNorm(_LNBase):
+    """``y = x @ ((I - 11^T/H) diag(gamma * inv_sigma)) + beta``: one plaintext matmul (depth 1).
+
+    ``interval`` (optional, informational): the calibrated range of ``var + eps``; tokens outside it are
+    counted like the other modules' out-of-interval inputs (the frozen constant fits them worst).
+
+    ``blend`` (plaintext training aid, default 1 = frozen): with ``blend < 1`` the scale is
+    ``blend/sigma + (1-blend)/sqrt(var+eps)`` per token, i.e. an interpolation from the exact LayerNorm
+    (0) to the frozen one (1) that distillation can anneal. Only ``blend == 1`` is FHE-evaluable (and is
+    what :func:`cgf_fhe.split.fold_for_export` requires)."""
+
+    kind = "ln_frozen"
+    depth = 1
+
+    def __init__(self, inv_sigma: float, ln: nn.LayerNorm | None = None, hidden: int | None = None,
+                 eps: float = 1e-12, interval: tuple[float, float] | None = None):
+        super().__init__(ln, hidden, eps, interval=interval)
+        self.inv_sigma = float(inv_sigma)
+        self.blend = 1.0
+
+    def matrix(self) -> torch.Tensor:
+        P = _centering(self.hidden, self.weight.dtype, self.weight.device)
+        return P * (self.weight * self.inv_sigma)[None, :]
+
+    def forward(self, x):
+        self._observe_var(x)
+        if self.blend >= 1.0:
+            return x @ self.matrix() + self.bias
+        d = x - x.mean(-1, keepdim=True)
+        inv = self.blend * self.inv_sigma + (1.0 - self.blend) * torch.rsqrt(
+            (d * d).mean(-1, keepdim=True) + self.eps)
+        return d * inv * self.weight + self.bias
+
+    def to_settings(self) -> dict:
+        return {"kind": self.kind, "inv_sigma": self.inv_sigma, "sigma": 1.0 / self.inv_sigma, "eps": self.eps,
+                "hidden": self.hidden, "depth": self.depth,
+                "interval": list(self.interval) if self.interval is not None else None}
+
+    def extra_repr(self):
+        return f"hidden={self.hidden}, sigma={1.0 / self.inv_sigma:.4g}, depth=1"
+
+
+class NewtonLayerNorm(_LNBase):
+    """LayerNorm with ``1/sqrt(v)`` (``v = var + eps``) = polynomial guess on ``[vlo, vhi]`` + Newton steps.
+
+    Encrypted schedule (``P`` = centring matrix ``I - 11^T/H``; every matrix is plaintext):
+    ``ds = x @ (P*sqrt(alpha/H))``, ``dh = x @ (P*sqrt(0.5/H))``, ``dg = x @ (P diag(gamma))`` (1 level each,
+    in parallel); ``t = sum(ds*ds) + alpha*eps`` = ``alpha*v`` (2); ``y = poly(t)`` prescaled (2 + P);
+    ``hv = sum(dh*dh) + 0.5*eps`` = ``v/2``; Newton ``y <- y*1.5 - (y*hv)*(y*y)`` (2 levels each);
+    output ``dg * y + beta`` (1). Depth ``3 + P + 2*steps``."""
+
+    kind = "ln_newton"
+
+    def __init__(self, approx: PolyApprox, newton_steps: int, ln: nn.LayerNorm | None = None,
+                 hidden: int | None = None, eps: float = 1e-12):
+        super().__init__(ln, hidden, eps, interval=(approx.a, approx.b))
+        self.approx = approx
+        self.newton_steps = int(newton_steps)
+
+    @property
+    def depth(self) -> int:
+        return 3 + self.approx.depth(prescaled=True) + 2 * self.newton_steps
+
+    def invsqrt(self, v):
+        """Plaintext helper: the same guess + Newton iteration applied to a variance tensor ``v``."""
+        y = self.approx.evaluate(v * self.approx.alpha, prescaled=True)
+        hv = v * 0.5
+        for _ in range(self.newton_steps):
+            y = y * 1.5 - (y * hv) * (y * y)
+        return y
+
+    def forward(self, x):
+        self._observe_var(x)
+        if self.guard and not _exporting():
+            # training aid: the same guess + Newton iteration on the variance clamped into the interval
+            d = x - x.mean(-1, keepdim=True)
+            v = ((d * d).mean(-1, keepdim=True) + self.eps).clamp(*self.interval)
+            return d * self.invsqrt(v) * self.weight + self.bias
+        H = self.hidden
+        P = _centering(H, x.dtype, x.device)
+        a = self.approx.alpha
+        ds = x @ (P * math.sqrt(a / H))
+        dh = x @ (P * math.sqrt(0.5 / H))
+        dg = x @ (P * self.weight[None, :])
+        t = (ds * ds).sum(-1, keepdim=True) + a * self.eps
+        y = self.approx.evaluate(t, prescaled=True)
+        hv = (dh * dh).sum(-1, keepdim=True) + 0.5 * self.eps
+        for _ in range(self.newton_steps):
+            y = y * 1.5 - (y * hv) * (y * y)
+        return dg * y + self.bias
+
+    def rel_error(self, n: int = GRID) -> float:
+        """Max relative error of guess + Newton vs 1/sqrt(v) on the interval (dense grid, float64)."""
+        v = torch.linspace(self.approx.a, self.approx.b, n, dtype=torch.float64)
+        with torch.no_grad():
+            y = self.invsqrt(v)
+        return float(((y * v.sqrt()) - 1.0).abs().max())
+
+    def to_settings(self) -> dict:
+        return {"kind": self.kind, "approx": self.approx.to_dict(), "newton_steps": self.newton_steps,
+                "eps": self.eps, "hidden": self.hidden, "depth": self.depth, "rel_error": self.rel_error()}
+
+    def extra_repr(self):
+        p = self.approx
+        return (f"hidden={self.hidden}, var in [{p.a:.4g}, {p.b:.4g}], degree={p.degree}, "
+                f"newton_steps={self.newton_steps}, depth={self.depth}")
+
+
+POLY_KINDS = {"exp": PolyExp, "gelu": PolyGELU, "tanh": PolyTanh}
+
+
+def module_from_settings(d: dict, ln: nn.LayerNorm | None = None) -> nn.Module:
+    """Rebuild a module from its :meth:`to_settings` dict (LayerNorms reuse ``ln``'s weight/bias)."""
+    kind = d.get("kind")
+    if kind in POLY_KINDS:
+        return POLY_KINDS[kind](PolyApprox.from_dict(d["approx"]))
+    if kind == "ln_frozen":
+        return FrozenLayerNorm(d["inv_sigma"], ln=ln, hidden=d.get("hidden"), eps=d.get("eps", 1e-12),
+                               interval=d.get("interval"))
+    if kind == "ln_newton":
+        return NewtonLayerNorm(PolyApprox.from_dict(d["approx"]), d["newton_steps"], ln=ln, hidden=d.get("hidden"),
+                               eps=d.get("eps", 1e-12))
+    raise ValueError(f"unknown polynomial module kind {kind!r} in fhe settings")

@@ -1,0 +1,92 @@
+"""``cgf-fhe simulate``: encrypted-vs-plaintext accuracy of an exported model on MRPC dev."""
+from __future__ import annotations
+
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "simulate", help="run the exported server graph under plain / emulated / real (TenSEAL) CKKS",
+        description="Client part (tokenize, embed, embedding LayerNorm) in plaintext from the checkpoint named in the "
+                    "ONNX metadata; server graph under --backend; the plain backend on the same examples as the "
+                    "baseline. Writes DIR/simulation.json, DIR/simulation.md and DIR/error_per_layer.png.")
+    p.add_argument("model", help="exported ONNX file (cgf-fhe export)")
+    p.add_argument("--backend", choices=("plain", "emulate", "tenseal"), default="emulate",
+                   help="plain: float64 reference; emulate: CKKS emulation (fast); tenseal: real CKKS "
+                        "(default emulate)")
+    p.add_argument("-o", "--output-dir", required=True, metavar="DIR")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N dev examples (default: all)")
+    p.add_argument("--data-dir", default=None, metavar="D", help="MRPC folder (train.tsv, validation.tsv)")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="checkpoint for the client part (default: ONNX metadata cgf_fhe.checkpoint)")
+    p.add_argument("--max-length", type=int, default=None, help="tokenizer truncation (default: metadata or 128)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per batch (default 32; tenseal: as many as fit the slots, one batch per worker)")
+    p.add_argument("--workers", type=int, default=1, metavar="W",
+                   help="parallel worker processes, one batch each at a time (default 1)")
+    g = p.add_argument_group("CKKS parameters")
+    g.add_argument("--poly-modulus", type=int, default=None, metavar="N",
+                   help="ring size (default: smallest 128-bit secure N for the chain, >= 8192)")
+    g.add_argument("--coeff-bits", nargs="+", default=None, metavar="BITS",
+                   help="coefficient modulus bit sizes, e.g. 60,40,40,60 (default: 60, scale-bits x L, 60)")
+    g.add_argument("--scale-bits", type=int, default=40, help="log2 of the CKKS scale (default 40)")
+    g.add_argument("--levels", type=int, default=None, metavar="L",
+                   help="levels of a fresh ciphertext (default: the most 128-bit security allows for N, 7 at 16384)")
+    g.add_argument("--insecure", action="store_true", help="allow parameters below 128-bit security")
+    g.add_argument("--refresh", default="plan", choices=("plan", "none"),
+                   help="plan: refresh where cgf_fhe.bootstrap.plan_bootstraps puts them (default); none: fail when "
+                        "levels run out")
+    e = p.add_argument_group("emulator")
+    e.add_argument("--emulate-refresh", choices=("bootstrap", "client"), default="bootstrap",
+                   help="what a refresh is under emulate: a bootstrap (bounded input, --bootstrap-bits precision) "
+                        "or a client-aided decrypt + re-encrypt (like tenseal) (default bootstrap)")
+    e.add_argument("--bootstrap-bits", type=float, default=24.0,
+                   help="bootstrap precision: error std = bootstrap-bound * 2^-bits (default 24)")
+    e.add_argument("--bootstrap-bound", type=float, default=1024.0,
+                   help="bootstrap input bound |v| <= B (default 1024)")
+    e.add_argument("--on-overflow", choices=("raise", "garbage"), default="raise",
+                   help="value past the modulus / outside the bootstrap bound: clear error or garbage (default raise)")
+    e.add_argument("--on-exhausted", choices=("raise", "garbage"), default="raise",
+                   help="emulate: multiplication with no level left -> error naming the node, or garbage "
+                        "(default raise)")
+    e.add_argument("--unpinned-scale", action="store_true",
+                   help="emulate exact scale tracking instead of TenSEAL's pinned scale (no scale/q_i bias)")
+    e.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_simulate)
+
+
+def config_from_args(args):
+    from .params import parse_bits
+    from .runner import SimConfig
+
+    return SimConfig(
+        backend=args.backend, poly_modulus=args.poly_modulus, coeff_bits=parse_bits(args.coeff_bits),
+        scale_bits=args.scale_bits, levels=args.levels, insecure=args.insecure, refresh=args.refresh,
+        emulate_refresh=args.emulate_refresh, bootstrap_bits=args.bootstrap_bits,
+        bootstrap_bound=args.bootstrap_bound, on_overflow=args.on_overflow, on_exhausted=args.on_exhausted,
+        pinned_scale=not args.unpinned_scale, seed=args.seed, limit=args.limit, data_dir=args.data_dir,
+        checkpoint=args.checkpoint, max_length=args.max_length, batch_size=args.batch_size,
+        workers=max(1, args.workers), progress=not args.no_progress)
+
+
+def _simulate(args) -> int:
+    from pathlib import Path
+
+    from .report import plural
+    from .runner import simulate
+
+    cfg = config_from_args(args)
+    params = cfg.ckks_params()
+    for w in params.warnings:
+        print(f"WARNING: {w}")
+    if cfg.backend != "plain":
+        print(f"CKKS: {params}")
+    s = simulate(args.model, cfg, args.output_dir)
+    label = s["refresh_label"]
+    ratio = f" (x{s['ratio_to_plain']:.2f} plain)" if s.get("ratio_to_plain") else ""
+    print(f"{s['backend']}: {s['n_examples']} examples, accuracy {s['accuracy']:.4f} "
+          f"(plain {s['plain_accuracy']:.4f}), F1 {s['f1']:.4f}, agreement {100 * s['agreement']:.2f}%, "
+          f"max |logit err| {s['max_logit_error']:.3g}, {s['refreshes']} {plural(label)} per inference "
+          f"({s['refresh_operations']} performed), {s['seconds']:.1f}s{ratio}")
+    print(f"wrote {Path(args.output_dir) / 'simulation.json'}, simulation.md, error_per_layer.png")
+    return 0

@@ -1,0 +1,477 @@
+"""Dataset-level simulation: client part in plaintext, server part under a backend, plain baseline alongside.
+
+For every batch of MRPC dev examples: the client tokenizes, embeds and applies the embedding LayerNorm
+(:func:`cgf_fhe.split.client_embed`, checkpoint named by the ONNX metadata ``cgf_fhe.checkpoint`` or
+``--checkpoint``); the server graph runs under the ``plain`` backend (the baseline) and under the chosen backend
+on the same inputs. Collected: logits of both, errors of the hidden state after every encoder layer (valid tokens
+only), polynomial inputs outside their intervals, refreshes, levels, timings.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..cli import UserError
+from .backends import make_backend
+from .backends.base import ModulusOverflowError, SimulationError
+from .interpreter import Interpreter, layer_outputs, load, poly_inputs, read_metadata
+from .params import CKKSParams
+
+EMB, MASK, LOGITS = "embeddings", "attention_mask", "logits"
+
+
+@dataclass
+class SimConfig:
+    backend: str = "emulate"
+    poly_modulus: int | None = None
+    coeff_bits: tuple | None = None
+    scale_bits: int = 40
+    levels: int | None = None
+    insecure: bool = False
+    refresh: object = "plan"  # "plan" | "none" | list of value names
+    # emulator
+    emulate_refresh: str = "bootstrap"  # bootstrap | client
+    bootstrap_bits: float = 24.0
+    bootstrap_bound: float = 1024.0
+    on_overflow: str = "raise"
+    on_exhausted: str = "raise"
+    pinned_scale: bool = True
+    seed: int = 0
+    # data
+    limit: int | None = None
+    data_dir: str | None = None
+    checkpoint: str | None = None
+    max_length: int | None = None
+    batch_size: int | None = None
+    workers: int = 1
+    progress: bool = True
+    trace_layers: bool = True
+    device: str | None = None
+
+    def ckks_params(self) -> CKKSParams:
+        return CKKSParams.from_options(self.poly_modulus, self.coeff_bits, self.scale_bits, self.levels, self.insecure)
+
+    def backend_options(self) -> dict:
+        return {"refresh_kind": self.emulate_refresh, "bootstrap_bits": self.bootstrap_bits,
+                "bootstrap_bound": self.bootstrap_bound, "on_overflow": self.on_overflow,
+                "on_exhausted": self.on_exhausted, "pinned_scale": self.pinned_scale, "seed": self.seed,
+                "device": self.device}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-batch evaluation (in-process or in a worker)
+# ---------------------------------------------------------------------------------------------------------------
+class BatchRunner:
+    """Holds the plain and backend interpreters for one process."""
+
+    def __init__(self, onnx_path: str, cfg: SimConfig, secret_context: bytes | None = None):
+        self.cfg = cfg
+        self.model = load(onnx_path)
+        self.params = cfg.ckks_params()
+        self.plain_backend = make_backend("plain", None, device=cfg.device)
+        from .. import fhe_ops
+
+        self.analysis = fhe_ops.analyze(self.model)
+        self.layer_values = layer_outputs(self.model, self.analysis)
+        self.polys = [p for p in poly_inputs(self.model, self.analysis) if p["value"] and p["interval"]]
+        trace = set()
+        if cfg.trace_layers:
+            trace = set(self.layer_values.values()) | {p["value"] for p in self.polys}
+            trace |= set(self.analysis.encrypted_inputs)
+        self.plain = Interpreter(self.model, self.plain_backend, trace=trace, record_maxabs=True,
+                                 analysis=self.analysis)
+        self.backend = None
+        self.interp = None
+        if cfg.backend != "plain":
+            opts = cfg.backend_options()
+            if cfg.backend == "tenseal":
+                from .tenseal_backend import TenSEALClient
+
+                client = TenSEALClient(self.params, secret_context=secret_context)
+                opts = {"client": client}
+            self.backend = make_backend(cfg.backend, self.params, **opts)
+            self.interp = Interpreter(self.model, self.backend, refresh=cfg.refresh, trace=trace,
+                                      analysis=self.analysis)
+
+    def run(self, index: int, feeds: dict, labels: np.ndarray, progress=False) -> dict:
+        mask = feeds[MASK]
+        t0 = time.perf_counter()
+        pr = self.plain.run(feeds)
+        plain_s = time.perf_counter() - t0
+        out = {"index": index, "n": int(len(labels)), "labels": labels, "seq_len": int(mask.shape[1]),
+               "plain_logits": pr.outputs[LOGITS], "plain_seconds": plain_s}
+        if self.interp is None:
+            out.update(logits=pr.outputs[LOGITS], seconds=plain_s, refreshes=0, layers={}, poly={},
+                       poly_plain=self._poly_counts(pr.trace, mask), level_mismatches=[], predicted=None)
+            return out
+        predicted = None
+        if self.cfg.backend == "tenseal":
+            predicted = self._predict_overflow(pr)
+        if self.cfg.backend == "emulate":
+            self.backend.reseed(int(self.cfg.seed) * 1_000_003 + index)
+        n_ref0 = self.backend.n_refresh
+        c0, s0 = dict(self.backend.counts), dict(self.backend.seconds)
+        d0 = self.backend.diagnostics() if hasattr(self.backend, "diagnostics") else None
+        if d0 is not None:
+            self.backend.min_headroom_bits = math.inf  # per batch
+        t0 = time.perf_counter()
+        br = self.interp.run(feeds, progress=progress)
+        be = self.backend
+        out.update(op_counts={k: be.counts[k] - c0.get(k, 0) for k in be.counts},
+                   op_seconds={k: be.seconds[k] - s0.get(k, 0.0) for k in be.seconds},
+                   diagnostics=_diag_delta(d0, be.diagnostics()) if d0 is not None else None)
+        out.update(logits=br.outputs[LOGITS], seconds=time.perf_counter() - t0,
+                   refreshes=self.backend.n_refresh - n_ref0, refreshed=list(br.refreshed),
+                   layers=self._layer_errors(pr.trace, br.trace, mask), poly=self._poly_counts(br.trace, mask),
+                   poly_plain=self._poly_counts(pr.trace, mask), level_mismatches=br.level_mismatches,
+                   predicted=predicted)
+        return out
+
+    def _predict_overflow(self, pr) -> dict:
+        """TenSEAL cannot see its values: predict modulus overflow from the plain run's magnitudes and the levels
+        each value will have under the refresh plan (a value at level l must stay below Q_l / (2 scale))."""
+        plan = self.interp.plan
+        produced_at: dict[str, int] = {}  # levels a value has when produced (before any refresh of it)
+        if plan is not None:
+            outs = {r.name: [o for o in n.output if o] for n, r in zip(self.model.graph.node, self.analysis.nodes)}
+            for name, npl in plan.nodes.items():
+                for o in outs.get(name, ()):
+                    produced_at[o] = npl.levels_out
+        worst, worst_v = math.inf, None
+        for v, m in pr.maxabs.items():
+            lv = produced_at.get(v, self.params.level_budget)
+            if m <= 0:
+                continue
+            head = math.log2(self.params.value_bound(max(lv, 0)) / m)
+            if head < worst:
+                worst, worst_v = head, v
+        res = {"min_headroom_bits": None if worst == math.inf else worst, "value": worst_v}
+        if worst < 0 and self.cfg.on_overflow == "raise":
+            raise ModulusOverflowError(
+                f"value {worst_v!r} reaches |v| = {pr.maxabs[worst_v]:.4g} in the plain run, beyond what its "
+                f"ciphertext level can hold ({2.0 ** -worst:.3g}x the bound Q_l/(2*scale)): TenSEAL would decrypt "
+                "garbage. Use --on-overflow garbage to run anyway")
+        return res
+
+    def _layer_errors(self, ptrace, btrace, mask) -> dict:
+        out = {}
+        names = {EMB: "input"} if EMB in btrace else {}
+        for lay, v in self.layer_values.items():
+            names[v] = int(lay)
+        for v, lay in names.items():
+            if v not in ptrace or v not in btrace:
+                continue
+            d = np.abs(btrace[v] - ptrace[v])
+            if d.ndim >= 2 and d.shape[:2] == mask.shape:
+                keep = mask.astype(bool).reshape(mask.shape + (1,) * (d.ndim - 2))
+                d = d[np.broadcast_to(keep, d.shape)]
+            out[str(lay)] = {"value": v, "max": float(d.max()) if d.size else 0.0, "sum": float(d.sum()),
+                             "n": int(d.size)}
+        return out
+
+    def _poly_counts(self, trace, mask) -> dict:
+        out = {}
+        for p in self.polys:
+            v = p["value"]
+            if v not in trace:
+                continue
+            x = trace[v] / p["scale"]
+            lo, hi = p["interval"]
+            valid = _valid_positions(x.shape, mask, p["op"])
+            bad = ((x < lo) | (x > hi)) & valid
+            out[p["name"]] = {"op": p["op"], "layer": p["layer"], "interval": [lo, hi], "n_out": int(bad.sum()),
+                              "n_seen": int(valid.sum()), "min": float(x[valid].min()) if valid.any() else None,
+                              "max": float(x[valid].max()) if valid.any() else None}
+        return out
+
+
+def _diag_delta(before: dict, after: dict) -> dict:
+    return {"min_headroom_bits": after.get("min_headroom_bits"),
+            "overflows": after["overflows"] - before["overflows"],
+            "bootstrap_out_of_range": after["bootstrap_out_of_range"] - before["bootstrap_out_of_range"]}
+
+
+def _valid_positions(shape, mask, op) -> np.ndarray:
+    """Positions that matter: valid tokens on axis 1 ([B,S,...]); for attention-shaped [B,h,S,S] inputs (exp)
+    valid query and key."""
+    m = mask.astype(bool)
+    B, S = m.shape
+    if len(shape) == 4 and shape[0] == B and shape[2] == S and shape[3] == S:
+        v = m[:, None, :, None] & m[:, None, None, :]
+        return np.broadcast_to(v, shape)
+    if len(shape) >= 2 and shape[0] == B and shape[1] == S:
+        return np.broadcast_to(m.reshape((B, S) + (1,) * (len(shape) - 2)), shape)
+    return np.ones(shape, dtype=bool)
+
+
+_WORKER: BatchRunner | None = None
+
+
+def _worker_init(onnx_path, cfg_dict, secret_context):
+    import torch
+
+    global _WORKER
+    torch.set_num_threads(1)
+    _WORKER = BatchRunner(onnx_path, SimConfig(**cfg_dict), secret_context)
+
+
+def _worker_run(args):
+    index, feeds, labels = args
+    return _WORKER.run(index, feeds, labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# client part and the dataset loop
+# ---------------------------------------------------------------------------------------------------------------
+def resolve_checkpoint(onnx_model, checkpoint: str | None) -> str:
+    from ..models import CheckpointError
+
+    meta = read_metadata(onnx_model)
+    ckpt = checkpoint or meta.get("checkpoint")
+    if not ckpt:
+        raise CheckpointError("the ONNX file names no checkpoint (metadata cgf_fhe.checkpoint): pass --checkpoint "
+                              "DIR (the client part -- tokenizer and embeddings -- lives there)")
+    if not Path(ckpt).is_dir():
+        raise CheckpointError(f"checkpoint directory {ckpt} (from {'--checkpoint' if checkpoint else 'ONNX metadata'}"
+                              ") does not exist: pass --checkpoint DIR")
+    return str(ckpt)
+
+
+def client_batches(onnx_model, cfg: SimConfig):
+    """Tokenize + embed (client part, plaintext) the first ``cfg.limit`` MRPC dev examples, in batches of feeds."""
+    import torch
+
+    from ..data import load_mrpc, make_loader, tokenize_split
+    from ..models import load_checkpoint
+    from ..split import client_embed
+
+    ckpt = resolve_checkpoint(onnx_model, cfg.checkpoint)
+    model, tok, settings = load_checkpoint(ckpt)
+    model = model.float().eval()
+    meta = read_metadata(onnx_model)
+    max_length = cfg.max_length or meta.get("max_length") or settings.get("max_length") or 128
+    dev = tokenize_split(load_mrpc(cfg.data_dir)["validation"], tok, max_length=int(max_length),
+                         max_samples=cfg.limit)
+    if len(dev) == 0:
+        raise UserError("no examples selected (--limit 0?)")
+    bs = cfg.batch_size or default_batch_size(cfg, len(dev))
+    loader = make_loader(dev, tok, batch_size=bs, shuffle=False)
+    batches = []
+    with torch.no_grad():
+        for b in loader:
+            emb = client_embed(model, b["input_ids"], b.get("token_type_ids")).double().numpy()
+            feeds = {EMB: emb, MASK: b["attention_mask"].float().numpy()}
+            batches.append((feeds, b["labels"].numpy()))
+    return batches, {"checkpoint": ckpt, "max_length": int(max_length), "batch_size": bs}
+
+
+def default_batch_size(cfg: SimConfig, n: int) -> int:
+    if cfg.backend == "tenseal":  # cost is per ciphertext, not per example: fill the slots, one batch per worker
+        slots = cfg.ckks_params().slots
+        return max(1, min(slots, math.ceil(n / max(cfg.workers, 1))))
+    return 32
+
+
+def run_batches(onnx_path: str, batches: list, cfg: SimConfig) -> tuple[list[dict], dict]:
+    """Evaluate the batches (in-process or with ``cfg.workers`` processes); returns per-batch results + info."""
+    from tqdm.auto import tqdm
+
+    secret = None
+    info = {}
+    if cfg.backend == "tenseal":
+        from .tenseal_backend import TenSEALClient
+
+        client = TenSEALClient(cfg.ckks_params())
+        secret = client.secret_context()
+    n_total = sum(len(lab) for _, lab in batches)
+    results = []
+    bar = tqdm(total=n_total, desc=f"simulate [{cfg.backend}]", unit="ex", disable=not cfg.progress)
+    try:
+        if cfg.workers <= 1 or len(batches) == 1:
+            runner = BatchRunner(onnx_path, cfg, secret)
+            info = _runner_info(runner)
+            for i, (feeds, labels) in enumerate(batches):
+                r = runner.run(i, feeds, labels, progress=cfg.progress and cfg.backend == "tenseal")
+                results.append(r)
+                bar.update(r["n"])
+            info["backend"] = runner.backend.describe() if runner.backend else runner.plain_backend.describe()
+        else:
+            import multiprocessing as mp
+
+            runner = BatchRunner(onnx_path, SimConfig(**{**asdict(cfg), "backend": "plain"}))
+            info = _runner_info(runner)
+            if cfg.backend != "plain":
+                params = cfg.ckks_params()
+                info["level_budget"] = params.level_budget
+                if isinstance(cfg.refresh, str) and cfg.refresh == "plan":
+                    from ..bootstrap import plan_bootstraps
+
+                    info["refresh_plan"] = list(plan_bootstraps(runner.model, runner.analysis,
+                                                                params.level_budget).refresh)
+                elif cfg.refresh not in (None, "none"):
+                    info["refresh_plan"] = list(cfg.refresh)
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx, initializer=_worker_init,
+                                     initargs=(onnx_path, asdict(cfg), secret)) as ex:
+                jobs = [(i, feeds, labels) for i, (feeds, labels) in enumerate(batches)]
+                for r in ex.map(_worker_run, jobs):
+                    results.append(r)
+                    bar.update(r["n"])
+            info["backend"] = {"backend": cfg.backend, "workers": cfg.workers,
+                               "params": cfg.ckks_params().describe() if cfg.backend != "plain" else None}
+    finally:
+        bar.close()
+    results.sort(key=lambda r: r["index"])
+    info["op_stats"] = _op_stats(results)
+    diags = [r["diagnostics"] for r in results if r.get("diagnostics")]
+    if diags:
+        heads = [d["min_headroom_bits"] for d in diags if d.get("min_headroom_bits") is not None]
+        info["diagnostics"] = {"min_headroom_bits": min(heads) if heads else None,
+                               "overflows": sum(d["overflows"] for d in diags),
+                               "bootstrap_out_of_range": sum(d["bootstrap_out_of_range"] for d in diags)}
+    return results, info
+
+
+def _runner_info(runner: BatchRunner) -> dict:
+    it = runner.interp
+    return {"layer_values": {str(k): v for k, v in runner.layer_values.items()},
+            "poly_groups": runner.polys, "total_depth": runner.analysis.total_depth,
+            "refresh_plan": list(it.refresh_set) if it is not None else [],
+            "level_budget": it.budget if it is not None else None}
+
+
+def _op_stats(results: list[dict]) -> dict:
+    counts, secs = {}, {}
+    for r in results:
+        for k, v in (r.get("op_counts") or {}).items():
+            counts[k] = counts.get(k, 0) + v
+        for k, v in (r.get("op_seconds") or {}).items():
+            secs[k] = secs.get(k, 0.0) + v
+    return {k: {"count": int(counts[k]), "seconds": float(secs.get(k, 0.0)),
+                "ms_per_op": 1e3 * secs.get(k, 0.0) / counts[k] if counts[k] else None} for k in sorted(counts)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# aggregation
+# ---------------------------------------------------------------------------------------------------------------
+def _f1(pred, labels) -> float:
+    tp = int(((pred == 1) & (labels == 1)).sum())
+    fp = int(((pred == 1) & (labels == 0)).sum())
+    fn = int(((pred == 0) & (labels == 1)).sum())
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def summarize(results: list[dict], cfg: SimConfig, info: dict, seconds: float, extra: dict | None = None) -> dict:
+    params = cfg.ckks_params()
+    labels = np.concatenate([r["labels"] for r in results])
+    logits = np.concatenate([r["logits"] for r in results])
+    plain = np.concatenate([r["plain_logits"] for r in results])
+    pred, ppred = logits.argmax(-1), plain.argmax(-1)
+    err = np.abs(logits - plain)
+    n = len(labels)
+    label = {"tenseal": "client-aided refresh", "emulate": ("bootstrap" if cfg.emulate_refresh == "bootstrap"
+                                                            else "client-aided refresh")}.get(cfg.backend, "none")
+    refresh_points = len(info.get("refresh_plan") or [])
+    layers: dict[str, dict] = {}
+    for r in results:
+        for k, v in r["layers"].items():
+            a = layers.setdefault(k, {"value": v["value"], "max_abs_error": 0.0, "sum": 0.0, "n": 0})
+            a["max_abs_error"] = max(a["max_abs_error"], v["max"])
+            a["sum"] += v["sum"]
+            a["n"] += v["n"]
+    layer_list = []
+    for k, a in layers.items():
+        layer_list.append({"layer": k if k == "input" else int(k), "value": a["value"],
+                           "max_abs_error": a["max_abs_error"], "mean_abs_error": a["sum"] / max(a["n"], 1)})
+    layer_list.sort(key=lambda d: -1 if d["layer"] == "input" else d["layer"])
+    poly = _merge_poly([r["poly"] for r in results])
+    poly_plain = _merge_poly([r["poly_plain"] for r in results])
+    mism = [m for r in results for m in r.get("level_mismatches") or []]
+    headroom = [r["predicted"]["min_headroom_bits"] for r in results if r.get("predicted")
+                and r["predicted"]["min_headroom_bits"] is not None]
+    backend_s = sum(r["seconds"] for r in results)
+    plain_s = sum(r["plain_seconds"] for r in results)
+    out = {
+        "backend": cfg.backend,
+        "n_examples": int(n),
+        "accuracy": float((pred == labels).mean()),
+        "f1": _f1(pred, labels),
+        "plain_accuracy": float((ppred == labels).mean()),
+        "plain_f1": _f1(ppred, labels),
+        "agreement": float((pred == ppred).mean()),
+        "max_logit_error": float(err.max()),
+        "mean_logit_error": float(err.mean()),
+        "refreshes": int(refresh_points),
+        "refresh_label": label,
+        "refresh_operations": int(sum(r.get("refreshes", 0) for r in results)),
+        "seconds": float(seconds),
+        "backend_seconds": float(backend_s),
+        "plain_seconds": float(plain_s),
+        "seconds_per_example": float(backend_s / max(n, 1)),
+        "ratio_to_plain": float(backend_s / plain_s) if plain_s > 0 else None,
+        "batches": len(results),
+        "seq_lens": sorted({r["seq_len"] for r in results}),
+        "workers": cfg.workers,
+        "params": params.describe() if cfg.backend != "plain" else None,
+        "level_budget": info.get("level_budget"),
+        "total_depth": info.get("total_depth"),
+        "refresh_plan": info.get("refresh_plan"),
+        "error_per_layer": layer_list,
+        "poly_out_of_interval": poly,
+        "poly_out_of_interval_plain": poly_plain,
+        "level_mismatches": mism[:20],
+        "n_level_mismatches": len(mism),
+        "predicted_min_headroom_bits": min(headroom) if headroom else None,
+        "backend_info": info.get("backend"),
+        "op_stats": info.get("op_stats"),
+        "diagnostics": info.get("diagnostics"),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
+                   if k not in ("progress",)},
+    }
+    if params.warnings:
+        out["warnings"] = list(params.warnings)
+    out.update(extra or {})
+    return out
+
+
+def _merge_poly(dicts: list[dict]) -> dict:
+    out: dict[str, dict] = {}
+    for d in dicts:
+        for k, v in d.items():
+            a = out.setdefault(k, {"op": v["op"], "layer": v["layer"], "interval": v["interval"], "n_out": 0,
+                                   "n_seen": 0, "min": None, "max": None})
+            a["n_out"] += v["n_out"]
+            a["n_seen"] += v["n_seen"]
+            if v["min"] is not None:
+                a["min"] = v["min"] if a["min"] is None else min(a["min"], v["min"])
+                a["max"] = v["max"] if a["max"] is None else max(a["max"], v["max"])
+    return out
+
+
+def simulate(onnx_path: str | os.PathLike, cfg: SimConfig, out_dir: str | os.PathLike | None = None) -> dict:
+    """Full simulation of an exported model on MRPC dev; writes DIR/simulation.{json,md} and error_per_layer.png
+    when ``out_dir`` is given. Returns the summary dict."""
+    t0 = time.perf_counter()
+    if cfg.backend not in ("plain", "emulate", "tenseal"):
+        raise SimulationError(f"unknown backend {cfg.backend!r}: choose plain, emulate or tenseal")
+    cfg.ckks_params()  # validate (security) before any work
+    model = load(onnx_path)
+    batches, client_info = client_batches(model, cfg)
+    results, info = run_batches(str(onnx_path), batches, cfg)
+    summary = summarize(results, cfg, info, time.perf_counter() - t0,
+                        {"onnx": str(Path(onnx_path).resolve()), **client_info})
+    if out_dir is not None:
+        from .report import write_report
+
+        write_report(summary, out_dir)
+    return summary
+
+
+__all__ = ["SimConfig", "BatchRunner", "simulate", "summarize", "run_batches", "client_batches",
+           "resolve_checkpoint"]

@@ -1,0 +1,171 @@
+"""Client / server split of a BERT classifier for encrypted inference.
+
+Who computes what
+-----------------
+**Client** (holds the secret key, sees the plaintext):
+
+1. tokenizes the sentence pair (input ids, token types, attention mask);
+2. embeds: word + position + token-type embeddings **and the embedding LayerNorm**, exactly and in
+   plaintext (:func:`client_embed`); the embedding table never leaves the client's copy of the model
+   checkpoint, so the server never sees token ids;
+3. encrypts the embeddings ``[batch, seq, hidden]`` (CKKS) and sends them with the attention mask.
+
+**Server** (no key; sees only ciphertexts and public data) runs :class:`ServerModel`: every encoder
+layer (CGF attention with its polynomial exp, polynomial GELU, polynomial / frozen LayerNorms), the
+pooler (polynomial tanh) and the classifier, and returns encrypted logits.
+
+**Client** decrypts the logits and takes the argmax.
+
+What leaks
+----------
+The attention mask is sent in the clear: it is *public*. It reveals the padded sequence length and
+how many tokens are real (so the length of the sentence pair), nothing else. Everything derived only
+from it (``1/n`` in the CGF softmax, the keep-mask multiplications) is plaintext arithmetic on the
+server. Pad to a fixed length and send an all-ones mask if the length must stay private (the padded
+positions then take part in attention as ordinary tokens, which changes the model's function).
+
+Encryption boundary
+-------------------
+Only the ``embeddings`` input of :class:`ServerModel` is encrypted; every weight is a server-side
+plaintext. :func:`fold_for_export` prepares a copy for export: constant scales are folded into
+weights so they do not cost a multiplicative level on ciphertexts (attention ``1/sqrt(d)`` and the
+polynomial input normalisations of exp, GELU and tanh, see :mod:`cgf_fhe.poly`).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .softmax import CGF, EXACT
+
+__all__ = ["client_embed", "ServerModel", "fold_for_export", "base_model", "encoder_layers"]
+
+
+def base_model(model) -> nn.Module:
+    """The backbone (``model.bert`` for BERT) of a ``*ForSequenceClassification`` model."""
+    base = getattr(model, "base_model", None)
+    if base is None or not hasattr(base, "embeddings") or not hasattr(base, "encoder"):
+        raise TypeError(
+            f"{type(model).__name__} is not a BERT-family *ForSequenceClassification model "
+            "(needs .base_model.embeddings and .base_model.encoder)"
+        )
+    return base
+
+
+def encoder_layers(model) -> nn.ModuleList:
+    layers = getattr(base_model(model).encoder, "layer", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__}: encoder has no .layer list")
+    return layers
+
+
+def client_embed(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Client side, plaintext: token + position + type embeddings and the (exact) embedding LayerNorm.
+
+    Returns ``[B, S, H]``, the tensor the client encrypts. Dropout follows the model's train/eval mode."""
+    emb = base_model(model).embeddings
+    return emb(input_ids=input_ids, token_type_ids=token_type_ids)
+
+
+class ServerModel(nn.Module):
+    """Server side: encoder layers + pooler + classifier on (encrypted) embeddings.
+
+    ``forward(embeddings [B,S,H] float, attention_mask [B,S] float 0/1) -> logits [B, num_labels]``.
+    The mask (public) reaches the attention functions as a float keep-mask ``[B,1,1,S]`` (the CGF and
+    exact-softmax implementations of :mod:`cgf_fhe.softmax` accept it). Models using another attention
+    implementation (``eager``/``sdpa``) get the usual additive mask instead; that path is for plaintext
+    comparison only. The wrapped model's parameters are shared, not copied.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        base_model(model)  # validates the structure
+        if not hasattr(model, "classifier"):
+            raise TypeError(f"{type(model).__name__} has no .classifier head")
+        self.model = model
+
+    def forward(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        base = base_model(model)
+        keep = attention_mask.to(embeddings.dtype)[:, None, None, :]
+        impl = getattr(model.config, "_attn_implementation", None)
+        if impl in (CGF, EXACT):
+            mask = keep
+        else:
+            mask = (1.0 - keep) * torch.finfo(embeddings.dtype).min
+        h = embeddings
+        for layer in base.encoder.layer:
+            out = layer(h, mask)
+            h = out[0] if isinstance(out, tuple) else out
+        pooler = getattr(base, "pooler", None)
+        if pooler is not None:
+            pooled = pooler(h)
+            dropout = getattr(model, "dropout", None)
+            if dropout is not None:
+                pooled = dropout(pooled)
+            return model.classifier(pooled)
+        # heads that pool themselves (e.g. RoBERTa's classification head takes the sequence output)
+        return model.classifier(h)
+
+
+@torch.no_grad()
+def _scale_linear(linear: nn.Linear, alpha: float, beta: float = 0.0) -> None:
+    """linear(x) -> alpha * linear(x) + beta, in place."""
+    linear.weight.mul_(alpha)
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
+    linear.bias.mul_(alpha).add_(beta)
+
+
+def _foldable(mod) -> bool:
+    return bool(getattr(mod, "foldable", False)) and not getattr(mod, "prescaled", False)
+
+
+def fold_for_export(model) -> nn.Module:
+    """Deep copy of ``model`` with constant scales folded into plaintext weights (same logits).
+
+    * attention ``scaling`` (1/sqrt(head_dim)) -> query weight and bias; ``.scaling = 1.0``;
+    * a polynomial exp (``attention.self.cgf_exp``) with normalisation ``t = alpha*x + beta``: ``alpha``
+      also goes into the query projection (scores scale by alpha) and the CGF coefficient becomes
+      ``c/alpha`` (the CGF argument is then exactly ``alpha*x``; the module only adds ``beta``, free).
+      The coefficient is per layer, so each self-attention module gets its own copy of the config;
+    * polynomial GELU: ``alpha``, ``beta`` into ``intermediate.dense``; polynomial tanh: into ``pooler.dense``.
+
+    Each folded polynomial module is switched to ``prescaled`` mode, which saves one level on it.
+    The copy is in eval mode; interval counting and the training-only input guard are off on it.
+    """
+    m = copy.deepcopy(model)
+    m.eval()
+    for name, mod in m.named_modules():
+        if getattr(mod, "blend", 1.0) < 1.0:
+            raise ValueError(f"{name}: frozen LayerNorm blend is {mod.blend} < 1 (a training aid that still uses the "
+                             "exact variance); set it to 1 before export")
+    for layer in encoder_layers(m):
+        att = layer.attention.self
+        scaling = float(getattr(att, "scaling", 1.0) or 1.0)
+        exp = getattr(att, "cgf_exp", None)
+        alpha = 1.0
+        if exp is not None and _foldable(exp) and getattr(m.config, "cgf_softmax", None) == "cgf":
+            alpha = float(exp.alpha)
+            att.config = copy.copy(att.config)
+            att.config.cgf_coeff = float(getattr(m.config, "cgf_coeff", 0.5)) / alpha
+            exp.prescaled = True
+        if scaling != 1.0 or alpha != 1.0:
+            _scale_linear(att.query, scaling * alpha)
+            att.scaling = 1.0
+        act = getattr(layer.intermediate, "intermediate_act_fn", None)
+        if _foldable(act):
+            _scale_linear(layer.intermediate.dense, float(act.alpha))
+            act.prescaled = True
+    pooler = getattr(base_model(m), "pooler", None)
+    if pooler is not None and _foldable(getattr(pooler, "activation", None)):
+        _scale_linear(pooler.dense, float(pooler.activation.alpha))
+        pooler.activation.prescaled = True
+    for mod in m.modules():
+        if hasattr(mod, "track"):
+            mod.track = False
+        if hasattr(mod, "guard"):
+            mod.guard = False
+    return m

@@ -1,0 +1,633 @@
+"""Model surgery for FHE: range calibration, polynomial replacement, interval accounting, layer pruning.
+
+Typical use (the distillation stage)::
+
+    ranges = calibrate(model, train_loader, max_batches=25)           # exact functions, CGF softmax
+    fhe = polynomialize(model, FheOptions(poly="all", ln="frozen"), ranges)
+    ... train with interval_penalty(model) added to the loss ...
+    save_checkpoint(model, tok, out, {..., "fhe": fhe_settings(model, ranges)})
+    # load_checkpoint -> apply_fhe_settings(model, settings["fhe"]) rebuilds the same modules.
+
+Training aids (plaintext only, not FHE-evaluable, switched off by ``fold_for_export``): :func:`set_guard`
+clamps approximated inputs into their intervals (a polynomial explodes outside its interval, e.g. when a
+frozen LayerNorm has just replaced the exact one), :func:`set_frozen_blend` interpolates frozen LayerNorms
+from the exact one (0) to frozen (1) so distillation can anneal; export needs blend 1.
+
+Approximated ops and their keys (per encoder layer ``i``): ``layers.i.exp`` (CGF exp argument, over valid
+keys only), ``layers.i.gelu`` (FFN pre-activation), ``layers.i.ln_attn`` / ``layers.i.ln_ffn`` (LayerNorm
+input variance ``var + eps`` per token), and ``pooler.tanh``. The embedding LayerNorm is NOT replaced: it
+runs exactly on the client (:mod:`cgf_fhe.split`).
+
+Intervals: calibrated ``[min, max]`` widened by ``margin * (max - min)`` on each side (the LN variance
+interval multiplicatively: ``[min*(1-margin), max*(1+margin)]``; exp's upper end by at most
+``exp_headroom``). Polynomial coefficients, intervals, forms, depths and the frozen-LN constants all live in
+the JSON "fhe settings"; learnable parameters (LayerNorm ``weight``/``bias``) keep their ``nn.LayerNorm``
+names, so the checkpoint's state dict fills them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import poly as P
+from .split import base_model, encoder_layers
+
+SETTINGS_VERSION = 1
+
+# Depth of one encoder layer outside the approximations (ServerModel after fold_for_export), in levels:
+# Q/K/V projection 1, scores Q@K^T 1, CGF statistics 2, (exp E), probs*w 1, probs@V 1, output dense 1,
+# (LN L), FFN in 1, (GELU G), FFN out 1, (LN L). Residual additions are free.
+LAYER_LINEAR_DEPTH = 9
+# Pooler: dense 1, (tanh T), classifier 1.
+HEAD_LINEAR_DEPTH = 2
+
+
+KINDS = ("exp", "gelu", "ln", "tanh")
+
+
+@dataclass
+class FheOptions:
+    """What to approximate and how. ``poly``: "none" | "all"; ``ln``: "newton" | "frozen".
+
+    Forms: ``exp_form`` "ps" | "powers" | "square" (``exp_r`` squarings for "square"); ``form`` for GELU,
+    tanh and the 1/sqrt guess ("ps" | "powers"). ``fit``: "interp" (Chebyshev interpolation) or "lsq".
+    exp: ``exp_squarings`` k (range reduction ``p(x)^(2^k)`` with ``p ~ exp(x/2^k)``; None = per layer the
+    smallest k with max relative error <= ``exp_rel_target`` where exp >= 1e-3). The exp interval's upper
+    end gets at most ``exp_headroom`` of margin (exp grows e-fold per unit). ``exp_floor``: if set, the
+    lower end is at least ``-exp_floor`` (exp is ~0 below; inputs there count as out-of-interval).
+    Newton LN: ``newton_steps`` None = per layer the fewest steps with max relative error of 1/sqrt
+    <= ``ln_rel_target`` (at most ``max_newton_steps``).
+    Frozen LN constant ``frozen_stat``: "geo" (``1/sigma = exp(-E[log sqrt v])``, robust to the few
+    massive-activation tokens) or "ls" (``E[sqrt v]/E[v]``, least-squares optimal output scale).
+
+    Defaults were chosen on all-MiniLM-L6-v2 with the CGF softmax, calibrated on 200 MRPC train pairs
+    (ranges: exp argument up to [-328, 13] in layer 0 and ~[-30, 8] elsewhere, GELU input ~[-17, 14], LN
+    variance [0.1, 5.5e4] in layer 0 and [0.1, 130] elsewhere): exp degree 15 + automatic squarings (max rel.
+    error <= 1e-3; plain degree 15 is useless on such intervals); GELU degree 63 (31 drops the mean token
+    cosine to the exact model to 0.97, 63 keeps 1.000); tanh 15 (error 2e-13); 1/sqrt degree 31 with
+    automatic Newton steps (fewer levels than degree 15 for the same accuracy); frozen constant "geo"
+    (single-layer swaps keep a higher cosine than "ls")."""
+
+    poly: str = "none"
+    ln: str = "newton"
+    exp_degree: int = 15
+    gelu_degree: int = 63
+    tanh_degree: int = 15
+    invsqrt_degree: int = 31
+    newton_steps: int | None = None
+    margin: float = 0.1
+    exp_form: str = "ps"
+    exp_r: int = 7
+    exp_squarings: int | None = None
+    exp_rel_target: float = 1e-3
+    exp_headroom: float = 2.0
+    exp_floor: float | None = None
+    ln_rel_target: float = 1e-3
+    max_newton_steps: int = 8
+    frozen_stat: str = "geo"
+    form: str = "ps"
+    fit: str = "interp"
+    kinds: tuple[str, ...] = KINDS  # ablations: replace only these kinds (the result is not FHE-ready)
+
+    def __post_init__(self):
+        if self.poly not in ("none", "all"):
+            raise ValueError(f"poly must be 'none' or 'all', got {self.poly!r}")
+        if self.ln not in ("newton", "frozen"):
+            raise ValueError(f"ln must be 'newton' or 'frozen', got {self.ln!r}")
+        if self.exp_form not in P.FORMS:
+            raise ValueError(f"exp_form must be one of {P.FORMS}, got {self.exp_form!r}")
+        if self.form not in ("ps", "powers"):
+            raise ValueError(f"form must be 'ps' or 'powers', got {self.form!r}")
+        for name in ("exp_degree", "gelu_degree", "tanh_degree", "invsqrt_degree"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if (self.newton_steps is not None and self.newton_steps < 0) or self.margin < 0:
+            raise ValueError("newton_steps and margin must be >= 0")
+        self.kinds = tuple(self.kinds)
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad:
+            raise ValueError(f"unknown kinds {bad}; choose from {KINDS}")
+        if self.frozen_stat not in ("geo", "ls"):
+            raise ValueError(f"frozen_stat must be 'geo' or 'ls', got {self.frozen_stat!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FheOptions":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+
+# ----------------------------------------------------------------------------------------------- locations
+def _locations(model):
+    """(key, parent module, attribute name) of every approximable op."""
+    out = []
+    for i, layer in enumerate(encoder_layers(model)):
+        out.append((f"layers.{i}.exp", layer.attention.self, "cgf_exp"))
+        out.append((f"layers.{i}.gelu", layer.intermediate, "intermediate_act_fn"))
+        out.append((f"layers.{i}.ln_attn", layer.attention.output, "LayerNorm"))
+        out.append((f"layers.{i}.ln_ffn", layer.output, "LayerNorm"))
+    pooler = getattr(base_model(model), "pooler", None)
+    if pooler is not None:
+        out.append(("pooler.tanh", pooler, "activation"))
+    return out
+
+
+def named_approx_modules(model) -> list[tuple[str, nn.Module]]:
+    """(key, module) for every polynomial / replaced module in the model."""
+    res = []
+    for key, parent, attr in _locations(model):
+        mod = getattr(parent, attr, None)
+        if isinstance(mod, P.IntervalTracker):
+            res.append((key, mod))
+    return res
+
+
+def _set(parent, attr, value):
+    if value is None:
+        if attr in parent._modules:
+            del parent._modules[attr]
+        elif hasattr(parent, attr):
+            delattr(parent, attr)
+    else:
+        setattr(parent, attr, value)
+
+
+# ----------------------------------------------------------------------------------------------- calibration
+class _Stats:
+    """Running min/max/mean/std plus a bounded random subsample for quantiles."""
+
+    QUANTILES = (0.0001, 0.001, 0.01, 0.5, 0.99, 0.999, 0.9999)
+
+    def __init__(self, keep: int = 200_000, seed: int = 0):
+        self.min, self.max, self.n, self.s, self.ss = math.inf, -math.inf, 0, 0.0, 0.0
+        self.sample: list[np.ndarray] = []
+        self.keep = keep
+        self.rng = np.random.default_rng(seed)
+        self.extra: dict[str, float] = {}
+
+    def add(self, v: torch.Tensor):
+        v = v.detach().reshape(-1).double()
+        if not v.numel():
+            return
+        self.min = min(self.min, float(v.min()))
+        self.max = max(self.max, float(v.max()))
+        self.n += int(v.numel())
+        self.s += float(v.sum())
+        self.ss += float((v * v).sum())
+        a = v.cpu().numpy()
+        per_call = max(1000, self.keep // 50)
+        if a.size > per_call:
+            a = self.rng.choice(a, per_call, replace=False)
+        self.sample.append(a)
+
+    def to_dict(self) -> dict:
+        if not self.n:
+            return {"count": 0}
+        mean = self.s / self.n
+        d = {"min": self.min, "max": self.max, "count": self.n, "mean": mean,
+             "std": math.sqrt(max(self.ss / self.n - mean * mean, 0.0))}
+        s = np.concatenate(self.sample)
+        d["quantiles"] = {str(q): float(np.quantile(s, q)) for q in self.QUANTILES}
+        d.update(self.extra)
+        return d
+
+
+class _FnRecorder(nn.Module):
+    """Wraps an activation (or cgf_exp): records its input, then calls it."""
+
+    def __init__(self, fn, stats: _Stats, with_valid: bool = False):
+        super().__init__()
+        self.fn, self.stats, self.with_valid = fn, stats, with_valid
+
+    def forward(self, x, valid=None):
+        if self.with_valid:
+            self.stats.add(x[valid.expand_as(x)] if valid is not None else x)
+            if self.fn is None:
+                return torch.exp(x)
+            return self.fn(x, valid=valid) if isinstance(self.fn, P.PolyExp) else self.fn(x)
+        self.stats.add(x)
+        return self.fn(x)
+
+
+class _LNRecorder(nn.Module):
+    """Wraps a LayerNorm: records ``var + eps`` per token (all tokens) and frozen-LN statistics over valid
+    tokens, then calls it."""
+
+    def __init__(self, ln, stats: _Stats, ctx: dict):
+        super().__init__()
+        self.ln, self.stats, self.ctx = ln, stats, ctx
+        self.sum_sqrt = self.sum_v = self.sum_isqrt = self.sum_log = 0.0
+        self.n_valid = 0
+
+    def forward(self, x):
+        eps = float(getattr(self.ln, "eps", 1e-12))
+        v = x.detach().double().var(-1, unbiased=False) + eps  # [B, S]
+        self.stats.add(v)
+        mask = self.ctx.get("mask")
+        vv = v[mask.bool()] if mask is not None and mask.shape == v.shape else v.reshape(-1)
+        self.sum_sqrt += float(vv.sqrt().sum())
+        self.sum_v += float(vv.sum())
+        self.sum_isqrt += float(vv.rsqrt().sum())
+        self.sum_log += float(vv.log().sum())
+        self.n_valid += int(vv.numel())
+        return self.ln(x)
+
+    def finish(self):
+        if self.n_valid:
+            # Frozen-LN constants over valid tokens: "ls" = E[sqrt v]/E[v] (least-squares optimal scale of
+            # the output (x-mu)*s), "geo" = exp(-E[log v]/2) (geometric mean, robust to massive activations).
+            self.stats.extra.update({
+                "valid_tokens": self.n_valid,
+                "mean_v_valid": self.sum_v / self.n_valid,
+                "mean_sqrt_v_valid": self.sum_sqrt / self.n_valid,
+                "mean_invsqrt_v_valid": self.sum_isqrt / self.n_valid,
+                "frozen_inv_sigma_ls": self.sum_sqrt / self.sum_v,
+                "frozen_inv_sigma_geo": math.exp(-0.5 * self.sum_log / self.n_valid),
+            })
+
+
+def _batch_to(batch, device):
+    keep = ("input_ids", "token_type_ids", "attention_mask")
+    return {k: v.to(device) for k, v in batch.items() if k in keep}
+
+
+@torch.no_grad()
+def calibrate(model, loader, device="cpu", max_batches: int | None = None, progress: bool = True) -> dict:
+    """Input ranges of every approximated op, per layer, with the model's *current* functions.
+
+    Returns a JSON-serialisable dict ``{"layers": [{"exp", "gelu", "ln_attn", "ln_ffn"}...], "pooler":
+    {"tanh"}, "n_examples", "n_batches", "softmax"}``; each entry has min/max/mean/std/count/quantiles
+    (exp: valid keys only; LN: the variance ``var + eps`` per token, plus frozen-LN statistics over valid
+    tokens). Exp is recorded only when the model uses the CGF softmax."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    ctx: dict = {}
+    cgf = getattr(model.config, "cgf_softmax", None) == "cgf"
+    saved, recorders, ln_recs = [], {}, []
+    for key, parent, attr in _locations(model):
+        kind = key.rsplit(".", 1)[1]
+        orig = getattr(parent, attr, None)
+        st = _Stats(seed=len(recorders))
+        if kind == "exp":
+            if not cgf:
+                continue
+            rec = _FnRecorder(orig, st, with_valid=True)
+        elif kind.startswith("ln"):
+            rec = _LNRecorder(orig, st, ctx)
+            ln_recs.append(rec)
+        else:
+            rec = _FnRecorder(orig, st)
+        saved.append((parent, attr, orig))
+        setattr(parent, attr, rec)
+        recorders[key] = st
+    n_ex = n_b = 0
+    try:
+        total = len(loader) if max_batches is None else min(max_batches, len(loader))
+        for b, batch in enumerate(tqdm(loader, total=total, desc="calibrate", disable=not progress, leave=False)):
+            if max_batches is not None and b >= max_batches:
+                break
+            inputs = _batch_to(batch, device)
+            ctx["mask"] = inputs.get("attention_mask")
+            model(**inputs)
+            n_ex += int(inputs["input_ids"].shape[0])
+            n_b += 1
+    finally:
+        for parent, attr, orig in saved:
+            _set(parent, attr, orig)
+        model.train(was_training)
+    for r in ln_recs:
+        r.finish()
+    out = {"n_examples": n_ex, "n_batches": n_b, "softmax": getattr(model.config, "cgf_softmax", None),
+           "layers": [], "pooler": {}}
+    for key, st in recorders.items():
+        parts = key.split(".")
+        if parts[0] == "layers":
+            i = int(parts[1])
+            while len(out["layers"]) <= i:
+                out["layers"].append({})
+            out["layers"][i][parts[2]] = st.to_dict()
+        else:
+            out["pooler"][parts[1]] = st.to_dict()
+    n_layers = len(encoder_layers(model))
+    while len(out["layers"]) < n_layers:
+        out["layers"].append({})
+    if n_ex == 0:
+        raise ValueError("calibrate: the loader yielded no batches")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- polynomialize
+def widen(st: dict, margin: float, positive: bool = False) -> tuple[float, float]:
+    """Calibrated [min, max] widened by ``margin * (max - min)`` per side; ``positive`` (variances):
+    multiplicatively, ``[min*(1-margin), max*(1+margin)]``, so it stays > 0 and is never degenerate."""
+    a, b = float(st["min"]), float(st["max"])
+    if positive:
+        return a * (1.0 - min(margin, 0.9)), b * (1.0 + margin) + 1e-9
+    w = max(b - a, 1e-6 * max(abs(a), abs(b), 1.0))
+    return a - margin * w, b + margin * w
+
+
+def _range(ranges: dict, key: str) -> dict:
+    parts = key.split(".")
+    try:
+        st = ranges["layers"][int(parts[1])][parts[2]] if parts[0] == "layers" else ranges["pooler"][parts[1]]
+    except (KeyError, IndexError, TypeError):
+        st = None
+    if not st or not st.get("count"):
+        n = len(ranges.get("layers", [])) if isinstance(ranges, dict) else 0
+        raise ValueError(f"calibration ranges have no data for {key} (ranges cover {n} layers; "
+                         "calibrate the same model with the CGF softmax first)")
+    return st
+
+
+def _fit_invsqrt(lo: float, hi: float, options: FheOptions) -> P.PolyApprox:
+    return P.fit("invsqrt", lo, hi, degree=options.invsqrt_degree, form=options.form, method="lsq", relative=True)
+
+
+def newton_ln(approx: P.PolyApprox, options: FheOptions, ln) -> P.NewtonLayerNorm:
+    """Newton LN with ``options.newton_steps`` steps, or (None) the fewest meeting ``ln_rel_target``."""
+    if options.newton_steps is not None:
+        return P.NewtonLayerNorm(approx, options.newton_steps, ln=ln)
+    for n in range(options.max_newton_steps + 1):
+        m = P.NewtonLayerNorm(approx, n, ln=ln)
+        if m.rel_error() <= options.ln_rel_target:
+            return m
+    return m
+
+
+def build_modules(model, options: FheOptions, ranges: dict) -> dict[str, nn.Module]:
+    """The polynomial modules for ``model`` (not installed). Keys as in :func:`named_approx_modules`."""
+    from transformers.activations import ACT2FN
+
+    act = model.config.hidden_act
+    gelu_f = P.torch_function(ACT2FN[act]) if isinstance(act, str) else P.FUNCTIONS["gelu"]
+    mods = {}
+    for key, parent, attr in _locations(model):
+        kind = key.rsplit(".", 1)[1]
+        if kind[:2] not in {k[:2] for k in options.kinds}:
+            continue
+        st = _range(ranges, key)
+        if kind == "exp":
+            lo, hi = widen(st, options.margin)
+            hi = min(hi, float(st["max"]) + options.exp_headroom)
+            if options.exp_floor is not None:
+                lo = max(lo, -float(options.exp_floor))
+            if options.exp_form == "square":
+                approx = P.fit("exp", lo, hi, form="square", r=options.exp_r)
+            else:
+                approx = P.fit_exp(lo, hi, options.exp_degree, form=options.exp_form, squarings=options.exp_squarings,
+                                   rel_target=options.exp_rel_target, method=options.fit)
+            mods[key] = P.PolyExp(approx)
+        elif kind == "gelu":
+            lo, hi = widen(st, options.margin)
+            mods[key] = P.PolyGELU(P.fit(gelu_f, lo, hi, degree=options.gelu_degree, form=options.form,
+                                         method=options.fit, name="gelu"))
+        elif kind == "tanh":
+            lo, hi = widen(st, options.margin)
+            mods[key] = P.PolyTanh(P.fit("tanh", lo, hi, degree=options.tanh_degree, form=options.form,
+                                         method=options.fit))
+        else:
+            ln = getattr(parent, attr)
+            if options.ln == "frozen":
+                inv = st.get(f"frozen_inv_sigma_{options.frozen_stat}") or 1.0 / math.sqrt(st["mean"])
+                mods[key] = P.FrozenLayerNorm(inv, ln=ln, interval=widen(st, options.margin, positive=True))
+            else:
+                lo, hi = widen(st, options.margin, positive=True)
+                mods[key] = newton_ln(_fit_invsqrt(lo, hi, options), options, ln)
+    return mods
+
+
+def polynomialize(model, options: FheOptions, ranges: dict) -> dict:
+    """Replace every non-linearity of the server path by its polynomial module (in place).
+
+    Intervals come from ``ranges`` (:func:`calibrate`) widened by ``options.margin``. Returns the
+    JSON-serialisable fhe settings (see :func:`fhe_settings`). ``poly="none"`` changes nothing."""
+    if isinstance(options, dict):
+        options = FheOptions.from_dict(options)
+    if options.poly == "none":
+        model.cgf_fhe_options = options
+        return fhe_settings(model, ranges)
+    if getattr(model.config, "cgf_softmax", None) != "cgf":
+        raise ValueError("poly='all' needs the CGF softmax (softmax's max and division have no polynomial form): "
+                         f"the model uses {getattr(model.config, 'cgf_softmax', None)!r}; set_softmax(model, 'cgf')")
+    mods = build_modules(model, options, ranges)
+    for key, parent, attr in _locations(model):
+        if key in mods:
+            setattr(parent, attr, mods[key])
+    model.cgf_fhe_options = options
+    return fhe_settings(model, ranges)
+
+
+def fhe_settings(model, ranges: dict | None = None) -> dict:
+    """The current fhe settings of ``model`` (options, per-op modules with intervals, coefficients, forms,
+    stated depths, frozen-LN constants) and, if given, calibration statistics. JSON-serialisable."""
+    options = getattr(model, "cgf_fhe_options", None) or FheOptions()
+    mods = {k: m.to_settings() for k, m in named_approx_modules(model)}
+    d = {"version": SETTINGS_VERSION, "options": options.to_dict(), "modules": mods,
+         "depth": model_depth(model)}
+    if ranges is not None:
+        d["calibration"] = ranges
+    return d
+
+
+def apply_fhe_settings(model, fhe_settings: dict) -> None:
+    """Rebuild the polynomial modules recorded in ``fhe_settings`` (no refitting; LayerNorm replacements
+    reuse the model's current LayerNorm ``weight``/``bias``, i.e. the loaded checkpoint's)."""
+    if not fhe_settings:
+        return
+    version = fhe_settings.get("version", SETTINGS_VERSION)
+    if version > SETTINGS_VERSION:
+        raise ValueError(f"fhe settings version {version} is newer than this cgf-fhe ({SETTINGS_VERSION})")
+    model.cgf_fhe_options = FheOptions.from_dict(fhe_settings.get("options", {}))
+    mods = fhe_settings.get("modules") or {}
+    locs = {key: (parent, attr) for key, parent, attr in _locations(model)}
+    unknown = sorted(set(mods) - set(locs))
+    if unknown:
+        raise ValueError(f"fhe settings name ops {unknown} that the model does not have "
+                         f"({len(encoder_layers(model))} encoder layers)")
+    for key, d in mods.items():
+        parent, attr = locs[key]
+        cur = getattr(parent, attr, None)
+        mod = P.module_from_settings(d, ln=cur if d.get("kind", "").startswith("ln") else None)
+        setattr(parent, attr, mod)
+
+
+# ----------------------------------------------------------------------------------------------- intervals
+def interval_report(model) -> dict:
+    """Out-of-interval input counts per op (per layer) since the last reset, plus totals per kind."""
+    ops, totals = {}, {}
+    for key, m in named_approx_modules(model):
+        if m.interval is None:
+            continue
+        st = m.interval_stats()
+        ops[key] = st
+        t = totals.setdefault(m.kind, {"n_out": 0, "n_seen": 0})
+        t["n_out"] += st["n_out"]
+        t["n_seen"] += st["n_seen"]
+    n_out = sum(t["n_out"] for t in totals.values())
+    n_seen = sum(t["n_seen"] for t in totals.values())
+    return {"ops": ops, "totals": totals, "n_out": n_out, "n_seen": n_seen,
+            "frac_out": n_out / n_seen if n_seen else 0.0}
+
+
+def set_frozen_blend(model, blend: float) -> int:
+    """Set every FrozenLayerNorm's ``blend`` (0 = exact LayerNorm, 1 = frozen, the FHE form); returns how many.
+    A distillation schedule can anneal it from 0 to 1; export needs 1."""
+    if not 0.0 <= blend <= 1.0:
+        raise ValueError(f"blend must be in [0, 1], got {blend}")
+    n = 0
+    for _, m in named_approx_modules(model):
+        if isinstance(m, P.FrozenLayerNorm):
+            m.blend = float(blend)
+            n += 1
+    return n
+
+
+def set_guard(model, on: bool = True) -> int:
+    """Clamp every approximated op's input into its interval (plaintext training aid against polynomial
+    blow-up; not what the encrypted evaluation computes). Returns the number of modules switched."""
+    n = 0
+    for _, m in named_approx_modules(model):
+        if isinstance(m, (P.PolyModule, P.NewtonLayerNorm)):
+            m.guard = bool(on)
+            n += 1
+    return n
+
+
+def reset_interval_counters(model) -> None:
+    for _, m in named_approx_modules(model):
+        m.reset_counters()
+
+
+def interval_penalty(model) -> torch.Tensor:
+    """Sum over modules of the mean squared out-of-interval excess (normalised units, last forward)."""
+    terms = [m.last_penalty for _, m in named_approx_modules(model) if m.last_penalty is not None]
+    if not terms:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else "cpu")
+    return torch.stack([t.to(terms[0].device) for t in terms]).sum()
+
+
+# ----------------------------------------------------------------------------------------------- layers
+def kept_layer_indices(n_layers: int, k: int) -> list[int]:
+    if not 1 <= k <= n_layers:
+        raise ValueError(f"cannot keep {k} of {n_layers} encoder layers (need 1 <= k <= {n_layers})")
+    return [round((j + 1) * n_layers / k) - 1 for j in range(k)]
+
+
+def shrink_layers(model, k: int) -> list[int]:
+    """Keep ``k`` evenly spaced encoder layers (always including the last), in place. Returns the kept
+    teacher layer indices: student layer ``j`` was teacher layer ``kept[j]`` (the hidden-state KD map)."""
+    layers = encoder_layers(model)
+    kept = kept_layer_indices(len(layers), k)
+    new = nn.ModuleList([layers[i] for i in kept])
+    base_model(model).encoder.layer = new
+    for j, layer in enumerate(new):
+        for m in layer.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = j
+    model.config.num_hidden_layers = k
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------- depth
+def ln_depth(ln: str, invsqrt_degree: int = 31, newton_steps: int = 2, form: str = "ps") -> int:
+    """Stated depth of a LayerNorm replacement: frozen 1; Newton ``3 + P + 2*steps``."""
+    if ln == "frozen":
+        return P.FrozenLayerNorm.depth
+    baby = P.best_baby(invsqrt_degree) if form == "ps" else 2
+    return 3 + P.form_depth(form, invsqrt_degree, prescaled=True, baby=baby) + 2 * newton_steps
+
+
+def poly_depth(form: str, degree: int, r: int = 0, squarings: int = 0) -> int:
+    """Stated depth of an elementwise polynomial as exported (normalisation folded into the previous layer)."""
+    if form == "square":
+        return r
+    return P.form_depth(form, degree, prescaled=True, baby=P.best_baby(degree) if form == "ps" else 2,
+                        squarings=squarings)
+
+
+def layer_depth(exp: int, gelu: int, ln: int, ln_ffn: int | None = None) -> int:
+    """``9 + exp + gelu + ln_attn + ln_ffn`` (``ln_ffn`` defaults to ``ln``)."""
+    return LAYER_LINEAR_DEPTH + exp + gelu + ln + (ln if ln_ffn is None else ln_ffn)
+
+
+def depth_table(options: FheOptions | dict | None = None,
+                exp_choices=(("ps", 15, 0), ("ps", 15, 1), ("ps", 15, 2), ("ps", 15, 3), ("ps", 15, 4),
+                             ("ps", 7, 2), ("ps", 7, 3), ("ps", 7, 4), ("square", 6, 0), ("square", 7, 0)),
+                gelu_degrees=(15, 31, 63), newton_steps=(1, 2, 3)) -> dict:
+    """Per-encoder-layer multiplicative depth for each approximation choice, from the forms' stated depths
+    (as exported: normalisation scales folded). ``layer = 9 + E + G + 2*L`` (:data:`LAYER_LINEAR_DEPTH`),
+    head ``2 + T``. ``exp_choices``: (form, degree, squarings) with degree = r for "square".
+    LN choices: frozen, and Newton with ``options.invsqrt_degree`` for each of ``newton_steps``.
+    ``"current"`` evaluates ``options`` itself (auto squarings/steps are per layer: see ``model_depth``)."""
+    if options is None:
+        options = FheOptions(poly="all")
+    elif isinstance(options, dict):
+        options = FheOptions.from_dict(options)
+    lns = [("frozen", None, ln_depth("frozen"))]
+    lns += [("newton", n, ln_depth("newton", options.invsqrt_degree, n, options.form)) for n in newton_steps]
+    exps = []
+    for form, deg, k in exp_choices:
+        E = poly_depth("square", 2 ** deg, r=deg) if form == "square" else poly_depth(form, deg, squarings=k)
+        exps.append({"exp_form": form, "exp_degree": 2 ** deg if form == "square" else deg,
+                     "exp_squarings": deg if form == "square" else k, "exp_depth": E})
+    gelus = [(g, poly_depth(options.form, g)) for g in sorted(set(gelu_degrees) | {options.gelu_degree})]
+    rows = []
+    for ln, n, L in lns:
+        for e in exps:
+            for g, G in gelus:
+                rows.append({"ln": ln, "newton_steps": n, "ln_depth": L, **e, "gelu_degree": g, "gelu_depth": G,
+                             "layer_depth": layer_depth(e["exp_depth"], G, L)})
+    cur = {}
+    if options.exp_form == "square":
+        cur["exp_depth"] = poly_depth("square", 0, r=options.exp_r)
+    elif options.exp_squarings is not None:
+        cur["exp_depth"] = poly_depth(options.exp_form, options.exp_degree, squarings=options.exp_squarings)
+    cur["gelu_depth"] = poly_depth(options.form, options.gelu_degree)
+    if options.ln == "frozen" or options.newton_steps is not None:
+        cur["ln_depth"] = ln_depth(options.ln, options.invsqrt_degree, options.newton_steps or 0, options.form)
+    cur["tanh_depth"] = poly_depth(options.form, options.tanh_degree)
+    cur["head_depth"] = HEAD_LINEAR_DEPTH + cur["tanh_depth"]
+    if "exp_depth" in cur and "ln_depth" in cur:
+        cur["layer_depth"] = layer_depth(cur["exp_depth"], cur["gelu_depth"], cur["ln_depth"])
+    return {
+        "formula": "layer = 9 + exp + gelu + 2*ln (QKV 1, QK^T 1, CGF stats 2, *w 1, @V 1, dense 1, FFN 2); "
+                   "head = 2 + tanh; frozen ln = 1; newton ln = 3 + P + 2*steps",
+        "linear_depth": LAYER_LINEAR_DEPTH,
+        "components": {"ln": [{"ln": a, "newton_steps": n, "invsqrt_degree": options.invsqrt_degree if n else None,
+                               "depth": L} for a, n, L in lns],
+                       "exp": exps, "gelu": [{"degree": g, "depth": G} for g, G in gelus]},
+        "rows": rows,
+        "current": cur,
+    }
+
+
+def model_depth(model) -> dict:
+    """Stated depth of ``model`` as exported (fold_for_export): per layer, head, total. Layers without
+    polynomial modules count their exact ops as 0 (not FHE-evaluable)."""
+    mods = dict(named_approx_modules(model))
+
+    def d(key, kind):
+        m = mods.get(key)
+        if m is None:
+            return 0
+        if isinstance(m, P.PolyModule):
+            return m.approx.depth(prescaled=True)
+        return m.depth
+
+    per = []
+    for i in range(len(encoder_layers(model))):
+        per.append(layer_depth(d(f"layers.{i}.exp", "exp"), d(f"layers.{i}.gelu", "gelu"),
+                               d(f"layers.{i}.ln_attn", "ln"), d(f"layers.{i}.ln_ffn", "ln")))
+    head = HEAD_LINEAR_DEPTH + d("pooler.tanh", "tanh")
+    return {"per_layer": per, "head": head, "total": sum(per) + head}

@@ -1,0 +1,650 @@
+"""Python API of the training stage (the CLI in :mod:`cgf_fhe.training.cli` is a thin layer over it).
+
+Output layout
+-------------
+* ``finetune(...)``: ``out_dir`` is the checkpoint (best-on-dev weights).
+  ``finetune_seeds(..., seeds=[...])``: ``out_dir/seed<S>/`` per seed + ``out_dir/summary.json``.
+* ``distill(..., seeds=None)``: the student checkpoint in ``out_dir``, the teacher (trained once if not
+  given) in ``out_dir/teacher``. With ``seeds=[...]``: ``out_dir/seed<S>/`` and ``out_dir/teacher/seed<S>/``.
+  Always ``out_dir/summary.json`` (student vs teacher on the same seeds: mean, std, paired difference).
+* ``sweep``: ``out_dir/c<coeff>/seed<S>/`` + ``out_dir/sweep.json``.
+Resumable training state lives in ``<checkpoint>/train_state/`` until the run finishes (kept with
+``keep_state=True``). A finished checkpoint has ``"status": "done"`` in its settings; with ``resume=True``
+finished runs are skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..data import load_mrpc, tokenize_split
+from ..models import (CheckpointError, is_checkpoint, load_checkpoint, read_settings, resolve_model,
+                      save_checkpoint, SETTINGS_FILE)
+from .engine import CEStep, KDStep, clear_state, fit, get_accelerator, set_dropout
+from .evaluate import evaluate_model, probe_softmax, summarize_seeds, format_summary, mean_std
+from .poly_train import PolyTraining
+from .recipes import Recipe, get_recipe
+
+STATE_SUBDIR = "train_state"
+FHE_STATE_FILE = "fhe_settings.json"
+
+
+class TrainingError(CheckpointError):
+    """User-facing problem in the training stage (wrong teacher folder, missing surgery module, ...)."""
+
+
+@dataclass
+class RunOptions:
+    """Options that do not change what is trained, only where the data comes from and how it runs."""
+    data_dir: str | None = None
+    max_length: int | None = None  # None = the recipe's
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    device: str | None = None
+    mixed_precision: str = "auto"
+    resume: bool = False
+    progress: bool = True
+    keep_state: bool = False
+    stop_after: int | None = None  # stop after this many epochs (resume later)
+    calib_batches: int | None = None  # calibration batches for --poly all (None = whole train split)
+
+    def data_settings(self, recipe: Recipe) -> dict:
+        return {"data_dir": str(self.data_dir) if self.data_dir else None,
+                "max_length": self.max_length or recipe.max_length,
+                "max_train_samples": self.max_train_samples, "max_eval_samples": self.max_eval_samples}
+
+
+def _as_recipe(recipe: Recipe | str | None, **overrides) -> Recipe:
+    if recipe is None:
+        recipe = "reference"
+    if isinstance(recipe, str):
+        return get_recipe(recipe, **overrides)
+    return recipe.override(**overrides)
+
+
+def _log(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # multi-process runs (accelerate launch / torchrun): main rank only
+        tqdm.write(msg)
+
+
+# ---------------------------------------------------------------- data
+
+_RAW_CACHE: dict = {}
+
+
+def _raw(data_dir):
+    key = str(data_dir) if data_dir else (os.environ.get("CGF_FHE_DATA_DIR") or "<hub>")
+    if key not in _RAW_CACHE:
+        _RAW_CACHE[key] = load_mrpc(data_dir)
+    return _RAW_CACHE[key]
+
+
+def load_split(tokenizer, split: str, opts: RunOptions, recipe: Recipe | None = None, max_samples=None):
+    raw = _raw(opts.data_dir)
+    if split not in raw:
+        raise TrainingError(f"unknown split {split!r}; available: {sorted(raw)}")
+    max_length = opts.max_length or (recipe.max_length if recipe else 128)
+    return tokenize_split(raw[split], tokenizer, max_length, max_samples)
+
+
+def load_data(tokenizer, opts: RunOptions, recipe: Recipe):
+    train = load_split(tokenizer, "train", opts, recipe, opts.max_train_samples)
+    dev = load_split(tokenizer, "validation", opts, recipe, opts.max_eval_samples)
+    return train, dev
+
+
+def collator(tokenizer):
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _is_main(opts: RunOptions) -> bool:
+    return get_accelerator(opts.device, opts.mixed_precision).is_main_process
+
+
+def _barrier(opts: RunOptions) -> None:
+    """Multi-process runs: the other ranks wait until the main rank has written its files."""
+    get_accelerator(opts.device, opts.mixed_precision).wait_for_everyone()
+
+
+def _run_key(settings: dict) -> dict:
+    """What identifies a run's result: everything in its settings that changes the trained weights."""
+    # through Recipe so fields added in later versions compare as their defaults
+    full = Recipe.from_dict(settings.get("recipe") or {}).to_dict()
+    recipe = {k: v for k, v in full.items() if k not in ("name", "note", "tuned")}
+    fhe = settings.get("fhe_options")
+    data = settings.get("data") or {}
+    return _flatten({
+        "kind": settings.get("kind"), "softmax": settings.get("softmax"), "coeff": settings.get("coeff"),
+        "init": settings.get("init"), "seed": settings.get("seed"), "recipe": recipe,
+        "max_train_samples": data.get("max_train_samples"), "max_length": data.get("max_length"),
+        "kd": settings.get("kd"), "fhe_options": fhe, "student_layers": settings.get("student_layers_requested"),
+        "teacher": settings.get("teacher"), "poly_training": settings.get("poly_training"),
+    })
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _skip_finished(out: Path, want: dict, tag: str) -> dict | None:
+    """With --resume: the finished run in ``out`` if it matches ``want`` (else a clear error)."""
+    s = _done(out)
+    if s is None:
+        return None
+    have = _run_key(s)
+    wanted = _run_key(want)
+    diff = [f"{k}: saved {have.get(k)!r} vs now {wanted.get(k)!r}" for k in sorted(set(have) | set(wanted))
+            if have.get(k) != wanted.get(k)]
+    if diff:
+        raise TrainingError(f"{out} already holds a finished run with different settings ({'; '.join(diff)}); "
+                            "use another -o or drop --resume to overwrite it")
+    _log(f"[{tag}] {out} is already finished (dev accuracy {s['dev']['accuracy']:.4f}); skipping")
+    return s
+
+
+def _done(path: Path) -> dict | None:
+    if is_checkpoint(path):
+        s = read_settings(path)
+        if s.get("status") == "done":
+            return s
+    return None
+
+
+def _backbone_of(model) -> str | None:
+    return getattr(model.config, "cgf_backbone", None)
+
+
+def _update_settings(ckpt: Path, extra: dict) -> dict:
+    s = read_settings(ckpt)
+    s.update(extra)
+    (ckpt / SETTINGS_FILE).write_text(json.dumps(s, indent=2, sort_keys=True))
+    return s
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _seed_dirs(out_dir: Path, seeds: Sequence[int] | None, seed: int):
+    """[(seed, dir)]: per-seed subfolders when a seed list is given, else out_dir itself."""
+    if seeds:
+        return [(int(s), out_dir / f"seed{int(s)}") for s in seeds]
+    return [(int(seed), out_dir)]
+
+
+def _finish(ckpt: Path, state_dir: Path, opts: RunOptions) -> None:
+    if not opts.keep_state and _is_main(opts):
+        clear_state(state_dir)
+        try:
+            state_dir.rmdir()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------- finetune
+
+def finetune(model: str = "tiny", out_dir: str | os.PathLike = "out/finetune", softmax: str = "exact",
+             coeff: float | None = None, seed: int = 42, recipe: Recipe | str | None = None,
+             opts: RunOptions | None = None) -> dict:
+    """CE fine-tune one seed of ``model`` (backbone name or checkpoint) into the checkpoint ``out_dir``.
+
+    Returns the checkpoint settings (``settings["dev"]`` = best dev metrics)."""
+    opts = opts or RunOptions()
+    recipe = _as_recipe(recipe)
+    out = Path(out_dir)
+    if softmax == "cgf" and coeff is None:
+        coeff = 0.5
+    settings = {
+        "kind": "finetune", "softmax": softmax, "coeff": float(coeff) if softmax == "cgf" else None,
+        "recipe": recipe.to_dict(), "seed": int(seed), "init": str(model), "teacher": None, "layer_map": None,
+        "data": opts.data_settings(recipe), "cgf_fhe_version": __version__,
+    }
+    if opts.resume and (s := _skip_finished(out, settings, "finetune")):
+        return s
+    net, tok, src_settings = resolve_model(model, softmax, coeff, seed)
+    train, dev = load_data(tok, opts, recipe)
+    state_dir = out / STATE_SUBDIR
+    if not opts.resume:
+        clear_state(state_dir)
+    tag = f"finetune {softmax}" + (f" c={coeff:g}" if softmax == "cgf" else "") + f" seed {seed}"
+    res = fit(net, CEStep(), train, dev, collator(tok), recipe, seed=seed, state_dir=state_dir,
+              resume=opts.resume, device=opts.device, mixed_precision=opts.mixed_precision,
+              progress=opts.progress, stop_after=opts.stop_after, desc=tag, run_info=_run_key(settings))
+    settings.update({
+        "status": "done" if res.completed else "partial", "dev": res.best_metrics, "best_epoch": res.best_epoch,
+        "history": res.history, "seconds_per_epoch": res.seconds_per_epoch,
+        "backbone": _backbone_of(net) or str(model),
+    })
+    if src_settings.get("fhe"):
+        settings["fhe"] = src_settings["fhe"]
+    if not res.completed:
+        _log(f"[{tag}] stopped after epoch {len(res.history)}/{recipe.epochs}; continue with --resume")
+        return settings
+    if _is_main(opts):
+        save_checkpoint(net, tok, out, settings)
+        _finish(out, state_dir, opts)
+    _barrier(opts)
+    return settings
+
+
+def _read_reference(reference: str | os.PathLike | None, seeds: Sequence[int]) -> dict | None:
+    """{seed: dev metrics} from a multi-seed run folder (reference/seed<S>/) or a single checkpoint."""
+    if reference is None:
+        return None
+    ref = Path(reference)
+    if is_checkpoint(ref):
+        m = read_settings(ref)["dev"]
+        return {s: m for s in seeds}
+    out = {}
+    for s in seeds:
+        d = ref / f"seed{s}"
+        if not is_checkpoint(d):
+            raise TrainingError(f"reference run {ref} has no checkpoint for seed {s} ({d})")
+        out[s] = read_settings(d)["dev"]
+    return out
+
+
+def finetune_seeds(model: str, out_dir, seeds: Sequence[int], softmax: str = "exact", coeff: float | None = None,
+                   recipe: Recipe | str | None = None, opts: RunOptions | None = None,
+                   reference: str | os.PathLike | None = None) -> dict:
+    """Fine-tune each seed into ``out_dir/seed<S>`` and write ``out_dir/summary.json``."""
+    opts = opts or RunOptions()
+    recipe = _as_recipe(recipe)
+    out = Path(out_dir)
+    runs = {}
+    for s, d in _seed_dirs(out, seeds, seeds[0]):
+        st = finetune(model, d, softmax, coeff, s, recipe, opts)
+        if st.get("status") != "done":
+            return {"status": "partial"}
+        runs[s] = st
+    ref = _read_reference(reference, list(runs))
+    summary = {
+        "kind": "finetune", "softmax": softmax, "coeff": coeff, "model": str(model), "recipe": recipe.to_dict(),
+        "seeds": list(runs), **summarize_seeds({s: r["dev"] for s, r in runs.items()}, ref),
+        "seconds_per_epoch": mean_std([r["seconds_per_epoch"] for r in runs.values()]),
+        "reference_run": str(reference) if reference else None,
+        "runs": {str(s): str(_seed_dirs(out, [s], s)[0][1]) for s in runs},
+    }
+    if _is_main(opts):
+        _write_json(out / "summary.json", summary)
+    _log(format_summary(summary, softmax))
+    return summary
+
+
+# ---------------------------------------------------------------- distill
+
+def _surgery():
+    try:
+        from .. import surgery
+    except ImportError as exc:
+        raise TrainingError(f"--poly/--student-layers need cgf_fhe.surgery, which cannot be imported: {exc}") from exc
+    return surgery
+
+
+def _teacher_dir(teacher, out: Path, seed: int, multi: bool) -> tuple[Path, bool]:
+    """(teacher checkpoint dir for this seed, given_by_user)."""
+    if teacher is not None:
+        t = Path(teacher)
+        if is_checkpoint(t):
+            return t, True
+        if is_checkpoint(t / f"seed{seed}"):
+            return t / f"seed{seed}", True
+        raise TrainingError(f"--teacher {t}: neither a cgf-fhe checkpoint nor a folder with seed{seed}/ "
+                            f"(expected {t / SETTINGS_FILE} or {t / f'seed{seed}' / SETTINGS_FILE})")
+    root = out / "teacher"
+    return (root / f"seed{seed}" if multi else root), False
+
+
+def _ensure_teacher(model: str, tdir: Path, seed: int, recipe: Recipe, opts: RunOptions) -> dict:
+    """Train the exact teacher into ``tdir`` once; reuse it when it is finished and compatible."""
+    s = _done(tdir)
+    if s is not None:
+        data_keys = ("max_length", "max_train_samples")  # what changes the trained weights
+        cached_recipe = Recipe.from_dict(s.get("recipe") or {}).finetune_fields()
+        want = {"backbone": str(model), "seed": int(seed), **{f"recipe.{k}": v for k, v in recipe.finetune_fields().items()},
+                **{f"data.{k}": opts.data_settings(recipe)[k] for k in data_keys}}
+        have = {"backbone": s.get("init"), "seed": s.get("seed"), **{f"recipe.{k}": v for k, v in cached_recipe.items()},
+                **{f"data.{k}": (s.get("data") or {}).get(k) for k in data_keys}}
+        diff = [f"{k}: cached {have[k]!r} vs requested {want[k]!r}" for k in want if want[k] != have[k]]
+        if diff:
+            raise TrainingError(f"cached teacher {tdir} was trained with different settings ({'; '.join(diff)}); "
+                                "pass --teacher, use another -o, or delete that folder")
+        _log(f"[distill] using cached teacher {tdir} (dev accuracy {s['dev']['accuracy']:.4f})")
+        return s
+    _log(f"[distill] training the exact teacher (seed {seed}) into {tdir}")
+    return finetune(model, tdir, "exact", None, seed, recipe, opts)
+
+
+def _fhe_options(fhe) -> object | None:
+    if fhe is None:
+        return None
+    surgery = _surgery()
+    if isinstance(fhe, dict):
+        return surgery.FheOptions.from_dict(fhe) if hasattr(surgery.FheOptions, "from_dict") else surgery.FheOptions(**fhe)
+    return fhe
+
+
+def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike | None = None,
+                coeff: float = 0.5, recipe: Recipe | str | None = None, opts: RunOptions | None = None,
+                fhe=None, student_layers: int | None = None, interval_penalty: float = 0.0,
+                multi: bool = False, teacher_root: Path | None = None, guard: bool = True,
+                blend_epochs: float | None = None) -> dict:
+    """Distill one seed: exact teacher -> CGF (optionally polynomial / shallower) student in ``out_dir``.
+
+    Polynomial students (see :mod:`.poly_train`): ``guard`` clamps polynomial inputs into their intervals
+    while training; with frozen LayerNorms the blend exact -> frozen ramps linearly over the first
+    ``blend_epochs`` epochs (None = half of them, 0 = frozen from the start). Dev metrics, the best-epoch
+    choice (only epochs that ended at blend 1) and the saved checkpoint are all the exported form: guard off,
+    blend 1. After training the ranges are re-measured on the training data (``calibration_trained``)
+    and out-of-interval counts are stored for train (``interval_report_train``) and dev (``interval_report``)."""
+    opts = opts or RunOptions()
+    recipe = _as_recipe(recipe)
+    out = Path(out_dir)
+    tdir, given = _teacher_dir(teacher, teacher_root if teacher_root is not None else out, seed, multi)
+    fhe_opts = _fhe_options(fhe)
+    poly = fhe_opts is not None and getattr(fhe_opts, "poly", "none") != "none"
+    schedule = _poly_schedule(fhe_opts, recipe, guard, blend_epochs) if poly else None
+    if not given:
+        ts = _ensure_teacher(model, tdir, seed, recipe, opts)
+        if ts.get("status") != "done":
+            return {"status": "partial", "teacher": str(tdir)}
+
+    settings = {
+        "kind": "distill", "softmax": "cgf", "coeff": float(coeff), "recipe": recipe.to_dict(), "seed": int(seed),
+        "init": str(model) if model else None, "teacher": str(tdir.resolve()),
+        "kd": {"alpha": recipe.kd_alpha, "beta": recipe.kd_beta, "T": recipe.kd_temperature,
+               "ce_weight": recipe.kd_ce_weight, "interval_penalty": float(interval_penalty)},
+        "fhe_options": _options_dict(fhe_opts) if poly else None,
+        "student_layers_requested": int(student_layers) if student_layers is not None else None,
+        "poly_training": schedule.to_dict() if schedule is not None else None,
+        "data": opts.data_settings(recipe), "cgf_fhe_version": __version__,
+    }
+    if opts.resume and (s := _skip_finished(out, settings, "distill")):
+        return s
+
+    t_model, tok, t_settings = load_checkpoint(tdir, softmax="exact")
+    student, _, _ = load_checkpoint(tdir, softmax="cgf", coeff=coeff)
+    student.train()
+    train, dev = load_data(tok, opts, recipe)
+    collate = collator(tok)
+
+    state_dir = out / STATE_SUBDIR
+    if not opts.resume:
+        clear_state(state_dir)
+    n_teacher_layers = t_model.config.num_hidden_layers
+    layer_map = list(range(n_teacher_layers))
+    if student_layers is not None and student_layers != n_teacher_layers:
+        try:
+            layer_map = [int(i) for i in _surgery().shrink_layers(student, int(student_layers))]
+        except ValueError as exc:
+            raise TrainingError(f"--student-layers {student_layers}: {exc}") from None
+    fhe_settings = None
+    if poly:
+        surgery = _surgery()
+        if recipe.poly_dropout is not None:
+            set_dropout(student, recipe.poly_dropout)
+        saved = state_dir / FHE_STATE_FILE
+        if opts.resume and saved.is_file():
+            fhe_settings = json.loads(saved.read_text())
+            surgery.apply_fhe_settings(student, fhe_settings)
+            _log(f"[distill] resume: polynomial settings restored from {saved}")
+        else:
+            from torch.utils.data import DataLoader
+
+            device = get_accelerator(opts.device, opts.mixed_precision).device
+            student.to(device)
+            calib_loader = DataLoader(train, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=collate)
+            _log(f"[distill] calibrating ranges on {len(train)} training examples")
+            ranges = surgery.calibrate(student, calib_loader, device=str(device), max_batches=opts.calib_batches)
+            fhe_settings = surgery.polynomialize(student, fhe_opts, ranges)
+            if _is_main(opts):
+                state_dir.mkdir(parents=True, exist_ok=True)
+                _write_json(saved, fhe_settings)
+            _barrier(opts)
+
+    penalty_fn = _surgery().interval_penalty if interval_penalty else None
+    step = KDStep(t_model, layer_map, alpha=recipe.kd_alpha, beta=recipe.kd_beta, T=recipe.kd_temperature,
+                  ce_weight=recipe.kd_ce_weight, penalty_weight=interval_penalty, penalty_fn=penalty_fn)
+    tag = f"distill c={coeff:g}" + (" poly" if poly else "") + f" seed {seed}"
+    res = fit(student, step, train, dev, collate, recipe, seed=seed, state_dir=state_dir, resume=opts.resume,
+              device=opts.device, mixed_precision=opts.mixed_precision, progress=opts.progress,
+              stop_after=opts.stop_after, desc=tag, run_info=_run_key(settings), schedule=schedule)
+    if not res.completed:
+        _log(f"[{tag}] stopped after epoch {len(res.history)}/{recipe.epochs}; continue with --resume")
+        return {**settings, "status": "partial", "history": res.history}
+    if schedule is not None:
+        schedule.finish(student)  # the exported form: guard off, blend 1 (what the dev metrics measured)
+
+    device = next(student.parameters()).device
+    from torch.utils.data import DataLoader
+
+    dev_loader = DataLoader(dev, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=collate)
+    teacher_dev = evaluate_model(t_model.to(device), dev_loader, device)  # same eval set as the student
+    settings.update({
+        "status": "done", "dev": res.best_metrics, "best_epoch": res.best_epoch,
+        "history": res.history, "seconds_per_epoch": res.seconds_per_epoch,
+        "backbone": _backbone_of(student) or t_settings.get("backbone"), "teacher_dev": teacher_dev,
+        "layer_map": layer_map, "student_layers": student.config.num_hidden_layers,
+    })
+    if fhe_settings is not None:
+        surgery = _surgery()
+        if hasattr(surgery, "fhe_settings"):  # the trained modules' current state (+ the calibration)
+            fhe_settings = surgery.fhe_settings(student, fhe_settings.get("calibration"))
+        settings["fhe"] = fhe_settings
+        settings.update(_poly_reports(student, surgery, train, dev_loader, collate, recipe, opts, device,
+                                      res.best_metrics, tag))
+    if _is_main(opts):
+        save_checkpoint(student, tok, out, settings)
+        if poly or layer_map != list(range(n_teacher_layers)):
+            _reload_check(student, out, dev_loader, device)
+        _finish(out, state_dir, opts)
+    _barrier(opts)
+    return settings
+
+
+def _poly_schedule(fhe_opts, recipe: Recipe, guard: bool, blend_epochs: float | None) -> PolyTraining:
+    frozen = getattr(fhe_opts, "ln", None) == "frozen"
+    if blend_epochs is not None and not frozen:
+        raise TrainingError(f"--blend-epochs {blend_epochs:g} needs --ln frozen (the blend anneals frozen LayerNorms)")
+    if frozen:
+        blend_epochs = recipe.epochs / 2 if blend_epochs is None else float(blend_epochs)
+        if not 0 <= blend_epochs < recipe.epochs:
+            raise TrainingError(f"--blend-epochs {blend_epochs:g} must be >= 0 and < --epochs {recipe.epochs} "
+                                "(the best checkpoint is chosen among the epochs that end at blend 1)")
+    return PolyTraining(guard=guard, blend_epochs=blend_epochs or 0.0, frozen=frozen)
+
+
+def _poly_reports(student, surgery, train, dev_loader, collate, recipe: Recipe, opts: RunOptions, device,
+                  best_metrics: dict, tag: str) -> dict:
+    """The trained polynomial student in its exported form (guard off, blend 1): ranges re-measured on the
+    training data, out-of-interval counts on train and dev, and the dev metrics measured again."""
+    from torch.utils.data import DataLoader
+
+    calib_loader = DataLoader(train, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=collate)
+    surgery.reset_interval_counters(student)
+    ranges = surgery.calibrate(student, calib_loader, device=str(device), max_batches=opts.calib_batches,
+                               progress=opts.progress)
+    train_report = surgery.interval_report(student)
+    surgery.reset_interval_counters(student)
+    final = evaluate_model(student, dev_loader, device)
+    dev_report = surgery.interval_report(student)
+    if final["accuracy"] != best_metrics.get("accuracy") or final["n_nonfinite"] != best_metrics.get("n_nonfinite"):
+        _log(f"[{tag}] WARNING: the exported form scores dev accuracy {final['accuracy']:.4f}, but training "
+             f"recorded {best_metrics.get('accuracy')} for the best epoch")
+    _log(f"[{tag}] out-of-interval inputs (exported form): train {train_report['n_out']}/{train_report['n_seen']}"
+         f" ({train_report['frac_out']:.2e}), dev {dev_report['n_out']}/{dev_report['n_seen']}"
+         f" ({dev_report['frac_out']:.2e}); non-finite dev logits: {final['n_nonfinite']}")
+    return {"calibration_trained": ranges, "interval_report_train": train_report, "interval_report": dev_report,
+            "dev_final": final}
+
+
+def _reload_check(model, ckpt: Path, loader, device) -> None:
+    """The saved checkpoint must give the trained model's logits back (structure rebuilt from settings)."""
+    batch = next(iter(loader))
+    from .evaluate import model_inputs
+
+    with torch.no_grad():
+        model.eval()
+        want = model(**model_inputs(batch, device)).logits.float().cpu()
+        re, _, _ = load_checkpoint(ckpt)
+        got = re.to(device)(**model_inputs(batch, device)).logits.float().cpu()
+    err = float((want - got).abs().max())
+    _update_settings(ckpt, {"reload_max_abs_diff": err})
+    if not err <= 1e-4 * max(1.0, float(want.abs().max())):
+        _log(f"[distill] WARNING: reloading {ckpt} changes the logits (max |diff| {err:.3g}); "
+             "the polynomial settings do not rebuild the trained model exactly")
+
+
+def distill(model: str = "tiny", out_dir="out/distill", teacher=None, coeff: float = 0.5,
+            seeds: Sequence[int] | None = None, seed: int = 42, recipe: Recipe | str | None = None,
+            opts: RunOptions | None = None, fhe=None, student_layers: int | None = None,
+            interval_penalty: float = 0.0, guard: bool = True, blend_epochs: float | None = None) -> dict:
+    """Teacher (given or trained once) -> CGF student per seed; writes ``out_dir/summary.json``.
+
+    ``fhe``: a :class:`cgf_fhe.surgery.FheOptions` (or its dict) to make the student polynomial; ``guard`` and
+    ``blend_epochs``: its training aids (see :func:`distill_one`).
+    Returns the summary: student and teacher mean/std and the paired difference student - teacher."""
+    opts = opts or RunOptions()
+    recipe = _as_recipe(recipe)
+    out = Path(out_dir)
+    multi = bool(seeds)
+    runs = {}
+    for s, d in _seed_dirs(out, seeds, seed):
+        st = distill_one(model, d, s, teacher, coeff, recipe, opts, fhe, student_layers, interval_penalty,
+                         multi=multi, teacher_root=out, guard=guard, blend_epochs=blend_epochs)
+        if st.get("status") != "done":
+            return {"status": "partial"}
+        runs[s] = st
+    student = {s: r["dev"] for s, r in runs.items()}
+    ref = {s: r["teacher_dev"] for s, r in runs.items()}
+    summary = {
+        "kind": "distill", "model": str(model), "coeff": coeff, "recipe": recipe.to_dict(), "seeds": list(runs),
+        "student": summarize_seeds(student, ref), "teacher": summarize_seeds(ref),
+        "seconds_per_epoch": {
+            "student": mean_std([r["seconds_per_epoch"] for r in runs.values()]),
+            "teacher": mean_std([_teacher_secs(r) for r in runs.values() if _teacher_secs(r) is not None]),
+        },
+        "fhe_options": _options_dict(_fhe_options(fhe)),
+        "student_layers": student_layers, "interval_penalty": interval_penalty,
+        "poly_training": next(iter(runs.values())).get("poly_training"),
+        "runs": {str(s): str(d) for s, d in _seed_dirs(out, seeds, seed)},
+        "teachers": {str(s): r["teacher"] for s, r in runs.items()},
+    }
+    if _is_main(opts):
+        _write_json(out / "summary.json", summary)
+    _log(format_summary(summary["teacher"], "teacher"))
+    _log(format_summary(summary["student"], "student"))
+    return summary
+
+
+def _options_dict(o):
+    if o is None:
+        return None
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(o) if is_dataclass(o) else dict(o)
+
+
+def _teacher_secs(run: dict):
+    try:
+        return read_settings(run["teacher"]).get("seconds_per_epoch")
+    except CheckpointError:
+        return None
+
+
+# ---------------------------------------------------------------- evaluate / probe / sweep
+
+def evaluate_checkpoint(ckpt, softmax: str | None = None, coeff: float | None = None, split: str = "validation",
+                        opts: RunOptions | None = None, probe: bool = False, batch_size: int = 64) -> dict:
+    """Score a checkpoint: {"accuracy", "f1", "n", "loss", "softmax", "coeff", ...} (+ interval counts for
+    polynomial students, + {"probe": {"exact": .., "cgf": ..}} when ``probe``)."""
+    from torch.utils.data import DataLoader
+
+    opts = opts or RunOptions()
+    ckpt = Path(ckpt)
+    if not is_checkpoint(ckpt) and ckpt.is_dir() and any(ckpt.glob(f"seed*/{SETTINGS_FILE}")):
+        seeds = sorted(p.parent.name for p in ckpt.glob(f"seed*/{SETTINGS_FILE}"))
+        raise TrainingError(f"{ckpt} is a multi-seed run folder ({', '.join(seeds)}); pass one of its seed folders")
+    model, tok, settings = load_checkpoint(ckpt, softmax, coeff)
+    device = get_accelerator(opts.device, "no").device
+    model.to(device)
+    max_length = opts.max_length or settings.get("data", {}).get("max_length") or settings.get("recipe", {}).get("max_length", 128)
+    run_opts = RunOptions(**{**opts.__dict__, "max_length": max_length})
+    ds = load_split(tok, split, run_opts, None, opts.max_eval_samples)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collator(tok))
+    fhe = settings.get("fhe")
+    if fhe:
+        surgery = _surgery()
+        surgery.reset_interval_counters(model)
+    m = evaluate_model(model, loader, device)
+    out = {**m, "checkpoint": str(ckpt), "split": split, "softmax": model.config.cgf_softmax,
+           "coeff": float(model.config.cgf_coeff) if model.config.cgf_softmax == "cgf" else None,
+           "max_length": max_length, "polynomial": bool(fhe)}
+    if fhe:
+        out["intervals"] = surgery.interval_report(model)
+    if probe:
+        out["probe"] = probe_softmax(model, loader, coeff if coeff is not None else settings.get("coeff"), device)
+    return out
+
+
+def sweep(model: str = "tiny", coeffs: Iterable[float] = (0.5, 0.65, 0.8), out_dir="out/sweep",
+          seeds: Sequence[int] = (42,), recipe: Recipe | str | None = None, opts: RunOptions | None = None,
+          with_exact: bool = False) -> dict:
+    """CE-only CGF fine-tunes per coefficient (and optionally an exact reference on the same seeds)."""
+    opts = opts or RunOptions()
+    recipe = _as_recipe(recipe)
+    out = Path(out_dir)
+    seeds = [int(s) for s in seeds]
+    reference = None
+    rows = []
+    if with_exact:
+        ex = finetune_seeds(model, out / "exact", seeds, "exact", None, recipe, opts)
+        if ex.get("status") == "partial":
+            return ex
+        reference = out / "exact"
+        rows.append({"softmax": "exact", "coeff": None, "accuracy": ex["accuracy"], "f1": ex["f1"]})
+    for c in coeffs:
+        summ = finetune_seeds(model, out / f"c{c:g}", seeds, "cgf", float(c), recipe, opts, reference)
+        if summ.get("status") == "partial":
+            return summ
+        rows.append({"softmax": "cgf", "coeff": float(c), "accuracy": summ["accuracy"], "f1": summ["f1"]})
+    result = {"kind": "sweep", "model": str(model), "seeds": seeds, "recipe": recipe.to_dict(), "rows": rows}
+    if _is_main(opts):
+        _write_json(out / "sweep.json", result)
+    _log(format_sweep(result))
+    return result
+
+
+def format_sweep(result: dict) -> str:
+    head = f"{'softmax':<8} {'coeff':>6}  {'accuracy':>18}  {'f1':>18}  {'paired diff acc':>18}"
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        a, f = r["accuracy"], r["f1"]
+        d = a.get("paired_diff")
+        diff = f"{d['mean']:+.4f} +- {d['std']:.4f}" if d else ""
+        c = f"{r['coeff']:g}" if r["coeff"] is not None else "-"
+        lines.append(f"{r['softmax']:<8} {c:>6}  {a['mean']:.4f} +- {a['std']:.4f}  {f['mean']:.4f} +- {f['std']:.4f}"
+                     f"  {diff:>18}")
+    return "\n".join(lines)

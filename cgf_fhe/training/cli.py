@@ -1,0 +1,239 @@
+"""CLI of the training stage: ``finetune``, ``distill``, ``evaluate``, ``sweep`` (see :mod:`.api`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from .recipes import PRESETS
+
+
+def _common(p: argparse.ArgumentParser, seeds: bool = True, default_seed: int = 42) -> None:
+    g = p.add_argument_group("data and run")
+    g.add_argument("--data-dir", help="folder with GLUE MRPC train.tsv/validation.tsv "
+                   "(default: $CGF_FHE_DATA_DIR, else the datasets hub glue/mrpc)")
+    g.add_argument("--max-length", type=int, help="max tokens per pair (default: the preset's, 128)")
+    g.add_argument("--max-train-samples", type=int, help="use only the first N training examples (smoke runs)")
+    g.add_argument("--max-eval-samples", type=int, help="use only the first N dev examples (smoke runs)")
+    g.add_argument("--device", help="cpu | cuda | mps (default: what accelerate picks)")
+    g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
+                   help="auto = fp16 autocast + grad scaler on CUDA, float32 elsewhere")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from <out>/train_state (finished runs are skipped)")
+    g.add_argument("--keep-state", action="store_true", help="keep <out>/train_state/ after a run finishes")
+    g.add_argument("--stop-after-epochs", type=int, metavar="N",
+                   help="stop after N epochs in total (time-boxing); continue later with --resume")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r = p.add_argument_group("recipe (defaults: --preset)")
+    r.add_argument("--preset", default="reference", choices=sorted(PRESETS),
+                   help="hyper-parameter preset (reference: lr 5e-5, batch 16, 5 epochs, frozen embeddings, "
+                        "linear decay no warmup; minilm: NOT YET TUNED, equals reference)")
+    r.add_argument("--epochs", type=int)
+    r.add_argument("--lr", type=float)
+    r.add_argument("--batch-size", type=int)
+    r.add_argument("--weight-decay", type=float)
+    r.add_argument("--warmup-ratio", type=float)
+    r.add_argument("--unfreeze-embeddings", action="store_true", help="train the embeddings too")
+    if seeds:
+        s = p.add_mutually_exclusive_group()
+        s.add_argument("--seed", type=int, default=default_seed, help=f"one seed (default {default_seed}): "
+                       "the output folder is the checkpoint")
+        s.add_argument("--seeds", type=int, nargs="+", help="a seed set: <out>/seed<S>/ each + <out>/summary.json")
+
+
+def _opts(args):
+    import datasets
+
+    from .api import RunOptions
+
+    datasets.disable_progress_bars()  # tokenizing MRPC takes a second; keep the output to our own bars
+
+    return RunOptions(data_dir=args.data_dir, max_length=args.max_length, max_train_samples=args.max_train_samples,
+                      max_eval_samples=args.max_eval_samples, device=args.device,
+                      mixed_precision=getattr(args, "mixed_precision", "auto"), resume=getattr(args, "resume", False),
+                      progress=not getattr(args, "no_progress", False), keep_state=getattr(args, "keep_state", False),
+                      stop_after=getattr(args, "stop_after_epochs", None),
+                      calib_batches=getattr(args, "calib_batches", None))
+
+
+def _recipe(args, **extra):
+    from .recipes import get_recipe
+
+    kw = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+              warmup_ratio=args.warmup_ratio, max_length=args.max_length, **extra)
+    if args.unfreeze_embeddings:
+        kw["freeze_embeddings"] = False
+    return get_recipe(args.preset, **kw)
+
+
+def _check_positive(args, *names):
+    from ..cli import UserError
+
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None and v <= 0:
+            raise UserError(f"--{n.replace('_', '-')} must be > 0, got {v}")
+
+
+def cmd_finetune(args) -> int:
+    from . import api
+
+    _check_positive(args, "epochs", "lr", "batch_size", "max_length", "max_train_samples", "max_eval_samples")
+    if args.softmax == "exact" and args.coeff is not None:
+        from ..cli import UserError
+
+        raise UserError("--coeff only applies to --softmax cgf")
+    recipe, opts = _recipe(args), _opts(args)
+    if args.seeds:
+        api.finetune_seeds(args.model, args.output, args.seeds, args.softmax, args.coeff, recipe, opts, args.reference)
+    else:
+        st = api.finetune(args.model, args.output, args.softmax, args.coeff, args.seed, recipe, opts)
+        if st.get("status") == "done" and os.environ.get("RANK", "0") == "0":
+            d = st["dev"]
+            print(f"{args.output}: dev accuracy {d['accuracy']:.4f}  f1 {d['f1']:.4f}  (n={d['n']}, "
+                  f"best epoch {st['best_epoch']}, {st['seconds_per_epoch']:.1f} s/epoch)")
+    return 0
+
+
+def _fhe_from_args(args):
+    if args.poly == "none":
+        ignored = [f for f in ("ln", "exp_degree", "gelu_degree", "tanh_degree", "invsqrt_degree", "newton_steps",
+                               "margin") if getattr(args, f) is not None]
+        if ignored:
+            from ..cli import UserError
+
+            flags = ", ".join("--" + f.replace("_", "-") for f in ignored)
+            raise UserError(f"{flags} {'needs' if len(ignored) == 1 else 'need'} --poly all")
+        return None
+    from .api import _surgery
+
+    surgery = _surgery()
+    kw = {"poly": args.poly}
+    for f in ("ln", "exp_degree", "gelu_degree", "tanh_degree", "invsqrt_degree", "newton_steps", "margin"):
+        v = getattr(args, f)
+        if v is not None:
+            kw[f] = v
+    try:
+        return surgery.FheOptions(**kw)
+    except ValueError as exc:
+        from ..cli import UserError
+
+        raise UserError(f"invalid polynomial options: {exc}") from None
+
+
+def cmd_distill(args) -> int:
+    from . import api
+
+    _check_positive(args, "epochs", "lr", "batch_size", "max_length", "max_train_samples", "max_eval_samples",
+                    "student_layers", "temperature")
+    if not args.model and not args.teacher:
+        from ..cli import UserError
+
+        raise UserError("distill needs --model (the backbone to train the teacher from) or --teacher")
+    recipe = _recipe(args, kd_alpha=args.alpha, kd_beta=args.beta, kd_temperature=args.temperature,
+                     kd_ce_weight=args.ce_weight)
+    fhe = _fhe_from_args(args)
+    from ..cli import UserError
+
+    if fhe is None and (args.no_guard or args.blend_epochs is not None):
+        raise UserError("--no-guard / --blend-epochs need --poly all")
+    if args.blend_epochs is not None and fhe.ln != "frozen":
+        raise UserError("--blend-epochs needs --ln frozen (it anneals exact -> frozen LayerNorm)")
+    if args.blend_epochs is not None and args.blend_epochs < 0:
+        raise UserError(f"--blend-epochs must be >= 0, got {args.blend_epochs}")
+    api.distill(args.model, args.output, args.teacher, args.coeff, args.seeds, args.seed, recipe, _opts(args),
+                fhe=fhe, student_layers=args.student_layers, interval_penalty=args.interval_penalty,
+                guard=not args.no_guard, blend_epochs=args.blend_epochs)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from . import api
+
+    opts = _opts(args)
+    res = api.evaluate_checkpoint(args.checkpoint, args.softmax, args.coeff, args.split, opts, probe=args.probe,
+                                  batch_size=args.batch_size)
+    print(json.dumps(res, sort_keys=True))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from . import api
+
+    _check_positive(args, "epochs", "lr", "batch_size", "max_length", "max_train_samples", "max_eval_samples")
+    seeds = args.seeds or [args.seed]
+    api.sweep(args.model, args.coeffs, args.output, seeds, _recipe(args), _opts(args), with_exact=args.with_exact)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("finetune", help="CE fine-tune a classifier on MRPC with the exact or CGF softmax",
+                              description="Fine-tune --model (tiny | minilm | hub name | local path | checkpoint) "
+                                          "on MRPC; writes the best-on-dev checkpoint to -o.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--softmax", choices=["exact", "cgf"], default="exact")
+    p.add_argument("--coeff", type=float, help="CGF coefficient c (default 0.5)")
+    p.add_argument("--reference", help="multi-seed run folder (or checkpoint) to report the paired difference against")
+    p.add_argument("-o", "--output", required=True)
+    _common(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = subparsers.add_parser("distill", help="distill an exact teacher into a CGF (optionally polynomial) student",
+                              description="KD: alpha*T^2*KL(teacher||student) + beta*mean-layer hidden MSE "
+                                          "(+ ce-weight*CE). Trains the exact teacher once into <out>/teacher "
+                                          "unless --teacher is given.")
+    p.add_argument("--model", help="backbone of the teacher when it must be trained (tiny | minilm | hub name | path)")
+    p.add_argument("--teacher", help="exact teacher checkpoint, or a multi-seed folder with seed<S>/ checkpoints")
+    p.add_argument("--coeff", type=float, default=0.5, help="CGF coefficient c of the student (default 0.5)")
+    p.add_argument("--beta", type=float, help="hidden-state MSE weight (default 10)")
+    p.add_argument("--alpha", type=float, help="logit KL weight (default 1)")
+    p.add_argument("--temperature", type=float, help="KD temperature T (default 1)")
+    p.add_argument("--ce-weight", type=float, help="weight of CE on the labels (default 0)")
+    f = p.add_argument_group("FHE-friendly student (cgf_fhe.surgery)")
+    f.add_argument("--poly", choices=["none", "all"], default="none",
+                   help="all = replace every non-linearity (exp, GELU, LayerNorm 1/sqrt, tanh) by polynomials")
+    f.add_argument("--ln", choices=["newton", "frozen"],
+                   help="LayerNorm: Newton inverse sqrt or frozen statistics (unset options: FheOptions defaults)")
+    f.add_argument("--exp-degree", type=int)
+    f.add_argument("--gelu-degree", type=int)
+    f.add_argument("--tanh-degree", type=int)
+    f.add_argument("--invsqrt-degree", type=int)
+    f.add_argument("--newton-steps", type=int)
+    f.add_argument("--margin", type=float, help="relative widening of the calibrated intervals")
+    f.add_argument("--calib-batches", type=int, help="calibrate on this many training batches (default: all)")
+    f.add_argument("--student-layers", type=int, metavar="K", help="keep K encoder layers of the teacher")
+    f.add_argument("--interval-penalty", type=float, default=0.0, metavar="W",
+                   help="weight of the penalty on inputs outside the polynomial intervals")
+    f.add_argument("--no-guard", action="store_true",
+                   help="do not clamp polynomial inputs into their intervals while training (the guard is a "
+                        "plaintext training aid; dev metrics are always measured without it)")
+    f.add_argument("--blend-epochs", type=float, metavar="F",
+                   help="--ln frozen: anneal exact -> frozen LayerNorm linearly per step over the first F epochs "
+                        "(default: half of --epochs; 0 = frozen from the start; must be < --epochs). Only epochs "
+                        "that end at blend 1 can be the best checkpoint")
+    p.add_argument("-o", "--output", required=True)
+    _common(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = subparsers.add_parser("evaluate", help="score a checkpoint on MRPC; prints one JSON object",
+                              description='Prints {"accuracy", "f1", "n", ...}; polynomial students add '
+                                          'out-of-interval counts; --probe scores the same weights with both softmaxes.')
+    p.add_argument("checkpoint")
+    p.add_argument("--softmax", choices=["exact", "cgf"], help="override the checkpoint's softmax")
+    p.add_argument("--coeff", type=float, help="override the CGF coefficient")
+    p.add_argument("--split", default="validation", choices=["train", "validation"])
+    p.add_argument("--probe", action="store_true", help="also score with each softmax (exact vs CGF probe)")
+    p.add_argument("--data-dir")
+    p.add_argument("--max-length", type=int, help="default: the checkpoint's training max length")
+    p.add_argument("--max-eval-samples", type=int)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_evaluate, max_train_samples=None)
+
+    p = subparsers.add_parser("sweep", help="CE-only CGF fine-tunes for several coefficients (table + sweep.json)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--coeffs", type=float, nargs="+", required=True)
+    p.add_argument("--with-exact", action="store_true", help="also fine-tune exact on the same seeds (paired diffs)")
+    p.add_argument("-o", "--output", required=True)
+    _common(p)
+    p.set_defaults(func=cmd_sweep)

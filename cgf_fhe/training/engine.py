@@ -1,0 +1,426 @@
+"""The one training loop: :func:`fit` with a pluggable per-batch step (:class:`CEStep`, :class:`KDStep`).
+
+What it does per run:
+
+* seeds python / numpy / torch (:func:`set_seed`);
+* AdamW (no weight decay on 1-D parameters: biases, LayerNorm weights), linear decay with optional warmup,
+  gradient clipping; embeddings frozen unless the recipe says otherwise;
+* HF Accelerate for device placement, AMP and multi-GPU: ``accelerate launch cgf-fhe finetune ...`` runs
+  data-parallel (each process sees its shard of every epoch through a ``DistributedSampler``); on CUDA
+  it trains in fp16 autocast with a gradient scaler (``mixed_precision="auto"``), on CPU in float32;
+* after every epoch: dev accuracy / F1, best-weights selection on dev accuracy (strictly better wins),
+  and a resumable state file ``<state_dir>/train_state.pt`` (model, optimizer, scheduler, grad scaler,
+  python/numpy/torch/CUDA RNG states, epoch, best metric, history) written with ``torch.save`` of
+  tensors and plain containers only and read back with ``torch.load(weights_only=True)``;
+* ``resume=True`` continues from that file. The data order of epoch e is a function of (seed, e) only
+  and the RNG states are restored, so a resumed single-process run ends in the same state as an
+  uninterrupted one (tested). With several processes each rank restores the main rank's RNG state.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..models import CheckpointError
+from .evaluate import evaluate_model, model_inputs
+from .kd import kd_loss
+from .recipes import Recipe
+
+STATE_FILE = "train_state.pt"
+BEST_FILE = "best_model.pt"
+STATE_FORMAT = 1
+
+
+class ResumeError(CheckpointError):
+    """The state file cannot be used to resume this run."""
+
+
+# ---------------------------------------------------------------- seeds / RNG
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def get_rng_state() -> dict:
+    """All RNG states as tensors / plain containers (loadable with weights_only=True)."""
+    np_state = np.random.get_state(legacy=False)
+    version, internal, gauss = random.getstate()
+    state = {
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["internal"].tolist()), py["gauss"]))
+    npst = state["numpy"]
+    np.random.set_state({
+        "bit_generator": npst["bit_generator"],
+        "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": npst["pos"]},
+        "has_gauss": npst["has_gauss"],
+        "gauss": npst["gauss"],
+    })
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ---------------------------------------------------------------- per-batch steps
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DDP / DataParallel wrapper -> the model
+
+
+class CEStep:
+    """Cross-entropy fine-tuning on the labels."""
+
+    name = "ce"
+
+    def __call__(self, model, batch):
+        out = model(**model_inputs(batch))
+        loss = F.cross_entropy(out.logits.float(), batch["labels"])
+        return loss, {}
+
+
+class KDStep:
+    """Distillation from a frozen teacher (see :func:`cgf_fhe.training.kd.kd_loss`).
+
+    ``penalty_fn(model) -> scalar`` (e.g. :func:`cgf_fhe.surgery.interval_penalty`) is added with weight
+    ``penalty_weight``; it reads what the student's forward just recorded."""
+
+    name = "kd"
+
+    def __init__(self, teacher, layer_map=None, alpha=1.0, beta=10.0, T=1.0, ce_weight=0.0,
+                 penalty_weight=0.0, penalty_fn: Callable | None = None):
+        self.teacher = teacher
+        self.layer_map = list(layer_map) if layer_map is not None else None
+        self.alpha, self.beta, self.T, self.ce_weight = alpha, beta, T, ce_weight
+        self.penalty_weight = penalty_weight
+        self.penalty_fn = penalty_fn
+        if penalty_weight and penalty_fn is None:
+            raise ValueError("penalty_weight > 0 needs penalty_fn")
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.eval()
+
+    def prepare(self, accelerator) -> None:
+        self.teacher.to(accelerator.device)
+        self.teacher.eval()
+
+    def __call__(self, model, batch):
+        inputs = model_inputs(batch)
+        hidden = bool(self.beta)
+        with torch.no_grad():
+            t = self.teacher(**inputs, output_hidden_states=hidden)
+        s = model(**inputs, output_hidden_states=hidden)
+        loss, parts = kd_loss(
+            s.logits, t.logits, s.hidden_states if hidden else None, t.hidden_states if hidden else None,
+            self.layer_map, inputs.get("attention_mask"), alpha=self.alpha, beta=self.beta, T=self.T,
+            labels=batch.get("labels"), ce_weight=self.ce_weight, return_parts=True,
+        )
+        if self.penalty_weight:
+            pen = self.penalty_fn(_unwrap(model))
+            loss = loss + self.penalty_weight * pen
+            parts["penalty"] = float(pen.detach())
+        return loss, parts
+
+
+# ---------------------------------------------------------------- accelerate
+
+_ACCELERATORS: dict = {}
+
+
+def get_accelerator(device: str | None = None, mixed_precision: str = "auto"):
+    """One Accelerator per (cpu, precision) in this process (Accelerate's state is a process singleton)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cpu = device is not None and str(device).startswith("cpu")
+    if mixed_precision == "auto":
+        mixed_precision = "fp16" if (not cpu and torch.cuda.is_available()) else "no"
+    key = (cpu, mixed_precision)
+    if key not in _ACCELERATORS:
+        _ACCELERATORS[key] = Accelerator(
+            cpu=cpu, mixed_precision=mixed_precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+    acc = _ACCELERATORS[key]
+    if device is not None and not cpu and torch.device(device).type != acc.device.type:
+        from ..cli import UserError
+
+        raise UserError(f"--device {device} is not available here (accelerate picked {acc.device})")
+    return acc
+
+
+# ---------------------------------------------------------------- fit
+
+@dataclass
+class FitResult:
+    best_metrics: dict
+    best_epoch: int
+    history: list = field(default_factory=list)
+    completed: bool = True
+    resumed_from: int | None = None
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        secs = [h["train_seconds"] for h in self.history]
+        return sum(secs) / len(secs) if secs else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"best_metrics": self.best_metrics, "best_epoch": self.best_epoch, "history": self.history,
+                "completed": self.completed, "resumed_from": self.resumed_from,
+                "seconds_per_epoch": self.seconds_per_epoch}
+
+
+def set_dropout(model, p: float) -> int:
+    """Set every ``nn.Dropout`` (incl. the attention-probability dropout) to ``p`` and the config to match."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = float(p)
+            n += 1
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+        if getattr(model.config, key, None) is not None:
+            setattr(model.config, key, float(p))
+    return n
+
+
+def trainable_parameters(model, freeze_embeddings: bool):
+    emb = getattr(model.base_model, "embeddings", None) if hasattr(model, "base_model") else None
+    if emb is not None:
+        for p in emb.parameters():
+            p.requires_grad_(not freeze_embeddings)
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def build_optimizer(named_params, recipe: Recipe):
+    decay = [p for n, p in named_params if p.ndim >= 2]
+    no_decay = [p for n, p in named_params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.lr)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ResumeError(f"cannot read training state {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, seed: int = 42,
+        state_dir: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
+        mixed_precision: str = "auto", progress: bool = True, stop_after: int | None = None,
+        desc: str = "train", log: Callable[[str], None] | None = None, keep_best: bool = True,
+        run_info: dict | None = None, schedule=None) -> FitResult:
+    """Train ``model`` in place with ``step`` and leave the best-on-dev weights in it.
+
+    ``step(model, batch) -> (loss, {name: float})``; it may define ``prepare(accelerator)``.
+    ``stop_after``: stop (as if interrupted) once this many epochs are done in total; the run can be
+    continued with ``resume=True``. ``keep_best=False`` leaves the last epoch's weights instead of the
+    best-on-dev ones (the best metrics are still reported). ``run_info``: JSON-like description of the run
+    (softmax, coefficient, KD weights, ...) stored in the state; ``resume`` refuses a state whose
+    description differs. ``schedule`` (e.g. :class:`cgf_fhe.training.poly_train.PolyTraining`): an object with
+    ``on_step(model, step, steps_per_epoch)`` called before every training step (``step`` = 0-based global step,
+    a function of the epoch and batch only, so resumed runs follow the same schedule), ``exported_form(model)``
+    (context manager the dev evaluation runs in) and ``epoch_info(model, evaluate) -> dict`` merged into the
+    epoch's history record; an epoch whose info has ``"eligible": False`` is never chosen as the best.
+    Returns a :class:`FitResult`.
+    """
+    from torch.utils.data import DataLoader, DistributedSampler
+    from transformers import get_linear_schedule_with_warmup
+
+    if recipe.epochs < 1:
+        raise ValueError("epochs must be >= 1")
+    acc = get_accelerator(device, mixed_precision)
+    main = acc.is_main_process
+    log = log or (lambda msg: tqdm.write(msg) if main else None)
+    state_dir = Path(state_dir) if state_dir is not None else None
+    if state_dir is not None and main:
+        state_dir.mkdir(parents=True, exist_ok=True)
+
+    set_seed(seed)
+    sampler = DistributedSampler(train_dataset, num_replicas=acc.num_processes, rank=acc.process_index,
+                                 shuffle=True, seed=seed, drop_last=False)
+    train_loader = DataLoader(train_dataset, batch_size=recipe.batch_size, sampler=sampler, collate_fn=collate_fn)
+    eval_loader = DataLoader(eval_dataset, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=collate_fn)
+
+    model.to(acc.device)
+    named = trainable_parameters(model, recipe.freeze_embeddings)
+    if not named:
+        raise ValueError("no trainable parameters")
+    optimizer = build_optimizer(named, recipe)
+    total_steps = len(train_loader) * recipe.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(recipe.warmup_ratio * total_steps), total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    if hasattr(step, "prepare"):
+        step.prepare(acc)
+    params = [p for _, p in named]
+
+    fingerprint = {"seed": int(seed), "epochs": int(recipe.epochs), "batch_size": int(recipe.batch_size),
+                   "lr": float(recipe.lr), "n_train": len(train_dataset), "num_processes": acc.num_processes,
+                   "step": getattr(step, "name", type(step).__name__), "run": run_info or {}}
+    start_epoch, best, best_epoch, history, resumed_from = 0, None, 0, [], None
+    best_state_mem = None
+    state_path = state_dir / STATE_FILE if state_dir is not None else None
+    best_path = state_dir / BEST_FILE if state_dir is not None else None
+
+    if resume:
+        if state_path is None:
+            raise ResumeError("resume needs a state directory")
+        if state_path.is_file():
+            st = load_state(state_path)
+            if st.get("format") != STATE_FORMAT:
+                raise ResumeError(f"{state_path}: unknown state format {st.get('format')!r}")
+            saved_fp = st["fingerprint"]  # keys a state file does not have (older versions) are not compared
+            diff = {k: (saved_fp[k], v) for k, v in fingerprint.items() if k in saved_fp and saved_fp[k] != v}
+            if diff:
+                detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+                raise ResumeError(f"{state_path} was written by a different run ({detail}); "
+                                  "use another output folder or drop --resume")
+            _unwrap(model).load_state_dict(st["model"])
+            optimizer.load_state_dict(st["optimizer"])
+            scheduler.load_state_dict(st["scheduler"])
+            if acc.scaler is not None and st.get("scaler"):
+                acc.scaler.load_state_dict(st["scaler"])
+            set_rng_state(st["rng"])
+            start_epoch, history = int(st["epoch"]), list(st["history"])
+            best, best_epoch = st["best"]["metrics"], int(st["best"]["epoch"])
+            resumed_from = start_epoch
+            log(f"[{desc}] resuming after epoch {start_epoch}/{recipe.epochs} " + (
+                f"(best dev accuracy {best['accuracy']:.4f} at epoch {best_epoch})" if best
+                else "(no eligible epoch yet)"))
+        else:
+            log(f"[{desc}] --resume: no state at {state_path}, starting from scratch")
+
+    completed = True
+    steps_per_epoch = len(train_loader)
+    global_step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, recipe.epochs):
+        if stop_after is not None and epoch >= stop_after:
+            completed = False
+            break
+        sampler.set_epoch(epoch)
+        model.train()
+        t0 = time.perf_counter()
+        total, count, part_sums = 0.0, 0, {}
+        bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{recipe.epochs}", disable=not (progress and main),
+                   leave=False, dynamic_ncols=True)
+        for batch in bar:
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            if schedule is not None:
+                schedule.on_step(_unwrap(model), global_step, steps_per_epoch)
+            global_step += 1
+            with acc.autocast():
+                loss, parts = step(model, batch)
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"[{desc}] non-finite loss {float(loss)} at epoch {epoch + 1}")
+            acc.backward(loss)
+            if recipe.max_grad_norm:
+                acc.clip_grad_norm_(params, recipe.max_grad_norm)
+            optimizer.step()
+            if not acc.optimizer_step_was_skipped:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            total += float(loss.detach())
+            count += 1
+            for k, v in parts.items():
+                part_sums[k] = part_sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{total / count:.4f}", **{k: f"{v / count:.4f}" for k, v in part_sums.items()})
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+
+        def _evaluate():
+            return evaluate_model(_unwrap(model), eval_loader, acc.device, autocast=acc.autocast)
+
+        info = {}
+        if schedule is not None:
+            with schedule.exported_form(_unwrap(model)):
+                dev = _evaluate()
+            info = schedule.epoch_info(_unwrap(model), _evaluate)
+        else:
+            dev = _evaluate()
+        eval_seconds = time.perf_counter() - t1
+        record = {"epoch": epoch + 1, "train_loss": total / max(count, 1),
+                  **{f"train_{k}": v / max(count, 1) for k, v in part_sums.items()},
+                  "dev": dev, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                  "lr": float(scheduler.get_last_lr()[0]), **info}
+        history.append(record)
+        eligible = info.get("eligible", True)
+        improved = eligible and (best is None or dev["accuracy"] > best["accuracy"])
+        if improved:
+            best, best_epoch = dev, epoch + 1
+            sd = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+            if best_path is not None:
+                if main:
+                    _atomic_save(sd, best_path)
+            else:
+                best_state_mem = sd
+        log(f"[{desc}] epoch {epoch + 1}/{recipe.epochs}: loss {record['train_loss']:.4f}  dev acc "
+            f"{dev['accuracy']:.4f} f1 {dev['f1']:.4f}  ({train_seconds:.1f}s train, {eval_seconds:.1f}s eval)"
+            + (f"  [training form: dev acc {info['dev_training_form']['accuracy']:.4f}, blend {info['blend']:.3g}]"
+               if "dev_training_form" in info else "")
+            + ("  *best*" if improved else "") + ("" if eligible else "  (not eligible: blend < 1)"))
+        if state_path is not None and main:
+            _atomic_save({
+                "format": STATE_FORMAT, "epoch": epoch + 1, "fingerprint": fingerprint,
+                "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                "rng": get_rng_state(), "best": {"metrics": best, "epoch": best_epoch}, "history": history,
+            }, state_path)
+        acc.wait_for_everyone()
+
+    if completed and keep_best:
+        if best_path is not None and best_path.is_file():
+            best_sd = torch.load(best_path, map_location="cpu", weights_only=True)
+        else:
+            best_sd = best_state_mem
+        if best_sd is not None:
+            _unwrap(model).load_state_dict(best_sd)
+    acc.free_memory()  # drop Accelerate's references to this run's model/optimizer (multi-seed runs)
+    return FitResult(best_metrics=best or {}, best_epoch=best_epoch, history=history, completed=completed,
+                     resumed_from=resumed_from)
+
+
+def clear_state(state_dir: str | os.PathLike) -> None:
+    """Remove the resumable state files of a finished run."""
+    for name in (STATE_FILE, BEST_FILE):
+        p = Path(state_dir) / name
+        if p.is_file():
+            p.unlink()

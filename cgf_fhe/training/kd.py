@@ -1,0 +1,77 @@
+"""Knowledge-distillation loss (exact teacher -> CGF / polynomial student).
+
+    loss = alpha * T^2 * KL(p_teacher(T) || p_student(T))                       (logits, batch mean)
+         + beta  * mean_l  masked_MSE(student_hidden[l+1], teacher_hidden[layer_map[l]+1])
+         + ce_weight * CE(student_logits, labels)
+
+Hidden-state tuples follow transformers' ``output_hidden_states``: index 0 is the embeddings output,
+index i+1 the output of encoder layer i. ``layer_map[l]`` is the teacher encoder layer (0-based) whose
+output student layer ``l`` imitates (what :func:`cgf_fhe.surgery.shrink_layers` returns); ``None`` means
+the identity map (same depth). The MSE averages over valid tokens (``mask`` = attention mask, 1 = token)
+and over the hidden dimension; padding positions do not count.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def kl_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch."""
+    s = F.log_softmax(student_logits.float() / T, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / T, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * (T * T)
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over valid tokens and hidden units. a, b: [B, S, H]; mask [B, S] (1 = valid)."""
+    diff = (a.float() - b.float()).pow(2)
+    if mask is None:
+        return diff.mean()
+    m = mask.to(diff.dtype).unsqueeze(-1)
+    denom = m.sum() * diff.shape[-1]
+    return (diff * m).sum() / denom.clamp_min(1.0)
+
+
+def hidden_term(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
+                layer_map: Sequence[int] | None, mask: torch.Tensor | None) -> torch.Tensor:
+    n_student = len(student_hidden) - 1
+    if layer_map is None:
+        layer_map = list(range(n_student))
+    if len(layer_map) != n_student:
+        raise ValueError(f"layer_map has {len(layer_map)} entries but the student has {n_student} layers")
+    n_teacher = len(teacher_hidden) - 1
+    bad = [t for t in layer_map if not 0 <= t < n_teacher]
+    if bad:
+        raise ValueError(f"layer_map entries {bad} outside the teacher's layers 0..{n_teacher - 1}")
+    terms = [masked_mse(student_hidden[i + 1], teacher_hidden[t + 1], mask) for i, t in enumerate(layer_map)]
+    return torch.stack(terms).mean()
+
+
+def kd_loss(student_logits, teacher_logits, student_hidden, teacher_hidden, layer_map, mask,
+            alpha: float = 1.0, beta: float = 10.0, T: float = 1.0, labels=None, ce_weight: float = 0.0,
+            return_parts: bool = False):
+    """The distillation loss (see module docstring). With ``return_parts`` returns (loss, {name: float})."""
+    parts = {}
+    loss = student_logits.new_zeros((), dtype=torch.float32)
+    if alpha:
+        kl = kl_term(student_logits, teacher_logits, T)
+        loss = loss + alpha * kl
+        parts["kl"] = kl.detach()
+    if beta:
+        if student_hidden is None or teacher_hidden is None:
+            raise ValueError("beta > 0 needs student and teacher hidden states (output_hidden_states=True)")
+        mse = hidden_term(student_hidden, teacher_hidden, layer_map, mask)
+        loss = loss + beta * mse
+        parts["mse"] = mse.detach()
+    if ce_weight:
+        if labels is None:
+            raise ValueError("ce_weight > 0 needs labels")
+        ce = F.cross_entropy(student_logits.float(), labels)
+        loss = loss + ce_weight * ce
+        parts["ce"] = ce.detach()
+    if return_parts:
+        return loss, {k: float(v) for k, v in parts.items()}
+    return loss

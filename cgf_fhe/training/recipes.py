@@ -1,0 +1,74 @@
+"""Training recipes (hyper-parameter presets).
+
+``reference`` is the recipe of the reference work (tuned there for BERT-base) and the default of every
+command: AdamW, learning rate 5e-5, batch 16, 5 epochs, frozen embeddings, linear decay without warmup,
+best checkpoint chosen on dev accuracy.
+
+``minilm`` is meant to hold a recipe tuned for the 6-layer all-MiniLM-L6-v2 backbone. NOT YET TUNED:
+its values are placeholders equal to ``reference`` until the search recorded in docs/results.md fills them in.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+FINETUNE_FIELDS = ("lr", "epochs", "batch_size", "freeze_embeddings", "warmup_ratio", "weight_decay",
+                   "max_grad_norm", "max_length")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "reference"
+    lr: float = 5e-5
+    epochs: int = 5
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    freeze_embeddings: bool = True  # the whole embeddings module (word/position/type + embedding LayerNorm)
+    warmup_ratio: float = 0.0  # linear decay, no warmup
+    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    # distillation (cgf-fhe distill)
+    kd_alpha: float = 1.0  # weight of T^2 * KL(teacher || student)
+    kd_temperature: float = 1.0
+    kd_beta: float = 10.0  # weight of the hidden-state MSE
+    kd_ce_weight: float = 0.0  # weight of the CE on labels
+    # dropout of polynomial (--poly all) students; None keeps the model's. Dropout's zeroed units and
+    # 1/(1-p) rescaling push inputs outside the calibrated intervals (Newton LN then diverges).
+    poly_dropout: float | None = 0.0
+    tuned: bool = True  # False = placeholder values, not yet searched
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def finetune_fields(self) -> dict:
+        """The fields that change what a CE fine-tune (e.g. a teacher) learns."""
+        return {k: getattr(self, k) for k in FINETUNE_FIELDS}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def override(self, **kw) -> "Recipe":
+        """A copy with the non-None keyword values replaced (CLI flags left unset keep the preset)."""
+        kw = {k: v for k, v in kw.items() if v is not None}
+        unknown = set(kw) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"unknown recipe fields: {sorted(unknown)}")
+        return replace(self, **kw)
+
+
+REFERENCE = Recipe(name="reference", note="reference work's recipe (tuned for BERT-base)")
+
+# PLACEHOLDER -- NOT YET TUNED: equal to REFERENCE until the lead's minilm search fills it in.
+MINILM = replace(REFERENCE, name="minilm", tuned=False, note="PLACEHOLDER, not yet tuned: equals the reference recipe")
+
+PRESETS = {"reference": REFERENCE, "minilm": MINILM}
+
+
+def get_recipe(preset: str = "reference", **overrides) -> Recipe:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset].override(**overrides)

@@ -1,0 +1,207 @@
+"""Polynomial approximations: stated errors, torch form == numpy, stated depth == fhe_ops.analyze."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cgf_fhe import fhe_ops
+from cgf_fhe import poly as P
+
+CASES = [  # (function, interval, fit kwargs)
+    ("exp", (-30.0, 6.0), dict(degree=15, squarings=2)),
+    ("exp", (-30.0, 6.0), dict(degree=7, squarings=4)),
+    ("exp", (-12.0, 0.0), dict(degree=15)),
+    ("exp", (-8.0, 1.0), dict(form="square", r=7)),
+    ("gelu", (-8.0, 8.0), dict(degree=31)),
+    ("gelu", (-6.0, 5.0), dict(degree=15, form="powers")),
+    ("tanh", (-4.0, 4.0), dict(degree=15)),
+    ("tanh", (-2.0, 2.0), dict(degree=7, form="powers")),
+    ("invsqrt", (0.25, 40.0), dict(degree=31, method="lsq", relative=True)),
+]
+
+
+@pytest.mark.parametrize("name,iv,kw", CASES)
+def test_meets_stated_error_on_dense_grid(name, iv, kw):
+    p = P.fit(name, *iv, **kw)
+    f = P.FUNCTIONS[name]
+    xs = np.linspace(iv[0], iv[1], 200_003)  # denser than, and offset from, the fitting grid
+    err = np.abs(p.numpy_eval(xs) - f(xs)).max()
+    assert math.isfinite(p.max_error)
+    assert err <= p.max_error * 1.01 + 1e-12, (name, err, p.max_error)
+    # and the approximations are useful, not just self-consistent
+    scale = np.abs(f(xs)).max()
+    assert p.max_error < 0.15 * scale, (name, p.max_error, scale)
+
+
+def test_target_error_picks_smallest_degree():
+    p = P.fit("tanh", -3, 3, max_error=1e-3)
+    assert p.max_error <= 1e-3
+    q = P.fit("tanh", -3, 3, degree=p.degree - 1)
+    assert q.max_error > 1e-3
+    e = P.fit_exp(-40.0, 8.0, 15, rel_target=1e-4)
+    assert e.max_rel_error <= 1e-4 and e.squarings >= 1
+    assert P.fit("exp", -40.0, 8.0, degree=15, squarings=e.squarings - 1).max_rel_error > 1e-4
+
+
+def test_range_reduction_beats_plain_exp_on_wide_interval():
+    plain = P.fit("exp", -35, 9, degree=15)
+    reduced = P.fit("exp", -35, 9, degree=15, squarings=2)
+    assert reduced.max_error < plain.max_error / 1000
+    assert reduced.depth() == plain.depth() + 2
+
+
+@pytest.mark.parametrize("name,iv,kw", CASES)
+def test_torch_form_equals_numpy(name, iv, kw):
+    p = P.fit(name, *iv, **kw)
+    xs = np.linspace(iv[0], iv[1], 5001)
+    ref = p.numpy_eval(xs)
+    got = p.evaluate(torch.tensor(xs, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-9 * np.abs(ref).max())
+    # prescaled input (alpha folded upstream) gives the same values
+    got2 = p.evaluate(torch.tensor(xs * p.alpha, dtype=torch.float64), prescaled=True).numpy()
+    np.testing.assert_allclose(got2, ref, rtol=1e-6, atol=1e-9 * np.abs(ref).max())
+    # the Chebyshev-basis forms are stable in float32 too
+    if p.form == "ps":
+        got32 = p.evaluate(torch.tensor(xs, dtype=torch.float32)).double().numpy()
+        assert np.abs(got32 - ref).max() <= 1e-4 * np.abs(ref).max() + 1e-5
+
+
+def test_ps_closed_form_depth_and_mult_counts():
+    for k in range(1, 7):
+        d = 2 ** k - 1
+        for m in (2, 4, 8):
+            if m > d + 1:
+                continue
+            p = P.PolyApprox("t", -1, 1, d, "ps", [1.0] * (d + 1), baby=m)
+            s = p.stats(prescaled=True)
+            assert s["depth"] == P.ps_depth_closed(d, m)
+            g = round(math.log2((d + 1) / m))
+            assert s["ct_ct"] == (m - 2) + g + (2 ** g - 1)
+        # m = 2 reaches the optimum log2(d+1); powers need one more level and d-1 products
+        assert P.form_depth("ps", d, prescaled=True, baby=2) == k
+        pw = P.PolyApprox("t", -1, 1, d, "powers", [1.0] * (d + 1)).stats(prescaled=True)
+        if d > 1:
+            assert pw["depth"] == math.ceil(math.log2(d)) + 1 and pw["ct_ct"] == d - 1
+
+
+def _export_depth(module, x, name="x"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(module, (x,), dynamo=True, opset_version=18, input_names=[name],
+                                 output_names=["y"], verbose=False)
+    model = prog.model_proto
+    an = fhe_ops.analyze(model, [name])
+    ops = {n.op_type for n in an.nodes if n.encrypted}
+    return an, ops
+
+
+DEPTH_CASES = [
+    ("tanh", dict(degree=1)), ("tanh", dict(degree=3)), ("tanh", dict(degree=7)), ("tanh", dict(degree=8)),
+    ("tanh", dict(degree=12)), ("tanh", dict(degree=15)), ("gelu", dict(degree=31)),
+    ("tanh", dict(degree=5, form="powers")), ("tanh", dict(degree=9, form="powers")),
+    ("exp", dict(degree=15, squarings=3)), ("exp", dict(degree=7, form="powers", squarings=1)),
+    ("exp", dict(form="square", r=5)),
+]
+
+
+@pytest.mark.parametrize("name,kw", DEPTH_CASES)
+def test_stated_depth_equals_fhe_ops_analyze(name, kw):
+    iv = {"exp": (-10.0, 2.0), "tanh": (-3.0, 3.0), "gelu": (-6.0, 6.0)}[name]
+    p = P.fit(name, *iv, **kw)
+    mod = {"exp": P.PolyExp, "tanh": P.PolyTanh, "gelu": P.PolyGELU}[name](p)
+    x = torch.linspace(iv[0], iv[1], 24).reshape(2, 3, 4)
+    for prescaled in (False, True):
+        mod.prescaled = prescaled
+        an, ops = _export_depth(mod, x)
+        assert not an.violations
+        assert an.total_depth == mod.depth == p.depth(prescaled=prescaled), (prescaled, an.total_depth, mod.depth)
+        assert ops <= {"Mul", "Add", "Sub"}, ops  # no Pow, Div or transcendental on the ciphertext
+    assert mod.depth == p.depth() - 1
+
+
+def _ln_input(h=16, n=40, seed=0, lo=0.5, hi=20.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, n // 2, h, generator=g, dtype=torch.float64)
+    x = (x - x.mean(-1, keepdim=True)) / x.std(-1, unbiased=False, keepdim=True)
+    scale = torch.exp(torch.empty(2, n // 2, 1, dtype=torch.float64).uniform_(math.log(lo) / 2, math.log(hi) / 2,
+                                                                                generator=g))
+    return x * scale + torch.randn(2, n // 2, 1, generator=g, dtype=torch.float64)
+
+
+def test_newton_layernorm_accuracy_and_depth():
+    h = 16
+    ln = nn.LayerNorm(h, eps=1e-12).double()
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.2, 0.2)
+    approx = P.fit("invsqrt", 0.4, 25.0, degree=15, method="lsq", relative=True)
+    rels = [P.NewtonLayerNorm(approx, n, ln=ln).rel_error() for n in range(4)]
+    assert all(b < a for a, b in zip(rels, rels[1:]))  # Newton steps converge
+    mod = P.NewtonLayerNorm(approx, 2, ln=ln)
+    x = _ln_input(h)
+    with torch.no_grad():
+        ref, got = ln(x), mod(x)
+    centred = (ref - ln.bias).abs().max()
+    assert (got - ref).abs().max() <= rels[2] * centred * 1.01 + 1e-9
+    assert mod.depth == 3 + approx.depth(prescaled=True) + 2 * 2
+    assert mod.n_out == 0 and mod.n_seen == x.shape[0] * x.shape[1]
+    an, ops = _export_depth(mod.float(), x.float())
+    assert not an.violations and an.total_depth == mod.depth
+    assert "Sqrt" not in ops and "Div" not in ops
+
+
+def test_frozen_layernorm_is_one_matmul():
+    h = 12
+    ln = nn.LayerNorm(h, eps=0.0)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(3, 5, h)
+    x = (x - x.mean(-1, keepdim=True)) / x.std(-1, unbiased=False, keepdim=True) * 2.5 + 0.3  # variance 6.25
+    mod = P.FrozenLayerNorm(1 / 2.5, ln=ln)
+    torch.testing.assert_close(mod(x), ln(x), rtol=1e-5, atol=1e-5)
+    assert mod.weight is ln.weight and set(dict(mod.named_parameters())) == {"weight", "bias"}
+    an, ops = _export_depth(mod, x)
+    assert not an.violations and an.total_depth == mod.depth == 1
+    assert sum(n.levels for n in an.nodes if n.encrypted) == 1  # exactly one level-consuming node
+
+
+def test_exp_counts_only_valid_positions_and_penalty():
+    p = P.fit("exp", -10.0, 2.0, degree=15)
+    mod = P.PolyExp(p)
+    x = torch.empty(2, 3, 4, 5).uniform_(-9.0, 1.5)
+    valid = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    valid[1, ..., 3:] = False
+    y = mod(x, valid=valid)
+    assert mod.n_out == 0 and mod.n_seen == int(valid.expand_as(x).sum())
+    assert float(mod.last_penalty) == 0.0
+    torch.testing.assert_close(y, torch.exp(x), atol=1e-3 * math.e ** 2, rtol=1e-3)
+    mod.reset_counters()
+    x2 = x.clone().requires_grad_(True)
+    with torch.no_grad():
+        x2[0, 0, 0, 0] = 5.0  # valid, above
+        x2[1, 2, 1, 2] = -50.0  # valid, below
+        x2[0, 1, 3, 4] = 9.0  # valid, above
+        x2[1, 0, 0, 4] = 40.0  # masked key: not counted
+    mod(x2, valid=valid)
+    assert mod.n_out == 3
+    rep = mod.interval_stats()
+    assert rep["out_min"] == -50.0 and rep["out_max"] == 9.0
+    assert float(mod.last_penalty.detach()) > 0
+    mod.last_penalty.backward()
+    assert x2.grad[0, 0, 0, 0] > 0 and x2.grad[1, 2, 1, 2] < 0 and x2.grad[1, 0, 0, 4] == 0
+
+
+def test_settings_round_trip():
+    for mod in (P.PolyExp(P.fit_exp(-20, 4, 15)), P.PolyGELU(P.fit("gelu", -5, 5, degree=15)),
+                P.NewtonLayerNorm(P.fit("invsqrt", 0.3, 9, degree=7, method="lsq", relative=True), 2, hidden=8),
+                P.FrozenLayerNorm(0.7, hidden=8)):
+        import json
+        d = json.loads(json.dumps(mod.to_settings()))
+        back = P.module_from_settings(d)
+        x = torch.linspace(0.5, 3.0, 32).reshape(4, 8)
+        torch.testing.assert_close(back(x), mod(x))
+        assert back.depth == mod.depth

@@ -1,0 +1,146 @@
+"""Polynomial-student distillation: guard + frozen-LN blend schedule, exported-form metrics, reload, resume."""
+import json
+
+import pytest
+import torch
+
+from cgf_fhe import poly as P
+from cgf_fhe import surgery
+from cgf_fhe.models import build_model, load_checkpoint
+from cgf_fhe.training import api, engine
+from cgf_fhe.training.engine import CEStep
+from cgf_fhe.training.poly_train import PolyTraining
+from cgf_fhe.training.recipes import get_recipe
+
+
+def _modules(model):
+    return [m for _, m in surgery.named_approx_modules(model)]
+
+
+def test_blend_schedule_values():
+    s = PolyTraining(guard=True, blend_epochs=1.5, frozen=True)
+    # 4 steps per epoch, ramp over ceil(1.5 * 4) = 6 steps: s/6, then exactly 1
+    assert [s.blend_at(k, 4) for k in range(8)] == [0, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 1.0]
+    assert PolyTraining(blend_epochs=0.0, frozen=True).blend_at(0, 4) == 1.0  # frozen from the start
+    assert PolyTraining(blend_epochs=2.0, frozen=False).blend_at(0, 4) == 1.0  # Newton LN: no blend
+    with pytest.raises(ValueError):
+        PolyTraining(blend_epochs=-1, frozen=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(mrpc_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("polyd")
+    opts = api.RunOptions(data_dir=str(mrpc_dir), max_length=64, max_train_samples=32, max_eval_samples=16,
+                          progress=False)
+    teacher = root / "teacher"
+    api.finetune("tiny", teacher, "exact", None, 42, get_recipe("reference", epochs=1, max_length=64, lr=1e-3), opts)
+    return root, opts, teacher
+
+
+def test_exported_form_switches_guard_and_blend(tiny_setup):
+    root, opts, teacher = tiny_setup
+    model, tok, _ = load_checkpoint(teacher, softmax="cgf", coeff=0.5)
+    train, _ = api.load_data(tok, opts, get_recipe("reference", max_length=64))
+    from torch.utils.data import DataLoader
+
+    ranges = surgery.calibrate(model, DataLoader(train, batch_size=16, collate_fn=api.collator(tok)), progress=False)
+    surgery.polynomialize(model, surgery.FheOptions(poly="all", ln="frozen"), ranges)
+    sched = PolyTraining(guard=True, blend_epochs=1.0, frozen=True)
+    sched.on_step(model, 1, 4)  # blend 1/4
+    frozen = [m for m in _modules(model) if isinstance(m, P.FrozenLayerNorm)]
+    polys = [m for m in _modules(model) if isinstance(m, P.PolyModule)]
+    assert len(frozen) == 4 and polys
+    assert all(m.blend == 0.25 for m in frozen) and all(m.guard for m in polys)
+    with sched.exported_form(model):
+        assert all(m.blend == 1.0 for m in frozen) and not any(m.guard for m in polys)
+    assert all(m.blend == 0.25 for m in frozen) and all(m.guard for m in polys)  # training form restored
+    sched.finish(model)
+    assert all(m.blend == 1.0 for m in frozen) and not any(m.guard for m in polys)
+
+
+def test_fit_selects_only_eligible_epochs(tiny_setup, mrpc_dir):
+    _, opts, _ = tiny_setup
+    model, tok = build_model("tiny", "cgf", coeff=0.5, seed=0)
+    train, dev = api.load_data(tok, opts, get_recipe("reference", max_length=64))
+
+    class OnlySecond:
+        def __init__(self):
+            self.epoch = 0
+
+        def on_step(self, model, step, steps_per_epoch):
+            self.epoch = step // steps_per_epoch + 1
+
+        def exported_form(self, model):
+            from contextlib import nullcontext
+            return nullcontext()
+
+        def epoch_info(self, model, evaluate):
+            return {"eligible": self.epoch == 2}
+
+    recipe = get_recipe("reference", epochs=3, max_length=64, lr=1e-3)
+    res = engine.fit(model, CEStep(), train, dev, api.collator(tok), recipe, seed=0, progress=False,
+                     schedule=OnlySecond())
+    assert [h["eligible"] for h in res.history] == [False, True, False]
+    assert res.best_epoch == 2 and res.best_metrics == res.history[1]["dev"]
+
+
+def test_frozen_blend_distill_metrics_reload_resume(tiny_setup, mrpc_dir, capsys):
+    from safetensors.torch import load_file
+
+    root, opts, teacher = tiny_setup
+    recipe = get_recipe("reference", epochs=2, max_length=64, lr=1e-3)
+    kw = dict(teacher=teacher, coeff=0.5, recipe=recipe, fhe=surgery.FheOptions(poly="all", ln="frozen"),
+              blend_epochs=1.0)
+    api.distill("tiny", root / "full", opts=opts, **kw)
+    st = json.loads((root / "full" / "cgf_fhe.json").read_text())
+    h = st["history"]
+    assert st["poly_training"] == {"guard": True, "blend_epochs": 1.0}
+    # 32 examples / batch 16 = 2 steps per epoch, ramp over 2 steps: epoch 1 ends at blend 1/2, epoch 2 at 1
+    assert [x["blend"] for x in h] == [0.5, 1.0] and [x["eligible"] for x in h] == [False, True]
+    assert st["best_epoch"] == 2 and st["dev"] == h[1]["dev"]
+    # epoch 1's dev metrics were measured at blend 1 / guard off, not in the training form (blend 1/2)
+    assert h[0]["dev"]["loss"] != pytest.approx(h[0]["dev_training_form"]["loss"], rel=1e-6)
+    assert st["dev_final"] == st["dev"] and st["dev"]["n_nonfinite"] == 0
+    assert st["reload_max_abs_diff"] <= 1e-5
+    assert st["interval_report"]["n_seen"] > 0 and st["interval_report_train"]["n_seen"] > 0
+    assert len(st["calibration_trained"]["layers"]) == 2 and st["calibration_trained"]["n_examples"] == 32
+
+    # the reloaded checkpoint is the exported form and scores exactly the stored dev metrics
+    model, _, _ = load_checkpoint(root / "full")
+    mods = _modules(model)
+    assert mods and not any(getattr(m, "guard", False) for m in mods)
+    assert all(m.blend == 1.0 for m in mods if isinstance(m, P.FrozenLayerNorm))
+    from cgf_fhe.cli import main
+
+    capsys.readouterr()
+    assert main(["evaluate", str(root / "full"), "--data-dir", str(mrpc_dir), "--max-eval-samples", "16"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["accuracy"] == st["dev"]["accuracy"] and res["f1"] == st["dev"]["f1"]
+    assert res["loss"] == pytest.approx(st["dev"]["loss"], rel=1e-5, abs=1e-6)
+    assert res["intervals"]["n_out"] == st["interval_report"]["n_out"]
+
+    # interrupted after the (ineligible) first epoch and resumed == uninterrupted
+    api.distill("tiny", root / "resumed", opts=api.RunOptions(**{**opts.__dict__, "stop_after": 1}), **kw)
+    api.distill("tiny", root / "resumed", opts=api.RunOptions(**{**opts.__dict__, "resume": True}), **kw)
+    a, b = load_file(root / "full" / "model.safetensors"), load_file(root / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rs = json.loads((root / "resumed" / "cgf_fhe.json").read_text())
+    assert [x["blend"] for x in rs["history"]] == [0.5, 1.0] and rs["dev"] == st["dev"]
+
+    # a different blend schedule is a different run: resume refuses it
+    with pytest.raises(api.TrainingError, match="poly_training"):
+        api.distill("tiny", root / "resumed", opts=api.RunOptions(**{**opts.__dict__, "resume": True}),
+                    **{**kw, "blend_epochs": 0.0})
+
+
+def test_cli_rejects_bad_blend_flags(tiny_setup, capsys):
+    from cgf_fhe.cli import main
+
+    root, _, teacher = tiny_setup
+    base = ["distill", "--teacher", str(teacher), "-o", str(root / "bad"), "--epochs", "2", "--no-progress"]
+    assert main([*base, "--poly", "all", "--ln", "newton", "--blend-epochs", "1"]) == 2
+    assert "--ln frozen" in capsys.readouterr().err
+    assert main([*base, "--poly", "all", "--ln", "frozen", "--blend-epochs", "2"]) == 2
+    assert "< --epochs 2" in capsys.readouterr().err
+    assert main([*base, "--no-guard"]) == 2
+    assert "--poly all" in capsys.readouterr().err

@@ -1,0 +1,114 @@
+"""CGF / exact softmax: known answers, masking, padding invariance inside a BERT."""
+import math
+
+import pytest
+import torch
+
+from cgf_fhe.models import build_model
+from cgf_fhe.softmax import cgf_probs, exact_probs, set_softmax
+
+
+def test_equal_scores_give_uniform_weights_for_both():
+    scores = torch.full((2, 1, 3, 5), 1.7)
+    keep = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 1, 0]], dtype=torch.float32).view(2, 1, 1, 5)
+    for probs in (cgf_probs(scores, keep, 0.5), exact_probs(scores, keep)):
+        assert torch.allclose(probs[0], torch.full((1, 3, 5), 1 / 5), atol=1e-7)
+        row = probs[1, 0, 0]
+        assert torch.allclose(row[[0, 1, 3]], torch.full((3,), 1 / 3), atol=1e-7)
+        assert row[2].item() == 0.0 and row[4].item() == 0.0
+
+
+@pytest.mark.parametrize("c", [0.5, 0.65])
+def test_cgf_three_keys_hand_computed(c):
+    # scores 0, 1, 2: mean 1, population variance 2/3 -> p_i = exp(s_i - 1 - c*2/3) / 3
+    s = [0.0, 1.0, 2.0]
+    want_cgf = [math.exp(x - 1 - c * 2 / 3) / 3 for x in s]
+    z = sum(math.exp(x) for x in s)
+    want_exact = [math.exp(x) / z for x in s]
+    scores = torch.tensor([[0.0, 1.0, 2.0, 50.0]])  # 4th key is masked: its huge score must not matter
+    keep = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    got = cgf_probs(scores, keep, c)[0]
+    assert got[:3].tolist() == pytest.approx(want_cgf, rel=1e-6)
+    assert got[3].item() == 0.0
+    assert exact_probs(scores, keep)[0, :3].tolist() == pytest.approx(want_exact, rel=1e-6)
+    assert exact_probs(scores, keep)[0, 3].item() == 0.0
+    # c = 0.5: 0.0879, 0.2388, 0.6492 vs the exact 0.0900, 0.2447, 0.6652 -- CGF is not normalised
+    assert sum(want_cgf) < 1.0
+
+
+def _sharpen(model, factor=20.0):
+    """Random init gives near-zero attention scores (every softmax ~ uniform); scale the queries up."""
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.query.weight.mul_(factor)
+    return model
+
+
+def _pairs(tok):
+    a = ["the cat sat on the mat .", "a much longer first sentence that keeps going for a while ."]
+    b = ["a cat was sitting .", "short ."]
+    return a, b
+
+
+@pytest.mark.parametrize("softmax", ["cgf", "exact"])
+def test_padding_changes_nothing(softmax):
+    model, tok = build_model("tiny", softmax, coeff=0.5, seed=0)
+    _sharpen(model).eval()
+    a, b = _pairs(tok)
+    batch = tok(a, b, padding=True, return_tensors="pt")
+    mask = batch["attention_mask"]
+    assert (mask == 0).any()  # the batch really has padding
+
+    def run(inputs):
+        out = model(**inputs, output_hidden_states=True)
+        return out.logits, out.hidden_states[-1]
+
+    with torch.no_grad():
+        logits, hidden = run(batch)
+        # sanity: attending to the padding would change the valid tokens' states far beyond the tolerance
+        _, ignored = run({**batch, "attention_mask": torch.ones_like(mask)})
+        assert (ignored - hidden)[mask.bool()].abs().max() > 1e-3
+        for i in range(len(a)):
+            single_logits, single_hidden = run(tok(a[i], b[i], return_tensors="pt"))
+            n = int(mask[i].sum())
+            assert torch.allclose(logits[i], single_logits[0], atol=1e-5)
+            assert torch.allclose(hidden[i, :n], single_hidden[0], atol=1e-5)
+        # extra right padding (longer than the batch needs) changes nothing either
+        wide_logits, wide_hidden = run(tok(a, b, padding="max_length", max_length=48, return_tensors="pt"))
+        assert torch.allclose(wide_logits, logits, atol=1e-5)
+        assert torch.allclose(wide_hidden[:, : mask.shape[1]][mask.bool()], hidden[mask.bool()], atol=1e-5)
+
+
+def test_masked_keys_get_exactly_zero_weight_in_model():
+    model, tok = build_model("tiny", "cgf", coeff=0.5, seed=0)
+    model.eval()
+    a, b = _pairs(tok)
+    batch = tok(a, b, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+    pad = batch["attention_mask"] == 0  # [B, K]
+    for att in out.attentions:  # [B, heads, Q, K]
+        assert att.shape[-1] == pad.shape[1]
+        key_pad = pad[:, None, None, :].expand_as(att)
+        assert key_pad.any() and (att[key_pad] == 0).all()  # exactly zero, not just small
+        assert (att[~key_pad] > 0).all()
+
+
+def test_same_weights_scored_with_each_softmax_differ_and_switch_back():
+    model, tok = build_model("tiny", "exact", seed=1)
+    model.eval()
+    _sharpen(model)
+    batch = tok(*_pairs(tok), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        exact = model(**batch).logits
+        set_softmax(model, "cgf", 0.5)
+        cgf = model(**batch).logits
+        set_softmax(model, "cgf", 0.8)
+        cgf8 = model(**batch).logits
+        set_softmax(model, "exact")
+        back = model(**batch).logits
+    assert not torch.allclose(exact, cgf, atol=1e-6)
+    assert not torch.allclose(cgf, cgf8, atol=1e-6)
+    assert torch.equal(exact, back)
+    with pytest.raises(ValueError, match="unknown softmax"):
+        set_softmax(model, "relu")

@@ -1,0 +1,286 @@
+"""Training stage: KD loss values, metrics/summaries, the fit loop (loss goes down, exact resume), CLI runs."""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cgf_fhe.models import build_model, load_checkpoint
+from cgf_fhe.training import api, engine
+from cgf_fhe.training.evaluate import classification_metrics, evaluate_model, summarize_seeds
+from cgf_fhe.training.kd import kd_loss
+from cgf_fhe.training.recipes import get_recipe
+
+SMALL = ["--max-length", "64", "--no-progress"]
+
+
+# ---------------------------------------------------------------- KD loss
+
+def _kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+def _softmax(xs):
+    z = sum(math.exp(x) for x in xs)
+    return [math.exp(x) / z for x in xs]
+
+
+def test_kd_logit_term_hand_computed():
+    s = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+    t = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
+    # T = 1: row 0: KL([.75,.25] || [.5,.5]); row 1: KL([.5,.5] || softmax([1,-1])); batch mean
+    want1 = (_kl([0.75, 0.25], [0.5, 0.5]) + _kl([0.5, 0.5], _softmax([1, -1]))) / 2
+    assert _kl([0.75, 0.25], [0.5, 0.5]) == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5))
+    got = kd_loss(s, t, None, None, None, None, alpha=1.0, beta=0.0, T=1.0)
+    assert got.item() == pytest.approx(want1, rel=1e-6)
+    # T = 2, alpha = 0.5: 0.5 * 4 * KL at temperature 2
+    want2 = (_kl(_softmax([math.log(3) / 2, 0]), [0.5, 0.5]) + _kl([0.5, 0.5], _softmax([0.5, -0.5]))) / 2
+    got2 = kd_loss(s, t, None, None, None, None, alpha=0.5, beta=0.0, T=2.0)
+    assert got2.item() == pytest.approx(0.5 * 4 * want2, rel=1e-6)
+    # identical logits -> zero
+    assert kd_loss(t, t, None, None, None, None, alpha=1.0, beta=0.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_kd_hidden_term_masks_padding_and_uses_layer_map():
+    B, S, H = 1, 3, 4
+    mask = torch.tensor([[1, 1, 0]])
+    emb = torch.zeros(B, S, H)
+    student = (emb, torch.zeros(B, S, H))  # index 0 = embeddings, 1 = student layer 0
+    t1 = torch.full((B, S, H), 5.0)  # teacher layer 0: would give 25
+    t2 = torch.ones(B, S, H)  # teacher layer 1: diff 1 on valid tokens ...
+    t2[0, 2] = 100.0  # ... and a huge one on the padding position, which must not count
+    teacher = (emb, t1, t2)
+    logits = torch.zeros(1, 2)
+    mse = kd_loss(logits, logits, student, teacher, [1], mask, alpha=0.0, beta=1.0)
+    assert mse.item() == pytest.approx(1.0)
+    assert kd_loss(logits, logits, student, teacher, [0], mask, alpha=0.0, beta=1.0).item() == pytest.approx(25.0)
+    # two student layers mapped to teacher layers 0 and 1: mean of 25 and (diff 1 -> 1) = 13; beta scales it
+    student2 = (emb, torch.zeros(B, S, H), torch.zeros(B, S, H))
+    assert kd_loss(logits, logits, student2, teacher, [0, 1], mask, alpha=0.0, beta=10.0).item() == pytest.approx(130.0)
+    # full loss: alpha*T^2*KL + beta*MSE + ce_weight*CE, with CE of uniform logits = ln 2
+    t_logits = torch.tensor([[math.log(3.0), 0.0]])
+    total, parts = kd_loss(logits, t_logits, student, teacher, [1], mask, alpha=2.0, beta=3.0, T=1.0,
+                           labels=torch.tensor([0]), ce_weight=0.5, return_parts=True)
+    kl = _kl([0.75, 0.25], [0.5, 0.5])
+    assert total.item() == pytest.approx(2.0 * kl + 3.0 * 1.0 + 0.5 * math.log(2.0), rel=1e-6)
+    assert parts == pytest.approx({"kl": kl, "mse": 1.0, "ce": math.log(2.0)}, rel=1e-6)
+    with pytest.raises(ValueError, match="layer_map"):
+        kd_loss(logits, logits, student, teacher, [0, 1], mask, beta=1.0)
+    with pytest.raises(ValueError, match="outside"):
+        kd_loss(logits, logits, student, teacher, [2], mask, beta=1.0)
+
+
+# ---------------------------------------------------------------- metrics / summaries
+
+def test_metrics_and_seed_summary_hand_computed():
+    m = classification_metrics([1, 1, 0, 0, 1], [1, 0, 0, 1, 1])
+    # tp=2 fp=1 fn=1 -> f1 = 4/6; accuracy 3/5
+    assert m == pytest.approx({"accuracy": 0.6, "f1": 4 / 6, "n": 5})
+    runs = {42: {"accuracy": 0.80, "f1": 0.85}, 7: {"accuracy": 0.82, "f1": 0.86}, 123: {"accuracy": 0.84, "f1": 0.90}}
+    ref = {42: {"accuracy": 0.81, "f1": 0.85}, 7: {"accuracy": 0.85, "f1": 0.88}, 123: {"accuracy": 0.84, "f1": 0.89}}
+    s = summarize_seeds(runs, ref)
+    assert s["accuracy"]["mean"] == pytest.approx(0.82)
+    assert s["accuracy"]["std"] == pytest.approx(0.02)  # sample std of 0.80, 0.82, 0.84
+    diffs = [-0.01, -0.03, 0.0]
+    mean = sum(diffs) / 3
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    assert s["accuracy"]["paired_diff"]["values"] == pytest.approx(diffs)
+    assert s["accuracy"]["paired_diff"]["mean"] == pytest.approx(mean)
+    assert s["accuracy"]["paired_diff"]["std"] == pytest.approx(std)
+    assert s["f1"]["reference"]["mean"] == pytest.approx((0.85 + 0.88 + 0.89) / 3)
+    with pytest.raises(ValueError, match="seeds"):
+        summarize_seeds(runs, {42: ref[42]})
+
+
+# ---------------------------------------------------------------- fit loop
+
+@pytest.fixture(scope="module")
+def tiny_data(mrpc_dir):
+    _, tok = build_model("tiny", "cgf", seed=0)
+    opts = api.RunOptions(data_dir=str(mrpc_dir), max_length=64, max_train_samples=32, max_eval_samples=16)
+    recipe = get_recipe("reference", max_length=64)
+    train, dev = api.load_data(tok, opts, recipe)
+    return tok, train, dev
+
+
+def _mean_ce(model, ds, tok):
+    from torch.utils.data import DataLoader
+
+    return evaluate_model(model, DataLoader(ds, batch_size=32, collate_fn=api.collator(tok)))["loss"]
+
+
+def test_few_steps_lower_the_loss(tiny_data):
+    tok, train, dev = tiny_data
+    model, _ = build_model("tiny", "cgf", coeff=0.5, seed=0)
+    before = _mean_ce(model, train, tok)
+    # a random-init tiny BERT needs a few dozen steps before it starts fitting 32 pairs
+    recipe = get_recipe("reference", lr=3e-3, epochs=25, batch_size=16, max_length=64)
+    res = engine.fit(model, engine.CEStep(), train, dev.select(range(8)), api.collator(tok), recipe, seed=0,
+                     progress=False, keep_best=False)
+    after = _mean_ce(model, train, tok)  # last-epoch weights (keep_best=False)
+    assert len(res.history) == 25 and res.completed
+    assert after < before - 0.1, (before, after)
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"] - 0.1
+    # frozen embeddings really stayed frozen, the rest moved
+    fresh, _ = build_model("tiny", "cgf", coeff=0.5, seed=0)
+    assert torch.equal(fresh.bert.embeddings.word_embeddings.weight, model.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(fresh.bert.embeddings.LayerNorm.weight, model.bert.embeddings.LayerNorm.weight)
+    assert not torch.equal(fresh.classifier.weight, model.classifier.weight)
+
+
+def _states_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_data, tmp_path):
+    tok, train, dev = tiny_data
+    recipe = get_recipe("reference", lr=1e-3, epochs=3, batch_size=8, max_length=64)
+
+    def run(state_dir, stop_after=None, resume=False):
+        model, _ = build_model("tiny", "cgf", coeff=0.5, seed=3)  # dropout is on: RNG state matters
+        res = engine.fit(model, engine.CEStep(), train, dev, api.collator(tok), recipe, seed=3,
+                         state_dir=state_dir, resume=resume, progress=False, stop_after=stop_after)
+        return model, res
+
+    full_model, full = run(tmp_path / "full")
+    part_model, part = run(tmp_path / "resumed", stop_after=1)
+    assert not part.completed and len(part.history) == 1
+    res_model, resumed = run(tmp_path / "resumed", resume=True)
+    assert resumed.completed and resumed.resumed_from == 1
+    assert _states_equal(full_model.state_dict(), res_model.state_dict())  # best weights, bit for bit
+    a = torch.load(tmp_path / "full" / engine.STATE_FILE, weights_only=True)
+    b = torch.load(tmp_path / "resumed" / engine.STATE_FILE, weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    assert _states_equal(a["model"], b["model"])  # last-epoch weights
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert _states_equal(sa, sb)
+    assert a["scheduler"] == b["scheduler"]
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert full.best_metrics == resumed.best_metrics and full.best_epoch == resumed.best_epoch
+    # the interrupted run really was behind: its last weights differ from the finished ones
+    assert not _states_equal(part_model.state_dict(), a["model"])
+    # resuming with another seed is refused with a clear error
+    model, _ = build_model("tiny", "cgf", seed=4)
+    with pytest.raises(engine.ResumeError, match="seed"):
+        engine.fit(model, engine.CEStep(), train, dev, api.collator(tok), recipe, seed=4,
+                   state_dir=tmp_path / "full", resume=True, progress=False)
+
+
+def test_kd_step_is_zero_for_identical_teacher_and_student(tiny_data):
+    tok, train, dev = tiny_data
+    teacher, _ = build_model("tiny", "exact", seed=5)
+    student, _ = build_model("tiny", "exact", seed=5)
+    student.eval()
+    step = engine.KDStep(teacher, None, alpha=1.0, beta=10.0, T=2.0)
+    batch = api.collator(tok)([train[i] for i in range(4)])
+    loss, parts = step(student, batch)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    from cgf_fhe.softmax import set_softmax
+
+    set_softmax(student, "cgf", 0.5)
+    loss, parts = step(student, batch)
+    assert loss.item() > 0 and parts["mse"] > 0
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_distill_smoke_cli_under_two_minutes(mrpc_dir, tmp_path, capsys):
+    out = tmp_path / "smoke"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CGF_FHE_DATA_DIR": str(mrpc_dir)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "cgf_fhe.cli", "distill", "--model", "tiny", "--max-train-samples", "64",
+         "--max-eval-samples", "32", "--epochs", "1", "-o", str(out), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"distill smoke wall time: {wall:.1f}s")
+    assert wall < 120
+    model, tok, settings = load_checkpoint(out)
+    assert settings["softmax"] == "cgf" and settings["coeff"] == 0.5 and settings["status"] == "done"
+    assert model.config._attn_implementation == "cgf"
+    assert settings["teacher"] == str((out / "teacher").resolve()) and settings["layer_map"] == [0, 1]
+    assert settings["dev"]["n"] == 32 and settings["recipe"]["epochs"] == 1
+    assert not (out / api.STATE_SUBDIR).exists()  # state removed once finished
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["student"]["accuracy"]["mean"] == settings["dev"]["accuracy"]
+    assert summary["student"]["accuracy"]["paired_diff"]["mean"] == pytest.approx(
+        settings["dev"]["accuracy"] - settings["teacher_dev"]["accuracy"])
+
+    from cgf_fhe.cli import main
+
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data-dir", str(mrpc_dir), "--max-eval-samples", "32", "--probe"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 32 and res["softmax"] == "cgf"
+    assert res["accuracy"] == pytest.approx(settings["dev"]["accuracy"])  # same score as during training
+    assert res["probe"]["cgf"]["accuracy"] == res["accuracy"]
+    assert set(res["probe"]) == {"exact", "cgf"} and res["probe"]["exact"]["n"] == 32
+    assert main(["evaluate", str(out / "teacher"), "--data-dir", str(mrpc_dir), "--max-eval-samples", "32"]) == 0
+    t = json.loads(capsys.readouterr().out)
+    assert t["softmax"] == "exact" and t["accuracy"] == pytest.approx(settings["teacher_dev"]["accuracy"])
+
+
+def test_sweep_with_exact_reference_and_seed_folders(mrpc_dir, tmp_path, capsys):
+    from cgf_fhe.cli import main
+
+    out = tmp_path / "sweep"
+    rc = main(["sweep", "--model", "tiny", "--coeffs", "0.5", "0.8", "--with-exact", "--seeds", "1", "2",
+               "--data-dir", str(mrpc_dir), "--max-train-samples", "16", "--max-eval-samples", "16",
+               "--epochs", "1", "--lr", "1e-3", "-o", str(out), *SMALL])
+    assert rc == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert [(r["softmax"], r["coeff"]) for r in result["rows"]] == [("exact", None), ("cgf", 0.5), ("cgf", 0.8)]
+    for c in ("0.5", "0.8"):
+        accs = {s: json.loads((out / f"c{c}" / f"seed{s}" / "cgf_fhe.json").read_text())["dev"]["accuracy"]
+                for s in (1, 2)}
+        refs = {s: json.loads((out / "exact" / f"seed{s}" / "cgf_fhe.json").read_text())["dev"]["accuracy"]
+                for s in (1, 2)}
+        row = next(r for r in result["rows"] if r["coeff"] == float(c))
+        assert row["accuracy"]["mean"] == pytest.approx((accs[1] + accs[2]) / 2)
+        assert row["accuracy"]["paired_diff"]["values"] == pytest.approx([accs[s] - refs[s] for s in (1, 2)])
+        assert json.loads((out / f"c{c}" / "seed1" / "cgf_fhe.json").read_text())["coeff"] == float(c)
+    # evaluate refuses a multi-seed folder with a message naming its seed folders
+    rc = main(["evaluate", str(out / "exact"), "--data-dir", str(mrpc_dir)])
+    assert rc == 2 and "seed1" in capsys.readouterr().err
+
+
+def test_polynomial_shallow_student_distill_resume_and_evaluate(mrpc_dir, tmp_path):
+    surgery = pytest.importorskip("cgf_fhe.surgery")
+    from safetensors.torch import load_file
+
+    opts = api.RunOptions(data_dir=str(mrpc_dir), max_length=64, max_train_samples=32, max_eval_samples=16,
+                          progress=False)
+    recipe = get_recipe("reference", epochs=2, max_length=64, lr=1e-3)
+    fhe = surgery.FheOptions(poly="all", ln="newton")
+    kw = dict(coeff=0.5, recipe=recipe, fhe=fhe, student_layers=1, interval_penalty=0.1)
+    full = api.distill("tiny", tmp_path / "full", opts=opts, **kw)  # trains the teacher into full/teacher
+    teacher = tmp_path / "full" / "teacher"
+    st = json.loads((tmp_path / "full" / "cgf_fhe.json").read_text())
+    assert st["layer_map"] == [1] and st["student_layers"] == 1 and st["teacher"] == str(teacher.resolve())
+    assert st["fhe"]["options"]["poly"] == "all" and st["fhe"]["options"]["ln"] == "newton"
+    assert st["reload_max_abs_diff"] <= 1e-5  # the saved checkpoint rebuilds the trained polynomial model
+    assert st["interval_report"]["n_seen"] > 0
+    assert "train_penalty" in st["history"][0]
+    assert full["student"]["accuracy"]["n"] == 1
+
+    # interrupted after epoch 1 (the polynomial settings are kept with the state) + resumed == uninterrupted
+    stopped = api.RunOptions(**{**opts.__dict__, "stop_after": 1})
+    part = api.distill("tiny", tmp_path / "resumed", teacher=teacher, opts=stopped, **kw)
+    assert part == {"status": "partial"}
+    assert (tmp_path / "resumed" / api.STATE_SUBDIR / api.FHE_STATE_FILE).is_file()
+    api.distill("tiny", tmp_path / "resumed", teacher=teacher, opts=api.RunOptions(**{**opts.__dict__, "resume": True}),
+                **kw)
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert _states_equal(a, b)
+
+    res = api.evaluate_checkpoint(tmp_path / "resumed", opts=opts)
+    assert res["polynomial"] and res["n"] == 16
+    assert res["accuracy"] == pytest.approx(st["dev"]["accuracy"])
+    assert res["intervals"]["n_seen"] > 0 and "totals" in res["intervals"]
