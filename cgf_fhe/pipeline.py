@@ -23,12 +23,12 @@ PRESETS: dict[str, dict] = {
         "model": "tiny",
         "max_length": 32,
         "teacher": {"epochs": 1, "max_train_samples": 96, "max_eval_samples": 48, "seed": 42},
-        "student": {"epochs": 1, "coeff": 0.5, "beta": 10.0, "poly": "all", "ln": "frozen",
+        "student": {"epochs": 1, "coeff": 0.5, "beta": 10.0, "poly": "all", "ln": "frozen", "student_layers": 1,
                     "max_train_samples": 96, "max_eval_samples": 48, "seed": 42},
         "export": {"verify": 16},
         "report": {"levels": [7, 14]},
         "emulate": {"limit": 48},
-        "tenseal": {"limit": 2, "max_length": 8, "poly_modulus": 8192},
+        "tenseal": {"limit": 2, "max_length": 6, "poly_modulus": 8192},
     },
     # the real run: MiniLM teacher on full MRPC, 2-layer polynomial student
     "mrpc-minilm": {
@@ -125,15 +125,19 @@ def run_pipeline(cfg: dict, run_dir: str | Path, data_dir: str | None = None, on
     (run / ".stages").mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     timings = {}
+    upstream_ran = False  # once a stage reruns, every later stage reruns (its inputs changed)
     for name, argv, outputs in stage_plan(cfg, run, data_dir):
         if only and name not in only:
             continue
         stamp = run / ".stages" / f"{name}.json"
         digest = hashlib.sha256(json.dumps(argv).encode()).hexdigest()
-        if stamp.is_file() and json.loads(stamp.read_text()).get("sha256") == digest and all(o.exists() for o in outputs):
+        fresh = stamp.is_file() and json.loads(stamp.read_text()).get("sha256") == digest
+        if fresh and not upstream_ran and all(o.exists() for o in outputs):
             print(f"[pipeline] {name}: up to date, skipped")
             timings[name] = json.loads(stamp.read_text()).get("seconds")
             continue
+        upstream_ran = True
+        stamp.unlink(missing_ok=True)
         print(f"[pipeline] {name}: cgf-fhe {' '.join(argv)}", flush=True)
         t0 = time.perf_counter()
         rc = cli_main(argv)
@@ -157,8 +161,8 @@ def _read(path: Path) -> dict:
 
 
 def summarize(run: Path, cfg: dict, timings: dict) -> dict:
-    teacher = _read(run / "teacher" / "cgf_fhe.json").get("metrics", {})
-    student = _read(run / "student" / "cgf_fhe.json").get("metrics", {})
+    teacher = _read(run / "teacher" / "cgf_fhe.json").get("dev", {})
+    student = _read(run / "student" / "cgf_fhe.json").get("dev", {})
     emul = _read(run / "emulate" / "simulation.json")
     ten = _read(run / "tenseal" / "simulation.json")
     reports = {lv: _read(run / f"report-L{lv}" / "report.json") for lv in cfg["report"]["levels"]}

@@ -13,6 +13,15 @@ from cgf_fhe.training.poly_train import PolyTraining
 from cgf_fhe.training.recipes import get_recipe
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the 2 shared cores are usually busy: 2 intra-op threads then run ~10-30x slower than 1 (spin contention)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _modules(model):
     return [m for _, m in surgery.named_approx_modules(model)]
 
@@ -88,22 +97,33 @@ def test_frozen_blend_distill_metrics_reload_resume(tiny_setup, mrpc_dir, capsys
     from safetensors.torch import load_file
 
     root, opts, teacher = tiny_setup
-    recipe = get_recipe("reference", epochs=2, max_length=64, lr=1e-3)
+    recipe = get_recipe("reference", epochs=3, max_length=64, lr=1e-3)
     kw = dict(teacher=teacher, coeff=0.5, recipe=recipe, fhe=surgery.FheOptions(poly="all", ln="frozen"),
-              blend_epochs=1.0)
+              blend_epochs=1.5, refit=True)
     api.distill("tiny", root / "full", opts=opts, **kw)
     st = json.loads((root / "full" / "cgf_fhe.json").read_text())
     h = st["history"]
-    assert st["poly_training"] == {"guard": True, "blend_epochs": 1.0}
-    # 32 examples / batch 16 = 2 steps per epoch, ramp over 2 steps: epoch 1 ends at blend 1/2, epoch 2 at 1
-    assert [x["blend"] for x in h] == [0.5, 1.0] and [x["eligible"] for x in h] == [False, True]
-    assert st["best_epoch"] == 2 and st["dev"] == h[1]["dev"]
-    # epoch 1's dev metrics were measured at blend 1 / guard off, not in the training form (blend 1/2)
+    assert st["poly_training"] == {"guard": True, "blend_epochs": 1.5, "refit": True}
+    # 32 examples / batch 16 = 2 steps per epoch; ramp over ceil(1.5 * 2) = 3 steps: blend 0, 1/3, 2/3, 1, 1, 1
+    assert [x["blend"] for x in h] == [pytest.approx(1 / 3), 1.0, 1.0]
+    assert [x["eligible"] for x in h] == [False, True, True] and [x["refitted"] for x in h] == [False, True, True]
+    assert st["best_epoch"] in (2, 3) and st["dev"] == h[st["best_epoch"] - 1]["dev"]
+    assert st["dev"]["accuracy"] == max(x["dev"]["accuracy"] for x in h[1:])
+    # epoch 1's dev metrics were measured at blend 1 / guard off, not in the training form (blend 1/3)
     assert h[0]["dev"]["loss"] != pytest.approx(h[0]["dev_training_form"]["loss"], rel=1e-6)
     assert st["dev_final"] == st["dev"] and st["dev"]["n_nonfinite"] == 0
     assert st["reload_max_abs_diff"] <= 1e-5
     assert st["interval_report"]["n_seen"] > 0 and st["interval_report_train"]["n_seen"] > 0
     assert len(st["calibration_trained"]["layers"]) == 2 and st["calibration_trained"]["n_examples"] == 32
+    # refit at the first step with blend 1: the saved GELU intervals are the re-measured ranges widened
+    fhe = st["fhe"]
+    assert fhe["refit_step"] == 3
+    margin = fhe["options"]["margin"]
+    for i in range(2):
+        want = surgery.widen(fhe["calibration_refit"]["layers"][i]["gelu"], margin)
+        old = surgery.widen(fhe["calibration"]["layers"][i]["gelu"], margin)
+        got = (fhe["modules"][f"layers.{i}.gelu"]["approx"]["a"], fhe["modules"][f"layers.{i}.gelu"]["approx"]["b"])
+        assert got == pytest.approx(want) and got != pytest.approx(old)
 
     # the reloaded checkpoint is the exported form and scores exactly the stored dev metrics
     model, _, _ = load_checkpoint(root / "full")
@@ -119,13 +139,14 @@ def test_frozen_blend_distill_metrics_reload_resume(tiny_setup, mrpc_dir, capsys
     assert res["loss"] == pytest.approx(st["dev"]["loss"], rel=1e-5, abs=1e-6)
     assert res["intervals"]["n_out"] == st["interval_report"]["n_out"]
 
-    # interrupted after the (ineligible) first epoch and resumed == uninterrupted
-    api.distill("tiny", root / "resumed", opts=api.RunOptions(**{**opts.__dict__, "stop_after": 1}), **kw)
+    # interrupted after epoch 2 (the refit happened mid-epoch 2: restored from the training state) and
+    # resumed == uninterrupted
+    api.distill("tiny", root / "resumed", opts=api.RunOptions(**{**opts.__dict__, "stop_after": 2}), **kw)
     api.distill("tiny", root / "resumed", opts=api.RunOptions(**{**opts.__dict__, "resume": True}), **kw)
     a, b = load_file(root / "full" / "model.safetensors"), load_file(root / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rs = json.loads((root / "resumed" / "cgf_fhe.json").read_text())
-    assert [x["blend"] for x in rs["history"]] == [0.5, 1.0] and rs["dev"] == st["dev"]
+    assert rs["dev"] == st["dev"] and rs["fhe"]["modules"] == st["fhe"]["modules"]
 
     # a different blend schedule is a different run: resume refuses it
     with pytest.raises(api.TrainingError, match="poly_training"):

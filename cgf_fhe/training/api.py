@@ -348,12 +348,13 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
                 coeff: float = 0.5, recipe: Recipe | str | None = None, opts: RunOptions | None = None,
                 fhe=None, student_layers: int | None = None, interval_penalty: float = 0.0,
                 multi: bool = False, teacher_root: Path | None = None, guard: bool = True,
-                blend_epochs: float | None = None) -> dict:
+                blend_epochs: float | None = None, refit: bool = False) -> dict:
     """Distill one seed: exact teacher -> CGF (optionally polynomial / shallower) student in ``out_dir``.
 
     Polynomial students (see :mod:`.poly_train`): ``guard`` clamps polynomial inputs into their intervals
     while training; with frozen LayerNorms the blend exact -> frozen ramps linearly over the first
-    ``blend_epochs`` epochs (None = half of them, 0 = frozen from the start). Dev metrics, the best-epoch
+    ``blend_epochs`` epochs (None = half of them, 0 = frozen from the start) and, with ``refit``, the exp /
+    GELU / tanh polynomials are refitted on ranges re-measured when the blend reaches 1. Dev metrics, the best-epoch
     choice (only epochs that ended at blend 1) and the saved checkpoint are all the exported form: guard off,
     blend 1. After training the ranges are re-measured on the training data (``calibration_trained``)
     and out-of-interval counts are stored for train (``interval_report_train``) and dev (``interval_report``)."""
@@ -363,7 +364,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     tdir, given = _teacher_dir(teacher, teacher_root if teacher_root is not None else out, seed, multi)
     fhe_opts = _fhe_options(fhe)
     poly = fhe_opts is not None and getattr(fhe_opts, "poly", "none") != "none"
-    schedule = _poly_schedule(fhe_opts, recipe, guard, blend_epochs) if poly else None
+    schedule = _poly_schedule(fhe_opts, recipe, guard, blend_epochs, refit) if poly else None
     if not given:
         ts = _ensure_teacher(model, tdir, seed, recipe, opts)
         if ts.get("status") != "done":
@@ -415,12 +416,17 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
             student.to(device)
             calib_loader = DataLoader(train, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=collate)
             _log(f"[distill] calibrating ranges on {len(train)} training examples")
-            ranges = surgery.calibrate(student, calib_loader, device=str(device), max_batches=opts.calib_batches)
+            ranges = surgery.calibrate(student, calib_loader, device=str(device), max_batches=opts.calib_batches,
+                                       progress=opts.progress)
             fhe_settings = surgery.polynomialize(student, fhe_opts, ranges)
             if _is_main(opts):
                 state_dir.mkdir(parents=True, exist_ok=True)
                 _write_json(saved, fhe_settings)
             _barrier(opts)
+        from torch.utils.data import DataLoader
+
+        schedule.attach(DataLoader(train, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=collate),
+                        get_accelerator(opts.device, opts.mixed_precision).device, opts.calib_batches, opts.progress)
 
     penalty_fn = _surgery().interval_penalty if interval_penalty else None
     step = KDStep(t_model, layer_map, alpha=recipe.kd_alpha, beta=recipe.kd_beta, T=recipe.kd_temperature,
@@ -450,6 +456,9 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         surgery = _surgery()
         if hasattr(surgery, "fhe_settings"):  # the trained modules' current state (+ the calibration)
             fhe_settings = surgery.fhe_settings(student, fhe_settings.get("calibration"))
+        if schedule.refit_result is not None:  # the exp/GELU/tanh intervals come from this re-calibration
+            fhe_settings["calibration_refit"] = schedule.refit_result["ranges"]
+            fhe_settings["refit_step"] = schedule.refit_result["step"]
         settings["fhe"] = fhe_settings
         settings.update(_poly_reports(student, surgery, train, dev_loader, collate, recipe, opts, device,
                                       res.best_metrics, tag))
@@ -462,7 +471,8 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     return settings
 
 
-def _poly_schedule(fhe_opts, recipe: Recipe, guard: bool, blend_epochs: float | None) -> PolyTraining:
+def _poly_schedule(fhe_opts, recipe: Recipe, guard: bool, blend_epochs: float | None,
+                   refit: bool = False) -> PolyTraining:
     frozen = getattr(fhe_opts, "ln", None) == "frozen"
     if blend_epochs is not None and not frozen:
         raise TrainingError(f"--blend-epochs {blend_epochs:g} needs --ln frozen (the blend anneals frozen LayerNorms)")
@@ -471,7 +481,7 @@ def _poly_schedule(fhe_opts, recipe: Recipe, guard: bool, blend_epochs: float | 
         if not 0 <= blend_epochs < recipe.epochs:
             raise TrainingError(f"--blend-epochs {blend_epochs:g} must be >= 0 and < --epochs {recipe.epochs} "
                                 "(the best checkpoint is chosen among the epochs that end at blend 1)")
-    return PolyTraining(guard=guard, blend_epochs=blend_epochs or 0.0, frozen=frozen)
+    return PolyTraining(guard=guard, blend_epochs=blend_epochs or 0.0, frozen=frozen, refit=refit)
 
 
 def _poly_reports(student, surgery, train, dev_loader, collate, recipe: Recipe, opts: RunOptions, device,
@@ -488,6 +498,10 @@ def _poly_reports(student, surgery, train, dev_loader, collate, recipe: Recipe, 
     surgery.reset_interval_counters(student)
     final = evaluate_model(student, dev_loader, device)
     dev_report = surgery.interval_report(student)
+    if final["n_nonfinite"]:
+        _log(f"[{tag}] WARNING: the exported form (guard off, blend 1) gives NaN/inf logits on {final['n_nonfinite']}/"
+             f"{final['n']} dev examples: inputs leave the polynomial intervals (see interval_report); the training "
+             "guard clamped them")
     if final["accuracy"] != best_metrics.get("accuracy") or final["n_nonfinite"] != best_metrics.get("n_nonfinite"):
         _log(f"[{tag}] WARNING: the exported form scores dev accuracy {final['accuracy']:.4f}, but training "
              f"recorded {best_metrics.get('accuracy')} for the best epoch")
@@ -508,7 +522,8 @@ def _reload_check(model, ckpt: Path, loader, device) -> None:
         want = model(**model_inputs(batch, device)).logits.float().cpu()
         re, _, _ = load_checkpoint(ckpt)
         got = re.to(device)(**model_inputs(batch, device)).logits.float().cpu()
-    err = float((want - got).abs().max())
+    same = (want == got) | (want.isnan() & got.isnan())  # NaN/inf logits must be reproduced too
+    err = float(torch.where(same, torch.zeros_like(want), (want - got).abs().nan_to_num(nan=float("inf"))).max())
     _update_settings(ckpt, {"reload_max_abs_diff": err})
     if not err <= 1e-4 * max(1.0, float(want.abs().max())):
         _log(f"[distill] WARNING: reloading {ckpt} changes the logits (max |diff| {err:.3g}); "
@@ -518,11 +533,12 @@ def _reload_check(model, ckpt: Path, loader, device) -> None:
 def distill(model: str = "tiny", out_dir="out/distill", teacher=None, coeff: float = 0.5,
             seeds: Sequence[int] | None = None, seed: int = 42, recipe: Recipe | str | None = None,
             opts: RunOptions | None = None, fhe=None, student_layers: int | None = None,
-            interval_penalty: float = 0.0, guard: bool = True, blend_epochs: float | None = None) -> dict:
+            interval_penalty: float = 0.0, guard: bool = True, blend_epochs: float | None = None,
+            refit: bool = False) -> dict:
     """Teacher (given or trained once) -> CGF student per seed; writes ``out_dir/summary.json``.
 
-    ``fhe``: a :class:`cgf_fhe.surgery.FheOptions` (or its dict) to make the student polynomial; ``guard`` and
-    ``blend_epochs``: its training aids (see :func:`distill_one`).
+    ``fhe``: a :class:`cgf_fhe.surgery.FheOptions` (or its dict) to make the student polynomial; ``guard``,
+    ``blend_epochs``, ``refit``: its training aids (see :func:`distill_one`).
     Returns the summary: student and teacher mean/std and the paired difference student - teacher."""
     opts = opts or RunOptions()
     recipe = _as_recipe(recipe)
@@ -531,7 +547,7 @@ def distill(model: str = "tiny", out_dir="out/distill", teacher=None, coeff: flo
     runs = {}
     for s, d in _seed_dirs(out, seeds, seed):
         st = distill_one(model, d, s, teacher, coeff, recipe, opts, fhe, student_layers, interval_penalty,
-                         multi=multi, teacher_root=out, guard=guard, blend_epochs=blend_epochs)
+                         multi=multi, teacher_root=out, guard=guard, blend_epochs=blend_epochs, refit=refit)
         if st.get("status") != "done":
             return {"status": "partial"}
         runs[s] = st

@@ -135,15 +135,15 @@ def cmd_distill(args) -> int:
     fhe = _fhe_from_args(args)
     from ..cli import UserError
 
-    if fhe is None and (args.no_guard or args.blend_epochs is not None):
-        raise UserError("--no-guard / --blend-epochs need --poly all")
+    if fhe is None and (args.no_guard or args.refit or args.blend_epochs is not None):
+        raise UserError("--no-guard / --refit / --blend-epochs need --poly all")
     if args.blend_epochs is not None and fhe.ln != "frozen":
         raise UserError("--blend-epochs needs --ln frozen (it anneals exact -> frozen LayerNorm)")
     if args.blend_epochs is not None and args.blend_epochs < 0:
         raise UserError(f"--blend-epochs must be >= 0, got {args.blend_epochs}")
     api.distill(args.model, args.output, args.teacher, args.coeff, args.seeds, args.seed, recipe, _opts(args),
                 fhe=fhe, student_layers=args.student_layers, interval_penalty=args.interval_penalty,
-                guard=not args.no_guard, blend_epochs=args.blend_epochs)
+                guard=not args.no_guard, blend_epochs=args.blend_epochs, refit=args.refit)
     return 0
 
 
@@ -211,6 +211,10 @@ def register(subparsers) -> None:
                    help="--ln frozen: anneal exact -> frozen LayerNorm linearly per step over the first F epochs "
                         "(default: half of --epochs; 0 = frozen from the start; must be < --epochs). Only epochs "
                         "that end at blend 1 can be the best checkpoint")
+    f.add_argument("--refit", action="store_true",
+                   help="--ln frozen with --blend-epochs > 0: when the blend reaches 1, re-measure the ranges on the "
+                        "training data and refit the exp/GELU/tanh polynomials (default: keep the intervals "
+                        "calibrated on the exact-LayerNorm model). Experimental: wider intervals can add depth")
     p.add_argument("-o", "--output", required=True)
     _common(p)
     p.set_defaults(func=cmd_distill)

@@ -257,7 +257,9 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
     ``on_step(model, step, steps_per_epoch)`` called before every training step (``step`` = 0-based global step,
     a function of the epoch and batch only, so resumed runs follow the same schedule), ``exported_form(model)``
     (context manager the dev evaluation runs in) and ``epoch_info(model, evaluate) -> dict`` merged into the
-    epoch's history record; an epoch whose info has ``"eligible": False`` is never chosen as the best.
+    epoch's history record; an epoch whose info has ``"eligible": False`` is never chosen as the best. If it
+    has ``state_dict()`` / ``load_state_dict(model, state)``, its state is saved with (and restored from) the
+    training state, after the model weights.
     Returns a :class:`FitResult`.
     """
     from torch.utils.data import DataLoader, DistributedSampler
@@ -317,6 +319,8 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
             if acc.scaler is not None and st.get("scaler"):
                 acc.scaler.load_state_dict(st["scaler"])
             set_rng_state(st["rng"])
+            if schedule is not None and hasattr(schedule, "load_state_dict"):
+                schedule.load_state_dict(_unwrap(model), st.get("schedule") or {})
             start_epoch, history = int(st["epoch"]), list(st["history"])
             best, best_epoch = st["best"]["metrics"], int(st["best"]["epoch"])
             resumed_from = start_epoch
@@ -403,6 +407,7 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
                 "scheduler": scheduler.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "rng": get_rng_state(), "best": {"metrics": best, "epoch": best_epoch}, "history": history,
+                "schedule": schedule.state_dict() if hasattr(schedule, "state_dict") else None,
             }, state_path)
         acc.wait_for_everyone()
 

@@ -61,7 +61,8 @@ def evaluate_model(model, loader, device=None, autocast=None) -> dict:
     m = classification_metrics(logits.argmax(-1), labels)
     m["n_nonfinite"] = int((~torch.isfinite(logits)).any(-1).sum())  # examples with NaN/inf logits
     if len(labels):
-        m["loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
+        loss = float(torch.nn.functional.cross_entropy(logits, labels))
+        m["loss"] = loss if math.isfinite(loss) else None  # None: some logits are NaN/inf (JSON has no NaN)
     return m
 
 

@@ -8,6 +8,17 @@
   ``blend_epochs`` epochs: ``blend(s) = min(1, s / ceil(blend_epochs * steps_per_epoch))`` for the 0-based
   global step ``s``. It is a function of the step count only, so a resumed run follows the same schedule.
   ``blend_epochs = 0`` is frozen from the first step.
+* **refit at the end of the ramp** (opt-in ``refit=True``, frozen LayerNorm with ``blend_epochs > 0``): the
+  intervals were calibrated on the exact-LayerNorm model; once the student runs frozen LayerNorms the
+  activations downstream move far outside them (MiniLM: layer-1 exp argument [-100, 28] vs [-7, 7]), which the
+  guard hides in training but which blows up the exported (unclamped) polynomials. At the first step with
+  blend 1 the ranges are measured again on the training data (the training form: guard on, blend 1, so the
+  recorded pre-clamp inputs come from a sane network) and the exp / GELU / tanh polynomials are refitted on
+  them (same options; the frozen-LayerNorm constants are kept). The remaining steps train the refitted
+  polynomials, i.e. what is exported. The refitted settings are part of the resumable state. Caveat: the
+  new intervals can be much wider (more exp squarings -> more depth; less accurate GELU), and on a briefly
+  trained MiniLM the frozen model's activations are simply too large (exp arguments up to ~30), so it is
+  not the default.
 
 Dev metrics are always measured in the exported form (guard off, blend 1). An epoch may become the best
 checkpoint only if its last training step already ran at blend 1 (``eligible`` in the history); the
@@ -16,8 +27,10 @@ training form's dev metrics (guard on, the current blend) are recorded next to t
 """
 from __future__ import annotations
 
+import json
 import math
 from contextlib import contextmanager
+from dataclasses import replace
 
 
 class PolyTraining:
@@ -26,13 +39,22 @@ class PolyTraining:
     ``frozen``: the student has frozen LayerNorms (the blend applies); ``blend_epochs``: length of the
     ramp in epochs (may be fractional)."""
 
-    def __init__(self, guard: bool = True, blend_epochs: float = 0.0, frozen: bool = False):
+    def __init__(self, guard: bool = True, blend_epochs: float = 0.0, frozen: bool = False, refit: bool = False):
         if blend_epochs < 0:
             raise ValueError(f"blend_epochs must be >= 0, got {blend_epochs}")
         self.guard = bool(guard)
         self.blend_epochs = float(blend_epochs) if frozen else 0.0
         self.frozen = bool(frozen)
+        self.refit = bool(refit) and self.frozen and self.blend_epochs > 0
         self.blend = 1.0  # the blend of the last training step
+        self.refit_loader = None
+        self.refit_kw: dict = {}
+        self.refit_result: dict | None = None  # {"step", "ranges", "settings"} once refitted
+
+    def attach(self, loader, device="cpu", max_batches: int | None = None, progress: bool = True) -> None:
+        """The training data (unshuffled loader) the refit calibrates on."""
+        self.refit_loader = loader
+        self.refit_kw = {"device": str(device), "max_batches": max_batches, "progress": progress}
 
     # --------------------------------------------------------------- schedule
     def ramp_steps(self, steps_per_epoch: int) -> int:
@@ -43,7 +65,41 @@ class PolyTraining:
         return 1.0 if n <= 0 or step >= n else step / n
 
     def to_dict(self) -> dict:
-        return {"guard": self.guard, "blend_epochs": self.blend_epochs if self.frozen else None}
+        return {"guard": self.guard, "blend_epochs": self.blend_epochs if self.frozen else None,
+                "refit": self.refit}
+
+    # --------------------------------------------------------------- refit
+    def refit_now(self, model, step: int) -> dict:
+        """Re-measure the ranges in the training form and refit the exp / GELU / tanh polynomials."""
+        from .. import surgery
+
+        if self.refit_loader is None:
+            raise RuntimeError("PolyTraining.refit needs attach(loader) first")
+        options = getattr(model, "cgf_fhe_options", None) or surgery.FheOptions(poly="all")
+        kinds = tuple(k for k in options.kinds if k != "ln")
+        self._training_form(model)
+        ranges = surgery.calibrate(model, self.refit_loader, **self.refit_kw)
+        settings = surgery.fhe_settings(model)
+        new = surgery.build_modules(model, replace(options, kinds=kinds), ranges)
+        settings["modules"].update({k: m.to_settings() for k, m in new.items()})
+        surgery.apply_fhe_settings(model, settings)
+        self._training_form(model)  # the rebuilt modules start with the guard off
+        self.refit_result = {"step": int(step), "ranges": ranges, "settings": surgery.fhe_settings(model)}
+        return self.refit_result
+
+    def state_dict(self) -> dict:
+        """Saved with the training state (strings only: loadable with ``weights_only=True``)."""
+        return {"refit": json.dumps(self.refit_result) if self.refit_result is not None else ""}
+
+    def load_state_dict(self, model, state: dict) -> None:
+        """Resume: rebuild the refitted polynomials (after the model's weights are loaded)."""
+        from .. import surgery
+
+        raw = (state or {}).get("refit") or ""
+        if raw:
+            self.refit_result = json.loads(raw)
+            surgery.apply_fhe_settings(model, self.refit_result["settings"])
+            self._training_form(model)
 
     # --------------------------------------------------------------- hooks called by fit
     def on_step(self, model, step: int, steps_per_epoch: int) -> None:
@@ -54,6 +110,8 @@ class PolyTraining:
         if self.frozen:
             surgery.set_frozen_blend(model, self.blend)
         surgery.set_guard(model, self.guard)
+        if self.refit and self.refit_result is None and self.blend >= 1.0:
+            self.refit_now(model, step)
 
     @contextmanager
     def exported_form(self, model):
@@ -78,6 +136,8 @@ class PolyTraining:
     def epoch_info(self, model, evaluate) -> dict:
         """After an epoch (``evaluate()`` scores the model as it is): blend, eligibility, training-form dev."""
         info = {"blend": self.blend, "guard": self.guard, "eligible": self.blend >= 1.0}
+        if self.refit:
+            info["refitted"] = self.refit_result is not None
         if self.guard or self.blend < 1.0:
             self._training_form(model)
             info["dev_training_form"] = evaluate()
