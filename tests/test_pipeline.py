@@ -59,7 +59,7 @@ def test_pipeline_is_resumable_and_reruns_downstream(tmp_path, monkeypatch):
     cfg = pipeline.load_config(None, "smoke")
     run = tmp_path / "run"
     pipeline.run_pipeline(cfg, run)
-    stages = ["finetune", "distill", "export", "check", "report-7", "report-14", "simulate", "simulate"]
+    stages = ["finetune", "distill", "export", "check", "report-7", "report-14", "simulate"]
     assert calls == stages
     calls.clear()
     pipeline.run_pipeline(cfg, run)  # everything up to date
@@ -89,3 +89,14 @@ def test_missing_and_corrupt_checkpoint_errors(tmp_path, capsys, mrpc_dir):
     assert main(["evaluate", str(ck), "--data-dir", str(mrpc_dir)]) == 2
     err = capsys.readouterr().err
     assert "cgf_fhe.json" in err and "not valid JSON" in err
+
+
+def test_tenseal_spot_check_is_opt_in_for_smoke(tmp_path):
+    cfg = pipeline.load_config(None, "smoke")
+    names = [n for n, _, _ in pipeline.stage_plan(cfg, tmp_path, None)]
+    assert "tenseal" not in names and "emulate" in names
+    cfg["tenseal"]["enabled"] = True
+    plan = {n: argv for n, argv, _ in pipeline.stage_plan(cfg, tmp_path, None)}
+    assert plan["tenseal"][:4] == ["simulate", str(tmp_path / "student.onnx"), "--backend", "tenseal"]
+    assert "--enabled" not in plan["tenseal"]
+

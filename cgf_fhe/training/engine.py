@@ -241,6 +241,13 @@ def load_state(path: str | os.PathLike) -> dict:
         raise ResumeError(f"cannot read training state {path}: {type(exc).__name__}: {exc}") from exc
 
 
+def _norm(v):
+    """Fingerprint values compared for resume: keys holding None (settings added later, unset) do not count."""
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items() if x is not None}
+    return v
+
+
 def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, seed: int = 42,
         state_dir: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
         mixed_precision: str = "auto", progress: bool = True, stop_after: int | None = None,
@@ -308,7 +315,7 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
             if st.get("format") != STATE_FORMAT:
                 raise ResumeError(f"{state_path}: unknown state format {st.get('format')!r}")
             saved_fp = st["fingerprint"]  # keys a state file does not have (older versions) are not compared
-            diff = {k: (saved_fp[k], v) for k, v in fingerprint.items() if k in saved_fp and saved_fp[k] != v}
+            diff = {k: (saved_fp[k], v) for k, v in fingerprint.items() if k in saved_fp and _norm(saved_fp[k]) != _norm(v)}
             if diff:
                 detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
                 raise ResumeError(f"{state_path} was written by a different run ({detail}); "
