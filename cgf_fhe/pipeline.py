@@ -22,12 +22,12 @@ PRESETS: dict[str, dict] = {
     "smoke": {
         "model": "tiny",
         "max_length": 32,
-        "teacher": {"epochs": 1, "max_train_samples": 96, "max_eval_samples": 48, "seed": 42},
-        "student": {"epochs": 1, "coeff": 0.5, "beta": 10.0, "poly": "all", "ln": "newton", "student_layers": 1,
-                    "max_train_samples": 96, "max_eval_samples": 48, "seed": 42},
+        "teacher": {"epochs": 3, "max_train_samples": 512, "max_eval_samples": 128, "seed": 42, "lr": 1e-3},
+        "student": {"epochs": 3, "coeff": 0.5, "beta": 10.0, "poly": "all", "ln": "newton", "student_layers": 1,
+                    "max_train_samples": 512, "max_eval_samples": 128, "seed": 42, "lr": 1e-3},
         "export": {"verify": 16},
         "report": {"levels": [7, 14]},
-        "emulate": {"limit": 48},
+        "emulate": {"limit": 128},
         # real encryption costs ~1-2 ms per ciphertext op per tensor element: even this 1-layer student at
         # 6 tokens takes ~20 min on 2 cores, so the smoke run leaves it off (`tenseal: {enabled: true}` turns it on)
         "tenseal": {"enabled": False, "limit": 2, "max_length": 6, "poly_modulus": 8192},
@@ -115,7 +115,8 @@ def stage_plan(cfg: dict, run: Path, data_dir: str | None) -> list[tuple[str, li
         plan.append((f"report-L{lv}", ["report", str(onnx_path), "--levels", str(lv), "--seq-len",
                                         str(cfg["max_length"]), "-o", str(run / f"report-L{lv}")],
                      [run / f"report-L{lv}" / "report.json"]))
-    plan.append(("emulate", ["simulate", str(onnx_path), "--backend", "emulate", *data, *_flags(cfg["emulate"]),
+    emulate = {"max_length": cfg["max_length"], **cfg["emulate"]}  # same truncation as training unless set
+    plan.append(("emulate", ["simulate", str(onnx_path), "--backend", "emulate", *data, *_flags(emulate),
                              "-o", str(run / "emulate")], [run / "emulate" / "simulation.json"]))
     if tenseal.pop("enabled", True):
         plan.append(("tenseal", ["simulate", str(onnx_path), "--backend", "tenseal", *data, *_flags(tenseal),

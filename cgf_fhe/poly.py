@@ -151,13 +151,17 @@ def _cheb_provider(t):
     return T
 
 
+NEGLIGIBLE = 2.0 ** -40  # coefficients this small are cancellation residue (and round to 0 in a 2^40 scale)
+
+
 def _ps_eval(c: list[float], m: int, T):
     """sum_k c[k] T_k by baby-step giant-step splitting (Chebyshev basis)."""
     L = len(c)
     if L <= m:
         acc = c[0]
         for k in range(1, L):
-            acc = acc + T(k) * c[k]
+            if abs(c[k]) >= NEGLIGIBLE:  # a CKKS constant below 2^-40 encodes to 0: skip the product
+                acc = acc + T(k) * c[k]
         return acc
     n = m
     while 2 * n < L:

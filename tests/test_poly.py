@@ -75,7 +75,9 @@ def test_ps_closed_form_depth_and_mult_counts():
         for m in (2, 4, 8):
             if m > d + 1:
                 continue
-            p = P.PolyApprox("t", -1, 1, d, "ps", [1.0] * (d + 1), baby=m)
+            # generic coefficients (no cancellation: exactly-zero split terms would be skipped, see NEGLIGIBLE)
+            coef = list(np.random.default_rng(d * 10 + m).uniform(0.5, 1.5, d + 1))
+            p = P.PolyApprox("t", -1, 1, d, "ps", coef, baby=m)
             s = p.stats(prescaled=True)
             assert s["depth"] == P.ps_depth_closed(d, m)
             g = round(math.log2((d + 1) / m))
@@ -205,3 +207,19 @@ def test_settings_round_trip():
         x = torch.linspace(0.5, 3.0, 32).reshape(4, 8)
         torch.testing.assert_close(back(x), mod(x))
         assert back.depth == mod.depth
+
+
+def test_negligible_coefficients_are_not_multiplied():
+    """A split coefficient below 2^-40 (cancellation residue) would encode to 0 in CKKS, and TenSEAL then
+    returns a ciphertext at an unplanned level: the schedule skips that product instead."""
+    # the baby-step split computes r[3] = c[3] - c[5]: equal up to 1e-15 here
+    coef = [0.3, 0.7, -0.2, 0.1 + 1e-15, 0.4, 0.1, -0.05, 0.02]
+    p = P.PolyApprox("t", -1, 1, 7, "ps", coef, baby=2)
+    clean = P.PolyApprox("t", -1, 1, 7, "ps", coef[:3] + [0.1] + coef[4:], baby=2)
+    xs = np.linspace(-1, 1, 101)
+    np.testing.assert_allclose(p.evaluate(torch.tensor(xs)).numpy(), p.numpy_eval(xs), atol=1e-12)
+    generic = P.PolyApprox("t", -1, 1, 7, "ps", coef[:3] + [0.35] + coef[4:], baby=2)
+    # the skipped product leaves that baby-step sum a plaintext constant: one ct-ct product becomes ct-pt
+    sp, sg = p.stats(prescaled=True), generic.stats(prescaled=True)
+    assert sp["ct_ct"] == sg["ct_ct"] - 1 and sp["add"] == sg["add"] - 1
+    assert p.stats(prescaled=True) == clean.stats(prescaled=True)
