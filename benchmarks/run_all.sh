@@ -20,7 +20,7 @@ cgf-fhe finetune --model minilm --softmax exact --lr 1e-4 --unfreeze-embeddings 
 
 # 4. 2-layer fully polynomial CGF student (Newton LayerNorm), KD from that teacher
 cgf-fhe distill --model minilm --teacher "$R/minilm/teacher-s42" --coeff 0.5 --beta 10 --poly all --ln newton \
-    --student-layers 2 --seed 42 --no-progress --resume -o "$R/minilm/student2-newton-s42"
+    --student-layers 2 --epochs 3 --seed 42 --no-progress --resume -o "$R/minilm/student2-newton-s42"
 
 # 5. export + check + parity on the full dev set, depth reports at L = 9 and 14, emulated CKKS on the dev set
 S="$R/minilm/student2-newton-s42"

@@ -24,7 +24,7 @@ PRESETS: dict[str, dict] = {
         "max_length": 32,
         "teacher": {"epochs": 3, "max_train_samples": 512, "max_eval_samples": 128, "seed": 42, "lr": 1e-3},
         "student": {"epochs": 3, "coeff": 0.5, "beta": 10.0, "poly": "all", "ln": "newton", "student_layers": 1,
-                    "max_train_samples": 512, "max_eval_samples": 128, "seed": 42, "lr": 1e-3},
+                    "max_train_samples": 512, "max_eval_samples": 128, "seed": 42, "margin": 0.5},
         "export": {"verify": 16},
         "report": {"levels": [7, 14]},
         "emulate": {"limit": 128},
