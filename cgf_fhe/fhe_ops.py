@@ -25,6 +25,7 @@ counts in :mod:`cgf_fhe.export.report`.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -256,6 +257,16 @@ def load_model(path) -> onnx.ModelProto:
     except Exception as exc:
         raise GraphError(f"{path}: onnx.checker rejects the model: {exc}") from None
     return model
+
+
+def resolve_model(model_or_path) -> tuple[onnx.ModelProto, str]:
+    """``(model, path)`` from an ``onnx.ModelProto`` (path ``"<model>"``) or a file path (checked)."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path, "<model>"
+    path = str(model_or_path)
+    if not Path(path).is_file():
+        raise GraphError(f"{path}: no such file")
+    return load_model(path), path
 
 
 ENCRYPTED_KEY = "cgf_fhe.encrypted_inputs"

@@ -282,13 +282,7 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
     """The report as a JSON-serialisable dict (schema in the module doc and docs/)."""
     if packing not in ("slots", "row"):
         raise UserError(f"unknown packing model {packing!r} (slots|row)")
-    if isinstance(model_or_path, onnx.ModelProto):
-        model, path = model_or_path, "<model>"
-    else:
-        path = str(model_or_path)
-        if not Path(path).is_file():
-            raise fhe_ops.GraphError(f"{path}: no such file")
-        model = fhe_ops.load_model(path)
+    model, path = fhe_ops.resolve_model(model_or_path)
     meta = _meta(model)
     seq = int(seq_len or meta.get("seq_len") or meta.get("max_length") or DEFAULT_SEQ_LEN)
     dims = _input_dims(model, seq)

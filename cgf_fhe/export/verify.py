@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import onnx
 
@@ -66,13 +65,7 @@ def check(model_or_path, encrypted: list[str] | None = None) -> CheckResult:
     """Run the verifier. ``model_or_path``: an ``onnx.ModelProto`` or a file path (loaded with the checker).
     ``encrypted`` overrides the metadata declaration. Raises :class:`cgf_fhe.fhe_ops.GraphError` on unreadable
     files or unknown input names."""
-    if isinstance(model_or_path, onnx.ModelProto):
-        model, path = model_or_path, "<model>"
-    else:
-        path = str(model_or_path)
-        if not Path(path).is_file():
-            raise fhe_ops.GraphError(f"{path}: no such file")
-        model = fhe_ops.load_model(path)
+    model, path = fhe_ops.resolve_model(model_or_path)
     analysis = fhe_ops.analyze(model, encrypted or None)
     return CheckResult(path, analysis, model)
 

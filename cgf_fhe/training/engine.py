@@ -18,7 +18,6 @@ What it does per run:
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
