@@ -28,7 +28,7 @@ cgf-fhe export "$S" -o "$R/minilm/student2.onnx" --verify 408
 cgf-fhe check "$R/minilm/student2.onnx"
 cgf-fhe report "$R/minilm/student2.onnx" --levels 9 --seq-len 128 -o "$R/minilm/report-L9"
 cgf-fhe report "$R/minilm/student2.onnx" --levels 14 --seq-len 128 -o "$R/minilm/report-L14"
-cgf-fhe simulate "$R/minilm/student2.onnx" --backend emulate -o "$R/minilm/emulate"
+cgf-fhe simulate "$R/minilm/student2.onnx" --backend emulate --emulate-refresh client --on-overflow garbage -o "$R/minilm/emulate"
 
 # 6. emulator vs TenSEAL per primitive; op costs; depth table
 python benchmarks/emulator_calibration.py --poly-modulus 8192 --coeff-bits 60,40,40,60 --scale-bits 40 \
