@@ -41,7 +41,9 @@ PRESETS: dict[str, dict] = {
                     "student_layers": 2},
         "export": {"verify": 408},
         "report": {"levels": [9, 14]},
-        "emulate": {"limit": None},
+        # client-aided refreshes (what TenSEAL does); overflowing elements decrypt to garbage and are counted in
+        # simulation.json "diagnostics" (see docs/results.md: the last LayerNorm overflows at non-first tokens)
+        "emulate": {"limit": None, "emulate_refresh": "client", "on_overflow": "garbage"},
         # a 384-wide student under real TenSEAL is ~10^7 ciphertext ops per layer even at 16 tokens (days on
         # 2 cores): off by default; the emulator, validated per primitive against TenSEAL, carries the dev set
         "tenseal": {"enabled": False, "limit": 4, "max_length": 16, "poly_modulus": 16384},

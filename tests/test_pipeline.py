@@ -100,3 +100,15 @@ def test_tenseal_spot_check_is_opt_in_for_smoke(tmp_path):
     assert plan["tenseal"][:4] == ["simulate", str(tmp_path / "student.onnx"), "--backend", "tenseal"]
     assert "--enabled" not in plan["tenseal"]
 
+
+
+@pytest.mark.parametrize("preset", sorted(pipeline.PRESETS))
+def test_every_stage_command_parses_with_the_real_cli(preset, tmp_path):
+    from cgf_fhe.cli import build_parser
+
+    cfg = pipeline.load_config(None, preset)
+    cfg["tenseal"]["enabled"] = True
+    parser = build_parser()
+    for name, argv, _ in pipeline.stage_plan(cfg, tmp_path, "/data"):
+        args = parser.parse_args(argv)  # argparse exits (SystemExit) on an unknown flag
+        assert callable(args.func), name
