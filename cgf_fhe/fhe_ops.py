@@ -259,6 +259,11 @@ def load_model(path) -> onnx.ModelProto:
     return model
 
 
+def producers(nodes) -> dict[str, int]:
+    """Value name -> index of the node (in ``nodes``) that produces it."""
+    return {o: i for i, n in enumerate(nodes) for o in n.output if o}
+
+
 def resolve_model(model_or_path) -> tuple[onnx.ModelProto, str]:
     """``(model, path)`` from an ``onnx.ModelProto`` (path ``"<model>"``) or a file path (checked)."""
     if isinstance(model_or_path, onnx.ModelProto):

@@ -23,6 +23,8 @@ Outside the layers: ``embeddings``, ``pooler``, ``classifier``, ``input`` (mask 
 """
 from __future__ import annotations
 
+from .. import fhe_ops
+
 import ast
 import re
 from collections import defaultdict
@@ -112,11 +114,7 @@ def classify(model: onnx.ModelProto) -> list[tuple[int | None, str]]:
     paths = [module_path(n) for n in nodes]
     out: list[tuple[int | None, str | None]] = [(layer_index(p), _static_stage(p)) for p in paths]
 
-    producer = {}
-    for i, n in enumerate(nodes):
-        for o in n.output:
-            if o:
-                producer[o] = i
+    producer = fhe_ops.producers(nodes)
     consumers = defaultdict(list)
     for i, n in enumerate(nodes):
         for x in n.input:

@@ -300,11 +300,7 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
     L = analysis.total_depth if level_budget is None else int(level_budget)
     plan = plan_bootstraps(model, analysis, L)
 
-    producer = {}
-    for i, n in enumerate(gnodes):
-        for o in n.output:
-            if o:
-                producer[o] = i
+    producer = fhe_ops.producers(gnodes)
     refreshed_by_node = defaultdict(list)
     for v in plan.refresh:
         if v in producer:
