@@ -567,25 +567,27 @@ def _console():
     return con if con.is_terminal else Console(width=160)
 
 
+def _rich_table(title, cols, rows):
+    """A rich table whose first column is left-aligned and the numeric ones right-aligned."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for i, c in enumerate(cols):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
 def print_report(rep: dict, show_nodes: bool = False) -> None:
     from rich.table import Table
 
     con = _console()
     for line in _summary_lines(rep):
         con.print(line, highlight=False, markup=False)
-    t = Table(title="per encoder layer (and head)")
-    for c in LAYER_COLS:
-        t.add_column(c, justify="left" if c == "group" else "right")
-    for r in _layer_rows(rep):
-        t.add_row(*r)
-    con.print(t)
+    con.print(_rich_table("per encoder layer (and head)", LAYER_COLS, _layer_rows(rep)))
     if rep["stages"]:
-        t = Table(title="per stage (summed over layers)")
-        for c in STAGE_COLS:
-            t.add_column(c, justify="left" if c == "stage" else "right")
-        for r in _stage_rows(rep):
-            t.add_row(*r)
-        con.print(t)
+        con.print(_rich_table("per stage (summed over layers)", STAGE_COLS, _stage_rows(rep)))
     if show_nodes:
         t = Table(title="encrypted nodes")
         for c in ("node", "op", "layer", "stage", "operands", "levels", "depth", "levels left"):
