@@ -81,10 +81,21 @@ def load_mrpc(data_dir: str | Path | None = None) -> datasets.DatasetDict:
     return datasets.DatasetDict({s: ds[s] for s in SPLITS})
 
 
-def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int = 128, max_samples: int | None = None):
-    """Pair-tokenize (sentence1, sentence2) with truncation; padding is left to the collator (dynamic)."""
+def swap_pairs(ds: datasets.Dataset) -> datasets.Dataset:
+    """``ds`` followed by every row with sentence1 and sentence2 exchanged (for symmetric pair labels)."""
+    swapped = ds.rename_columns({"sentence1": "_s2", "sentence2": "sentence1"}).rename_column("_s2", "sentence2")
+    return datasets.concatenate_datasets([ds, swapped.cast(ds.features)])
+
+
+def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int = 128, max_samples: int | None = None,
+                   swap: bool = False):
+    """Pair-tokenize (sentence1, sentence2) with truncation; padding is left to the collator (dynamic).
+
+    ``swap``: append the swapped pairs (see :func:`swap_pairs`), after ``max_samples`` is applied."""
     if max_samples is not None:
         ds = ds.select(range(min(max_samples, len(ds))))
+    if swap:
+        ds = swap_pairs(ds)
 
     def enc(batch):
         out = tokenizer(batch["sentence1"], batch["sentence2"], truncation=True, max_length=max_length)

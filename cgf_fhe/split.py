@@ -77,14 +77,34 @@ class ServerModel(nn.Module):
     exact-softmax implementations of :mod:`cgf_fhe.softmax` accept it). Models using another attention
     implementation (``eager``/``sdpa``) get the usual additive mask instead; that path is for plaintext
     comparison only. The wrapped model's parameters are shared, not copied.
+
+    ``first_token_last_layer`` (default on): the pooler reads only the first ([CLS]) token of the last
+    layer's output, so that layer computes one query row and runs its attention output, LayerNorms and
+    FFN on that token only (keys and values still cover every token). The logits are unchanged; the last
+    layer's ciphertext count and its work drop by a factor of the sequence length, and its LayerNorms
+    never see the non-[CLS] tokens (whose values nothing downstream reads). Used only for BERT-style layers
+    (``attention.self`` / ``attention.output`` / ``feed_forward_chunk``) with a CGF or exact attention
+    implementation and a pooler; other models run every layer in full.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, first_token_last_layer: bool = True):
         super().__init__()
         base_model(model)  # validates the structure
         if not hasattr(model, "classifier"):
             raise TypeError(f"{type(model).__name__} has no .classifier head")
         self.model = model
+        self.first_token_last_layer = first_token_last_layer
+        layers = list(base_model(model).encoder.layer)
+        if layers and self._first_token_only(layers[-1]):  # attach now: a module created while tracing gets no scope
+            _first_token_core(layers[-1], model.config._attn_implementation)
+
+    def _first_token_only(self, layer) -> bool:
+        base = base_model(self.model)
+        att = getattr(layer, "attention", None)
+        return (self.first_token_last_layer and getattr(base, "pooler", None) is not None
+                and getattr(self.model.config, "_attn_implementation", None) in (CGF, EXACT)
+                and hasattr(att, "self") and hasattr(att, "output") and hasattr(layer, "feed_forward_chunk")
+                and all(hasattr(att.self, n) for n in ("query", "key", "value", "attention_head_size")))
 
     def forward(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         model = self.model
@@ -96,7 +116,11 @@ class ServerModel(nn.Module):
         else:
             mask = (1.0 - keep) * torch.finfo(embeddings.dtype).min
         h = embeddings
-        for layer in base.encoder.layer:
+        layers = list(base.encoder.layer)
+        for i, layer in enumerate(layers):
+            if i == len(layers) - 1 and self._first_token_only(layer):
+                h = _first_token_layer(layer, h, mask, impl)
+                break
             out = layer(h, mask)
             h = out[0] if isinstance(out, tuple) else out
         pooler = getattr(base, "pooler", None)
@@ -108,6 +132,47 @@ class ServerModel(nn.Module):
             return model.classifier(pooled)
         # heads that pool themselves (e.g. RoBERTa's classification head takes the sequence output)
         return model.classifier(h)
+
+
+class FirstTokenAttention(nn.Module):
+    """The attention core of a BERT self-attention module with one query row (the first token).
+
+    Attached (parameter-free) as ``attention.self.first_token`` of the last layer so that the exported
+    nodes carry that layer's module scope (the depth report groups nodes by scope). The attention
+    itself is the registered implementation, called through transformers' ``ALL_ATTENTION_FUNCTIONS``
+    as ``BertSelfAttention.forward`` calls it."""
+
+    def __init__(self, self_attention: nn.Module, impl: str):
+        super().__init__()
+        object.__setattr__(self, "sa", self_attention)  # a reference, not a submodule (no double registration)
+        self.impl = impl
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        sa = self.sa
+        b, s, _ = h.shape
+        d = sa.attention_head_size
+        q = sa.query(h[:, :1]).view(b, 1, -1, d).transpose(1, 2)
+        k = sa.key(h).view(b, s, -1, d).transpose(1, 2)
+        v = sa.value(h).view(b, s, -1, d).transpose(1, 2)
+        ctx, _ = ALL_ATTENTION_FUNCTIONS[self.impl](sa, q, k, v, mask, scaling=sa.scaling,
+                                                    dropout=sa.dropout.p if sa.training else 0.0)
+        return ctx.reshape(b, 1, -1).contiguous()
+
+
+def _first_token_layer(layer, h: torch.Tensor, mask: torch.Tensor, impl: str) -> torch.Tensor:
+    """``layer(h, mask)[:, :1]`` computed with one query row: attention output, LayerNorms, FFN on token 0."""
+    att = layer.attention.output(_first_token_core(layer, impl)(h, mask), h[:, :1])
+    return layer.feed_forward_chunk(att)
+
+
+def _first_token_core(layer, impl: str) -> FirstTokenAttention:
+    sa = layer.attention.self
+    core = getattr(sa, "first_token", None)
+    if not isinstance(core, FirstTokenAttention) or core.impl != impl:
+        core = sa.first_token = FirstTokenAttention(sa, impl)
+    return core
 
 
 @torch.no_grad()

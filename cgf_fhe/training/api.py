@@ -86,16 +86,17 @@ def _raw(data_dir):
     return _RAW_CACHE[key]
 
 
-def load_split(tokenizer, split: str, opts: RunOptions, recipe: Recipe | None = None, max_samples=None):
+def load_split(tokenizer, split: str, opts: RunOptions, recipe: Recipe | None = None, max_samples=None,
+               swap: bool = False):
     raw = _raw(opts.data_dir)
     if split not in raw:
         raise TrainingError(f"unknown split {split!r}; available: {sorted(raw)}")
     max_length = opts.max_length or (recipe.max_length if recipe else 128)
-    return tokenize_split(raw[split], tokenizer, max_length, max_samples)
+    return tokenize_split(raw[split], tokenizer, max_length, max_samples, swap=swap)
 
 
 def load_data(tokenizer, opts: RunOptions, recipe: Recipe):
-    train = load_split(tokenizer, "train", opts, recipe, opts.max_train_samples)
+    train = load_split(tokenizer, "train", opts, recipe, opts.max_train_samples, swap=recipe.swap_pairs)
     dev = load_split(tokenizer, "validation", opts, recipe, opts.max_eval_samples)
     return train, dev
 
@@ -129,6 +130,7 @@ def _run_key(settings: dict) -> dict:
         "init": settings.get("init"), "seed": settings.get("seed"), "recipe": recipe,
         "max_train_samples": data.get("max_train_samples"), "max_length": data.get("max_length"),
         "kd": settings.get("kd"), "fhe_options": fhe, "student_layers": settings.get("student_layers_requested"),
+        "student_hidden": settings.get("student_hidden"),
         "teacher": settings.get("teacher"), "poly_training": settings.get("poly_training"),
     })
 
@@ -348,8 +350,13 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
                 coeff: float = 0.5, recipe: Recipe | str | None = None, opts: RunOptions | None = None,
                 fhe=None, student_layers: int | None = None, interval_penalty: float = 0.0,
                 multi: bool = False, teacher_root: Path | None = None, guard: bool = True,
-                blend_epochs: float | None = None, refit: bool = False) -> dict:
-    """Distill one seed: exact teacher -> CGF (optionally polynomial / shallower) student in ``out_dir``.
+                blend_epochs: float | None = None, refit: bool = False, student_hidden: int | None = None) -> dict:
+    """Distill one seed: exact teacher -> CGF (optionally polynomial / shallower / narrower) student in ``out_dir``.
+
+    ``student_hidden`` H (< the teacher's hidden size, a multiple of its head size): a narrow student with random
+    encoder/pooler/classifier and the teacher's embeddings projected by a fixed orthonormal ``P`` [D, H]; the
+    hidden-state KD targets are the teacher's hidden states ``@ P`` (see :mod:`.narrow`). ``P`` is kept in the
+    training state for resume and saved with the checkpoint as ``kd_projection.safetensors``.
 
     Polynomial students (see :mod:`.poly_train`): ``guard`` clamps polynomial inputs into their intervals
     while training; with frozen LayerNorms the blend exact -> frozen ramps linearly over the first
@@ -377,6 +384,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
                "ce_weight": recipe.kd_ce_weight, "interval_penalty": float(interval_penalty)},
         "fhe_options": _options_dict(fhe_opts) if poly else None,
         "student_layers_requested": int(student_layers) if student_layers is not None else None,
+        "student_hidden": int(student_hidden) if student_hidden is not None else None,
         "poly_training": schedule.to_dict() if schedule is not None else None,
         "data": opts.data_settings(recipe), "cgf_fhe_version": __version__,
     }
@@ -384,8 +392,6 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         return s
 
     t_model, tok, t_settings = load_checkpoint(tdir, softmax="exact")
-    student, _, _ = load_checkpoint(tdir, softmax="cgf", coeff=coeff)
-    student.train()
     train, dev = load_data(tok, opts, recipe)
     collate = collator(tok)
 
@@ -394,7 +400,14 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         clear_state(state_dir)
     n_teacher_layers = t_model.config.num_hidden_layers
     layer_map = list(range(n_teacher_layers))
-    if student_layers is not None and student_layers != n_teacher_layers:
+    projection = None
+    if student_hidden is not None:
+        student, layer_map, projection = _narrow_student(t_model, tdir, student_hidden, student_layers, coeff, seed,
+                                                         train, collate, recipe, opts, state_dir)
+    else:
+        student, _, _ = load_checkpoint(tdir, softmax="cgf", coeff=coeff)
+    student.train()
+    if student_hidden is None and student_layers is not None and student_layers != n_teacher_layers:
         try:
             layer_map = [int(i) for i in _surgery().shrink_layers(student, int(student_layers))]
         except ValueError as exc:
@@ -430,7 +443,8 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
 
     penalty_fn = _surgery().interval_penalty if interval_penalty else None
     step = KDStep(t_model, layer_map, alpha=recipe.kd_alpha, beta=recipe.kd_beta, T=recipe.kd_temperature,
-                  ce_weight=recipe.kd_ce_weight, penalty_weight=interval_penalty, penalty_fn=penalty_fn)
+                  ce_weight=recipe.kd_ce_weight, penalty_weight=interval_penalty, penalty_fn=penalty_fn,
+                  teacher_proj=projection["P"] if projection else None)
     tag = f"distill c={coeff:g}" + (" poly" if poly else "") + f" seed {seed}"
     res = fit(student, step, train, dev, collate, recipe, seed=seed, state_dir=state_dir, resume=opts.resume,
               device=opts.device, mixed_precision=opts.mixed_precision, progress=opts.progress,
@@ -452,6 +466,8 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         "backbone": _backbone_of(student) or t_settings.get("backbone"), "teacher_dev": teacher_dev,
         "layer_map": layer_map, "student_layers": student.config.num_hidden_layers,
     })
+    if projection is not None:
+        settings["projection"] = {k: v for k, v in projection.items() if k != "P"}
     if fhe_settings is not None:
         surgery = _surgery()
         if hasattr(surgery, "fhe_settings"):  # the trained modules' current state (+ the calibration)
@@ -464,11 +480,67 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
                                       res.best_metrics, tag))
     if _is_main(opts):
         save_checkpoint(student, tok, out, settings)
-        if poly or layer_map != list(range(n_teacher_layers)):
+        if projection is not None:
+            from .narrow import PROJ_FILE, save_projection
+
+            save_projection(projection["P"], out / PROJ_FILE, {"method": projection["method"]})
+            if not opts.keep_state:
+                (state_dir / PROJ_FILE).unlink(missing_ok=True)
+        if poly or projection is not None or layer_map != list(range(n_teacher_layers)):
             _reload_check(student, out, dev_loader, device)
         _finish(out, state_dir, opts)
     _barrier(opts)
     return settings
+
+
+def _narrow_student(t_model, tdir: Path, hidden: int, layers: int | None, coeff: float, seed: int, train, collate,
+                    recipe: Recipe, opts: RunOptions, state_dir: Path):
+    """(student, layer_map, projection info incl. "P") for ``--student-hidden`` (see :mod:`.narrow`)."""
+    from torch.utils.data import DataLoader
+
+    from . import narrow
+
+    n_teacher = t_model.config.num_hidden_layers
+    if layers is not None:
+        try:
+            layer_map = [int(i) for i in _surgery().kept_layer_indices(n_teacher, int(layers))]
+        except ValueError as exc:
+            raise TrainingError(f"--student-layers {layers}: {exc}") from None
+    else:
+        layer_map = list(range(n_teacher))
+    try:
+        config = narrow.narrow_config(t_model.config, int(hidden), len(layer_map))
+    except ValueError as exc:
+        raise TrainingError(f"--student-hidden {hidden} (teacher {tdir}): {exc}") from None
+    device = get_accelerator(opts.device, opts.mixed_precision).device
+    t_model.to(device)
+    loader = DataLoader(train, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=collate)
+    saved = state_dir / narrow.PROJ_FILE
+    explained = None
+    if opts.resume and saved.is_file():
+        P = narrow.load_projection(saved)
+        if tuple(P.shape) != (t_model.config.hidden_size, int(hidden)):
+            raise TrainingError(f"{saved} holds a projection of shape {tuple(P.shape)}, expected "
+                                f"{(t_model.config.hidden_size, int(hidden))}; drop --resume or use another -o")
+        _log(f"[distill] resume: projection restored from {saved}")
+    else:
+        _log(f"[distill] projection {t_model.config.hidden_size} -> {hidden}: top principal directions of the "
+             f"teacher's hidden states on the first {narrow.PROJ_BATCHES} training batches")
+        P, explained = narrow.teacher_projection(t_model, loader, int(hidden), narrow.PROJ_BATCHES, device)
+        if _is_main(opts):
+            narrow.save_projection(P, saved, {"method": narrow.PROJ_METHOD})
+        _barrier(opts)
+    student = narrow.init_narrow_student(t_model, config, P, seed, coeff, loader, narrow.PROJ_BATCHES, device)
+    info = {"P": P, "method": narrow.PROJ_METHOD, "batches": narrow.PROJ_BATCHES,
+            "batch_size": recipe.eval_batch_size, "file": narrow.PROJ_FILE, "teacher_hidden": t_model.config.hidden_size,
+            "explained_second_moment": explained, "embedding_ln_init": "lstsq",
+            "student_config": {"hidden_size": config.hidden_size, "num_attention_heads": config.num_attention_heads,
+                               "intermediate_size": config.intermediate_size,
+                               "num_hidden_layers": config.num_hidden_layers}}
+    _log(f"[distill] narrow student: hidden {config.hidden_size}, {config.num_attention_heads} heads, "
+         f"intermediate {config.intermediate_size}, {config.num_hidden_layers} layers (teacher layers {layer_map})"
+         + (f"; P keeps {explained:.1%} of the hidden states' second moment" if explained is not None else ""))
+    return student, layer_map, info
 
 
 def _poly_schedule(fhe_opts, recipe: Recipe, guard: bool, blend_epochs: float | None,
@@ -534,11 +606,12 @@ def distill(model: str = "tiny", out_dir="out/distill", teacher=None, coeff: flo
             seeds: Sequence[int] | None = None, seed: int = 42, recipe: Recipe | str | None = None,
             opts: RunOptions | None = None, fhe=None, student_layers: int | None = None,
             interval_penalty: float = 0.0, guard: bool = True, blend_epochs: float | None = None,
-            refit: bool = False) -> dict:
+            refit: bool = False, student_hidden: int | None = None) -> dict:
     """Teacher (given or trained once) -> CGF student per seed; writes ``out_dir/summary.json``.
 
     ``fhe``: a :class:`cgf_fhe.surgery.FheOptions` (or its dict) to make the student polynomial; ``guard``,
     ``blend_epochs``, ``refit``: its training aids (see :func:`distill_one`).
+    ``student_hidden``: hidden size of a narrow student (see :func:`distill_one`, :mod:`.narrow`).
     Returns the summary: student and teacher mean/std and the paired difference student - teacher."""
     opts = opts or RunOptions()
     recipe = _as_recipe(recipe)
@@ -547,7 +620,8 @@ def distill(model: str = "tiny", out_dir="out/distill", teacher=None, coeff: flo
     runs = {}
     for s, d in _seed_dirs(out, seeds, seed):
         st = distill_one(model, d, s, teacher, coeff, recipe, opts, fhe, student_layers, interval_penalty,
-                         multi=multi, teacher_root=out, guard=guard, blend_epochs=blend_epochs, refit=refit)
+                         multi=multi, teacher_root=out, guard=guard, blend_epochs=blend_epochs, refit=refit,
+                         student_hidden=student_hidden)
         if st.get("status") != "done":
             return {"status": "partial"}
         runs[s] = st
@@ -561,7 +635,7 @@ def distill(model: str = "tiny", out_dir="out/distill", teacher=None, coeff: flo
             "teacher": mean_std([_teacher_secs(r) for r in runs.values() if _teacher_secs(r) is not None]),
         },
         "fhe_options": _options_dict(_fhe_options(fhe)),
-        "student_layers": student_layers, "interval_penalty": interval_penalty,
+        "student_layers": student_layers, "student_hidden": student_hidden, "interval_penalty": interval_penalty,
         "poly_training": next(iter(runs.values())).get("poly_training"),
         "runs": {str(s): str(d) for s, d in _seed_dirs(out, seeds, seed)},
         "teachers": {str(s): r["teacher"] for s, r in runs.items()},

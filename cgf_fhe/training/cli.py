@@ -34,6 +34,8 @@ def _common(p: argparse.ArgumentParser, seeds: bool = True, default_seed: int = 
     r.add_argument("--weight-decay", type=float)
     r.add_argument("--warmup-ratio", type=float)
     r.add_argument("--unfreeze-embeddings", action="store_true", help="train the embeddings too")
+    r.add_argument("--swap-pairs", action="store_true", default=None,
+                   help="also train on every pair with its two sentences swapped (MRPC's label is symmetric)")
     if seeds:
         s = p.add_mutually_exclusive_group()
         s.add_argument("--seed", type=int, default=default_seed, help=f"one seed (default {default_seed}): "
@@ -60,7 +62,7 @@ def _recipe(args, **extra):
     from .recipes import get_recipe
 
     kw = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-              warmup_ratio=args.warmup_ratio, max_length=args.max_length, **extra)
+              warmup_ratio=args.warmup_ratio, max_length=args.max_length, swap_pairs=args.swap_pairs, **extra)
     if args.unfreeze_embeddings:
         kw["freeze_embeddings"] = False
     return get_recipe(args.preset, **kw)
@@ -125,7 +127,7 @@ def cmd_distill(args) -> int:
     from . import api
 
     _check_positive(args, "epochs", "lr", "batch_size", "max_length", "max_train_samples", "max_eval_samples",
-                    "student_layers", "temperature")
+                    "student_layers", "student_hidden", "temperature")
     if not args.model and not args.teacher:
         from ..cli import UserError
 
@@ -143,7 +145,8 @@ def cmd_distill(args) -> int:
         raise UserError(f"--blend-epochs must be >= 0, got {args.blend_epochs}")
     api.distill(args.model, args.output, args.teacher, args.coeff, args.seeds, args.seed, recipe, _opts(args),
                 fhe=fhe, student_layers=args.student_layers, interval_penalty=args.interval_penalty,
-                guard=not args.no_guard, blend_epochs=args.blend_epochs, refit=args.refit)
+                guard=not args.no_guard, blend_epochs=args.blend_epochs, refit=args.refit,
+                student_hidden=args.student_hidden)
     return 0
 
 
@@ -202,6 +205,10 @@ def register(subparsers) -> None:
     f.add_argument("--margin", type=float, help="relative widening of the calibrated intervals")
     f.add_argument("--calib-batches", type=int, help="calibrate on this many training batches (default: all)")
     f.add_argument("--student-layers", type=int, metavar="K", help="keep K encoder layers of the teacher")
+    f.add_argument("--student-hidden", type=int, metavar="H",
+                   help="narrow student of hidden size H (a multiple of the teacher's head size, below its hidden "
+                        "size; MiniLM: 32, 64, ..., 352): teacher embeddings projected on the top-H principal "
+                        "directions of its hidden states, random-init encoder, hidden KD on the projected states")
     f.add_argument("--interval-penalty", type=float, default=0.0, metavar="W",
                    help="weight of the penalty on inputs outside the polynomial intervals")
     f.add_argument("--no-guard", action="store_true",

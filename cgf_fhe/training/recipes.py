@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 
 FINETUNE_FIELDS = ("lr", "epochs", "batch_size", "freeze_embeddings", "warmup_ratio", "weight_decay",
-                   "max_grad_norm", "max_length")
+                   "max_grad_norm", "max_length", "swap_pairs")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class Recipe:
     weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
     max_grad_norm: float = 1.0
     max_length: int = 128
+    # MRPC's label is symmetric in its two sentences: also train on every pair with the sentences swapped
+    # (doubles the training set and the time per epoch; dev is never augmented)
+    swap_pairs: bool = False
     # distillation (cgf-fhe distill)
     kd_alpha: float = 1.0  # weight of T^2 * KL(teacher || student)
     kd_temperature: float = 1.0
