@@ -101,3 +101,19 @@ def test_pair_tokenization_truncation_and_dynamic_padding(mrpc_dir, tiny_tokeniz
     assert batch["input_ids"].shape[1] == max(lengths[:8])  # padded to the longest in the batch
     assert batch["attention_mask"].sum(1).tolist() == lengths[:8]
     assert batch["labels"].tolist() == raw["validation"]["label"][:8]
+
+
+def test_swap_pairs_appends_every_pair_reversed(mrpc_dir, tiny_tokenizer):
+    ds = read_glue_tsv(mrpc_dir / "validation.tsv").select(range(5))
+    sw = data.swap_pairs(ds)
+    assert len(sw) == 10
+    for i in range(5):
+        assert sw[5 + i]["sentence1"] == ds[i]["sentence2"] and sw[5 + i]["sentence2"] == ds[i]["sentence1"]
+        assert sw[5 + i]["label"] == ds[i]["label"] and sw[i] == ds[i]
+    tok = tokenize_split(ds, tiny_tokenizer, 64, max_samples=3, swap=True)
+    assert len(tok) == 6
+    sep = tiny_tokenizer.sep_token_id
+    first = tok[0]["input_ids"].tolist()
+    swapped = tok[3]["input_ids"].tolist()
+    a, b = first[1:first.index(sep)], first[first.index(sep) + 1:-1]
+    assert swapped == [first[0]] + b + [sep] + a + [sep]

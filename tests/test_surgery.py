@@ -120,6 +120,30 @@ def test_split_invariant_and_fold(ranges, data, ln):
     assert model.bert.encoder.layer[0].attention.self.scaling != 1.0  # original untouched
 
 
+def test_last_layer_runs_on_the_first_token_only(ranges, data):
+    """The server's last layer computes one query row and runs its LN/FFN on [CLS] only; same logits."""
+    model, _, _ = _poly_model(ranges, ln="newton")
+    keys = set(model.state_dict())
+    batch = next(iter(data))
+    seq = batch["input_ids"].shape[1]
+    assert seq > 4 and (batch["attention_mask"] == 0).any()  # padded batch
+    shapes = {}
+    hooks = [layer.intermediate.dense.register_forward_hook(
+        lambda mod, inp, out, i=i: shapes.__setitem__(i, tuple(inp[0].shape)))
+        for i, layer in enumerate(model.bert.encoder.layer)]
+    with torch.no_grad():
+        emb = client_embed(model, batch["input_ids"], batch["token_type_ids"])
+        mask = batch["attention_mask"].float()
+        full = ServerModel(model, first_token_last_layer=False)(emb, mask)
+        assert shapes[1][1] == seq
+        first = ServerModel(model)(emb, mask)
+    for h in hooks:
+        h.remove()
+    assert shapes[0][1] == seq and shapes[1][1] == 1  # layer 0 on every token, the last on [CLS] only
+    torch.testing.assert_close(first, full, rtol=0, atol=1e-5)
+    assert set(model.state_dict()) == keys  # the attached attention core has no parameters (checkpoints unchanged)
+
+
 def test_exact_model_split_invariant(data):
     for softmax in ("exact", "cgf"):
         model, _ = build_model("tiny", softmax, 0.5, seed=1)
