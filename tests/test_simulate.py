@@ -377,6 +377,11 @@ def test_cli_emulate_on_exported_student(micro_student, mrpc_dir, tmp_path):
     assert s["refresh_label"] == "client-aided refresh"
     assert s["agreement"] == 1.0 and 0 < s["max_logit_error"] < 1e-4 and s["mean_logit_error"] <= s["max_logit_error"]
     assert s["n_level_mismatches"] == 0  # levels predicted by the plan = levels the emulator consumed
+    # per-example records (what a tenseal run is compared against), consistent with the aggregates
+    pred, ppred, labels = (np.array(s[k]) for k in ("predictions", "plain_predictions", "labels"))
+    assert len(pred) == len(labels) == 24 and np.array(s["logits"]).shape == (24, 2)
+    assert (pred == np.array(s["logits"]).argmax(-1)).all() and (pred == labels).mean() == s["accuracy"]
+    assert np.abs(np.array(s["logits"]) - np.array(s["plain_logits"])).max() == pytest.approx(s["max_logit_error"])
     layers = {d["layer"]: d for d in s["error_per_layer"]}
     assert set(layers) == {"input", 0} and 0 < layers["input"]["max_abs_error"] < 1e-8
     assert layers[0]["max_abs_error"] > layers["input"]["max_abs_error"]

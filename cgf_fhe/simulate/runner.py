@@ -433,6 +433,12 @@ def summarize(results: list[dict], cfg: SimConfig, info: dict, seconds: float, e
         "diagnostics": info.get("diagnostics"),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
                    if k not in ("progress",)},
+        # per example, in dev-set order: what another run (e.g. tenseal vs emulate) is compared against
+        "labels": labels.astype(int).tolist(),
+        "predictions": pred.astype(int).tolist(),
+        "plain_predictions": ppred.astype(int).tolist(),
+        "logits": logits.astype(float).tolist(),
+        "plain_logits": plain.astype(float).tolist(),
     }
     if params.warnings:
         out["warnings"] = list(params.warnings)
