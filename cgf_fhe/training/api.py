@@ -130,7 +130,7 @@ def _run_key(settings: dict) -> dict:
         "init": settings.get("init"), "seed": settings.get("seed"), "recipe": recipe,
         "max_train_samples": data.get("max_train_samples"), "max_length": data.get("max_length"),
         "kd": settings.get("kd"), "fhe_options": fhe, "student_layers": settings.get("student_layers_requested"),
-        "student_hidden": settings.get("student_hidden"),
+        "student_hidden": settings.get("student_hidden"), "student_init": settings.get("student_init"),
         "teacher": settings.get("teacher"), "poly_training": settings.get("poly_training"),
     })
 
@@ -350,13 +350,18 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
                 coeff: float = 0.5, recipe: Recipe | str | None = None, opts: RunOptions | None = None,
                 fhe=None, student_layers: int | None = None, interval_penalty: float = 0.0,
                 multi: bool = False, teacher_root: Path | None = None, guard: bool = True,
-                blend_epochs: float | None = None, refit: bool = False, student_hidden: int | None = None) -> dict:
+                blend_epochs: float | None = None, refit: bool = False, student_hidden: int | None = None,
+                student_init: str | os.PathLike | None = None) -> dict:
     """Distill one seed: exact teacher -> CGF (optionally polynomial / shallower / narrower) student in ``out_dir``.
 
     ``student_hidden`` H (< the teacher's hidden size, a multiple of its head size): a narrow student with random
     encoder/pooler/classifier and the teacher's embeddings projected by a fixed orthonormal ``P`` [D, H]; the
     hidden-state KD targets are the teacher's hidden states ``@ P`` (see :mod:`.narrow`). ``P`` is kept in the
     training state for resume and saved with the checkpoint as ``kd_projection.safetensors``.
+    ``student_init``: a finished narrow (non-polynomial) student checkpoint to start from instead of the random
+    init, with its ``P`` (``student_hidden`` / ``student_layers`` default to its own and must match it). Typical
+    use: a polynomial narrow student (``fhe``) calibrated on an already distilled narrow CGF student, whose
+    activation ranges are those of a trained model (a random-init encoder's are far too small).
 
     Polynomial students (see :mod:`.poly_train`): ``guard`` clamps polynomial inputs into their intervals
     while training; with frozen LayerNorms the blend exact -> frozen ramps linearly over the first
@@ -372,6 +377,9 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     fhe_opts = _fhe_options(fhe)
     poly = fhe_opts is not None and getattr(fhe_opts, "poly", "none") != "none"
     schedule = _poly_schedule(fhe_opts, recipe, guard, blend_epochs, refit) if poly else None
+    if student_init is not None:
+        student_init = Path(student_init).resolve()
+        student_hidden, student_layers = _check_student_init(student_init, student_hidden, student_layers)
     if not given:
         ts = _ensure_teacher(model, tdir, seed, recipe, opts)
         if ts.get("status") != "done":
@@ -385,6 +393,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         "fhe_options": _options_dict(fhe_opts) if poly else None,
         "student_layers_requested": int(student_layers) if student_layers is not None else None,
         "student_hidden": int(student_hidden) if student_hidden is not None else None,
+        "student_init": str(student_init) if student_init is not None else None,
         "poly_training": schedule.to_dict() if schedule is not None else None,
         "data": opts.data_settings(recipe), "cgf_fhe_version": __version__,
     }
@@ -403,7 +412,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     projection = None
     if student_hidden is not None:
         student, layer_map, projection = _narrow_student(t_model, tdir, student_hidden, student_layers, coeff, seed,
-                                                         train, collate, recipe, opts, state_dir)
+                                                         train, collate, recipe, opts, state_dir, student_init)
     else:
         student, _, _ = load_checkpoint(tdir, softmax="cgf", coeff=coeff)
     student.train()
@@ -483,7 +492,9 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         if projection is not None:
             from .narrow import PROJ_FILE, save_projection
 
-            save_projection(projection["P"], out / PROJ_FILE, {"method": projection["method"]})
+            save_projection(projection["P"], out / PROJ_FILE,
+                            {"method": projection["method"],
+                             "explained_second_moment": projection["explained_second_moment"]})
             if not opts.keep_state:
                 (state_dir / PROJ_FILE).unlink(missing_ok=True)
         if poly or projection is not None or layer_map != list(range(n_teacher_layers)):
@@ -493,9 +504,30 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     return settings
 
 
+def _check_student_init(init: Path, hidden: int | None, layers: int | None) -> tuple[int, int]:
+    """(student_hidden, student_layers) of a ``--student-init`` checkpoint, checked against the requested ones."""
+    from .narrow import PROJ_FILE
+
+    s = read_settings(init)
+    if s.get("student_hidden") is None or not (init / PROJ_FILE).is_file():
+        raise TrainingError(f"--student-init {init}: not a narrow student (needs 'student_hidden' in its "
+                            f"{SETTINGS_FILE} and {PROJ_FILE}; make one with distill --student-hidden H)")
+    if s.get("status") != "done":
+        raise TrainingError(f"--student-init {init}: the run is not finished (status {s.get('status')!r})")
+    if s.get("fhe"):
+        raise TrainingError(f"--student-init {init}: already polynomial; start from a non-polynomial narrow student")
+    have_h, have_k = int(s["student_hidden"]), int(s["student_layers"])
+    if hidden is not None and int(hidden) != have_h:
+        raise TrainingError(f"--student-hidden {hidden} differs from --student-init {init} (hidden {have_h})")
+    if layers is not None and int(layers) != have_k:
+        raise TrainingError(f"--student-layers {layers} differs from --student-init {init} ({have_k} layers)")
+    return have_h, have_k
+
+
 def _narrow_student(t_model, tdir: Path, hidden: int, layers: int | None, coeff: float, seed: int, train, collate,
-                    recipe: Recipe, opts: RunOptions, state_dir: Path):
-    """(student, layer_map, projection info incl. "P") for ``--student-hidden`` (see :mod:`.narrow`)."""
+                    recipe: Recipe, opts: RunOptions, state_dir: Path, init: Path | None = None):
+    """(student, layer_map, projection info incl. "P") for ``--student-hidden`` (see :mod:`.narrow`);
+    ``init``: a narrow student checkpoint to start from (its weights and its ``P``)."""
     from torch.utils.data import DataLoader
 
     from . import narrow
@@ -515,25 +547,40 @@ def _narrow_student(t_model, tdir: Path, hidden: int, layers: int | None, coeff:
     device = get_accelerator(opts.device, opts.mixed_precision).device
     t_model.to(device)
     loader = DataLoader(train, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=collate)
-    saved = state_dir / narrow.PROJ_FILE
-    explained = None
-    if opts.resume and saved.is_file():
-        P = narrow.load_projection(saved)
-        if tuple(P.shape) != (t_model.config.hidden_size, int(hidden)):
-            raise TrainingError(f"{saved} holds a projection of shape {tuple(P.shape)}, expected "
-                                f"{(t_model.config.hidden_size, int(hidden))}; drop --resume or use another -o")
-        _log(f"[distill] resume: projection restored from {saved}")
+    want_shape = (t_model.config.hidden_size, int(hidden))
+    saved = init / narrow.PROJ_FILE if init is not None else state_dir / narrow.PROJ_FILE
+    if init is not None or (opts.resume and saved.is_file()):
+        P, meta = narrow.load_projection(saved)
+        if tuple(P.shape) != want_shape:
+            raise TrainingError(f"{saved} holds a projection of shape {tuple(P.shape)}, expected {want_shape} "
+                                f"(teacher hidden {want_shape[0]} -> student hidden {hidden})"
+                                + ("" if init is not None else "; drop --resume or use another -o"))
+        explained = float(meta["explained_second_moment"]) if meta.get("explained_second_moment") else None
+        _log(f"[distill] projection restored from {saved}")
     else:
         _log(f"[distill] projection {t_model.config.hidden_size} -> {hidden}: top principal directions of the "
              f"teacher's hidden states on the first {narrow.PROJ_BATCHES} training batches")
         P, explained = narrow.teacher_projection(t_model, loader, int(hidden), narrow.PROJ_BATCHES, device)
         if _is_main(opts):
-            narrow.save_projection(P, saved, {"method": narrow.PROJ_METHOD})
+            narrow.save_projection(P, saved, {"method": narrow.PROJ_METHOD, "explained_second_moment": explained})
         _barrier(opts)
-    student = narrow.init_narrow_student(t_model, config, P, seed, coeff, loader, narrow.PROJ_BATCHES, device)
+    if init is not None:
+        student, _, s_init = load_checkpoint(init, softmax="cgf", coeff=coeff)
+        got = {k: getattr(student.config, k) for k in ("hidden_size", "num_attention_heads", "intermediate_size",
+                                                        "num_hidden_layers", "vocab_size")}
+        want = {k: getattr(config, k) for k in got}
+        if got != want or list(s_init.get("layer_map") or []) != layer_map:
+            raise TrainingError(f"--student-init {init}: structure {got} / layer map {s_init.get('layer_map')} does not "
+                                f"match the narrow student of teacher {tdir} ({want} / {layer_map})")
+        if s_init.get("teacher") != str(tdir.resolve()):
+            _log(f"[distill] WARNING: --student-init {init} was distilled from {s_init.get('teacher')}, not {tdir}; "
+                 "its projection P was computed from that teacher")
+    else:
+        student = narrow.init_narrow_student(t_model, config, P, seed, coeff, loader, narrow.PROJ_BATCHES, device)
     info = {"P": P, "method": narrow.PROJ_METHOD, "batches": narrow.PROJ_BATCHES,
             "batch_size": recipe.eval_batch_size, "file": narrow.PROJ_FILE, "teacher_hidden": t_model.config.hidden_size,
-            "explained_second_moment": explained, "embedding_ln_init": "lstsq",
+            "explained_second_moment": explained, "embedding_ln_init": "lstsq" if init is None else None,
+            "init": str(init) if init is not None else None,
             "student_config": {"hidden_size": config.hidden_size, "num_attention_heads": config.num_attention_heads,
                                "intermediate_size": config.intermediate_size,
                                "num_hidden_layers": config.num_hidden_layers}}
@@ -606,12 +653,13 @@ def distill(model: str = "tiny", out_dir="out/distill", teacher=None, coeff: flo
             seeds: Sequence[int] | None = None, seed: int = 42, recipe: Recipe | str | None = None,
             opts: RunOptions | None = None, fhe=None, student_layers: int | None = None,
             interval_penalty: float = 0.0, guard: bool = True, blend_epochs: float | None = None,
-            refit: bool = False, student_hidden: int | None = None) -> dict:
+            refit: bool = False, student_hidden: int | None = None, student_init=None) -> dict:
     """Teacher (given or trained once) -> CGF student per seed; writes ``out_dir/summary.json``.
 
     ``fhe``: a :class:`cgf_fhe.surgery.FheOptions` (or its dict) to make the student polynomial; ``guard``,
     ``blend_epochs``, ``refit``: its training aids (see :func:`distill_one`).
-    ``student_hidden``: hidden size of a narrow student (see :func:`distill_one`, :mod:`.narrow`).
+    ``student_hidden``: hidden size of a narrow student, ``student_init``: a narrow student checkpoint to start
+    from (see :func:`distill_one`, :mod:`.narrow`).
     Returns the summary: student and teacher mean/std and the paired difference student - teacher."""
     opts = opts or RunOptions()
     recipe = _as_recipe(recipe)
@@ -621,7 +669,7 @@ def distill(model: str = "tiny", out_dir="out/distill", teacher=None, coeff: flo
     for s, d in _seed_dirs(out, seeds, seed):
         st = distill_one(model, d, s, teacher, coeff, recipe, opts, fhe, student_layers, interval_penalty,
                          multi=multi, teacher_root=out, guard=guard, blend_epochs=blend_epochs, refit=refit,
-                         student_hidden=student_hidden)
+                         student_hidden=student_hidden, student_init=student_init)
         if st.get("status") != "done":
             return {"status": "partial"}
         runs[s] = st
@@ -635,7 +683,8 @@ def distill(model: str = "tiny", out_dir="out/distill", teacher=None, coeff: flo
             "teacher": mean_std([_teacher_secs(r) for r in runs.values() if _teacher_secs(r) is not None]),
         },
         "fhe_options": _options_dict(_fhe_options(fhe)),
-        "student_layers": student_layers, "student_hidden": student_hidden, "interval_penalty": interval_penalty,
+        "student_layers": student_layers, "student_hidden": next(iter(runs.values())).get("student_hidden"),
+        "student_init": str(student_init) if student_init else None, "interval_penalty": interval_penalty,
         "poly_training": next(iter(runs.values())).get("poly_training"),
         "runs": {str(s): str(d) for s, d in _seed_dirs(out, seeds, seed)},
         "teachers": {str(s): r["teacher"] for s, r in runs.items()},

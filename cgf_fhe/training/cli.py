@@ -146,7 +146,7 @@ def cmd_distill(args) -> int:
     api.distill(args.model, args.output, args.teacher, args.coeff, args.seeds, args.seed, recipe, _opts(args),
                 fhe=fhe, student_layers=args.student_layers, interval_penalty=args.interval_penalty,
                 guard=not args.no_guard, blend_epochs=args.blend_epochs, refit=args.refit,
-                student_hidden=args.student_hidden)
+                student_hidden=args.student_hidden, student_init=args.student_init)
     return 0
 
 
@@ -209,6 +209,10 @@ def register(subparsers) -> None:
                    help="narrow student of hidden size H (a multiple of the teacher's head size, below its hidden "
                         "size; MiniLM: 32, 64, ..., 352): teacher embeddings projected on the top-H principal "
                         "directions of its hidden states, random-init encoder, hidden KD on the projected states")
+    f.add_argument("--student-init", metavar="CKPT",
+                   help="start from this finished narrow (non-polynomial) student instead of a random init, with its "
+                        "projection (--student-hidden/--student-layers default to its own). For --poly all narrow "
+                        "students: the polynomial intervals are then calibrated on a trained encoder")
     f.add_argument("--interval-penalty", type=float, default=0.0, metavar="W",
                    help="weight of the penalty on inputs outside the polynomial intervals")
     f.add_argument("--no-guard", action="store_true",

@@ -117,8 +117,9 @@ class KDStep:
     name = "kd"
 
     def __init__(self, teacher, layer_map=None, alpha=1.0, beta=10.0, T=1.0, ce_weight=0.0,
-                 penalty_weight=0.0, penalty_fn: Callable | None = None):
+                 penalty_weight=0.0, penalty_fn: Callable | None = None, teacher_proj: torch.Tensor | None = None):
         self.teacher = teacher
+        self.teacher_proj = teacher_proj  # [D, H] for narrow students (see kd.py)
         self.layer_map = list(layer_map) if layer_map is not None else None
         self.alpha, self.beta, self.T, self.ce_weight = alpha, beta, T, ce_weight
         self.penalty_weight = penalty_weight
@@ -132,6 +133,8 @@ class KDStep:
     def prepare(self, accelerator) -> None:
         self.teacher.to(accelerator.device)
         self.teacher.eval()
+        if self.teacher_proj is not None:
+            self.teacher_proj = self.teacher_proj.to(accelerator.device)
 
     def __call__(self, model, batch):
         inputs = model_inputs(batch)
@@ -142,7 +145,7 @@ class KDStep:
         loss, parts = kd_loss(
             s.logits, t.logits, s.hidden_states if hidden else None, t.hidden_states if hidden else None,
             self.layer_map, inputs.get("attention_mask"), alpha=self.alpha, beta=self.beta, T=self.T,
-            labels=batch.get("labels"), ce_weight=self.ce_weight, return_parts=True,
+            labels=batch.get("labels"), ce_weight=self.ce_weight, return_parts=True, teacher_proj=self.teacher_proj,
         )
         if self.penalty_weight:
             pen = self.penalty_fn(_unwrap(model))

@@ -9,6 +9,11 @@ index i+1 the output of encoder layer i. ``layer_map[l]`` is the teacher encoder
 output student layer ``l`` imitates (what :func:`cgf_fhe.surgery.shrink_layers` returns); ``None`` means
 the identity map (same depth). The MSE averages over valid tokens (``mask`` = attention mask, 1 = token)
 and over the hidden dimension; padding positions do not count.
+
+Narrow students (``--student-hidden H``, :mod:`.narrow`): ``teacher_proj`` is a fixed matrix ``P`` [D, H]
+(teacher hidden D, orthonormal columns); the targets become ``teacher_hidden[layer_map[l]+1] @ P``, so the
+MSE compares H-dimensional vectors (averaged over valid tokens and the H units). ``None`` = no projection
+(student and teacher of the same width).
 """
 from __future__ import annotations
 
@@ -36,7 +41,9 @@ def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> t
 
 
 def hidden_term(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
-                layer_map: Sequence[int] | None, mask: torch.Tensor | None) -> torch.Tensor:
+                layer_map: Sequence[int] | None, mask: torch.Tensor | None,
+                teacher_proj: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over student layers of the masked MSE to the mapped (optionally projected) teacher layer."""
     n_student = len(student_hidden) - 1
     if layer_map is None:
         layer_map = list(range(n_student))
@@ -46,13 +53,23 @@ def hidden_term(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence
     bad = [t for t in layer_map if not 0 <= t < n_teacher]
     if bad:
         raise ValueError(f"layer_map entries {bad} outside the teacher's layers 0..{n_teacher - 1}")
-    terms = [masked_mse(student_hidden[i + 1], teacher_hidden[t + 1], mask) for i, t in enumerate(layer_map)]
+    def target(t):
+        h = teacher_hidden[t + 1]
+        if teacher_proj is None:
+            return h
+        return h.float() @ teacher_proj.to(device=h.device, dtype=torch.float32)
+
+    targets = [target(t) for t in layer_map]
+    if targets and targets[0].shape[-1] != student_hidden[1].shape[-1]:
+        raise ValueError(f"student hidden size {student_hidden[1].shape[-1]} != teacher target size "
+                         f"{targets[0].shape[-1]} (a narrower student needs teacher_proj [D, H])")
+    terms = [masked_mse(student_hidden[i + 1], tgt, mask) for i, tgt in enumerate(targets)]
     return torch.stack(terms).mean()
 
 
 def kd_loss(student_logits, teacher_logits, student_hidden, teacher_hidden, layer_map, mask,
             alpha: float = 1.0, beta: float = 10.0, T: float = 1.0, labels=None, ce_weight: float = 0.0,
-            return_parts: bool = False):
+            return_parts: bool = False, teacher_proj: torch.Tensor | None = None):
     """The distillation loss (see module docstring). With ``return_parts`` returns (loss, {name: float})."""
     parts = {}
     loss = student_logits.new_zeros((), dtype=torch.float32)
@@ -63,7 +80,7 @@ def kd_loss(student_logits, teacher_logits, student_hidden, teacher_hidden, laye
     if beta:
         if student_hidden is None or teacher_hidden is None:
             raise ValueError("beta > 0 needs student and teacher hidden states (output_hidden_states=True)")
-        mse = hidden_term(student_hidden, teacher_hidden, layer_map, mask)
+        mse = hidden_term(student_hidden, teacher_hidden, layer_map, mask, teacher_proj)
         loss = loss + beta * mse
         parts["mse"] = mse.detach()
     if ce_weight:
