@@ -1,41 +1,85 @@
 #!/usr/bin/env bash
-# Every command whose output is quoted in docs/results.md, in order. Real runs: hours on a 2-core CPU.
-# Usage: CGF_FHE_DATA_DIR=../shared/data/mrpc bash benchmarks/run_all.sh [RUNS_DIR]
-# Threads: on a shared 2-core machine, one torch thread per process is several times faster than two.
-set -euo pipefail
+# Every command behind docs/results.md, in order, each writing its JSON into the runs folder R; then
+# benchmarks/make_results.py regenerates the page (and docs/img/*.png) from those files.
+#
+#   CGF_FHE_DATA_DIR=../shared/data/mrpc bash benchmarks/run_all.sh [R]      # default R = runs
+#
+# Real runs: many hours on a 2-core CPU (MiniLM: ~4.5 min per epoch and process with one thread). Training
+# commands use --resume: rerunning the script continues interrupted runs and skips finished ones.
+# A failing command does not stop the script: it is logged to R/failures.txt, whatever depends on it is missing,
+# and the page says "not run: <command>" there. Threads: on a shared 2-core machine one torch thread per process
+# is several times faster than two.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 R="${1:-runs}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$R"
+mkdir -p "$R/minilm/search" "$R/narrow"
+: > "$R/failures.txt"
 
-# 1. test suite wall time
-/usr/bin/time -f "tests: %e s" python -m pytest -q tests
+fail() { echo "exit $1: ${*:2}" >> "$R/failures.txt"; echo "FAILED (exit $1): ${*:2}" >&2; }
+run() { echo "+ $*" >&2; "$@" || fail $? "$@"; }
+run_to() { local out="$1"; shift; echo "+ $* > $out" >&2; "$@" > "$out" || fail $? "$@"; }
+
+# 1. test suite (output tail + wall time in R/tests.txt)
+echo "+ python -m pytest -q tests" >&2
+/usr/bin/time -f "wall seconds: %e" python -m pytest -q tests > "$R/tests.log" 2>&1 || fail $? python -m pytest -q tests
+tail -n 5 "$R/tests.log" > "$R/tests.txt"
 
 # 2. smoke pipeline (tiny model, end to end; TenSEAL spot check off, see README)
-/usr/bin/time -f "smoke pipeline: %e s" cgf-fhe pipeline --preset smoke -o "$R/smoke"
+run /usr/bin/time -f "wall seconds: %e" -o "$R/smoke.time" cgf-fhe pipeline --preset smoke -o "$R/smoke"
 
-# 3. MiniLM teacher (candidate minilm recipe: lr 1e-4, unfrozen embeddings, 10% warmup, 5 epochs), seed 42
-cgf-fhe finetune --model minilm --softmax exact --lr 1e-4 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 5 \
-    --seed 42 --no-progress --resume -o "$R/minilm/teacher-s42"
+# 3. MiniLM teacher: recipe search (seed 42, one folder per candidate), then the chosen recipe on 3 seeds
+run cgf-fhe finetune --model minilm --softmax exact --preset reference --epochs 3 \
+    --seed 42 --no-progress --resume -o "$R/minilm/search/ref-e3"
+run cgf-fhe finetune --model minilm --softmax exact --lr 1e-4 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 5 \
+    --seed 42 --no-progress --resume -o "$R/minilm/search/lr1e-4-unfrz-wu"
+run cgf-fhe finetune --model minilm --softmax exact --lr 1e-4 --unfreeze-embeddings --warmup-ratio 0.1 --swap-pairs --epochs 3 \
+    --seed 42 --no-progress --resume -o "$R/minilm/search/swap-lr1e-4-unfrz-wu-e3"
+run cgf-fhe finetune --model minilm --preset minilm --seeds 42 7 123 --no-progress --resume -o "$R/minilm/teacher"
 
-# 4. 2-layer fully polynomial CGF student (Newton LayerNorm), KD from that teacher
-cgf-fhe distill --model minilm --teacher "$R/minilm/teacher-s42" --coeff 0.5 --beta 10 --poly all --ln newton \
-    --student-layers 2 --epochs 3 --seed 42 --no-progress --resume -o "$R/minilm/student2-newton-s42"
+# 4. students distilled from that teacher, same seeds: CGF + KD (exact non-linearities), polynomial students
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 \
+    --seeds 42 7 123 --no-progress --resume -o "$R/minilm/cgf-kd"
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton \
+    --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton"
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln frozen \
+    --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-frozen"
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --student-layers 2 \
+    --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly2-newton"
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --student-layers 2 \
+    --student-hidden 64 --max-length 32 --seed 42 --no-progress --resume -o "$R/narrow/student2-h64"
 
-# 5. export + check + parity on the full dev set, depth reports at L = 9 and 14, emulated CKKS on the dev set
-S="$R/minilm/student2-newton-s42"
-cgf-fhe export "$S" -o "$R/minilm/student2.onnx" --verify 408
-cgf-fhe check "$R/minilm/student2.onnx"
-cgf-fhe report "$R/minilm/student2.onnx" --levels 9 --seq-len 128 -o "$R/minilm/report-L9"
-cgf-fhe report "$R/minilm/student2.onnx" --levels 14 --seq-len 128 -o "$R/minilm/report-L14"
-cgf-fhe simulate "$R/minilm/student2.onnx" --backend emulate --emulate-refresh client --on-overflow garbage -o "$R/minilm/emulate"
+# 5. export + FHE check + parity on the dev set; depth reports at L = 9 and 14
+run cgf-fhe export "$R/minilm/poly6-newton/seed42" -o "$R/minilm/poly6.onnx" --verify 408
+run_to "$R/minilm/poly6.check.json" cgf-fhe check "$R/minilm/poly6.onnx" --format json
+run cgf-fhe export "$R/minilm/poly2-newton/seed42" -o "$R/minilm/poly2.onnx" --verify 408
+run_to "$R/minilm/poly2.check.json" cgf-fhe check "$R/minilm/poly2.onnx" --format json
+run cgf-fhe export "$R/narrow/student2-h64" -o "$R/narrow/student2-h64.onnx" --verify 408 --max-length 32
+run_to "$R/narrow/student2-h64.check.json" cgf-fhe check "$R/narrow/student2-h64.onnx" --format json
+run cgf-fhe report "$R/minilm/poly6.onnx" --levels 9 --seq-len 128 -o "$R/minilm/report-poly6-L9"
+run cgf-fhe report "$R/minilm/poly6.onnx" --levels 14 --seq-len 128 -o "$R/minilm/report-poly6-L14"
+run cgf-fhe report "$R/minilm/poly2.onnx" --levels 9 --seq-len 128 -o "$R/minilm/report-poly2-L9"
+run cgf-fhe report "$R/minilm/poly2.onnx" --levels 14 --seq-len 128 -o "$R/minilm/report-poly2-L14"
 
-# 6. emulator vs TenSEAL per primitive; op costs; depth table
-python benchmarks/emulator_calibration.py --poly-modulus 8192 --coeff-bits 60,40,40,60 --scale-bits 40 \
+# 6. CKKS simulation: emulated on the full dev set; narrow student under TenSEAL and the emulator on the same
+#    examples (all 408 share one pass in the slots; the cost is per ciphertext, not per example)
+run cgf-fhe simulate "$R/minilm/poly6.onnx" --backend emulate --emulate-refresh client --on-overflow garbage \
+    --no-progress -o "$R/minilm/emulate-poly6"
+run cgf-fhe simulate "$R/minilm/poly2.onnx" --backend emulate --emulate-refresh client --on-overflow garbage \
+    --no-progress -o "$R/minilm/emulate-poly2"
+run cgf-fhe simulate "$R/narrow/student2-h64.onnx" --backend emulate --emulate-refresh client \
+    --limit 408 --max-length 32 --poly-modulus 8192 --no-progress -o "$R/narrow/emulate"
+run cgf-fhe simulate "$R/narrow/student2-h64.onnx" --backend tenseal \
+    --limit 408 --max-length 32 --poly-modulus 8192 --no-progress -o "$R/narrow/tenseal"
+
+# 7. emulator vs TenSEAL per primitive (three parameter sets); depth per layer for each approximation choice
+run python benchmarks/emulator_calibration.py --poly-modulus 8192 --coeff-bits 60,40,40,60 --scale-bits 40 \
     -o benchmarks/results/emulator_calibration_n8192.json
-python benchmarks/emulator_calibration.py --poly-modulus 16384 --coeff-bits 60,40,40,40,40,40,40,40,60 --scale-bits 40 \
+run python benchmarks/emulator_calibration.py --poly-modulus 16384 --coeff-bits 60,40,40,40,40,40,40,40,60 --scale-bits 40 \
     -o benchmarks/results/emulator_calibration_n16384.json
-python benchmarks/emulator_calibration.py --poly-modulus 16384 --coeff-bits 60,50,50,50,50,50,50,60 --scale-bits 50 \
+run python benchmarks/emulator_calibration.py --poly-modulus 16384 --coeff-bits 60,50,50,50,50,50,50,60 --scale-bits 50 \
     -o benchmarks/results/emulator_calibration_n16384_s50.json
-cgf-fhe calibrate-costs --poly-modulus 8192 -o "$R/costs-8192.json"
-python benchmarks/depth_table.py
+run python benchmarks/depth_table.py --json "$R/depth_table.json"
+
+# 8. the page
+python benchmarks/make_results.py "$R" -o docs/results.md

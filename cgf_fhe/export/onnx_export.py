@@ -137,7 +137,7 @@ def export_model(model, out_path: str | Path, *, settings: dict | None = None, c
         "softmax": getattr(model.config, "cgf_softmax", settings.get("softmax")),
         "model_config": model.config.to_dict(),
         "exporter_version": _versions(opset),
-        "max_length": settings.get("max_length"),
+        "max_length": settings.get("max_length") or (settings.get("data") or {}).get("max_length"),
     }
     meta.update(extra_metadata or {})
     set_metadata(proto, meta)
@@ -228,7 +228,8 @@ def export_checkpoint(ckpt: str | Path, out_path: str | Path, *, opset: int = 18
     t0 = time.perf_counter()
     model, tok, settings = load_checkpoint(ckpt)
     model = model.float().eval()
-    max_length = max_length or settings.get("max_length") or 128
+    max_length = (max_length or settings.get("max_length") or (settings.get("data") or {}).get("max_length")
+                  or (settings.get("recipe") or {}).get("max_length") or 128)
     proto = export_model(model, out_path, settings=settings, checkpoint=ckpt, opset=opset, optimize=optimize,
                          extra_metadata={"max_length": max_length})
     res = check(proto)

@@ -1,0 +1,186 @@
+"""benchmarks/make_results.py: the results page computed from a runs folder's JSON files (fake, tiny runs)."""
+import importlib.util
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("make_results", REPO / "benchmarks" / "make_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+mr = _load()
+
+RECIPE = {"name": "minilm", "lr": 1e-4, "epochs": 3, "batch_size": 16, "eval_batch_size": 64,
+          "freeze_embeddings": False, "warmup_ratio": 0.1, "weight_decay": 0.01, "max_grad_norm": 1.0,
+          "max_length": 128, "swap_pairs": False, "kd_alpha": 1.0, "kd_beta": 10.0, "kd_temperature": 1.0,
+          "kd_ce_weight": 0.0, "poly_dropout": 0.0, "tuned": True, "note": ""}
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+
+
+def _ckpt(seed, acc, f1, epochs_acc, spe, kind="finetune", **extra):
+    """A cgf_fhe.json as training/api.py writes it (the keys the page reads)."""
+    return {"kind": kind, "status": "done", "seed": seed, "softmax": "exact" if kind == "finetune" else "cgf",
+            "coeff": None if kind == "finetune" else 0.5, "recipe": RECIPE,
+            "data": {"data_dir": None, "max_length": 128, "max_train_samples": None, "max_eval_samples": None},
+            "dev": {"accuracy": acc, "f1": f1, "n": 408, "loss": 0.5, "n_nonfinite": 0},
+            "best_epoch": epochs_acc.index(max(epochs_acc)) + 1, "seconds_per_epoch": spe,
+            "history": [{"epoch": i + 1, "dev": {"accuracy": a, "f1": f1, "n": 408}, "train_seconds": spe - 9,
+                         "eval_seconds": 9.0} for i, a in enumerate(epochs_acc)], **extra}
+
+
+def _sim(backend, preds, labels, ratio=1.5):
+    return {"backend": backend, "n_examples": len(preds), "accuracy": 0.5, "f1": 0.5, "plain_accuracy": 0.5,
+            "plain_f1": 0.5, "agreement": 1.0, "max_logit_error": 1e-5, "mean_logit_error": 1e-6, "refreshes": 3,
+            "refresh_label": "client-aided refresh", "refresh_operations": 3, "seconds": 2.0,
+            "backend_seconds": ratio, "plain_seconds": 1.0, "seconds_per_example": ratio / len(preds),
+            "ratio_to_plain": ratio, "batches": 1, "seq_lens": [32],
+            "params": {"poly_modulus": 8192, "coeff_bits": [60, 40, 40, 60], "scale_bits": 40, "log_q": 200,
+                       "level_budget": 2, "slots": 4096, "security": "128-bit (HE standard)"},
+            "level_budget": 2, "total_depth": 41, "error_per_layer": [
+                {"layer": "input", "value": "embeddings", "max_abs_error": 1e-8, "mean_abs_error": 1e-9},
+                {"layer": 0, "value": "add_1", "max_abs_error": 1e-5, "mean_abs_error": 1e-6}],
+            "n_level_mismatches": 0, "diagnostics": {"min_headroom_bits": 5.0, "overflows": 0,
+                                                     "bootstrap_out_of_range": 0},
+            "config": {"on_overflow": "raise"}, "max_length": 32,
+            "labels": labels, "predictions": preds, "plain_predictions": preds}
+
+
+@pytest.fixture()
+def fake_runs(tmp_path):
+    R = tmp_path / "R"
+    teacher = {42: (0.8186, 0.8771, [0.72, 0.80, 0.8186], 300.0), 7: (0.7990, 0.8551, [0.71, 0.7990, 0.79], 270.0),
+               123: (0.8113, 0.8697, [0.8113, 0.80, 0.79], 265.0)}
+    for s, (a, f, h, spe) in teacher.items():
+        _write(R / "minilm" / "teacher" / f"seed{s}" / "cgf_fhe.json", _ckpt(s, a, f, h, spe))
+    # CGF+KD: seed 42 carries teacher_dev (what distill measured), seed 7 does not (paired with the teacher ckpt)
+    kd = {42: (0.8100, 0.8700, {"accuracy": 0.8150, "f1": 0.8750, "n": 408}), 7: (0.7800, 0.8400, None)}
+    for s, (a, f, td) in kd.items():
+        extra = {"teacher_dev": td} if td else {}
+        _write(R / "minilm" / "cgf-kd" / f"seed{s}" / "cgf_fhe.json",
+               _ckpt(s, a, f, [a - 0.01, a], 280.0, kind="distill", kd={"beta": 10.0, "ce_weight": 0.0}, **extra))
+    _write(R / "minilm" / "poly2-newton" / "seed42" / "cgf_fhe.json",
+           _ckpt(42, 0.7010, 0.8039, [0.7010, 0.69], 280.0, kind="distill", teacher_dev=teacher_dev(teacher, 42),
+                 fhe={"depth": {"per_layer": [42, 36], "head": 6, "total": 84}},
+                 fhe_options={"ln": "newton", "exp_degree": 15, "gelu_degree": 63, "tanh_degree": 15},
+                 interval_report={"frac_out": 4e-5, "n_out": 4, "n_seen": 100000}, layer_map=[2, 5]))
+    labels = [0, 1, 1, 0, 1, 1, 0, 1, 1, 0]
+    emu = [0, 1, 1, 0, 1, 1, 0, 1, 0, 0]
+    ten = [0, 1, 1, 0, 1, 0, 0, 1]  # 8 examples; differs from emulate at index 5 -> 7/8 agree
+    _write(R / "narrow" / "emulate" / "simulation.json", _sim("emulate", emu, labels))
+    _write(R / "narrow" / "tenseal" / "simulation.json", _sim("tenseal", ten, labels[:8], ratio=900.0))
+    _write(R / "minilm" / "emulate-poly2" / "simulation.json", _sim("emulate", emu, labels, ratio=1.5))
+    _write(R / "minilm" / "report-poly6-L9" / "report.json", "{not json")  # corrupt
+    return R, teacher, kd
+
+
+def teacher_dev(teacher, s):
+    a, f, _, _ = teacher[s]
+    return {"accuracy": a, "f1": f, "n": 408}
+
+
+def test_page_numbers(fake_runs, tmp_path):
+    R, teacher, kd = fake_runs
+    out = tmp_path / "docs" / "results.md"
+    empty = tmp_path / "no_calibration"
+    empty.mkdir()
+    assert mr.main([str(R), "-o", str(out), "--calibration-dir", str(empty)]) == 0
+    md = out.read_text()
+
+    # teacher: mean +- sample std over the 3 seeds, computed here independently
+    accs = [v[0] for v in teacher.values()]
+    f1s = [v[1] for v in teacher.values()]
+    acc_ms = f"{statistics.mean(accs):.4f} ± {statistics.stdev(accs):.4f}"
+    assert acc_ms in md
+    assert f"{statistics.mean(f1s):.4f} ± {statistics.stdev(f1s):.4f}" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| MiniLM teacher"))
+    assert acc_ms in row and "NOT met" in row  # 0.8096 < 0.84
+
+    # CGF+KD paired difference: seed 42 against its teacher_dev, seed 7 against the teacher checkpoint
+    diffs = [kd[42][0] - kd[42][2]["accuracy"], kd[7][0] - teacher[7][0]]
+    want = f"{100 * statistics.mean(diffs):+.2f} ± {100 * statistics.stdev(diffs):.2f} pp"
+    assert want in md
+    assert "seeds 42, 7 (missing 123)" in md
+    kd_row = next(ln for ln in md.splitlines() if ln.startswith("| CGF + KD"))
+    assert want in kd_row and "not evaluable: 2 of 3 seeds" in kd_row
+
+    # single-seed polynomial student: difference without a std, depth in the table and the plot
+    assert f"{100 * (0.7010 - teacher[42][0]):+.2f} pp (n = 1, no std)" in md
+    img = out.parent / "img" / "accuracy_vs_depth.png"
+    assert img.is_file() and img.stat().st_size > 1000
+    assert "](img/accuracy_vs_depth.png)" in md
+
+    # TenSEAL vs emulate agreement over the examples both ran (first 8)
+    assert "87.50% (7/8)" in md
+    ag_row = next(ln for ln in md.splitlines() if ln.startswith("| TenSEAL vs emulate"))
+    assert "NOT met" in ag_row
+
+    # emulate ratio target from the numbers; its error-per-layer plot regenerated from the JSON
+    em_row = next(ln for ln in md.splitlines() if ln.startswith("| emulated wall time vs plain, `poly2`"))
+    assert "1.50x" in em_row and "| met |" in em_row
+    assert (out.parent / "img" / "minilm_poly2_emulate_error_per_layer.png").is_file()
+
+    # missing files -> "not run: <command>" (the command with this R); corrupt file -> reported, not a crash
+    cmd = mr.commands(str(R))
+    for key in ("tests", "poly6-frozen", "narrow", "search/ref-e3", "export/poly6", "report/poly2/14",
+                "calibration/emulator_calibration_n8192.json", "depth_table"):
+        assert f"not run: `{cmd[key]}`" in md, key
+    assert "report-poly6-L9/report.json` is unreadable" in md
+    assert f"not run: `{cmd['report/poly6/9']}`" in md
+    assert not re.search(r"\bnan\b", md)
+
+
+def test_empty_runs_folder(tmp_path):
+    R = tmp_path / "R"
+    R.mkdir()
+    out = tmp_path / "page.md"
+    text = mr.build(R, out, calib_dir=tmp_path / "none")
+    assert text.count("not run: `") >= 20
+    assert "not run: `python -m pytest -q tests`" in text
+    (R / "tests.txt").write_text("........\n3 passed, 1 skipped in 1.20s\nwall seconds: 2.50\n")
+    text = mr.build(R, out, calib_dir=tmp_path / "none")
+    assert "3 passed, 1 skipped in 1.20s; 2.5 s wall" in text
+    assert "No accuracy-vs-depth plot" in text
+    assert "| met |" not in text
+
+
+def test_run_all_runs_every_command():
+    """Each command the page prints is a command run_all.sh runs (with R = "$R")."""
+    sh = (REPO / "benchmarks" / "run_all.sh").read_text()
+    flat = re.sub(r"\s+", " ", sh.replace("\\\n", " ").replace('"', ""))
+    assert "python benchmarks/make_results.py $R -o docs/results.md" in flat
+    for key, c in mr.commands("$R").items():
+        part, _, target = c.partition(" > ")
+        assert part in flat, f"{key}: {part}"
+        if target:
+            assert target in flat, f"{key}: {target}"
+
+
+def test_page_commands_parse_with_the_real_cli():
+    """Every cgf-fhe command the page prints (and run_all.sh runs) is accepted by the real argument parser."""
+    import shlex
+
+    from cgf_fhe.cli import build_parser
+
+    parser = build_parser()
+    n = 0
+    for key, c in mr.commands("runs").items():
+        if not c.startswith("cgf-fhe "):
+            continue
+        argv = shlex.split(c.partition(" > ")[0])[1:]
+        args = parser.parse_args(argv)  # SystemExit on an unknown flag or a bad value
+        assert callable(args.func), key
+        n += 1
+    assert n >= 20
