@@ -379,6 +379,8 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     schedule = _poly_schedule(fhe_opts, recipe, guard, blend_epochs, refit) if poly else None
     if student_init is not None:
         student_init = Path(student_init).resolve()
+        if student_init == out.resolve():
+            raise TrainingError(f"--student-init {student_init} is the output folder; write the new student elsewhere")
         student_hidden, student_layers = _check_student_init(student_init, student_hidden, student_layers)
     if not given:
         ts = _ensure_teacher(model, tdir, seed, recipe, opts)
@@ -412,7 +414,8 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     projection = None
     if student_hidden is not None:
         student, layer_map, projection = _narrow_student(t_model, tdir, student_hidden, student_layers, coeff, seed,
-                                                         train, collate, recipe, opts, state_dir, student_init)
+                                                         train, collate, recipe, opts, state_dir, student_init,
+                                                         poly)
     else:
         student, _, _ = load_checkpoint(tdir, softmax="cgf", coeff=coeff)
     student.train()
@@ -525,7 +528,7 @@ def _check_student_init(init: Path, hidden: int | None, layers: int | None) -> t
 
 
 def _narrow_student(t_model, tdir: Path, hidden: int, layers: int | None, coeff: float, seed: int, train, collate,
-                    recipe: Recipe, opts: RunOptions, state_dir: Path, init: Path | None = None):
+                    recipe: Recipe, opts: RunOptions, state_dir: Path, init: Path | None = None, poly: bool = False):
     """(student, layer_map, projection info incl. "P") for ``--student-hidden`` (see :mod:`.narrow`);
     ``init``: a narrow student checkpoint to start from (its weights and its ``P``)."""
     from torch.utils.data import DataLoader
@@ -577,6 +580,10 @@ def _narrow_student(t_model, tdir: Path, hidden: int, layers: int | None, coeff:
                  "its projection P was computed from that teacher")
     else:
         student = narrow.init_narrow_student(t_model, config, P, seed, coeff, loader, narrow.PROJ_BATCHES, device)
+        if poly:
+            _log("[distill] WARNING: the polynomial intervals are calibrated on a random-init encoder, whose "
+                 "activations are far smaller than a trained one's (the exported form may give NaN logits); "
+                 "distill a non-polynomial narrow student first and pass it as --student-init")
     info = {"P": P, "method": narrow.PROJ_METHOD, "batches": narrow.PROJ_BATCHES,
             "batch_size": recipe.eval_batch_size, "file": narrow.PROJ_FILE, "teacher_hidden": t_model.config.hidden_size,
             "explained_second_moment": explained, "embedding_ln_init": "lstsq" if init is None else None,

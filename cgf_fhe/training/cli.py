@@ -208,7 +208,8 @@ def register(subparsers) -> None:
     f.add_argument("--student-hidden", type=int, metavar="H",
                    help="narrow student of hidden size H (a multiple of the teacher's head size, below its hidden "
                         "size; MiniLM: 32, 64, ..., 352): teacher embeddings projected on the top-H principal "
-                        "directions of its hidden states, random-init encoder, hidden KD on the projected states")
+                        "directions of its hidden states, random-init encoder, hidden KD on the projected states. With "
+                        "--poly all, distill a non-polynomial one first and pass it as --student-init")
     f.add_argument("--student-init", metavar="CKPT",
                    help="start from this finished narrow (non-polynomial) student instead of a random init, with its "
                         "projection (--student-hidden/--student-layers default to its own). For --poly all narrow "
