@@ -4,8 +4,9 @@
 command: AdamW, learning rate 5e-5, batch 16, 5 epochs, frozen embeddings, linear decay without warmup,
 best checkpoint chosen on dev accuracy.
 
-``minilm`` is meant to hold a recipe tuned for the 6-layer all-MiniLM-L6-v2 backbone. NOT YET TUNED:
-its values are placeholders equal to ``reference`` until the search recorded in docs/results.md fills them in.
+``minilm`` is the best recipe the search recorded in docs/results.md found for the 6-layer all-MiniLM-L6-v2
+backbone: learning rate 1e-4, embeddings trained, 10% linear warmup, 5 epochs (3-seed mean dev accuracy
+0.8096 +- 0.0099 on MRPC; the issue's target of 0.84 is not reached by any recipe tried so far).
 """
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ class Recipe:
 
 REFERENCE = Recipe(name="reference", note="reference work's recipe (tuned for BERT-base)")
 
-# PLACEHOLDER -- NOT YET TUNED: equal to REFERENCE until the lead's minilm search fills it in.
-MINILM = replace(REFERENCE, name="minilm", tuned=False, note="PLACEHOLDER, not yet tuned: equals the reference recipe")
+MINILM = replace(REFERENCE, name="minilm", lr=1e-4, freeze_embeddings=False, warmup_ratio=0.1,
+                 note="best of the search in docs/results.md (3-seed mean dev accuracy 0.8096, target 0.84 not met)")
 
 PRESETS = {"reference": REFERENCE, "minilm": MINILM}
 
