@@ -58,14 +58,17 @@ SEARCH = (
 STUDENTS = (
     ("cgf-kd", "minilm/cgf-kd", "CGF + KD (exact GELU/LayerNorm/tanh), 6 layers", "", "--seeds 42 7 123",
      CGF_KD_MAX_DROP_PP, False),
-    ("poly6-newton", "minilm/poly6-newton", "polynomial, 6 layers, Newton LayerNorm", "--poly all --ln newton",
-     "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
+    ("poly6-newton", "minilm/poly6-newton", "polynomial, 6 layers, Newton LayerNorm",
+     "--poly all --ln newton --epochs 2", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly6-frozen", "minilm/poly6-frozen", "polynomial, 6 layers, frozen LayerNorm", "--poly all --ln frozen",
      "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly2-newton", "minilm/poly2-newton", "polynomial, 2 layers, Newton LayerNorm",
-     "--poly all --ln newton --student-layers 2", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
-    ("narrow", "narrow/student2-h64", "polynomial, 2 layers, hidden 64 (narrow), Newton LayerNorm, 32 tokens",
-     "--poly all --ln newton --student-layers 2 --student-hidden 64 --max-length 32", "--seed 42",
+     "--poly all --ln newton --student-layers 2 --epochs 3", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
+    ("narrow-cgf", "narrow/cgf2-h64", "CGF (not polynomial), 2 layers, hidden 64 (narrow), 32 tokens: stage 1",
+     "--student-layers 2 --student-hidden 64 --max-length 32 --lr 1e-3 --epochs 6", "--seed 42",
+     CGF_KD_MAX_DROP_PP, False),
+    ("narrow", "narrow/student2-h64", "polynomial, 2 layers, hidden 64 (narrow), Newton LayerNorm, 32 tokens: "
+     "stage 2", "--poly all --ln newton --student-init $R/narrow/cgf2-h64 --max-length 32 --epochs 3", "--seed 42",
      POLY_MAX_DROP_PP, True),
 )
 ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export flags)
@@ -74,7 +77,7 @@ ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export fla
     ("narrow", "narrow/student2-h64.onnx", "narrow/student2-h64", " --max-length 32"),
 )
 LEVELS = (9, 14)
-NARROW_SIM = "--limit 408 --max-length 32 --poly-modulus 8192"
+NARROW_SIM = "--limit 408 --max-length 16 --poly-modulus 8192"
 CALIBRATION = (  # (file name in benchmarks/results, emulator_calibration.py flags)
     ("emulator_calibration_n8192.json", "--poly-modulus 8192 --coeff-bits 60,40,40,60 --scale-bits 40"),
     ("emulator_calibration_n16384.json",
@@ -100,6 +103,7 @@ def commands(R: str) -> dict[str, str]:
         c[f"search/{name}"] = (f"cgf-fhe finetune --model minilm --softmax exact {flags} --seed 42 --no-progress "
                                f"--resume -o {R}/minilm/search/{name}")
     for key, folder, _, flags, seeds, _, _ in STUDENTS:
+        flags = flags.replace("$R", R)
         c[key] = (f"cgf-fhe distill --model minilm {teacher}{' ' + flags if flags else ''} {seeds} --no-progress "
                   f"--resume -o {R}/{folder}")
     for key, path, ckpt, extra in ONNX:
@@ -110,7 +114,7 @@ def commands(R: str) -> dict[str, str]:
             c[f"report/{m}/{L}"] = (f"cgf-fhe report {R}/minilm/{m}.onnx --levels {L} --seq-len 128 "
                                     f"-o {R}/minilm/report-{m}-L{L}")
         c[f"emulate/{m}"] = (f"cgf-fhe simulate {R}/minilm/{m}.onnx --backend emulate --emulate-refresh client "
-                             f"--on-overflow garbage --no-progress -o {R}/minilm/emulate-{m}")
+                             f"--no-progress -o {R}/minilm/emulate-{m}")
     c["narrow/emulate"] = (f"cgf-fhe simulate {R}/narrow/student2-h64.onnx --backend emulate --emulate-refresh client "
                            f"{NARROW_SIM} --no-progress -o {R}/narrow/emulate")
     c["narrow/tenseal"] = (f"cgf-fhe simulate {R}/narrow/student2-h64.onnx --backend tenseal {NARROW_SIM} "

@@ -40,14 +40,18 @@ run cgf-fhe finetune --model minilm --preset minilm --seeds 42 7 123 --no-progre
 # 4. students distilled from that teacher, same seeds: CGF + KD (exact non-linearities), polynomial students
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 \
     --seeds 42 7 123 --no-progress --resume -o "$R/minilm/cgf-kd"
-run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton \
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 2 \
     --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln frozen \
     --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-frozen"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --student-layers 2 \
-    --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly2-newton"
-run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --student-layers 2 \
-    --student-hidden 64 --max-length 32 --seed 42 --no-progress --resume -o "$R/narrow/student2-h64"
+    --epochs 3 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly2-newton"
+# narrow 2-layer hidden-64 student for real TenSEAL runs, in two stages: CGF (not polynomial) first, then the
+# polynomial student initialised from it (calibrating a random-init encoder gives intervals a trained one leaves)
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --student-layers 2 \
+    --student-hidden 64 --max-length 32 --lr 1e-3 --epochs 6 --seed 42 --no-progress --resume -o "$R/narrow/cgf2-h64"
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton \
+    --student-init "$R/narrow/cgf2-h64" --max-length 32 --epochs 3 --seed 42 --no-progress --resume -o "$R/narrow/student2-h64"
 
 # 5. export + FHE check + parity on the dev set; depth reports at L = 9 and 14
 run cgf-fhe export "$R/minilm/poly6-newton/seed42" -o "$R/minilm/poly6.onnx" --verify 408
@@ -63,14 +67,14 @@ run cgf-fhe report "$R/minilm/poly2.onnx" --levels 14 --seq-len 128 -o "$R/minil
 
 # 6. CKKS simulation: emulated on the full dev set; narrow student under TenSEAL and the emulator on the same
 #    examples (all 408 share one pass in the slots; the cost is per ciphertext, not per example)
-run cgf-fhe simulate "$R/minilm/poly6.onnx" --backend emulate --emulate-refresh client --on-overflow garbage \
+run cgf-fhe simulate "$R/minilm/poly6.onnx" --backend emulate --emulate-refresh client \
     --no-progress -o "$R/minilm/emulate-poly6"
-run cgf-fhe simulate "$R/minilm/poly2.onnx" --backend emulate --emulate-refresh client --on-overflow garbage \
+run cgf-fhe simulate "$R/minilm/poly2.onnx" --backend emulate --emulate-refresh client \
     --no-progress -o "$R/minilm/emulate-poly2"
 run cgf-fhe simulate "$R/narrow/student2-h64.onnx" --backend emulate --emulate-refresh client \
-    --limit 408 --max-length 32 --poly-modulus 8192 --no-progress -o "$R/narrow/emulate"
+    --limit 408 --max-length 16 --poly-modulus 8192 --no-progress -o "$R/narrow/emulate"
 run cgf-fhe simulate "$R/narrow/student2-h64.onnx" --backend tenseal \
-    --limit 408 --max-length 32 --poly-modulus 8192 --no-progress -o "$R/narrow/tenseal"
+    --limit 408 --max-length 16 --poly-modulus 8192 --no-progress -o "$R/narrow/tenseal"
 
 # 7. emulator vs TenSEAL per primitive (three parameter sets); depth per layer for each approximation choice
 run python benchmarks/emulator_calibration.py --poly-modulus 8192 --coeff-bits 60,40,40,60 --scale-bits 40 \
