@@ -77,7 +77,7 @@ ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export fla
     ("narrow", "narrow/student2-h64.onnx", "narrow/student2-h64", " --max-length 32"),
 )
 LEVELS = (9, 14)
-NARROW_SIM = "--limit 408 --max-length 16 --poly-modulus 8192"
+NARROW_SIM = "--limit 408 --max-length 8 --poly-modulus 8192"
 CALIBRATION = (  # (file name in benchmarks/results, emulator_calibration.py flags)
     ("emulator_calibration_n8192.json", "--poly-modulus 8192 --coeff-bits 60,40,40,60 --scale-bits 40"),
     ("emulator_calibration_n16384.json",

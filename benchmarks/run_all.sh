@@ -72,9 +72,9 @@ run cgf-fhe simulate "$R/minilm/poly6.onnx" --backend emulate --emulate-refresh 
 run cgf-fhe simulate "$R/minilm/poly2.onnx" --backend emulate --emulate-refresh client \
     --no-progress -o "$R/minilm/emulate-poly2"
 run cgf-fhe simulate "$R/narrow/student2-h64.onnx" --backend emulate --emulate-refresh client \
-    --limit 408 --max-length 16 --poly-modulus 8192 --no-progress -o "$R/narrow/emulate"
+    --limit 408 --max-length 8 --poly-modulus 8192 --no-progress -o "$R/narrow/emulate"
 run cgf-fhe simulate "$R/narrow/student2-h64.onnx" --backend tenseal \
-    --limit 408 --max-length 16 --poly-modulus 8192 --no-progress -o "$R/narrow/tenseal"
+    --limit 408 --max-length 8 --poly-modulus 8192 --no-progress -o "$R/narrow/tenseal"
 
 # 7. emulator vs TenSEAL per primitive (three parameter sets); depth per layer for each approximation choice
 run python benchmarks/emulator_calibration.py --poly-modulus 8192 --coeff-bits 60,40,40,60 --scale-bits 40 \

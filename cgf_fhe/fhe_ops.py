@@ -411,3 +411,42 @@ def analyze(model: onnx.ModelProto, encrypted: list[str] | None = None, input_di
             node_depth_hook(r)
     outs = {o.name: depth[o.name] for o in graph.output if o.name in depth}
     return Analysis(results, enc_names, depth, outs)
+
+
+def peak_live_elements(model: onnx.ModelProto, analysis: Analysis,
+                       input_dims: dict[str, tuple] | None = None) -> tuple[int, str | None]:
+    """The most encrypted tensor elements alive at once, and the node where that peak occurs.
+
+    Nodes run in graph order and a value is dropped after its last consumer (what the simulator's interpreter
+    does); a node's inputs and outputs are alive together. With one ciphertext per element (examples in the
+    slots, so pass a batch dimension of 1 in ``input_dims``) this is the peak number of ciphertexts in memory."""
+    shapes = _shapes(model, input_dims)
+    nodes = list(model.graph.node)
+    keep = {o.name for o in model.graph.output}
+    last: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for x in n.input:
+            if x:
+                last[x] = i
+
+    def size(v: str) -> int:
+        s = shapes.get(v)
+        if not s or any(d is None for d in s):
+            return 0
+        return int(np.prod(s)) if s else 1
+
+    live = {v: size(v) for v in analysis.encrypted_inputs}
+    total = sum(live.values())
+    peak, where = total, None
+    for i, (n, r) in enumerate(zip(nodes, analysis.nodes)):
+        if r.encrypted:
+            for o in n.output:
+                if o and o not in live:
+                    live[o] = size(o)
+                    total += live[o]
+            if total > peak:
+                peak, where = total, n.name
+        for x in set(n.input):
+            if x in live and last.get(x) == i and x not in keep:
+                total -= live.pop(x)
+    return peak, where

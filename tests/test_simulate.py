@@ -442,3 +442,45 @@ def test_tenseal_per_node_errors_match_the_emulator(micro_student, mrpc_dir):
     assert ratios.min() > 1 / 3 and ratios.max() < 6, ratios
     assert math.isclose(np.abs(runs["tenseal"].outputs["logits"] - plain.outputs["logits"]).max(),
                         np.abs(runs["emulate"].outputs["logits"] - plain.outputs["logits"]).max(), rel_tol=1.0)
+
+
+def test_peak_live_ciphertexts_on_a_hand_built_chain():
+    """x -> y = x*x -> z = y + x -> w = z*z: x, y and z are alive together at z (3 x 4 elements)."""
+    g = oh.make_graph([oh.make_node("Mul", ["x", "x"], ["y"], name="sq"),
+                       oh.make_node("Add", ["y", "x"], ["z"], name="add"),
+                       oh.make_node("Mul", ["z", "z"], ["w"], name="sq2")], "chain",
+                      [oh.make_tensor_value_info("x", TP.FLOAT, ["b", 4])],
+                      [oh.make_tensor_value_info("w", TP.FLOAT, ["b", 4])])
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 18)])
+    a = fhe_ops.analyze(m, ["x"])
+    assert fhe_ops.peak_live_elements(m, a, {"x": (1, 4)}) == (12, "add")
+    assert fhe_ops.peak_live_elements(m, a, {"x": (1, 10)}) == (30, "add")
+
+
+def test_tenseal_refuses_a_batch_that_cannot_fit_in_memory(micro_student, mrpc_dir, monkeypatch):
+    """Before encrypting anything: the estimated peak of live ciphertexts vs the available memory."""
+    import psutil
+
+    from cgf_fhe.simulate.backends.base import SimulationError
+    from cgf_fhe.simulate.runner import BatchRunner, SimConfig, client_batches
+
+    cfg = SimConfig(backend="tenseal", limit=4, max_length=6, poly_modulus=8192, coeff_bits=(60, 40, 40, 60),
+                    data_dir=str(mrpc_dir), progress=False)
+    m = onnx.load(str(micro_student / "student.onnx"))
+    (feeds, labels), = client_batches(m, cfg)[0]
+    runner = BatchRunner(str(micro_student / "student.onnx"), cfg)
+    peak, node = fhe_ops.peak_live_elements(runner.model, runner.analysis,
+                                            {"embeddings": (1,) + feeds["embeddings"].shape[1:],
+                                             "attention_mask": (1, feeds["attention_mask"].shape[1])})
+    assert peak >= feeds["embeddings"][0].size and node
+    need = peak * 2 * 8192 * 3 * 8 * BatchRunner.MEMORY_OVERHEAD
+
+    class Tight:
+        available = int(need * 0.5)
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tight)
+    with pytest.raises(SimulationError, match=rf"{peak:,} ciphertexts .*at node {node}.*--max-length"):
+        runner.run(0, feeds, labels)
+    Tight.available = int(need * 2)
+    out = runner.run(0, feeds, labels)
+    assert out["memory"]["peak_ciphertexts"] == peak and out["memory"]["estimated_peak_bytes"] == int(need)

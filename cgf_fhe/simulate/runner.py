@@ -112,6 +112,7 @@ class BatchRunner:
             return out
         predicted = None
         if self.cfg.backend == "tenseal":
+            self.memory = self._check_memory(feeds)
             predicted = self._predict_overflow(pr)
         if self.cfg.backend == "emulate":
             self.backend.reseed(int(self.cfg.seed) * 1_000_003 + index)
@@ -130,8 +131,40 @@ class BatchRunner:
                    refreshes=self.backend.n_refresh - n_ref0, refreshed=list(br.refreshed),
                    layers=self._layer_errors(pr.trace, br.trace, mask), poly=self._poly_counts(br.trace, mask),
                    poly_plain=self._poly_counts(pr.trace, mask), level_mismatches=br.level_mismatches,
-                   predicted=predicted)
+                   predicted=predicted, memory=getattr(self, "memory", None))
         return out
+
+    # A SEAL ciphertext is 2 polynomials x N coefficients x (data primes) x 8 bytes; TenSEAL's tensor objects and
+    # the allocator add to that (measured here: a 2-layer hidden-64 student at 16 tokens, estimated 18 GiB of
+    # ciphertexts, was OOM-killed at 23.6 GiB resident)
+    MEMORY_OVERHEAD = 1.3
+
+    def _check_memory(self, feeds: dict) -> dict:
+        """Refuse a TenSEAL batch whose live ciphertexts cannot fit in this machine's available memory."""
+        import psutil
+
+        from .. import fhe_ops
+
+        dims = {}
+        for inp in self.model.graph.input:
+            if inp.name in feeds:
+                shape = np.asarray(feeds[inp.name]).shape
+                dims[inp.name] = (1,) + tuple(shape[1:])  # examples are in the slots
+        peak, node = fhe_ops.peak_live_elements(self.model, self.analysis, dims)
+        ct_bytes = 2 * self.params.poly_modulus * (len(self.params.coeff_bits) - 1) * 8
+        need = peak * ct_bytes * self.MEMORY_OVERHEAD
+        avail = psutil.virtual_memory().available
+        info = {"peak_ciphertexts": int(peak), "peak_node": node, "ciphertext_bytes": int(ct_bytes),
+                "estimated_peak_bytes": int(need), "available_bytes": int(avail)}
+        if need > avail:
+            seq = np.asarray(feeds[MASK]).shape[1]
+            raise SimulationError(
+                f"not enough memory for real TenSEAL: up to {peak:,} ciphertexts are alive at once (at node {node}, "
+                f"{seq} tokens), about {need / 2**30:.1f} GiB at N={self.params.poly_modulus} with "
+                f"{len(self.params.coeff_bits) - 1} data primes, but {avail / 2**30:.1f} GiB is available. Lower "
+                "--max-length (memory grows with the sequence length; --limit does not matter, examples share the "
+                "slots), use a narrower student, or fewer levels (--coeff-bits)")
+        return info
 
     def _predict_overflow(self, pr) -> dict:
         """TenSEAL cannot see its values: predict modulus overflow from the plain run's magnitudes and the levels
@@ -428,6 +461,8 @@ def summarize(results: list[dict], cfg: SimConfig, info: dict, seconds: float, e
         "level_mismatches": mism[:20],
         "n_level_mismatches": len(mism),
         "predicted_min_headroom_bits": min(headroom) if headroom else None,
+        "memory": max((r["memory"] for r in results if r.get("memory")), key=lambda m: m["estimated_peak_bytes"],
+                      default=None),
         "backend_info": info.get("backend"),
         "op_stats": info.get("op_stats"),
         "diagnostics": info.get("diagnostics"),
