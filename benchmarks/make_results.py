@@ -690,9 +690,13 @@ class Page:
             m, _ = mean_std(diffs)
             full = all(sd in runs for sd in expected)
             measured = pm(diffs, 2, 100, True, " pp") + (f", {len(diffs)} seeds" if len(diffs) > 1 else "")
-            st = self.target(what, f">= -{target_pp:g} pp", measured,
-                             (100 * m >= -target_pp) if (m is not None and full) else None, src,
-                             f"not evaluable: {len(runs)} of {len(expected)} seeds" if not full else "no pairs")
+            if key.startswith("narrow"):  # a vehicle for real TenSEAL runs: one seed, 32 tokens, not an issue target
+                st = ("informative only (one seed, 32 tokens, teacher scored at 32 tokens; not an issue target): "
+                      + ("within" if m is not None and 100 * m >= -target_pp else "not within") + f" {target_pp:g} pp")
+            else:
+                st = self.target(what, f">= -{target_pp:g} pp", measured,
+                                 (100 * m >= -target_pp) if (m is not None and full) else None, src,
+                                 f"not evaluable: {len(runs)} of {len(expected)} seeds" if not full else "no pairs")
             self.add(f"Paired difference to the teacher (accuracy): {pm(diffs, 2, 100, True, ' pp')}; F1: "
                      f"{pm(fdiffs, 2, 100, True, ' pp')}. Target: within {target_pp:g} pp of the teacher: {st}.", "")
             summary_rows.append([f"`{key}`", str(len(runs)), pm(accs), pm(f1s), pm(diffs, 2, 100, True),
@@ -1009,6 +1013,20 @@ class Page:
         st = self.target(what, goal, f"{100 * frac:.2f}% ({same}/{k})", frac >= TENSEAL_MIN_AGREEMENT, src)
         self.add(f"TenSEAL vs emulate prediction agreement over the {k} examples both ran: **{100 * frac:.2f}% "
                  f"({same}/{k})** (target {goal}: {st}).", "")
+        trained = None
+        ck = self.r.json("narrow/student2-h64/cgf_fhe.json")
+        if isinstance(ck, dict):
+            trained = (ck.get("data") or {}).get("max_length")
+        if trained and t.get("max_length") and int(t["max_length"]) < int(trained):
+            self.add(f"The examples are truncated to {t['max_length']} tokens (the student was trained at {trained}), "
+                     "which is why the plaintext accuracy drops: the run measures encrypted-vs-plaintext agreement "
+                     "on identical inputs, not the student's accuracy. Memory, not time, sets the length: the "
+                     "ciphertexts alive at once grow with the sequence length (one per element), and `simulate "
+                     "--backend tenseal` refuses a run whose estimated peak exceeds the available memory.", "")
+        mem = t.get("memory")
+        if isinstance(mem, dict) and mem.get("estimated_peak_bytes"):
+            self.add(f"Memory estimate of the run: {mem['peak_ciphertexts']:,} ciphertexts alive at the peak (node "
+                     f"`{mem.get('peak_node')}`), about {mem['estimated_peak_bytes'] / 2**30:.1f} GiB.", "")
         if k < math.ceil(1 / (1 - TENSEAL_MIN_AGREEMENT)):
             self.add(f"With {k} examples one disagreement already falls below {100 * TENSEAL_MIN_AGREEMENT:g}%: the run "
                      "is too small to show the target, only to refute it.", "")
