@@ -117,6 +117,8 @@ def commands(R: str) -> dict[str, str]:
                              f"--no-progress -o {R}/minilm/emulate-{m}")
     c["narrow/emulate"] = (f"cgf-fhe simulate {R}/narrow/student2-h64.onnx --backend emulate --emulate-refresh client "
                            f"{NARROW_SIM} --no-progress -o {R}/narrow/emulate")
+    c["narrow/report"] = (f"cgf-fhe report {R}/narrow/student2-h64.onnx --levels 2 --seq-len 8 "
+                          f"-o {R}/narrow/report-L2-len8")
     c["narrow/tenseal"] = (f"cgf-fhe simulate {R}/narrow/student2-h64.onnx --backend tenseal {NARROW_SIM} "
                            f"--no-progress -o {R}/narrow/tenseal")
     for fname, flags in CALIBRATION:
@@ -984,6 +986,15 @@ class Page:
         if rows:
             self.add(*table(["backend", "examples", "accuracy", "agreement with plain", "max logit error",
                              "refreshes per pass", "CKKS", "time per example", "wall time"], rows), "")
+        rep = self.r.json("narrow/report-L2-len8/report.json")
+        if t is not None and rep is not None and rep.get("latency_seconds") and t.get("backend_seconds"):
+            est, got = float(rep["latency_seconds"]), float(t["backend_seconds"])
+            self.add(f"The depth report's latency model on the same graph, level budget and length "
+                     f"(`{self.cmd['narrow/report']}`) predicted {secs(est)} for this pass; TenSEAL took {secs(got)} "
+                     f"(estimate / measured = {est / got:.2f}), with {rep.get('bootstraps_total')} refresh points "
+                     f"planned against {t.get('refreshes')} performed.", "")
+        elif t is not None:
+            self.add(not_run(self.cmd["narrow/report"]), "")
         what = "TenSEAL vs emulate prediction agreement (#6)"
         goal = f">= {100 * TENSEAL_MIN_AGREEMENT:g}%"
         if e is None or t is None:

@@ -73,6 +73,7 @@ run cgf-fhe simulate "$R/minilm/poly2.onnx" --backend emulate --emulate-refresh 
     --no-progress -o "$R/minilm/emulate-poly2"
 run cgf-fhe simulate "$R/narrow/student2-h64.onnx" --backend emulate --emulate-refresh client \
     --limit 408 --max-length 8 --poly-modulus 8192 --no-progress -o "$R/narrow/emulate"
+run cgf-fhe report "$R/narrow/student2-h64.onnx" --levels 2 --seq-len 8 -o "$R/narrow/report-L2-len8"
 run cgf-fhe simulate "$R/narrow/student2-h64.onnx" --backend tenseal \
     --limit 408 --max-length 8 --poly-modulus 8192 --no-progress -o "$R/narrow/tenseal"
 
