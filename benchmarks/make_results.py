@@ -36,6 +36,8 @@ from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
+from cgf_fhe.fmt import fmt_seconds
+
 HERE = Path(__file__).resolve().parent
 SEEDS = (42, 7, 123)
 
@@ -235,17 +237,7 @@ def sci(v) -> str:
 
 
 def secs(v) -> str:
-    if v is None:
-        return "n/a"
-    if v >= 86400:
-        return f"{v / 86400:.1f} days"
-    if v >= 3600:
-        return f"{v / 3600:.1f} h"
-    if v >= 120:
-        return f"{v / 60:.1f} min"
-    if v >= 1:
-        return f"{v:.1f} s"
-    return f"{v:.3g} s"
+    return fmt_seconds(v, day_unit="days", minutes_from=120)
 
 
 def status(ok: bool | None, why: str = "") -> str:

@@ -319,3 +319,14 @@ def test_tiny_student_levels_match_stated_depths(tiny_poly_onnx):
     lower = math.ceil(rep["total_depth"] / 9) - 1
     assert lower <= rep["bootstraps_total"] <= lower + 2
     assert all(n["levels_left"] >= 0 for n in rep["nodes"] if n["encrypted"])
+
+
+def test_fmt_seconds_units_and_thresholds():
+    from cgf_fhe.fmt import fmt_seconds
+
+    assert fmt_seconds(None) == "n/a"
+    assert fmt_seconds(0.0123) == "0.0123 s"
+    assert fmt_seconds(90) == "1.5 min"  # the report switches to minutes at 60 s
+    assert fmt_seconds(90, minutes_from=120) == "90.0 s"  # the results page at 120 s
+    assert fmt_seconds(5400) == "1.5 h"
+    assert fmt_seconds(3 * 86400, day_unit="days") == "3.0 days"

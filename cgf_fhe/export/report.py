@@ -74,6 +74,7 @@ import onnx
 from .. import fhe_ops
 from ..bootstrap import plan_bootstraps
 from ..cli import UserError
+from ..fmt import fmt_seconds as _fmt_s
 from . import costs as costs_mod
 from .graphinfo import HEAD_STAGES, STAGES, classify
 
@@ -455,16 +456,6 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
 
 def _fmt_int(v) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
-
-
-def _fmt_s(v: float) -> str:
-    if v >= 86400:
-        return f"{v / 86400:.1f} d"
-    if v >= 3600:
-        return f"{v / 3600:.1f} h"
-    if v >= 60:
-        return f"{v / 60:.1f} min"
-    return f"{v:.3g} s"
 
 
 def _layer_rows(rep: dict) -> list[list[str]]:
