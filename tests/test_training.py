@@ -284,3 +284,45 @@ def test_polynomial_shallow_student_distill_resume_and_evaluate(mrpc_dir, tmp_pa
     assert res["polynomial"] and res["n"] == 16
     assert res["accuracy"] == pytest.approx(st["dev"]["accuracy"])
     assert res["intervals"]["n_seen"] > 0 and "totals" in res["intervals"]
+
+
+def test_layer_wise_lr_decay_groups_and_schedule():
+    from transformers import get_linear_schedule_with_warmup
+
+    model, _ = build_model("tiny", "exact", seed=0)  # 2 encoder layers
+    recipe = get_recipe("reference", lr=1e-3, layer_lr_decay=0.5, freeze_embeddings=False, warmup_ratio=0.0)
+    named = engine.trainable_parameters(model, recipe.freeze_embeddings)
+    opt = engine.build_optimizer(named, recipe, n_layers=2)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    want = {"classifier.weight": 1e-3, "bert.pooler.dense.weight": 1e-3,
+            "bert.encoder.layer.1.output.dense.weight": 5e-4, "bert.encoder.layer.0.attention.self.query.bias": 2.5e-4,
+            "bert.embeddings.word_embeddings.weight": 1.25e-4, "bert.embeddings.LayerNorm.weight": 1.25e-4}
+    params = dict(named)
+    for name, lr in want.items():
+        assert lr_of[id(params[name])] == pytest.approx(lr), name
+    assert wd_of[id(params["bert.encoder.layer.0.attention.self.query.bias"])] == 0.0
+    assert wd_of[id(params["bert.encoder.layer.1.output.dense.weight"])] == recipe.weight_decay
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(named)  # every parameter exactly once
+    # the linear schedule scales each group's own base lr: the ratios hold at every step
+    sched = get_linear_schedule_with_warmup(opt, 0, 10)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    lrs = sorted({g["lr"] for g in opt.param_groups})
+    assert lrs == pytest.approx([1e-3 * 0.7 * f for f in (0.125, 0.25, 0.5, 1.0)])
+    # off (1.0): the two groups of the plain recipe, in the order old training states were saved with
+    plain = engine.build_optimizer(named, get_recipe("reference", freeze_embeddings=False))
+    assert [g["weight_decay"] for g in plain.param_groups] == [0.01, 0.0]
+    with pytest.raises(ValueError, match="layer_lr_decay must be in"):
+        engine.build_optimizer(named, get_recipe("reference", layer_lr_decay=1.5), n_layers=2)
+
+
+def test_layer_lr_decay_flag_rejects_out_of_range(mrpc_dir, tmp_path, capsys):
+    from cgf_fhe.cli import main
+
+    rc = main(["finetune", "--model", "tiny", "--data-dir", str(mrpc_dir), "--layer-lr-decay", "1.5", "-o",
+               str(tmp_path / "x")])
+    assert rc == 2
+    assert "--layer-lr-decay must be in (0, 1], got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -27,13 +27,16 @@ def _common(p: argparse.ArgumentParser, seeds: bool = True, default_seed: int = 
     r = p.add_argument_group("recipe (defaults: --preset)")
     r.add_argument("--preset", default="reference", choices=sorted(PRESETS),
                    help="hyper-parameter preset (reference: lr 5e-5, batch 16, 5 epochs, frozen embeddings, "
-                        "linear decay no warmup; minilm: NOT YET TUNED, equals reference)")
+                        "linear decay no warmup; minilm: lr 1e-4, embeddings trained, 10%% warmup)")
     r.add_argument("--epochs", type=int)
     r.add_argument("--lr", type=float)
     r.add_argument("--batch-size", type=int)
     r.add_argument("--weight-decay", type=float)
     r.add_argument("--warmup-ratio", type=float)
     r.add_argument("--unfreeze-embeddings", action="store_true", help="train the embeddings too")
+    r.add_argument("--layer-lr-decay", type=float, metavar="D",
+                   help="layer-wise learning-rate decay in (0, 1]: encoder layer i of L at lr*D^(L-i), embeddings "
+                        "at lr*D^(L+1), pooler/classifier at lr (default 1 = off)")
     r.add_argument("--swap-pairs", action="store_true", default=None,
                    help="also train on every pair with its two sentences swapped (MRPC's label is symmetric)")
     if seeds:
@@ -62,9 +65,15 @@ def _recipe(args, **extra):
     from .recipes import get_recipe
 
     kw = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-              warmup_ratio=args.warmup_ratio, max_length=args.max_length, swap_pairs=args.swap_pairs, **extra)
+              warmup_ratio=args.warmup_ratio, max_length=args.max_length, swap_pairs=args.swap_pairs,
+              layer_lr_decay=args.layer_lr_decay, **extra)
     if args.unfreeze_embeddings:
         kw["freeze_embeddings"] = False
+    d = args.layer_lr_decay
+    if d is not None and not 0.0 < d <= 1.0:
+        from ..cli import UserError
+
+        raise UserError(f"--layer-lr-decay must be in (0, 1], got {d}")
     return get_recipe(args.preset, **kw)
 
 

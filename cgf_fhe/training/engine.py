@@ -223,11 +223,35 @@ def trainable_parameters(model, freeze_embeddings: bool):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def build_optimizer(named_params, recipe: Recipe):
-    decay = [p for n, p in named_params if p.ndim >= 2]
-    no_decay = [p for n, p in named_params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.lr)
+def layer_lr_scale(name: str, n_layers: int, decay: float) -> float:
+    """Learning-rate factor of parameter ``name`` under layer-wise decay ``decay`` (see Recipe.layer_lr_decay):
+    ``decay^(L - i)`` for encoder layer i, ``decay^(L + 1)`` for the embeddings, 1 for the rest."""
+    if decay == 1.0:
+        return 1.0
+    parts = name.split(".")
+    if "embeddings" in parts:
+        return decay ** (n_layers + 1)
+    for j, part in enumerate(parts[:-1]):
+        if part == "layer" and j > 0 and parts[j - 1] == "encoder" and parts[j + 1].isdigit():
+            return decay ** (n_layers - int(parts[j + 1]))
+    return 1.0
+
+
+def build_optimizer(named_params, recipe: Recipe, n_layers: int | None = None):
+    """AdamW; no weight decay on 1-D parameters; with ``recipe.layer_lr_decay != 1`` one group per
+    (learning-rate factor, decay) so the scheduler scales every group's own base learning rate."""
+    decay_f = float(getattr(recipe, "layer_lr_decay", 1.0) or 1.0)
+    if not 0.0 < decay_f <= 1.0:
+        raise ValueError(f"layer_lr_decay must be in (0, 1], got {decay_f}")
+    if decay_f != 1.0 and not n_layers:
+        raise ValueError("layer_lr_decay needs the number of encoder layers")
+    groups: dict[tuple[float, bool], list] = {}
+    for n, p in named_params:
+        scale = layer_lr_scale(n, n_layers or 0, decay_f)
+        groups.setdefault((scale, p.ndim >= 2), []).append(p)
+    out = [{"params": ps, "lr": recipe.lr * scale, "weight_decay": recipe.weight_decay if wd else 0.0}
+           for (scale, wd), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]
+    return torch.optim.AdamW(out, lr=recipe.lr)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -293,7 +317,7 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
     named = trainable_parameters(model, recipe.freeze_embeddings)
     if not named:
         raise ValueError("no trainable parameters")
-    optimizer = build_optimizer(named, recipe)
+    optimizer = build_optimizer(named, recipe, getattr(getattr(model, "config", None), "num_hidden_layers", None))
     total_steps = len(train_loader) * recipe.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(recipe.warmup_ratio * total_steps), total_steps)
     model, optimizer = acc.prepare(model, optimizer)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 
 FINETUNE_FIELDS = ("lr", "epochs", "batch_size", "freeze_embeddings", "warmup_ratio", "weight_decay",
-                   "max_grad_norm", "max_length", "swap_pairs")
+                   "max_grad_norm", "max_length", "swap_pairs", "layer_lr_decay")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,9 @@ class Recipe:
     # MRPC's label is symmetric in its two sentences: also train on every pair with the sentences swapped
     # (doubles the training set and the time per epoch; dev is never augmented)
     swap_pairs: bool = False
+    # layer-wise learning-rate decay: encoder layer i of L trains at lr * d^(L - i), the embeddings at
+    # lr * d^(L + 1), pooler and classifier at lr (1.0 = one learning rate for everything)
+    layer_lr_decay: float = 1.0
     # distillation (cgf-fhe distill)
     kd_alpha: float = 1.0  # weight of T^2 * KL(teacher || student)
     kd_temperature: float = 1.0
