@@ -55,6 +55,9 @@ SEARCH = (
     ("ref-e3", "--preset reference --epochs 3"),
     ("lr1e-4-unfrz-wu", "--lr 1e-4 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 5"),
     ("swap-lr1e-4-unfrz-wu-e3", "--lr 1e-4 --unfreeze-embeddings --warmup-ratio 0.1 --swap-pairs --epochs 3"),
+    ("lr2e-4-llrd0.8-unfrz-wu-e6",
+     "--lr 2e-4 --layer-lr-decay 0.8 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 6"),
+    ("lr5e-5-unfrz-wu-e10", "--lr 5e-5 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 10"),
 )
 # students: (key, folder under R, label, distill flags, seeds flag, paired target in pp, polynomial?)
 STUDENTS = (
@@ -319,6 +322,8 @@ def recipe_text(s: dict, kd: bool = False) -> str:
         parts.append(f"warmup {r['warmup_ratio']:g}")
     if r.get("swap_pairs"):
         parts.append("swapped pairs")
+    if r.get("layer_lr_decay", 1.0) != 1.0:
+        parts.append(f"layer-wise lr decay {r['layer_lr_decay']:g}")
     for k, label in (("batch_size", "batch"), ("weight_decay", "weight decay")):
         if k in r and r[k] != REF_RECIPE[k]:
             parts.append(f"{label} {r[k]:g}")
