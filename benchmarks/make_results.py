@@ -103,6 +103,7 @@ def commands(R: str) -> dict[str, str]:
         "teacher": f"cgf-fhe finetune --model minilm --preset minilm --seeds 42 7 123 --no-progress --resume "
                    f"-o {R}/minilm/teacher",
         "depth_table": f"python benchmarks/depth_table.py --json {R}/depth_table.json",
+        "frozen_probe": f"python benchmarks/frozen_ln_probe.py {R}/minilm/cgf-kd/seed42 -o {R}/minilm/frozen-ln-probe.json",
     }
     for name, flags in SEARCH:
         c[f"search/{name}"] = (f"cgf-fhe finetune --model minilm --softmax exact {flags} --seed 42 --no-progress "
@@ -620,6 +621,8 @@ class Page:
             expected = SEEDS if "--seeds" in seeds_flag else tuple(int(x) for x in seeds_flag.split()[1:])
             runs = self.r.seed_runs(folder)
             self.add(f"### `{key}`: {label}", "", *code(cmd), "")
+            if key == "poly6-frozen":
+                self.frozen_probe()
             what = (f"{label}: paired accuracy difference to the teacher ("
                     + ("#2" if key == "cgf-kd" else "#3") + ")")
             src = f"`{self.R}/{folder}/" + ("seed*/" if "--seeds" in seeds_flag else "") + "cgf_fhe.json`"
@@ -707,6 +710,50 @@ class Page:
                          "target", "status"], summary_rows), "")
         self.plot_accuracy_depth()
         self.depth_table()
+
+    def frozen_probe(self) -> None:
+        """Why frozen LayerNorm fails on MiniLM: variance by position and a no-retraining swap."""
+        cmd = self.cmd["frozen_probe"]
+        self.add("Where the LayerNorm variance outliers sit, and what swapping every LayerNorm of the CGF + KD "
+                 "student (seed 42) for frozen statistics does without retraining:", "", *code(cmd), "")
+        d = self.r.json("minilm/frozen-ln-probe.json")
+
+        def g3(v):
+            return f"{v:.3g}" if isinstance(v, (int, float)) else "n/a"
+
+        if d is None:
+            self.add(not_run(cmd), "")
+            return
+        rows = [[f"`{k}`", g3(v.get("geo_var_cls")), g3(v.get("spread_cls")), g3(v.get("geo_var_rest")),
+                 g3(v.get("spread_rest"))] for k, v in (d.get("layernorms") or {}).items()]
+        self.add(*table(["LayerNorm", "[CLS] geo-mean variance", "[CLS] max/min", "other tokens geo-mean variance",
+                         "other tokens max/min"], rows), "")
+        labels = {"exact_ln": "exact LayerNorm (the checkpoint)", "frozen": "frozen, one constant per LayerNorm",
+                  "frozen_cls": "frozen, own constant for position 0 ([CLS])"}
+        vrows = []
+        for k, v in (d.get("variants") or {}).items():
+            his = [r[1] for r in v.get("exp_range_per_layer") or [] if r and r[1] is not None]
+            blown = sum(1 for r in v.get("exp_range_per_layer") or [] if not r or r[1] is None)
+            vrows.append([labels.get(k, k), num(v.get("accuracy")), f"{v.get('n_nonfinite')}/{v.get('n')}",
+                          g3(max(his)) if his else "n/a", str(blown)])
+        self.add(*table(["LayerNorm", "dev accuracy", "non-finite logits", "max CGF exp input",
+                         "layers with non-finite exp inputs"], vrows), "")
+        st = list((d.get("layernorms") or {}).values())
+        ratio = max((v["geo_var_cls"] / v["geo_var_rest"] for v in st
+                     if v.get("geo_var_cls") and v.get("geo_var_rest")), default=None)
+        spread = max((max(v.get("spread_cls") or 0, v.get("spread_rest") or 0) for v in st), default=None)
+        var = d.get("variants") or {}
+
+        def top(k):
+            his = [r[1] for r in (var.get(k) or {}).get("exp_range_per_layer") or [] if r and r[1] is not None]
+            return g3(max(his)) if his else "n/a"
+
+        self.add(f"The [CLS] row's typical variance is up to {g3(ratio)}x that of the other tokens, and within "
+                 f"a group a LayerNorm's variance spans up to {g3(spread)}x: no per-layer constant (nor one per "
+                 "position class) normalises these tokens. Without the per-token normalisation the attention "
+                 f"scores grow and CGF's `exp(s - mean - c var)` receives arguments up to {top('frozen')} (exact "
+                 f"LayerNorm: {top('exact_ln')}), and the network overflows. A frozen-LayerNorm MiniLM student would "
+                 "need training that removes these outliers first; that is not built.", "")
 
     def plot_accuracy_depth(self) -> None:
         if not self.poly_points:

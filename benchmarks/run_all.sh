@@ -46,6 +46,7 @@ run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --b
     --seeds 42 7 123 --no-progress --resume -o "$R/minilm/cgf-kd"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 2 \
     --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton"
+run python benchmarks/frozen_ln_probe.py "$R/minilm/cgf-kd/seed42" -o "$R/minilm/frozen-ln-probe.json"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln frozen \
     --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-frozen"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --student-layers 2 \
