@@ -100,6 +100,7 @@ def commands(R: str) -> dict[str, str]:
     c = {
         "tests": "python -m pytest -q tests",
         "smoke": f"cgf-fhe pipeline --preset smoke -o {R}/smoke",
+        "main": f"cgf-fhe pipeline --preset mrpc-minilm -o {R}/mrpc-minilm",
         "teacher": f"cgf-fhe finetune --model minilm --preset minilm --seeds 42 7 123 --no-progress --resume "
                    f"-o {R}/minilm/teacher",
         "depth_table": f"python benchmarks/depth_table.py --json {R}/depth_table.json",
@@ -449,7 +450,7 @@ class Page:
 
     # ---------------------------------------------------------------------------------------------- tests, smoke
     def tests_and_smoke(self) -> None:
-        self.add("## Test suite and smoke pipeline", "")
+        self.add("## Test suite, smoke pipeline and main job", "")
         rows = []
         t = self.r.text("tests.txt")
         if t is None:
@@ -477,13 +478,18 @@ class Page:
                        f"in the last invocation took {secs(stage_s)} in total")
             rows.append(["smoke pipeline (tiny, end to end)", f"`{self.cmd['smoke']}`", res])
         self.add(*table(["what", "command", "result"], rows), "")
-        if summ is None:
-            return
+        if summ is not None:
+            self.add(f"Smoke run (`{self.R}/smoke/summary.json`; tiny random-init BERT, the `smoke` preset of "
+                     "`cgf_fhe/pipeline.py`):", "")
+            self.pipeline_summary(summ, "smoke")
+            self.smoke_notes(summ)
+        self.main_job()
+
+    def pipeline_summary(self, summ: dict, run: str) -> None:
+        """Table (teacher, student, ONNX plain, emulated/TenSEAL CKKS) and facts of a pipeline's summary.json."""
         te, stu = summ.get("teacher") or {}, summ.get("student") or {}
         em, tn = summ.get("emulate") or {}, summ.get("tenseal") or {}
         sec = summ.get("seconds") or {}
-        self.add(f"Smoke run (`{self.R}/smoke/summary.json`; tiny random-init BERT, the `smoke` preset of "
-                 "`cgf_fhe/pipeline.py`):", "")
 
         def ckks(s):
             p = s.get("params") or {}
@@ -507,7 +513,7 @@ class Page:
         if em:
             facts.append(f"emulated vs plain: agreement {num(100 * em['agreement'], 2)}%, max logit error "
                          f"{sci(em.get('max_logit_error'))}" if em.get("agreement") is not None else "")
-        par = self.r.json("smoke/student.parity.json")
+        par = self.r.json(f"{run}/student.parity.json")
         if par:
             facts.append(f"export parity (onnxruntime vs torch, {par.get('n_examples')} examples): max |logit diff| "
                          f"{sci(par.get('max_abs_logit_diff'))}, agreement {num(100 * par.get('agreement', 0), 1)}%")
@@ -521,6 +527,9 @@ class Page:
         if timings:
             facts.append("stage times (last invocation): " + ", ".join(timings))
         self.add(*[f"- {f}" for f in facts if f], "")
+
+    def smoke_notes(self, summ: dict) -> None:
+        em, stu = summ.get("emulate") or {}, summ.get("student") or {}
         labels = em.get("labels")
         if labels and stu.get("accuracy") is not None:
             share = sum(1 for x in labels if x == 1) / len(labels)
@@ -537,6 +546,33 @@ class Page:
                  "student's learning rate at the default: with narrower intervals and a larger learning rate, dev "
                  "inputs left the intervals, the polynomials blew up there and the CKKS backends decrypted garbage.",
                  "")
+
+    def main_job(self) -> None:
+        """The README's main job (`pipeline --preset mrpc-minilm`) run end to end as one command."""
+        cmd = self.cmd["main"]
+        self.add("### Main job: `pipeline --preset mrpc-minilm`", "", *code(cmd), "")
+        summ = self.r.json("mrpc-minilm/summary.json")
+        if summ is None:
+            self.add(not_run(cmd), "")
+            return
+        tm = self.r.text("mrpc-minilm.time") or ""
+        wall = re.findall(r"wall seconds: ([\d.]+)", tm)
+        if not wall:  # GNU time -v: "Elapsed (wall clock) time (h:mm:ss or m:ss): 2:05:13"
+            for t in re.findall(r"Elapsed \(wall clock\) time[^:]*:\s*([\d:.]+)", tm):
+                parts = [float(x) for x in t.split(":")]
+                wall.append(str(sum(v * 60 ** i for i, v in enumerate(reversed(parts)))))
+        self.add("MiniLM teacher on full MRPC, 6-layer polynomial CGF student, export, check, reports, emulated CKKS on "
+                 f"the dev set (`{self.R}/mrpc-minilm/summary.json`"
+                 + (f"; {secs(float(wall[-1]))} wall for the whole command" if wall else "; wall time not recorded")
+                 + "):", "")
+        self.pipeline_summary(summ, "mrpc-minilm")
+        done = all(summ.get(k) for k in ("teacher", "student", "emulate"))
+        self.target("README main job (`pipeline --preset mrpc-minilm`) end to end (#7)", "completes",
+                    (f"completed, {secs(float(wall[-1]))} wall" if wall else "completed") if done else "incomplete",
+                    done, f"`{self.R}/mrpc-minilm/summary.json`")
+        note = self.r.text("mrpc-minilm/NOTES.md")
+        if note:
+            self.add("Notes on this run (`" + f"{self.R}/mrpc-minilm/NOTES.md" + "`):", "", note.strip(), "")
 
     # ---------------------------------------------------------------------------------------------- 1. training
     def training(self) -> None:

@@ -27,6 +27,8 @@ tail -n 5 "$R/tests.log" > "$R/tests.txt"
 
 # 2. smoke pipeline (tiny model, end to end; TenSEAL spot check off, see README)
 run /usr/bin/time -f "wall seconds: %e" -o "$R/smoke.time" cgf-fhe pipeline --preset smoke -o "$R/smoke"
+# README's main job as one command (about 2 h here; its stages repeat the seed-42 runs below)
+run /usr/bin/time -f "wall seconds: %e" -o "$R/mrpc-minilm.time" cgf-fhe pipeline --preset mrpc-minilm -o "$R/mrpc-minilm"
 
 # 3. MiniLM teacher: recipe search (seed 42, one folder per candidate), then the chosen recipe on 3 seeds
 run cgf-fhe finetune --model minilm --softmax exact --preset reference --epochs 3 \
