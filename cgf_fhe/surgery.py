@@ -427,6 +427,51 @@ def polynomialize(model, options: FheOptions, ranges: dict) -> dict:
     return fhe_settings(model, ranges)
 
 
+def cover_ranges(model, ranges: dict, options: FheOptions | None = None) -> dict:
+    """Widen every polynomial interval that ``ranges`` leave, in place: that op's polynomial is refitted on
+    the union of its interval and the measured [min, max] (plus ``options.margin``); every other op keeps its
+    module (same coefficients, same function). Meant for a trained student: measure ``ranges`` with
+    :func:`calibrate` in the training form (guard on, so each op sees the inputs a sane upstream gives it).
+
+    Returns ``{key: {"old": [lo, hi], "new": [lo, hi], "measured": [min, max], "depth": [old, new]}}`` for the
+    refitted ops. Frozen LayerNorms have no interval to widen and are left as they are."""
+    options = options or getattr(model, "cgf_fhe_options", None) or FheOptions(poly="all")
+    mods = dict(named_approx_modules(model))
+    union, changed = {"layers": [dict(lay) for lay in ranges.get("layers", [])],
+                      "pooler": dict(ranges.get("pooler", {}))}, {}
+    for key, m in mods.items():
+        if m.interval is None or getattr(m, "kind", "") == "ln_frozen":
+            continue
+        try:
+            st = _range(ranges, key)
+        except ValueError:
+            continue
+        lo, hi = m.interval
+        mn, mx = float(st["min"]), float(st["max"])
+        if not (math.isfinite(mn) and math.isfinite(mx)):
+            raise ValueError(f"{key}: the measured range [{mn}, {mx}] is not finite; measure in the training form "
+                             "(guard on) so every op sees finite inputs")
+        if lo <= mn and mx <= hi:
+            continue
+        parts = key.split(".")
+        u = {**st, "min": min(lo, mn), "max": max(hi, mx)}
+        if parts[0] == "layers":
+            union["layers"][int(parts[1])][parts[2]] = u
+        else:
+            union["pooler"][parts[1]] = u
+        changed[key] = {"old": [lo, hi], "measured": [mn, mx], "depth_old": int(m.depth)}
+    if not changed:
+        return {}
+    new = build_modules(model, options, union)
+    settings = fhe_settings(model)
+    settings["modules"].update({k: new[k].to_settings() for k in changed})
+    apply_fhe_settings(model, settings)
+    for key, m in named_approx_modules(model):
+        if key in changed:
+            changed[key].update({"new": list(m.interval), "depth_new": int(m.depth)})
+    return changed
+
+
 def fhe_settings(model, ranges: dict | None = None) -> dict:
     """The current fhe settings of ``model`` (options, per-op modules with intervals, coefficients, forms,
     stated depths, frozen-LN constants) and, if given, calibration statistics. JSON-serialisable."""

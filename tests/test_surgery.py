@@ -441,3 +441,48 @@ def test_depth_table():
     cur = t["current"]
     assert cur["exp_depth"] == 6 and cur["ln_depth"] == 12 and cur["gelu_depth"] == 5
     assert cur["layer_depth"] == 9 + 6 + 5 + 24
+
+
+def test_cover_ranges_refits_only_the_op_whose_inputs_drift(ranges, data):
+    """A Newton LayerNorm whose interval the data leaves (as after training under the guard): cover_ranges
+    refits that op on the union of its interval and the measured range, leaves the others as they were,
+    and the unclamped model then matches the exact one again."""
+    from cgf_fhe.surgery import cover_ranges
+
+    exact, _ = build_model("tiny", "cgf", 0.5, seed=0)
+    exact.eval()
+    drifted = copy.deepcopy(ranges)
+    st = drifted["layers"][0]["ln_ffn"]
+    st["min"], st["max"] = 0.2 * st["min"], 0.2 * st["max"]  # the interval misses every input (5x above it)
+    model, _, _ = _poly_model(drifted, ln="newton")
+    key = "layers.0.ln_ffn"
+    before_mods = {k: json.dumps(m.to_settings(), sort_keys=True) for k, m in named_approx_modules(model)}
+
+    def logit_err():
+        reset_interval_counters(model)
+        with torch.no_grad():
+            errs = [float((model(**_inputs(b)).logits - exact(**_inputs(b)).logits).abs().nan_to_num(1e9).max())
+                    for b in data]
+        return max(errs), interval_report(model)["ops"]
+
+    err_before, ops_before = logit_err()
+    assert ops_before[key]["n_out"] > 0
+    set_guard(model, True)
+    measured = calibrate(model, data, progress=False)
+    set_guard(model, False)
+    changed = cover_ranges(model, measured)
+    assert key in changed
+    c = changed[key]
+    assert c["new"][0] <= c["measured"][0] and c["new"][1] >= c["measured"][1]  # covers what was measured
+    assert c["new"][0] <= c["old"][0] and c["new"][1] >= c["old"][1]  # and what it covered before
+    assert c["depth_new"] >= c["depth_old"]
+    after_mods = {k: json.dumps(m.to_settings(), sort_keys=True) for k, m in named_approx_modules(model)}
+    assert {k for k in after_mods if after_mods[k] != before_mods[k]} == set(changed)  # nothing else refitted
+    err_after, ops_after = logit_err()
+    assert ops_after[key]["n_out"] == 0
+    assert err_after < 0.05 and err_after < err_before, (err_before, err_after)
+    # a second pass finds nothing left to cover
+    set_guard(model, True)
+    again = calibrate(model, data, progress=False)
+    set_guard(model, False)
+    assert cover_ranges(model, again) == {}

@@ -285,6 +285,25 @@ def test_polynomial_shallow_student_distill_resume_and_evaluate(mrpc_dir, tmp_pa
     assert res["accuracy"] == pytest.approx(st["dev"]["accuracy"])
     assert res["intervals"]["n_seen"] > 0 and "totals" in res["intervals"]
 
+    # cover: measure in the training form, widen what the data leaves, save next to the weights (unchanged)
+    cov = api.cover(tmp_path / "full", tmp_path / "cov", opts)
+    c = cov["cover"]
+    assert c["source"] == str((tmp_path / "full").resolve()) and c["n_train"] == 32
+    assert cov["dev"]["n"] == 16 and c["dev_before"]["accuracy"] == pytest.approx(st["dev"]["accuracy"])
+    saved = json.loads((tmp_path / "cov" / "cgf_fhe.json").read_text())
+    assert saved["reload_max_abs_diff"] <= 1e-5 and "calibration_cover" in saved["fhe"]
+    for key, ch in c["changed"].items():  # every refitted interval covers what was measured
+        assert ch["new"][0] <= ch["measured"][0] and ch["new"][1] >= ch["measured"][1], key
+        assert saved["fhe"]["modules"][key]["approx"]["a"] == pytest.approx(ch["new"][0]), key
+    assert _states_equal(load_file(tmp_path / "full" / "model.safetensors"),
+                         load_file(tmp_path / "cov" / "model.safetensors"))
+    again = api.cover(tmp_path / "full", tmp_path / "cov", api.RunOptions(**{**opts.__dict__, "resume": True}))
+    assert again["cover"] == saved["cover"]  # --resume skips a finished cover of the same source
+    with pytest.raises(api.TrainingError, match="not a polynomial student"):
+        api.cover(teacher, tmp_path / "x", opts)
+    with pytest.raises(api.TrainingError, match="is the input checkpoint"):
+        api.cover(tmp_path / "full", tmp_path / "full", opts)
+
 
 def test_layer_wise_lr_decay_groups_and_schedule():
     from transformers import get_linear_schedule_with_warmup

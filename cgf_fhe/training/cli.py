@@ -169,6 +169,14 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_cover(args) -> int:
+    from . import api
+
+    _check_positive(args, "max_train_samples", "max_eval_samples", "batch_size")
+    api.cover(args.checkpoint, args.output, _opts(args), batch_size=args.batch_size)
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from . import api
 
@@ -254,6 +262,24 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device")
     p.set_defaults(func=cmd_evaluate, max_train_samples=None)
+
+    p = subparsers.add_parser(
+        "cover", help="widen the polynomial intervals a trained student's inputs leave (no retraining)",
+        description="Measures every polynomial op's input range on the training data in the training form (guard "
+                    "on), refits only the ops whose range exceeds their interval (union of both; same degree, "
+                    "Newton LayerNorm may take more steps) and saves the student with the new intervals. The "
+                    "guard hides such inputs during distillation; unclamped, a Newton LayerNorm past its interval "
+                    "diverges and the exported form gives NaN logits. CHECKPOINT may be a --seeds folder.")
+    p.add_argument("checkpoint", help="a polynomial student (distill --poly all), or a --seeds folder of them")
+    p.add_argument("-o", "--output", required=True, help="folder for the covered student (seed*/ for a seed set)")
+    p.add_argument("--data-dir")
+    p.add_argument("--max-train-samples", type=int, help="measure on the first N training pairs (default: all)")
+    p.add_argument("--max-eval-samples", type=int)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device")
+    p.add_argument("--resume", action="store_true", help="skip outputs already covered from the same checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_cover, max_length=None)
 
     p = subparsers.add_parser("sweep", help="CE-only CGF fine-tunes for several coefficients (table + sweep.json)")
     p.add_argument("--model", required=True)
