@@ -37,7 +37,7 @@ def _fake_cli(calls, fail_on=None):
         out = argv[argv.index("-o") + 1] if "-o" in argv else None
         from pathlib import Path
 
-        if argv[0] in ("finetune", "distill"):
+        if argv[0] in ("finetune", "distill", "cover"):
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / "cgf_fhe.json").write_text(json.dumps({"dev": {"accuracy": 0.5, "f1": 0.4}}))
         elif argv[0] == "export":
@@ -59,7 +59,7 @@ def test_pipeline_is_resumable_and_reruns_downstream(tmp_path, monkeypatch):
     cfg = pipeline.load_config(None, "smoke")
     run = tmp_path / "run"
     pipeline.run_pipeline(cfg, run)
-    stages = ["finetune", "distill", "export", "check", "report-7", "report-14", "simulate"]
+    stages = ["finetune", "distill", "cover", "export", "check", "report-7", "report-14", "simulate"]
     assert calls == stages
     calls.clear()
     pipeline.run_pipeline(cfg, run)  # everything up to date
@@ -77,7 +77,7 @@ def test_pipeline_stage_failure_names_the_stage(tmp_path, monkeypatch):
     monkeypatch.setattr("cgf_fhe.cli.main", _fake_cli(calls, fail_on="export"))
     with pytest.raises(UserError, match="stage 'export' failed"):
         pipeline.run_pipeline(pipeline.load_config(None, "smoke"), tmp_path / "run")
-    assert calls == ["finetune", "distill", "export"]
+    assert calls == ["finetune", "distill", "cover", "export"]
 
 
 def test_missing_and_corrupt_checkpoint_errors(tmp_path, capsys, mrpc_dir):
@@ -112,3 +112,14 @@ def test_every_stage_command_parses_with_the_real_cli(preset, tmp_path):
     for name, argv, _ in pipeline.stage_plan(cfg, tmp_path, "/data"):
         args = parser.parse_args(argv)  # argparse exits (SystemExit) on an unknown flag
         assert callable(args.func), name
+
+
+def test_cover_stage_feeds_export_and_can_be_turned_off(tmp_path):
+    cfg = pipeline.load_config(None, "smoke")
+    plan = {n: argv for n, argv, _ in pipeline.stage_plan(cfg, tmp_path, None)}
+    assert plan["cover"][:4] == ["cover", str(tmp_path / "student"), "-o", str(tmp_path / "student-cover")]
+    assert plan["export"][1] == str(tmp_path / "student-cover")
+    assert "--enabled" not in plan["cover"]
+    cfg["cover"]["enabled"] = False
+    plan = {n: argv for n, argv, _ in pipeline.stage_plan(cfg, tmp_path, None)}
+    assert "cover" not in plan and plan["export"][1] == str(tmp_path / "student")
