@@ -57,7 +57,6 @@ SEARCH = (
     ("swap-lr1e-4-unfrz-wu-e3", "--lr 1e-4 --unfreeze-embeddings --warmup-ratio 0.1 --swap-pairs --epochs 3"),
     ("lr2e-4-llrd0.8-unfrz-wu-e6",
      "--lr 2e-4 --layer-lr-decay 0.8 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 6"),
-    ("lr5e-5-unfrz-wu-e10", "--lr 5e-5 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 10"),
 )
 # students: (key, folder under R, label, distill flags, seeds flag, paired target in pp, polynomial?)
 STUDENTS = (
@@ -65,6 +64,9 @@ STUDENTS = (
      CGF_KD_MAX_DROP_PP, False),
     ("poly6-newton", "minilm/poly6-newton", "polynomial, 6 layers, Newton LayerNorm",
      "--poly all --ln newton --epochs 2", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
+    ("poly6-newton-cover", "minilm/poly6-newton-cover",
+     "polynomial, 6 layers, Newton LayerNorm, intervals widened by `cgf-fhe cover` after training",
+     "cover", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly6-frozen", "minilm/poly6-frozen", "polynomial, 6 layers, frozen LayerNorm", "--poly all --ln frozen",
      "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly2-newton", "minilm/poly2-newton", "polynomial, 2 layers, Newton LayerNorm",
@@ -110,6 +112,9 @@ def commands(R: str) -> dict[str, str]:
         c[f"search/{name}"] = (f"cgf-fhe finetune --model minilm --softmax exact {flags} --seed 42 --no-progress "
                                f"--resume -o {R}/minilm/search/{name}")
     for key, folder, _, flags, seeds, _, _ in STUDENTS:
+        if flags == "cover":  # post-processing of the student folder without the suffix
+            c[key] = f"cgf-fhe cover {R}/{folder.removesuffix('-cover')} -o {R}/{folder} --no-progress --resume"
+            continue
         flags = flags.replace("$R", R)
         c[key] = (f"cgf-fhe distill --model minilm {teacher}{' ' + flags if flags else ''} {seeds} --no-progress "
                   f"--resume -o {R}/{folder}")
@@ -708,6 +713,15 @@ class Page:
                              f"intermediate {sc.get('intermediate_size')}"
                              + (f"; the projection keeps {100 * pr['explained_second_moment']:.1f}% of the teacher's "
                                 "hidden-state second moment" if pr.get("explained_second_moment") else ""))
+            for sd, s in runs.items():
+                cv = s.get("cover")
+                if cv:
+                    b, a = cv.get("dev_before") or {}, s.get("dev") or {}
+                    extra.append(f"seed {sd}, cover: dev accuracy {num(b.get('accuracy'))} ({b.get('n_nonfinite')} "
+                                 f"non-finite logits) -> {num(a.get('accuracy'))} ({a.get('n_nonfinite')}); "
+                                 f"{len(cv.get('changed') or {})} ops refitted"
+                                 + (f" ({', '.join(sorted(cv['changed']))})" if cv.get("changed") else "")
+                                 + f"; depth {cv.get('depth_before')} -> {cv.get('depth_after')}")
             fo = s0.get("fhe_options") or {}
             if fo:
                 extra.append(f"polynomials: exp degree {fo.get('exp_degree')}, GELU {fo.get('gelu_degree')}, tanh "
