@@ -495,6 +495,7 @@ class Page:
         te, stu = summ.get("teacher") or {}, summ.get("student") or {}
         em, tn = summ.get("emulate") or {}, summ.get("tenseal") or {}
         sec = summ.get("seconds") or {}
+        cv = summ.get("cover") or {}
 
         def ckks(s):
             p = s.get("params") or {}
@@ -506,6 +507,9 @@ class Page:
                  secs(sec.get("teacher"))],
                 ["student (CGF, polynomial), plaintext", num(stu.get("accuracy")), num(stu.get("f1")),
                  num(stu.get("n")), secs(sec.get("student"))],
+                *([["student after `cover` (exported form), plaintext", num((cv.get("dev") or {}).get("accuracy")),
+                     num((cv.get("dev") or {}).get("f1")), num((cv.get("dev") or {}).get("n")), secs(sec.get("cover"))]]
+                  if cv else []),
                 ["student, ONNX plain backend", num(em.get("plain_accuracy")), num(em.get("plain_f1")),
                  num(em.get("n_examples")), "-"],
                 ["student, emulated CKKS" + ckks(em), num(em.get("accuracy")), num(em.get("f1")),
@@ -522,6 +526,10 @@ class Page:
         if par:
             facts.append(f"export parity (onnxruntime vs torch, {par.get('n_examples')} examples): max |logit diff| "
                          f"{sci(par.get('max_abs_logit_diff'))}, agreement {num(100 * par.get('agreement', 0), 1)}%")
+        if cv:
+            facts.append(f"cover: {len(cv.get('changed') or [])} intervals widened"
+                         + (f" ({', '.join(cv['changed'])})" if cv.get("changed") else "")
+                         + f"; depth {cv.get('depth_before')} -> {cv.get('depth_after')}")
         reps = summ.get("reports") or {}
         if reps:
             depth = {r.get("total_depth") for r in reps.values()}
@@ -563,7 +571,7 @@ class Page:
         tm = self.r.text("mrpc-minilm.time") or ""
         wall = re.findall(r"wall seconds: ([\d.]+)", tm)
         if not wall:  # GNU time -v: "Elapsed (wall clock) time (h:mm:ss or m:ss): 2:05:13"
-            for t in re.findall(r"Elapsed \(wall clock\) time[^:]*:\s*([\d:.]+)", tm):
+            for t in re.findall(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\):\s*([\d:.]+)", tm):
                 parts = [float(x) for x in t.split(":")]
                 wall.append(str(sum(v * 60 ** i for i, v in enumerate(reversed(parts)))))
         self.add("MiniLM teacher on full MRPC, 6-layer polynomial CGF student, export, check, reports, emulated CKKS on "
