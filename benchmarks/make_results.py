@@ -496,6 +496,7 @@ class Page:
         em, tn = summ.get("emulate") or {}, summ.get("tenseal") or {}
         sec = summ.get("seconds") or {}
         cv = summ.get("cover") or {}
+        cv_dev = cv.get("dev") or {}
 
         def ckks(s):
             p = s.get("params") or {}
@@ -507,9 +508,8 @@ class Page:
                  secs(sec.get("teacher"))],
                 ["student (CGF, polynomial), plaintext", num(stu.get("accuracy")), num(stu.get("f1")),
                  num(stu.get("n")), secs(sec.get("student"))],
-                *([["student after `cover` (exported form), plaintext", num((cv.get("dev") or {}).get("accuracy")),
-                     num((cv.get("dev") or {}).get("f1")), num((cv.get("dev") or {}).get("n")), secs(sec.get("cover"))]]
-                  if cv else []),
+                *([["student after `cover` (exported form), plaintext", num(cv_dev.get("accuracy")),
+                     num(cv_dev.get("f1")), num(cv_dev.get("n")), secs(sec.get("cover"))]] if cv else []),
                 ["student, ONNX plain backend", num(em.get("plain_accuracy")), num(em.get("plain_f1")),
                  num(em.get("n_examples")), "-"],
                 ["student, emulated CKKS" + ckks(em), num(em.get("accuracy")), num(em.get("f1")),
@@ -789,26 +789,25 @@ class Page:
                  g3(v.get("spread_rest"))] for k, v in (d.get("layernorms") or {}).items()]
         self.add(*table(["LayerNorm", "[CLS] geo-mean variance", "[CLS] max/min", "other tokens geo-mean variance",
                          "other tokens max/min"], rows), "")
-        labels = {"exact_ln": "exact LayerNorm (the checkpoint)", "frozen": "frozen, one constant per LayerNorm",
-                  "frozen_cls": "frozen, own constant for position 0 ([CLS])"}
-        vrows = []
-        for k, v in (d.get("variants") or {}).items():
-            his = [r[1] for r in v.get("exp_range_per_layer") or [] if r and r[1] is not None]
-            blown = sum(1 for r in v.get("exp_range_per_layer") or [] if not r or r[1] is None)
-            vrows.append([labels.get(k, k), num(v.get("accuracy")), f"{v.get('n_nonfinite')}/{v.get('n')}",
-                          g3(max(his)) if his else "n/a", str(blown)])
-        self.add(*table(["LayerNorm", "dev accuracy", "non-finite logits", "max CGF exp input",
-                         "layers with non-finite exp inputs"], vrows), "")
-        st = list((d.get("layernorms") or {}).values())
-        ratio = max((v["geo_var_cls"] / v["geo_var_rest"] for v in st
-                     if v.get("geo_var_cls") and v.get("geo_var_rest")), default=None)
-        spread = max((max(v.get("spread_cls") or 0, v.get("spread_rest") or 0) for v in st), default=None)
         var = d.get("variants") or {}
 
         def top(k):
             his = [r[1] for r in (var.get(k) or {}).get("exp_range_per_layer") or [] if r and r[1] is not None]
             return g3(max(his)) if his else "n/a"
 
+        labels = {"exact_ln": "exact LayerNorm (the checkpoint)", "frozen": "frozen, one constant per LayerNorm",
+                  "frozen_cls": "frozen, own constant for position 0 ([CLS])"}
+        vrows = []
+        for k, v in var.items():
+            blown = sum(1 for r in v.get("exp_range_per_layer") or [] if not r or r[1] is None)
+            vrows.append([labels.get(k, k), num(v.get("accuracy")), f"{v.get('n_nonfinite')}/{v.get('n')}", top(k),
+                          str(blown)])
+        self.add(*table(["LayerNorm", "dev accuracy", "non-finite logits", "max CGF exp input",
+                         "layers with non-finite exp inputs"], vrows), "")
+        st = list((d.get("layernorms") or {}).values())
+        ratio = max((v["geo_var_cls"] / v["geo_var_rest"] for v in st
+                     if v.get("geo_var_cls") and v.get("geo_var_rest")), default=None)
+        spread = max((max(v.get("spread_cls") or 0, v.get("spread_rest") or 0) for v in st), default=None)
         self.add(f"The [CLS] row's typical variance is up to {g3(ratio)}x that of the other tokens, and within "
                  f"a group a LayerNorm's variance spans up to {g3(spread)}x: no per-layer constant (nor one per "
                  "position class) normalises these tokens. Without the per-token normalisation the attention "

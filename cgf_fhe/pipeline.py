@@ -100,6 +100,12 @@ def _flags(opts: dict) -> list[str]:
     return out
 
 
+def _cover_options(cfg: dict) -> dict | None:
+    """The ``cover`` stage's flags, or None when the stage is off (no ``cover`` key, or ``enabled: false``)."""
+    opts = dict(cfg.get("cover") or {"enabled": False})
+    return opts if opts.pop("enabled", True) else None
+
+
 def stage_plan(cfg: dict, run: Path, data_dir: str | None) -> list[tuple[str, list[str], list[Path]]]:
     """(stage name, cgf-fhe argv, outputs that must exist) for every stage, in order."""
     data = ["--data-dir", data_dir] if data_dir else []
@@ -108,8 +114,7 @@ def stage_plan(cfg: dict, run: Path, data_dir: str | None) -> list[tuple[str, li
     covered = run / "student-cover"
     t_opts = dict(cfg["teacher"])
     s_opts = dict(cfg["student"])
-    c_opts = dict(cfg.get("cover") or {"enabled": False})
-    cover_on = c_opts.pop("enabled", True)
+    c_opts = _cover_options(cfg)
     tenseal = dict(cfg["tenseal"])
     levels = cfg["report"]["levels"]
     plan = [
@@ -118,10 +123,10 @@ def stage_plan(cfg: dict, run: Path, data_dir: str | None) -> list[tuple[str, li
         ("student", ["distill", "--model", cfg["model"], "--teacher", str(teacher), *common, *data, *_flags(s_opts),
                      "-o", str(student)], [student / "cgf_fhe.json"]),
     ]
-    if cover_on:
+    if c_opts is not None:
         plan.append(("cover", ["cover", str(student), "-o", str(covered), *data, *_flags(c_opts), "--no-progress"],
                      [covered / "cgf_fhe.json"]))
-    exported = covered if cover_on else student
+    exported = covered if c_opts is not None else student
     plan += [
         ("export", ["export", str(exported), "-o", str(onnx_path), *data, *_flags(cfg["export"])], [onnx_path]),
         ("check", ["check", str(onnx_path), "--format", "json"], []),
@@ -184,7 +189,8 @@ def _read(path: Path) -> dict:
 def summarize(run: Path, cfg: dict, timings: dict) -> dict:
     teacher = _read(run / "teacher" / "cgf_fhe.json").get("dev", {})
     student = _read(run / "student" / "cgf_fhe.json").get("dev", {})
-    covered = _read(run / "student-cover" / "cgf_fhe.json") if (cfg.get("cover") or {}).get("enabled") else {}
+    covered = _read(run / "student-cover" / "cgf_fhe.json") if _cover_options(cfg) is not None else {}
+    cover_info = covered.get("cover") or {}
     emul = _read(run / "emulate" / "simulation.json")
     ten = _read(run / "tenseal" / "simulation.json")
     reports = {lv: _read(run / f"report-L{lv}" / "report.json") for lv in cfg["report"]["levels"]}
@@ -212,9 +218,9 @@ def summarize(run: Path, cfg: dict, timings: dict) -> dict:
     text = "\n".join(lines) + "\n"
     (run / "summary.md").write_text(text)
     summary = {"teacher": teacher, "student": student, "emulate": emul, "tenseal": ten,
-               "cover": ({"dev": covered.get("dev"), "changed": sorted((covered.get("cover") or {}).get("changed", {})),
-                          "depth_before": (covered.get("cover") or {}).get("depth_before"),
-                          "depth_after": (covered.get("cover") or {}).get("depth_after")} if covered else None),
+               "cover": ({"dev": covered.get("dev"), "changed": sorted(cover_info.get("changed", {})),
+                          "depth_before": cover_info.get("depth_before"), "depth_after": cover_info.get("depth_after")}
+                         if covered else None),
                "reports": {str(k): {kk: v.get(kk) for kk in ("total_depth", "bootstraps_total", "level_budget")}
                            for k, v in reports.items()}, "seconds": timings}
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

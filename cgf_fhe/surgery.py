@@ -433,8 +433,8 @@ def cover_ranges(model, ranges: dict, options: FheOptions | None = None) -> dict
     module (same coefficients, same function). Meant for a trained student: measure ``ranges`` with
     :func:`calibrate` in the training form (guard on, so each op sees the inputs a sane upstream gives it).
 
-    Returns ``{key: {"old": [lo, hi], "new": [lo, hi], "measured": [min, max], "depth": [old, new]}}`` for the
-    refitted ops. Frozen LayerNorms have no interval to widen and are left as they are."""
+    Returns ``{key: {"old": [lo, hi], "new": [lo, hi], "measured": [min, max], "depth_old": d, "depth_new": d}}``
+    for the refitted ops (rebuilt modules start with the guard off). Frozen LayerNorms have no interval to widen and are left as they are."""
     options = options or getattr(model, "cgf_fhe_options", None) or FheOptions(poly="all")
     mods = dict(named_approx_modules(model))
     union, changed = {"layers": [dict(lay) for lay in ranges.get("layers", [])],

@@ -723,6 +723,19 @@ def _teacher_secs(run: dict):
 
 # ---------------------------------------------------------------- evaluate / probe / sweep
 
+def _seed_folders(path: Path) -> list[Path]:
+    """The ``seed*/`` checkpoints of a ``--seeds`` run folder (empty when ``path`` is itself a checkpoint)."""
+    if is_checkpoint(path) or not path.is_dir():
+        return []
+    return sorted(p.parent for p in path.glob(f"seed*/{SETTINGS_FILE}"))
+
+
+def _checkpoint_max_length(settings: dict, override: int | None = None) -> int:
+    """``override``, else the max length the checkpoint was trained with (its data settings, then its recipe)."""
+    return (override or (settings.get("data") or {}).get("max_length")
+            or (settings.get("recipe") or {}).get("max_length", 128))
+
+
 def evaluate_checkpoint(ckpt, softmax: str | None = None, coeff: float | None = None, split: str = "validation",
                         opts: RunOptions | None = None, probe: bool = False, batch_size: int = 64) -> dict:
     """Score a checkpoint: {"accuracy", "f1", "n", "loss", "softmax", "coeff", ...} (+ interval counts for
@@ -731,13 +744,13 @@ def evaluate_checkpoint(ckpt, softmax: str | None = None, coeff: float | None = 
 
     opts = opts or RunOptions()
     ckpt = Path(ckpt)
-    if not is_checkpoint(ckpt) and ckpt.is_dir() and any(ckpt.glob(f"seed*/{SETTINGS_FILE}")):
-        seeds = sorted(p.parent.name for p in ckpt.glob(f"seed*/{SETTINGS_FILE}"))
-        raise TrainingError(f"{ckpt} is a multi-seed run folder ({', '.join(seeds)}); pass one of its seed folders")
+    if seeds := _seed_folders(ckpt):
+        raise TrainingError(f"{ckpt} is a multi-seed run folder ({', '.join(p.name for p in seeds)}); pass one of its "
+                            "seed folders")
     model, tok, settings = load_checkpoint(ckpt, softmax, coeff)
     device = get_accelerator(opts.device, "no").device
     model.to(device)
-    max_length = opts.max_length or settings.get("data", {}).get("max_length") or settings.get("recipe", {}).get("max_length", 128)
+    max_length = _checkpoint_max_length(settings, opts.max_length)
     run_opts = RunOptions(**{**opts.__dict__, "max_length": max_length})
     ds = load_split(tok, split, run_opts, None, opts.max_eval_samples)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collator(tok))
@@ -812,11 +825,8 @@ def cover(ckpt, out_dir, opts: RunOptions | None = None, batch_size: int = 64) -
 
     opts = opts or RunOptions()
     ckpt, out = Path(ckpt), Path(out_dir)
-    if not is_checkpoint(ckpt) and ckpt.is_dir() and any(ckpt.glob(f"seed*/{SETTINGS_FILE}")):
-        results = {}
-        for sub in sorted(p.parent for p in ckpt.glob(f"seed*/{SETTINGS_FILE}")):
-            results[sub.name] = cover(sub, out / sub.name, opts, batch_size)
-        return {"kind": "cover-set", "runs": results}
+    if seeds := _seed_folders(ckpt):
+        return {"kind": "cover-set", "runs": {sub.name: cover(sub, out / sub.name, opts, batch_size) for sub in seeds}}
     if out.resolve() == ckpt.resolve():
         raise TrainingError(f"cover: -o {out} is the input checkpoint; write the covered student elsewhere")
     model, tok, settings = load_checkpoint(ckpt)
@@ -831,8 +841,7 @@ def cover(ckpt, out_dir, opts: RunOptions | None = None, batch_size: int = 64) -
     surgery = _surgery()
     device = get_accelerator(opts.device, "no").device
     model.to(device)
-    max_length = (settings.get("data") or {}).get("max_length") or (settings.get("recipe") or {}).get("max_length", 128)
-    run_opts = RunOptions(**{**opts.__dict__, "max_length": max_length})
+    run_opts = RunOptions(**{**opts.__dict__, "max_length": _checkpoint_max_length(settings)})
     train = load_split(tok, "train", run_opts, None, opts.max_train_samples)
     dev = load_split(tok, "validation", run_opts, None, opts.max_eval_samples)
     collate = collator(tok)
@@ -853,7 +862,6 @@ def cover(ckpt, out_dir, opts: RunOptions | None = None, batch_size: int = 64) -
         changed = surgery.cover_ranges(model, ranges)
     except ValueError as exc:
         raise TrainingError(f"cover: {ckpt}: {exc}") from None
-    surgery.set_guard(model, False)
     surgery.reset_interval_counters(model)
     after = evaluate_model(model, dev_loader, device)
     dev_report = surgery.interval_report(model)
