@@ -422,7 +422,7 @@ def test_tenseal_per_node_errors_match_the_emulator(micro_student, mrpc_dir):
     from cgf_fhe.simulate.runner import SimConfig, client_batches
 
     m = onnx.load(str(micro_student / "student.onnx"))
-    (feeds, _), = client_batches(m, SimConfig(backend="plain", limit=16, max_length=4, batch_size=16,
+    (feeds, _), = client_batches(m, SimConfig(backend="plain", limit=64, max_length=4, batch_size=64,
                                                data_dir=str(mrpc_dir)))[0]
     names = list(fhe_ops.analyze(m).depth)
     plain = Interpreter(m, make_backend("plain"), trace=names).run(feeds)
@@ -437,7 +437,9 @@ def test_tenseal_per_node_errors_match_the_emulator(micro_student, mrpc_dir):
     ratios = np.array(ratios)
     assert len(ratios) > 50
     # TenSEAL's encryption noise is not seeded: a few values (sums of identically rounded products) vary between
-    # runs up to ~3.5x, so the tail is bounded at the 95th percentile and the extremes loosely
+    # runs up to ~3.5x, so the tail is bounded at the 95th percentile and the extremes loosely. 64 examples per
+    # slot vector (not 16): each std is then estimated from 4x the samples (95th percentile 1.2-1.65 in 5 runs,
+    # vs 1.6-2.1 with 16, where one CI run failed at 2.12); the bounds are unchanged
     assert 0.8 <= np.median(ratios) <= 1.25 and np.quantile(ratios, 0.95) < 2, ratios
     assert ratios.min() > 1 / 3 and ratios.max() < 6, ratios
     assert math.isclose(np.abs(runs["tenseal"].outputs["logits"] - plain.outputs["logits"]).max(),
