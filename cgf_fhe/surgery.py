@@ -364,8 +364,9 @@ def newton_ln(approx: P.PolyApprox, options: FheOptions, ln) -> P.NewtonLayerNor
     return m
 
 
-def build_modules(model, options: FheOptions, ranges: dict) -> dict[str, nn.Module]:
-    """The polynomial modules for ``model`` (not installed). Keys as in :func:`named_approx_modules`."""
+def build_modules(model, options: FheOptions, ranges: dict, keys=None) -> dict[str, nn.Module]:
+    """The polynomial modules for ``model`` (not installed). Keys as in :func:`named_approx_modules`;
+    ``keys``: build only these ops (default: every op ``options.kinds`` names)."""
     from transformers.activations import ACT2FN
 
     act = model.config.hidden_act
@@ -373,7 +374,7 @@ def build_modules(model, options: FheOptions, ranges: dict) -> dict[str, nn.Modu
     mods = {}
     for key, parent, attr in _locations(model):
         kind = key.rsplit(".", 1)[1]
-        if kind[:2] not in {k[:2] for k in options.kinds}:
+        if kind[:2] not in {k[:2] for k in options.kinds} or (keys is not None and key not in keys):
             continue
         st = _range(ranges, key)
         if kind == "exp":
@@ -462,7 +463,7 @@ def cover_ranges(model, ranges: dict, options: FheOptions | None = None) -> dict
         changed[key] = {"old": [lo, hi], "measured": [mn, mx], "depth_old": int(m.depth)}
     if not changed:
         return {}
-    new = build_modules(model, options, union)
+    new = build_modules(model, options, union, keys=set(changed))
     settings = fhe_settings(model)
     settings["modules"].update({k: new[k].to_settings() for k in changed})
     apply_fhe_settings(model, settings)
@@ -470,6 +471,35 @@ def cover_ranges(model, ranges: dict, options: FheOptions | None = None) -> dict
         if key in changed:
             changed[key].update({"new": list(m.interval), "depth_new": int(m.depth)})
     return changed
+
+
+def tracked_ranges(model) -> dict:
+    """The input ranges the out-of-interval counters saw since their last reset, as :func:`calibrate`-style
+    ranges for :func:`cover_ranges`: per op ``[min(lo, smallest outside input), max(hi, largest outside
+    input)]`` over its interval ``[lo, hi]`` (an op whose inputs all fell inside reports its interval, i.e.
+    nothing to widen). Free during training: the counters run on every forward. Under
+    ``torch.distributed`` the ranges are reduced over all processes so every replica widens the same ops.
+    NaN inputs are counted as outside but cannot be located; they leave the range as it is."""
+    ops = [(key, m) for key, m in named_approx_modules(model) if m.interval is not None]
+    lo = torch.tensor([min(m.interval[0], m.out_min) if m.n_out else m.interval[0] for _, m in ops], dtype=torch.float64)
+    hi = torch.tensor([max(m.interval[1], m.out_max) if m.n_out else m.interval[1] for _, m in ops], dtype=torch.float64)
+    seen = torch.tensor([m.n_seen for _, m in ops], dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and ops:
+        dev = next(model.parameters()).device
+        lo, hi, seen = lo.to(dev), hi.to(dev), seen.to(dev)
+        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(seen)
+        lo, hi, seen = lo.cpu(), hi.cpu(), seen.cpu()
+    out: dict = {"layers": [{} for _ in encoder_layers(model)], "pooler": {}}
+    for (key, _), a, b, n in zip(ops, lo.tolist(), hi.tolist(), seen.tolist()):
+        st = {"min": a, "max": b, "count": int(n)}
+        parts = key.split(".")
+        if parts[0] == "layers":
+            out["layers"][int(parts[1])][parts[2]] = st
+        else:
+            out["pooler"][parts[1]] = st
+    return out
 
 
 def fhe_settings(model, ranges: dict | None = None) -> dict:

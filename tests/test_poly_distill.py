@@ -165,3 +165,106 @@ def test_cli_rejects_bad_blend_flags(tiny_setup, capsys):
     assert "< --epochs 2" in capsys.readouterr().err
     assert main([*base, "--no-guard"]) == 2
     assert "--poly all" in capsys.readouterr().err
+
+
+def _tiny_poly(tiny_setup, margin=0.0, calib_examples=16):
+    """The tiny teacher as a Newton-LN polynomial CGF student calibrated on the first ``calib_examples``
+    training examples only (margin 0), so the rest of the training data leaves some intervals."""
+    from torch.utils.data import DataLoader, Subset
+
+    root, opts, teacher = tiny_setup
+    model, tok, _ = load_checkpoint(teacher, softmax="cgf", coeff=0.5)
+    train, _ = api.load_data(tok, opts, get_recipe("reference", max_length=64))
+    collate = api.collator(tok)
+    part = DataLoader(Subset(train, range(calib_examples)), batch_size=16, collate_fn=collate)
+    ranges = surgery.calibrate(model, part, progress=False)
+    surgery.polynomialize(model, surgery.FheOptions(poly="all", ln="newton", margin=margin), ranges)
+    return model, DataLoader(train, batch_size=16, collate_fn=collate)
+
+
+def test_tracked_ranges_equal_a_calibration_pass_and_cover_widens_exactly_those_ops(tiny_setup):
+    model, loader = _tiny_poly(tiny_setup)
+    surgery.set_guard(model, True)  # the training form
+    full = surgery.calibrate(model, loader, progress=False)  # pre-clamp inputs over all 32 examples
+    surgery.set_guard(model, True)
+    surgery.reset_interval_counters(model)
+    with torch.no_grad():
+        for batch in loader:
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    tracked = surgery.tracked_ranges(model)
+    outside = set()
+    for key, m in surgery.named_approx_modules(model):
+        lo, hi = m.interval
+        want = surgery._range(full, key)
+        got = surgery._range(tracked, key)
+        assert got["min"] == pytest.approx(min(lo, want["min"]), rel=1e-6, abs=1e-9), key
+        assert got["max"] == pytest.approx(max(hi, want["max"]), rel=1e-6, abs=1e-9), key
+        if want["min"] < lo or want["max"] > hi:
+            outside.add(key)
+    assert outside, "calibrating on 16 of 32 examples with margin 0 should leave some interval"
+    before = {k: (m.interval, m.to_settings()) for k, m in surgery.named_approx_modules(model)}
+    changed = surgery.cover_ranges(model, tracked)
+    assert set(changed) == outside
+    for key, m in surgery.named_approx_modules(model):
+        if key in outside:
+            lo, hi = m.interval
+            st = surgery._range(full, key)
+            tol = 1e-6 * max(1.0, abs(lo), abs(hi))  # float32 inputs vs float64 statistics
+            assert lo <= st["min"] + tol and st["max"] <= hi + tol and (lo, hi) != before[key][0]
+        else:
+            assert m.to_settings() == before[key][1]  # untouched ops keep their polynomial (same function)
+
+
+def test_epoch_cover_keeps_the_best_epochs_polynomials(tiny_setup):
+    model, _ = _tiny_poly(tiny_setup)
+    sched = PolyTraining(guard=True, epoch_cover=True)
+    sched.on_best(model)
+    best = surgery.fhe_settings(model)["modules"]
+    key, m = next((k, m) for k, m in surgery.named_approx_modules(model) if m.kind == "gelu")
+    lo = m.interval[0]
+    m.n_out, m.n_seen, m.out_min, m.out_max = 1, 10, lo - 5.0, m.interval[1]  # a planted excursion
+    sched.on_epoch_end(model)
+    assert set(sched.covered) == {key}
+    new = dict(surgery.named_approx_modules(model))[key]
+    assert new.interval[0] <= lo - 5.0 and new.guard  # widened, and back in the training form
+    assert surgery.fhe_settings(model)["modules"] != best
+    sched.finish(model)
+    assert surgery.fhe_settings(model)["modules"] == best
+    assert not any(getattr(x, "guard", False) for x in _modules(model))
+
+
+def test_distill_with_epoch_cover_records_widened_intervals_and_resumes(tiny_setup, mrpc_dir):
+    from safetensors.torch import load_file
+
+    root, opts, teacher = tiny_setup
+    opts = api.RunOptions(**{**opts.__dict__, "calib_batches": 1})  # calibrate on 16 of the 32 examples
+    kw = dict(teacher=teacher, coeff=0.5, recipe=get_recipe("reference", epochs=3, max_length=64, lr=1e-3),
+              fhe=surgery.FheOptions(poly="all", ln="newton", margin=0.0), epoch_cover=True)
+    api.distill("tiny", root / "ecover", opts=opts, **kw)
+    st = json.loads((root / "ecover" / "cgf_fhe.json").read_text())
+    h = st["history"]
+    assert st["poly_training"]["epoch_cover"] is True
+    widened = [x["covered"] for x in h]
+    assert any(widened)  # the half of the data calibration never saw leaves some interval in epoch 1
+    mods = {k: m.interval for k, m in surgery.named_approx_modules(load_checkpoint(root / "ecover")[0])}
+    seen: dict = {}
+    for x in h[:st["best_epoch"]]:
+        for key, c in x["covered"].items():
+            assert c["new"][0] <= min(c["old"][0], c["measured"][0]) and c["new"][1] >= max(c["old"][1], c["measured"][1])
+            seen[key] = (min(seen.get(key, c["measured"])[0], c["measured"][0]),
+                         max(seen.get(key, c["measured"])[1], c["measured"][1]))
+    # the saved polynomials are the best epoch's: they cover every range training saw up to it ...
+    for key, (lo, hi) in seen.items():
+        assert mods[key][0] <= lo and hi <= mods[key][1], key
+    # ... and score exactly what that epoch scored
+    assert st["dev_final"] == st["dev"] == h[st["best_epoch"] - 1]["dev"]
+    assert st["reload_max_abs_diff"] <= 1e-5
+    assert [e["widened"] for e in st["fhe"]["epoch_cover"]] == [sorted(w) for w in widened]
+
+    # interrupted after epoch 1 and resumed == uninterrupted (the covered polynomials are in the state)
+    api.distill("tiny", root / "ecover-r", opts=api.RunOptions(**{**opts.__dict__, "stop_after": 1}), **kw)
+    api.distill("tiny", root / "ecover-r", opts=api.RunOptions(**{**opts.__dict__, "resume": True}), **kw)
+    a, b = load_file(root / "ecover" / "model.safetensors"), load_file(root / "ecover-r" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rs = json.loads((root / "ecover-r" / "cgf_fhe.json").read_text())
+    assert rs["dev"] == st["dev"] and rs["fhe"]["modules"] == st["fhe"]["modules"]

@@ -352,7 +352,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
                 fhe=None, student_layers: int | None = None, interval_penalty: float = 0.0,
                 multi: bool = False, teacher_root: Path | None = None, guard: bool = True,
                 blend_epochs: float | None = None, refit: bool = False, student_hidden: int | None = None,
-                student_init: str | os.PathLike | None = None) -> dict:
+                student_init: str | os.PathLike | None = None, epoch_cover: bool = False) -> dict:
     """Distill one seed: exact teacher -> CGF (optionally polynomial / shallower / narrower) student in ``out_dir``.
 
     ``student_hidden`` H (< the teacher's hidden size, a multiple of its head size): a narrow student with random
@@ -367,7 +367,8 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     Polynomial students (see :mod:`.poly_train`): ``guard`` clamps polynomial inputs into their intervals
     while training; with frozen LayerNorms the blend exact -> frozen ramps linearly over the first
     ``blend_epochs`` epochs (None = half of them, 0 = frozen from the start) and, with ``refit``, the exp /
-    GELU / tanh polynomials are refitted on ranges re-measured when the blend reaches 1. Dev metrics, the best-epoch
+    GELU / tanh polynomials are refitted on ranges re-measured when the blend reaches 1; with ``epoch_cover``
+    every epoch ends by widening the intervals its training inputs left (see :mod:`.poly_train`). Dev metrics, the best-epoch
     choice (only epochs that ended at blend 1) and the saved checkpoint are all the exported form: guard off,
     blend 1. After training the ranges are re-measured on the training data (``calibration_trained``)
     and out-of-interval counts are stored for train (``interval_report_train``) and dev (``interval_report``)."""
@@ -377,7 +378,9 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     tdir, given = _teacher_dir(teacher, teacher_root if teacher_root is not None else out, seed, multi)
     fhe_opts = _fhe_options(fhe)
     poly = fhe_opts is not None and getattr(fhe_opts, "poly", "none") != "none"
-    schedule = _poly_schedule(fhe_opts, recipe, guard, blend_epochs, refit) if poly else None
+    if epoch_cover and not poly:
+        raise TrainingError("epoch_cover needs a polynomial student (fhe poly='all')")
+    schedule = _poly_schedule(fhe_opts, recipe, guard, blend_epochs, refit, epoch_cover) if poly else None
     if student_init is not None:
         student_init = Path(student_init).resolve()
         if student_init == out.resolve():
@@ -488,6 +491,9 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         if schedule.refit_result is not None:  # the exp/GELU/tanh intervals come from this re-calibration
             fhe_settings["calibration_refit"] = schedule.refit_result["ranges"]
             fhe_settings["refit_step"] = schedule.refit_result["step"]
+        if schedule.epoch_cover:  # which intervals each epoch's cover widened
+            fhe_settings["epoch_cover"] = [{"epoch": h["epoch"], "widened": sorted(h.get("covered") or {})}
+                                           for h in res.history]
         settings["fhe"] = fhe_settings
         settings.update(_poly_reports(student, surgery, train, dev_loader, collate, recipe, opts, device,
                                       res.best_metrics, tag))
@@ -599,7 +605,7 @@ def _narrow_student(t_model, tdir: Path, hidden: int, layers: int | None, coeff:
 
 
 def _poly_schedule(fhe_opts, recipe: Recipe, guard: bool, blend_epochs: float | None,
-                   refit: bool = False) -> PolyTraining:
+                   refit: bool = False, epoch_cover: bool = False) -> PolyTraining:
     frozen = getattr(fhe_opts, "ln", None) == "frozen"
     if blend_epochs is not None and not frozen:
         raise TrainingError(f"--blend-epochs {blend_epochs:g} needs --ln frozen (the blend anneals frozen LayerNorms)")
@@ -608,7 +614,8 @@ def _poly_schedule(fhe_opts, recipe: Recipe, guard: bool, blend_epochs: float | 
         if not 0 <= blend_epochs < recipe.epochs:
             raise TrainingError(f"--blend-epochs {blend_epochs:g} must be >= 0 and < --epochs {recipe.epochs} "
                                 "(the best checkpoint is chosen among the epochs that end at blend 1)")
-    return PolyTraining(guard=guard, blend_epochs=blend_epochs or 0.0, frozen=frozen, refit=refit)
+    return PolyTraining(guard=guard, blend_epochs=blend_epochs or 0.0, frozen=frozen, refit=refit,
+                        epoch_cover=epoch_cover)
 
 
 def _poly_reports(student, surgery, train, dev_loader, collate, recipe: Recipe, opts: RunOptions, device,
@@ -661,11 +668,12 @@ def distill(model: str = "tiny", out_dir="out/distill", teacher=None, coeff: flo
             seeds: Sequence[int] | None = None, seed: int = 42, recipe: Recipe | str | None = None,
             opts: RunOptions | None = None, fhe=None, student_layers: int | None = None,
             interval_penalty: float = 0.0, guard: bool = True, blend_epochs: float | None = None,
-            refit: bool = False, student_hidden: int | None = None, student_init=None) -> dict:
+            refit: bool = False, student_hidden: int | None = None, student_init=None,
+            epoch_cover: bool = False) -> dict:
     """Teacher (given or trained once) -> CGF student per seed; writes ``out_dir/summary.json``.
 
     ``fhe``: a :class:`cgf_fhe.surgery.FheOptions` (or its dict) to make the student polynomial; ``guard``,
-    ``blend_epochs``, ``refit``: its training aids (see :func:`distill_one`).
+    ``blend_epochs``, ``refit``, ``epoch_cover``: its training aids (see :func:`distill_one`).
     ``student_hidden``: hidden size of a narrow student, ``student_init``: a narrow student checkpoint to start
     from (see :func:`distill_one`, :mod:`.narrow`).
     Returns the summary: student and teacher mean/std and the paired difference student - teacher."""
@@ -677,7 +685,7 @@ def distill(model: str = "tiny", out_dir="out/distill", teacher=None, coeff: flo
     for s, d in _seed_dirs(out, seeds, seed):
         st = distill_one(model, d, s, teacher, coeff, recipe, opts, fhe, student_layers, interval_penalty,
                          multi=multi, teacher_root=out, guard=guard, blend_epochs=blend_epochs, refit=refit,
-                         student_hidden=student_hidden, student_init=student_init)
+                         student_hidden=student_hidden, student_init=student_init, epoch_cover=epoch_cover)
         if st.get("status") != "done":
             return {"status": "partial"}
         runs[s] = st

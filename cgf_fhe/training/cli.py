@@ -146,8 +146,8 @@ def cmd_distill(args) -> int:
     fhe = _fhe_from_args(args)
     from ..cli import UserError
 
-    if fhe is None and (args.no_guard or args.refit or args.blend_epochs is not None):
-        raise UserError("--no-guard / --refit / --blend-epochs need --poly all")
+    if fhe is None and (args.no_guard or args.refit or args.blend_epochs is not None or args.epoch_cover):
+        raise UserError("--no-guard / --refit / --blend-epochs / --epoch-cover need --poly all")
     if args.blend_epochs is not None and fhe.ln != "frozen":
         raise UserError("--blend-epochs needs --ln frozen (it anneals exact -> frozen LayerNorm)")
     if args.blend_epochs is not None and args.blend_epochs < 0:
@@ -155,7 +155,7 @@ def cmd_distill(args) -> int:
     api.distill(args.model, args.output, args.teacher, args.coeff, args.seeds, args.seed, recipe, _opts(args),
                 fhe=fhe, student_layers=args.student_layers, interval_penalty=args.interval_penalty,
                 guard=not args.no_guard, blend_epochs=args.blend_epochs, refit=args.refit,
-                student_hidden=args.student_hidden, student_init=args.student_init)
+                epoch_cover=args.epoch_cover, student_hidden=args.student_hidden, student_init=args.student_init)
     return 0
 
 
@@ -244,6 +244,11 @@ def register(subparsers) -> None:
                    help="--ln frozen with --blend-epochs > 0: when the blend reaches 1, re-measure the ranges on the "
                         "training data and refit the exp/GELU/tanh polynomials (default: keep the intervals "
                         "calibrated on the exact-LayerNorm model). Experimental: wider intervals can add depth")
+    f.add_argument("--epoch-cover", action="store_true",
+                   help="at the end of every epoch, before scoring it, widen each interval that epoch's training "
+                        "inputs left (like `cgf-fhe cover`, from the counters training keeps anyway), so the "
+                        "best-checkpoint choice scores what `cover` + export will run; the best epoch's "
+                        "polynomials are saved with its weights")
     p.add_argument("-o", "--output", required=True)
     _common(p)
     p.set_defaults(func=cmd_distill)

@@ -290,7 +290,9 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
     ``on_step(model, step, steps_per_epoch)`` called before every training step (``step`` = 0-based global step,
     a function of the epoch and batch only, so resumed runs follow the same schedule), ``exported_form(model)``
     (context manager the dev evaluation runs in) and ``epoch_info(model, evaluate) -> dict`` merged into the
-    epoch's history record; an epoch whose info has ``"eligible": False`` is never chosen as the best. If it
+    epoch's history record; an epoch whose info has ``"eligible": False`` is never chosen as the best. Optional
+    hooks: ``on_epoch_end(model)`` after an epoch's training steps, before its evaluation, and
+    ``on_best(model)`` when an epoch becomes the best. If it
     has ``state_dict()`` / ``load_state_dict(model, state)``, its state is saved with (and restored from) the
     training state, after the model weights.
     Returns a :class:`FitResult`.
@@ -406,6 +408,8 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
             return evaluate_model(_unwrap(model), eval_loader, acc.device, autocast=acc.autocast)
 
         info = {}
+        if schedule is not None and hasattr(schedule, "on_epoch_end"):
+            schedule.on_epoch_end(_unwrap(model))
         if schedule is not None:
             with schedule.exported_form(_unwrap(model)):
                 dev = _evaluate()
@@ -422,6 +426,8 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
         improved = eligible and (best is None or dev["accuracy"] > best["accuracy"])
         if improved:
             best, best_epoch = dev, epoch + 1
+            if schedule is not None and hasattr(schedule, "on_best"):
+                schedule.on_best(_unwrap(model))
             sd = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
             if best_path is not None:
                 if main:

@@ -20,6 +20,14 @@
   trained MiniLM the frozen model's activations are simply too large (exp arguments up to ~30), so it is
   not the default.
 
+* **epoch cover** (opt-in ``epoch_cover=True``): the out-of-interval counters run on every training forward
+  (training form: guard on, so each op sees what a sane upstream gives it). At the end of every epoch, before
+  the dev evaluation, every interval the epoch's inputs left is widened to cover them
+  (:func:`cgf_fhe.surgery.tracked_ranges` + :func:`cgf_fhe.surgery.cover_ranges`, i.e. ``cgf-fhe cover``
+  without its extra calibration pass). Without it the guard hides the drift: the exported (unclamped) form
+  of a later epoch can blow up (NaN logits) although its training form is fine, so best-checkpoint
+  selection sees a collapsed epoch. The polynomial settings of the best epoch are kept with its weights.
+
 Dev metrics are always measured in the exported form (guard off, blend 1). An epoch may become the best
 checkpoint only if its last training step already ran at blend 1 (``eligible`` in the history); the
 training form's dev metrics (guard on, the current blend) are recorded next to them as
@@ -39,7 +47,8 @@ class PolyTraining:
     ``frozen``: the student has frozen LayerNorms (the blend applies); ``blend_epochs``: length of the
     ramp in epochs (may be fractional)."""
 
-    def __init__(self, guard: bool = True, blend_epochs: float = 0.0, frozen: bool = False, refit: bool = False):
+    def __init__(self, guard: bool = True, blend_epochs: float = 0.0, frozen: bool = False, refit: bool = False,
+                 epoch_cover: bool = False):
         if blend_epochs < 0:
             raise ValueError(f"blend_epochs must be >= 0, got {blend_epochs}")
         self.guard = bool(guard)
@@ -50,6 +59,10 @@ class PolyTraining:
         self.refit_loader = None
         self.refit_kw: dict = {}
         self.refit_result: dict | None = None  # {"step", "ranges", "settings"} once refitted
+        self.epoch_cover = bool(epoch_cover)
+        self.covered: dict = {}  # what the last epoch's cover widened ({key: {old, new, measured, depth_*}})
+        self.settings: dict | None = None  # the fhe settings after the last cover that changed something
+        self.best_settings: dict | None = None  # the fhe settings of the best epoch (with epoch cover)
 
     def attach(self, loader, device="cpu", max_batches: int | None = None, progress: bool = True) -> None:
         """The training data (unshuffled loader) the refit calibrates on."""
@@ -65,8 +78,10 @@ class PolyTraining:
         return 1.0 if n <= 0 or step >= n else step / n
 
     def to_dict(self) -> dict:
-        return {"guard": self.guard, "blend_epochs": self.blend_epochs if self.frozen else None,
-                "refit": self.refit}
+        d = {"guard": self.guard, "blend_epochs": self.blend_epochs if self.frozen else None, "refit": self.refit}
+        if self.epoch_cover:  # only when on, so runs from before the option compare unchanged
+            d["epoch_cover"] = True
+        return d
 
     # --------------------------------------------------------------- refit
     def refit_now(self, model, step: int) -> dict:
@@ -89,17 +104,48 @@ class PolyTraining:
 
     def state_dict(self) -> dict:
         """Saved with the training state (strings only: loadable with ``weights_only=True``)."""
-        return {"refit": json.dumps(self.refit_result) if self.refit_result is not None else ""}
+        def dump(obj):
+            return json.dumps(obj) if obj is not None else ""
+
+        return {"refit": dump(self.refit_result), "settings": dump(self.settings),
+                "best_settings": dump(self.best_settings)}
 
     def load_state_dict(self, model, state: dict) -> None:
-        """Resume: rebuild the refitted polynomials (after the model's weights are loaded)."""
+        """Resume: rebuild the refitted / covered polynomials (after the model's weights are loaded)."""
         from .. import surgery
 
-        raw = (state or {}).get("refit") or ""
+        state = state or {}
+        raw = state.get("refit") or ""
         if raw:
             self.refit_result = json.loads(raw)
             surgery.apply_fhe_settings(model, self.refit_result["settings"])
-            self._training_form(model)
+        if state.get("settings"):  # a later epoch cover supersedes the refit's settings
+            self.settings = json.loads(state["settings"])
+            surgery.apply_fhe_settings(model, self.settings)
+        if state.get("best_settings"):
+            self.best_settings = json.loads(state["best_settings"])
+        self._training_form(model)
+
+    # --------------------------------------------------------------- epoch cover
+    def on_epoch_end(self, model) -> None:
+        """After an epoch's last training step, before its dev evaluation: widen what the epoch's training
+        inputs left (epoch cover), so the exported form scored next computes what training computed."""
+        from .. import surgery
+
+        self.covered = {}
+        if not self.epoch_cover:
+            return
+        self.covered = surgery.cover_ranges(model, surgery.tracked_ranges(model))
+        if self.covered:
+            self.settings = surgery.fhe_settings(model)
+        self._training_form(model)  # rebuilt modules start with the guard off
+
+    def on_best(self, model) -> None:
+        """The epoch just scored is the new best: remember its polynomial settings with its weights."""
+        from .. import surgery
+
+        if self.epoch_cover:
+            self.best_settings = surgery.fhe_settings(model)
 
     # --------------------------------------------------------------- hooks called by fit
     def on_step(self, model, step: int, steps_per_epoch: int) -> None:
@@ -107,6 +153,8 @@ class PolyTraining:
         from .. import surgery
 
         self.blend = self.blend_at(step, steps_per_epoch)
+        if self.epoch_cover and step % steps_per_epoch == 0:
+            surgery.reset_interval_counters(model)  # this epoch's training inputs only (not the dev passes)
         if self.frozen:
             surgery.set_frozen_blend(model, self.blend)
         surgery.set_guard(model, self.guard)
@@ -138,15 +186,21 @@ class PolyTraining:
         info = {"blend": self.blend, "guard": self.guard, "eligible": self.blend >= 1.0}
         if self.refit:
             info["refitted"] = self.refit_result is not None
+        if self.epoch_cover:
+            info["covered"] = {k: {"old": v["old"], "new": v["new"], "measured": v["measured"]}
+                               for k, v in self.covered.items()}
         if self.guard or self.blend < 1.0:
             self._training_form(model)
             info["dev_training_form"] = evaluate()
         return info
 
     def finish(self, model) -> None:
-        """Leave the model in the exported form (guard off, blend 1)."""
+        """Leave the model in the exported form (guard off, blend 1) with the best epoch's polynomial settings
+        (epoch cover; call it after the best epoch's weights are loaded)."""
         from .. import surgery
 
+        if self.best_settings is not None:
+            surgery.apply_fhe_settings(model, self.best_settings)
         surgery.set_guard(model, False)
         surgery.set_frozen_blend(model, 1.0)
         self.blend = 1.0
