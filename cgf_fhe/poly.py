@@ -59,6 +59,7 @@ while torch is exporting/compiling and when ``track`` is False. ``depth`` = leve
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, asdict
 from typing import Callable
 
@@ -192,6 +193,55 @@ def _square_eval(r: int, t):
     return y
 
 
+_LIGHT_GRAD = True
+
+
+@contextmanager
+def autograd_through_schedule():
+    """Inside: training records every intermediate of the polynomial schedules for autograd (the slow,
+    memory-hungry reference the derivative backward of :class:`_PolyGrad` replaces; benchmarks and tests)."""
+    global _LIGHT_GRAD
+    old, _LIGHT_GRAD = _LIGHT_GRAD, False
+    try:
+        yield
+    finally:
+        _LIGHT_GRAD = old
+
+
+def _clenshaw(c: list[float], t: torch.Tensor) -> torch.Tensor:
+    """Chebyshev series ``sum c_j T_j(t)`` by Clenshaw's recurrence (plaintext helper, three live tensors)."""
+    if len(c) == 1:
+        return torch.full_like(t, c[0])
+    b1, b2 = torch.zeros_like(t), torch.zeros_like(t)
+    t2 = 2.0 * t
+    for cj in reversed(c[1:]):
+        b1, b2 = t2 * b1 - b2 + cj, b1
+    return t * b1 - b2 + c[0]
+
+
+class _PolyGrad(torch.autograd.Function):
+    """``PolyApprox`` schedule with a memory-light backward: forward = the encrypted schedule (identical values,
+    nothing but ``t`` and the inner series kept), backward = ``grad * p'(t)`` from the derivative series."""
+
+    @staticmethod
+    def forward(ctx, t, approx):
+        if approx.form == "square":
+            y, inner = _square_eval(approx.r, t), None
+        else:
+            inner = (_powers_eval(approx.monomial, t) if approx.form == "powers"
+                     else _ps_eval([float(v) for v in approx.coeffs], approx.baby, _cheb_provider(t)))
+            y = _square_eval(approx.squarings, inner)
+        ctx.approx = approx
+        ctx.save_for_backward(t, inner if (inner is not None and approx.squarings) else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        t, inner = ctx.saved_tensors
+        with torch.no_grad():
+            return grad * ctx.approx.derivative_t(t, inner), None
+
+
 # ----------------------------------------------------------------------------------------------- approximation
 @dataclass
 class PolyApprox:
@@ -248,9 +298,31 @@ class PolyApprox:
 
     def evaluate(self, x, prescaled: bool = False):
         """Torch evaluation in the encrypted form. ``prescaled``: ``x`` is already ``alpha*x`` (only
-        ``beta`` is added, which is free)."""
+        ``beta`` is added, which is free). When a gradient is needed (training), the same schedule runs
+        without recording its few hundred intermediate products and the backward pass uses the derivative
+        polynomial instead (:class:`_PolyGrad`): the values are identical, autograd memory drops from every
+        intermediate tensor to the input."""
         t = (x if prescaled else x * self.alpha) + self.beta
+        if (_LIGHT_GRAD and isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+                and not _exporting()):
+            return _PolyGrad.apply(t, self)
         return self._schedule(t)
+
+    def derivative_t(self, t: torch.Tensor, inner: torch.Tensor | None = None) -> torch.Tensor:
+        """``d p / d t`` at ``t`` (same dtype). ``p = q(t)^(2^k)`` with ``q`` the Chebyshev series (or
+        ``q = t``, ``k = r`` for the square form); ``inner``: ``q(t)`` if already known."""
+        if self.form == "square":
+            q, k, dq = t, self.r, None
+        else:
+            c = np.asarray(self.coeffs, dtype=np.float64)
+            dq = _clenshaw([float(v) for v in C.chebder(c)], t) if len(c) > 1 else torch.zeros_like(t)
+            k = self.squarings
+            if k == 0:
+                return dq
+            q = inner if inner is not None else _clenshaw([float(v) for v in c], t)
+        n = 2 ** k
+        d = q.pow(n - 1) * float(n)
+        return d if dq is None else d * dq
 
     def numpy_eval(self, x: np.ndarray) -> np.ndarray:
         """Direct float64 evaluation (reference for the torch form)."""

@@ -268,3 +268,4 @@ def test_distill_with_epoch_cover_records_widened_intervals_and_resumes(tiny_set
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rs = json.loads((root / "ecover-r" / "cgf_fhe.json").read_text())
     assert rs["dev"] == st["dev"] and rs["fhe"]["modules"] == st["fhe"]["modules"]
+
