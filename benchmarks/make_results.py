@@ -67,8 +67,11 @@ STUDENTS = (
     ("poly6-newton-cover", "minilm/poly6-newton-cover",
      "polynomial, 6 layers, Newton LayerNorm, intervals widened by `cgf-fhe cover` after training",
      "cover", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
-    ("poly6-frozen", "minilm/poly6-frozen", "polynomial, 6 layers, frozen LayerNorm", "--poly all --ln frozen",
-     "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
+    ("poly6-newton-ecover", "minilm/poly6-newton-ecover",
+     "polynomial, 6 layers, Newton LayerNorm, intervals widened at the end of every epoch (`--epoch-cover`)",
+     "--poly all --ln newton --epochs 2 --epoch-cover", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
+    ("poly6-frozen", "minilm/poly6-frozen", "polynomial, 6 layers, frozen LayerNorm",
+     "--poly all --ln frozen --epochs 3 --epoch-cover", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly2-newton", "minilm/poly2-newton", "polynomial, 2 layers, Newton LayerNorm",
      "--poly all --ln newton --student-layers 2 --epochs 3", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("narrow-cgf", "narrow/cgf2-h64", "CGF (not polynomial), 2 layers, hidden 64 (narrow), 32 tokens: stage 1",
@@ -106,6 +109,8 @@ def commands(R: str) -> dict[str, str]:
         "teacher": f"cgf-fhe finetune --model minilm --preset minilm --seeds 42 7 123 --no-progress --resume "
                    f"-o {R}/minilm/teacher",
         "depth_table": f"python benchmarks/depth_table.py --json {R}/depth_table.json",
+        "poly_grad_memory": f"python benchmarks/poly_grad_memory.py {R}/minilm/poly6-newton/seed42 --steps 4 "
+                            "--json benchmarks/results/poly_grad_memory.json",
         "frozen_probe": f"python benchmarks/frozen_ln_probe.py {R}/minilm/cgf-kd/seed42 -o {R}/minilm/frozen-ln-probe.json",
     }
     for name, flags in SEARCH:
@@ -733,6 +738,14 @@ class Page:
                                  f"{len(cv.get('changed') or {})} ops refitted"
                                  + (f" ({', '.join(sorted(cv['changed']))})" if cv.get("changed") else "")
                                  + f"; depth {cv.get('depth_before')} -> {cv.get('depth_after')}")
+            for sd, s in runs.items():
+                ec = (s.get("fhe") or {}).get("epoch_cover")
+                if ec:
+                    tf = [(h.get("dev_training_form") or {}).get("accuracy") for h in s.get("history") or []]
+                    extra.append(f"seed {sd}, epoch cover: intervals widened per epoch "
+                                 + " / ".join(str(len(e.get("widened") or [])) for e in ec)
+                                 + "; training-form (guard on) dev accuracy per epoch "
+                                 + " / ".join(num(x) for x in tf))
             fo = s0.get("fhe_options") or {}
             if fo:
                 extra.append(f"polynomials: exp degree {fo.get('exp_degree')}, GELU {fo.get('gelu_degree')}, tanh "
@@ -771,6 +784,30 @@ class Page:
                          "target", "status"], summary_rows), "")
         self.plot_accuracy_depth()
         self.depth_table()
+        self.poly_grad_memory()
+
+    def poly_grad_memory(self) -> None:
+        """Training cost of a polynomial student: autograd through the schedules vs the derivative backward."""
+        c = self.cmd["poly_grad_memory"]
+        self.add("### Training memory and time: derivative backward of the polynomials", "",
+                 "Training evaluates each polynomial in its encrypted schedule. Recording every intermediate product "
+                 "for autograd (a degree-63 GELU saves 40 tensors of its input's size; the exp, LayerNorm and tanh schedules add more) dominated memory and time; the backward pass now uses "
+                 "the derivative series instead (`cgf_fhe.poly._PolyGrad`), with the forward values unchanged.", "",
+                 *code(c), "")
+        d = self.r.json(self.calib_dir / "poly_grad_memory.json")
+        if d is None:
+            self.add(not_run(c), "")
+            return
+        rows = [[f"autograd through the schedule" if m == "schedule" else "derivative series (default)",
+                 f"{d[m]['peak_rss_mb']:.0f} MB", f"{d[m]['growth_mb']:.0f} MB", f"{d[m]['seconds_per_step']:.2f} s"]
+                for m in ("schedule", "derivative") if m in d]
+        self.add(*table(["backward", "peak RSS", "growth over the loaded model", "time per step"], rows), "")
+        r = d.get("ratio") or {}
+        self.add(f"Ratios measured in one run: peak RSS x{r.get('peak_rss', float('nan')):.2f}, time per step "
+                 f"x{r.get('seconds_per_step', float('nan')):.2f}; the two gradients differ by "
+                 f"{sci(d.get('max_rel_grad_diff'))} (relative norm over all parameters, first batch). Batch "
+                 f"{d['derivative'].get('batch_size')}, {d['derivative'].get('steps')} steps per mode (first not timed).",
+                 "")
 
     def frozen_probe(self) -> None:
         """Why frozen LayerNorm fails on MiniLM: variance by position and a no-retraining swap."""

@@ -47,9 +47,11 @@ run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --b
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 2 \
     --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton"
 run cgf-fhe cover "$R/minilm/poly6-newton" -o "$R/minilm/poly6-newton-cover" --no-progress --resume
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 2 \
+    --epoch-cover --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover"
 run python benchmarks/frozen_ln_probe.py "$R/minilm/cgf-kd/seed42" -o "$R/minilm/frozen-ln-probe.json"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln frozen \
-    --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-frozen"
+    --epochs 3 --epoch-cover --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-frozen"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --student-layers 2 \
     --epochs 3 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly2-newton"
 # narrow 2-layer hidden-64 student for real TenSEAL runs, in two stages: CGF (not polynomial) first, then the
@@ -91,6 +93,7 @@ run python benchmarks/emulator_calibration.py --poly-modulus 16384 --coeff-bits 
 run python benchmarks/emulator_calibration.py --poly-modulus 16384 --coeff-bits 60,50,50,50,50,50,50,60 --scale-bits 50 \
     -o benchmarks/results/emulator_calibration_n16384_s50.json
 run python benchmarks/depth_table.py --json "$R/depth_table.json"
+run python benchmarks/poly_grad_memory.py "$R/minilm/poly6-newton/seed42" --steps 4 --json benchmarks/results/poly_grad_memory.json
 
 # 8. the page
 python benchmarks/make_results.py "$R" -o docs/results.md
