@@ -81,6 +81,9 @@ STUDENTS = (
      "stage 2", "--poly all --ln newton --student-init $R/narrow/cgf2-h64 --max-length 32 --epochs 3", "--seed 42",
      POLY_MAX_DROP_PP, True),
 )
+PAIRED_WITH = {  # student -> earlier students trained from the same teachers on the same seeds, compared seed by seed
+    "poly6-newton-ecover": ("poly6-newton", "poly6-newton-cover"),
+}
 ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export flags)
     ("poly6", "minilm/poly6.onnx", "minilm/poly6-newton/seed42", ""),
     ("poly2", "minilm/poly2.onnx", "minilm/poly2-newton/seed42", ""),
@@ -746,6 +749,22 @@ class Page:
                                  + " / ".join(str(len(e.get("widened") or [])) for e in ec)
                                  + "; training-form (guard on) dev accuracy per epoch "
                                  + " / ".join(num(x) for x in tf))
+            for sd, s in runs.items():
+                losses = [h.get("train_loss") for h in s.get("history") or []]
+                if any(x is not None and x > 1e3 for x in losses):
+                    extra.append(f"seed {sd}: training diverged, train loss per epoch "
+                                 + " / ".join(f"{x:.3g}" for x in losses if x is not None)
+                                 + "; blend per epoch " + " / ".join(f"{h.get('blend', 1.0):.3g}"
+                                                                     for h in s.get("history") or []))
+            folders = {k: f for k, f, *_ in STUDENTS}
+            for other in PAIRED_WITH.get(key, ()):
+                o_runs = self.r.seed_runs(folders[other])
+                both = [sd for sd in runs if sd in o_runs]
+                if both:
+                    ds = [runs[sd]["dev"]["accuracy"] - o_runs[sd]["dev"]["accuracy"] for sd in both]
+                    extra.append(f"paired with `{other}` (same teachers and seeds {', '.join(map(str, both))}): "
+                                 + ", ".join(f"seed {sd} {100 * d:+.2f} pp" for sd, d in zip(both, ds))
+                                 + f"; mean {pm(ds, 2, 100, True, ' pp')}")
             fo = s0.get("fhe_options") or {}
             if fo:
                 extra.append(f"polynomials: exp degree {fo.get('exp_degree')}, GELU {fo.get('gelu_degree')}, tanh "

@@ -542,8 +542,10 @@ class IntervalTracker(nn.Module):
             self.n_out += k
             self.n_seen += int(v.numel())
             if k:
-                self.out_min = min(self.out_min, float(v[out].min()))
-                self.out_max = max(self.out_max, float(v[out].max()))
+                far = v[out & torch.isfinite(v)]  # NaN/inf count as outside but have no place to widen to
+                if far.numel():
+                    self.out_min = min(self.out_min, float(far.min()))
+                    self.out_max = max(self.out_max, float(far.max()))
         if vals.numel():
             excess = (torch.relu(vals - b) + torch.relu(a - vals)) * (2.0 / (b - a))
             # bounded and finite even when an upstream polynomial has blown up

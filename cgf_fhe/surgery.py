@@ -479,20 +479,24 @@ def tracked_ranges(model) -> dict:
     input)]`` over its interval ``[lo, hi]`` (an op whose inputs all fell inside reports its interval, i.e.
     nothing to widen). Free during training: the counters run on every forward. Under
     ``torch.distributed`` the ranges are reduced over all processes so every replica widens the same ops.
-    NaN inputs are counted as outside but cannot be located; they leave the range as it is."""
+    NaN and infinite inputs are counted as outside but cannot be covered; they leave the range as it is."""
     ops = [(key, m) for key, m in named_approx_modules(model) if m.interval is not None]
-    lo = torch.tensor([min(m.interval[0], m.out_min) if m.n_out else m.interval[0] for _, m in ops], dtype=torch.float64)
-    hi = torch.tensor([max(m.interval[1], m.out_max) if m.n_out else m.interval[1] for _, m in ops], dtype=torch.float64)
-    seen = torch.tensor([m.n_seen for _, m in ops], dtype=torch.float64)
+
+    def seen(bound: float, v: float, pick) -> float:
+        return pick(bound, v) if math.isfinite(v) else bound
+
+    lo = torch.tensor([seen(m.interval[0], m.out_min, min) for _, m in ops], dtype=torch.float64)
+    hi = torch.tensor([seen(m.interval[1], m.out_max, max) for _, m in ops], dtype=torch.float64)
+    count = torch.tensor([m.n_seen for _, m in ops], dtype=torch.float64)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and ops:
         dev = next(model.parameters()).device
-        lo, hi, seen = lo.to(dev), hi.to(dev), seen.to(dev)
+        lo, hi, count = lo.to(dev), hi.to(dev), count.to(dev)
         torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
         torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
-        torch.distributed.all_reduce(seen)
-        lo, hi, seen = lo.cpu(), hi.cpu(), seen.cpu()
+        torch.distributed.all_reduce(count)
+        lo, hi, count = lo.cpu(), hi.cpu(), count.cpu()
     out: dict = {"layers": [{} for _ in encoder_layers(model)], "pooler": {}}
-    for (key, _), a, b, n in zip(ops, lo.tolist(), hi.tolist(), seen.tolist()):
+    for (key, _), a, b, n in zip(ops, lo.tolist(), hi.tolist(), count.tolist()):
         st = {"min": a, "max": b, "count": int(n)}
         parts = key.split(".")
         if parts[0] == "layers":

@@ -269,3 +269,14 @@ def test_distill_with_epoch_cover_records_widened_intervals_and_resumes(tiny_set
     rs = json.loads((root / "ecover-r" / "cgf_fhe.json").read_text())
     assert rs["dev"] == st["dev"] and rs["fhe"]["modules"] == st["fhe"]["modules"]
 
+
+
+def test_tracked_ranges_skip_non_finite_inputs(tiny_setup):
+    model, _ = _tiny_poly(tiny_setup)
+    key, m = next((k, m) for k, m in surgery.named_approx_modules(model) if m.kind == "gelu")
+    lo, hi = m.interval
+    m.reset_counters()
+    m(torch.tensor([lo - 2.0, hi + 3.0, float("nan"), float("inf"), -float("inf"), 0.5 * (lo + hi)]))
+    assert m.n_out == 5 and m.n_seen == 6  # NaN and +-inf count as outside ...
+    st = surgery._range(surgery.tracked_ranges(model), key)
+    assert (st["min"], st["max"]) == pytest.approx((lo - 2.0, hi + 3.0))  # ... but only finite values widen
