@@ -444,7 +444,8 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
             device = get_accelerator(opts.device, opts.mixed_precision).device
             student.to(device)
             calib_loader = DataLoader(train, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=collate)
-            _log(f"[distill] calibrating ranges on {len(train)} training examples")
+            n_cal = len(train) if opts.calib_batches is None else min(len(train), opts.calib_batches * recipe.eval_batch_size)
+            _log(f"[distill] calibrating ranges on {n_cal} training examples")
             ranges = surgery.calibrate(student, calib_loader, device=str(device), max_batches=opts.calib_batches,
                                        progress=opts.progress)
             fhe_settings = surgery.polynomialize(student, fhe_opts, ranges)
