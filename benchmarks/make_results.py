@@ -869,7 +869,8 @@ class Page:
                  "position class) normalises these tokens. Without the per-token normalisation the attention "
                  f"scores grow and CGF's `exp(s - mean - c var)` receives arguments up to {top('frozen')} (exact "
                  f"LayerNorm: {top('exact_ln')}), and the network overflows. A frozen-LayerNorm MiniLM student would "
-                 "need training that removes these outliers first; that is not built.", "")
+                 "need training that removes these outliers first. Distillation that anneals exact -> frozen "
+                 "LayerNorm (the run below) does not remove them: see its training loss.", "")
 
     def plot_accuracy_depth(self) -> None:
         if not self.poly_points:
