@@ -594,6 +594,15 @@ class Page:
                     (f"completed, {secs(sum(float(w) for w in wall))} wall" if wall else "completed") if done
                     else "incomplete",
                     done, f"`{self.R}/mrpc-minilm/summary.json`")
+        from cgf_fhe.pipeline import PRESETS
+
+        want = {k: v for k, v in PRESETS["mrpc-minilm"]["student"].items() if k in ("epoch_cover",) and v}
+        got = ((self.r.json("mrpc-minilm/student/cgf_fhe.json") or {}).get("poly_training") or {})
+        stale = sorted(k for k, v in want.items() if got.get(k) != v)
+        if stale:
+            self.add("This run predates part of the current preset: its student was trained without "
+                     + ", ".join(f"`--{k.replace('_', '-')}`" for k in stale)
+                     + " (rerunning the command retrains the student with it).", "")
         note = self.r.text("mrpc-minilm/NOTES.md")
         if note:
             self.add("Notes on this run (`" + f"{self.R}/mrpc-minilm/NOTES.md" + "`):", "", note.strip(), "")
