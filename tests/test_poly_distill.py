@@ -268,6 +268,12 @@ def test_distill_with_epoch_cover_records_widened_intervals_and_resumes(tiny_set
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rs = json.loads((root / "ecover-r" / "cgf_fhe.json").read_text())
     assert rs["dev"] == st["dev"] and rs["fhe"]["modules"] == st["fhe"]["modules"]
+    # a finished run is skipped by --resume with the same settings (a fresh FheOptions holds tuples, the
+    # saved settings lists) and its files stay as they are
+    before = (root / "ecover" / "model.safetensors").stat().st_mtime_ns
+    again = api.distill("tiny", root / "ecover", opts=api.RunOptions(**{**opts.__dict__, "resume": True}), **kw)
+    assert again.get("status") != "partial" and again["seeds"] == [42]
+    assert (root / "ecover" / "model.safetensors").stat().st_mtime_ns == before
 
 
 

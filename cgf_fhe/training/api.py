@@ -126,14 +126,15 @@ def _run_key(settings: dict) -> dict:
     recipe = {k: v for k, v in full.items() if k not in ("name", "note", "tuned")}
     fhe = settings.get("fhe_options")
     data = settings.get("data") or {}
-    return _flatten({
+    # through JSON so a freshly built run (tuples) compares equal to the saved one (lists)
+    return _flatten(json.loads(json.dumps({
         "kind": settings.get("kind"), "softmax": settings.get("softmax"), "coeff": settings.get("coeff"),
         "init": settings.get("init"), "seed": settings.get("seed"), "recipe": recipe,
         "max_train_samples": data.get("max_train_samples"), "max_length": data.get("max_length"),
         "kd": settings.get("kd"), "fhe_options": fhe, "student_layers": settings.get("student_layers_requested"),
         "student_hidden": settings.get("student_hidden"), "student_init": settings.get("student_init"),
         "teacher": settings.get("teacher"), "poly_training": settings.get("poly_training"),
-    })
+    })))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
