@@ -798,9 +798,15 @@ class Page:
                 st = ("informative only (one seed, 32 tokens, teacher scored at 32 tokens; not an issue target): "
                       + ("within" if m is not None and 100 * m >= -target_pp else "not within") + f" {target_pp:g} pp")
             else:
+                diverged = [sd for sd, s in runs.items()
+                            if any((h.get("train_loss") or 0) > 1e3 for h in s.get("history") or [])]
+                missing = [str(sd) for sd in expected if sd not in runs]
+                why = (f"not evaluable: {len(runs)} of {len(expected)} seeds" if not full else "no pairs")
+                if diverged and not full:  # a partial seed set whose runs diverged: say so, not just "partial"
+                    why = (f"**NOT met** on the seeds run: training diverged (seed {', '.join(map(str, diverged))}); "
+                           f"seeds {', '.join(missing)} not run")
                 st = self.target(what, f">= -{target_pp:g} pp", measured,
-                                 (100 * m >= -target_pp) if (m is not None and full) else None, src,
-                                 f"not evaluable: {len(runs)} of {len(expected)} seeds" if not full else "no pairs")
+                                 (100 * m >= -target_pp) if (m is not None and full) else None, src, why)
             self.add(f"Paired difference to the teacher (accuracy): {pm(diffs, 2, 100, True, ' pp')}; F1: "
                      f"{pm(fdiffs, 2, 100, True, ' pp')}. Target: within {target_pp:g} pp of the teacher: {st}.", "")
             summary_rows.append([f"`{key}`", str(len(runs)), pm(accs), pm(f1s), pm(diffs, 2, 100, True),
