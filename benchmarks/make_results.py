@@ -85,7 +85,7 @@ PAIRED_WITH = {  # student -> earlier students trained from the same teachers on
     "poly6-newton-ecover": ("poly6-newton", "poly6-newton-cover"),
 }
 ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export flags)
-    ("poly6", "minilm/poly6.onnx", "minilm/poly6-newton/seed42", ""),
+    ("poly6", "minilm/poly6.onnx", "minilm/poly6-newton-ecover/seed42", ""),
     ("poly2", "minilm/poly2.onnx", "minilm/poly2-newton/seed42", ""),
     ("narrow", "narrow/student2-h64.onnx", "narrow/student2-h64", " --max-length 32"),
 )

@@ -62,7 +62,7 @@ run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --b
     --student-init "$R/narrow/cgf2-h64" --max-length 32 --epochs 3 --seed 42 --no-progress --resume -o "$R/narrow/student2-h64"
 
 # 5. export + FHE check + parity on the dev set; depth reports at L = 9 and 14
-run cgf-fhe export "$R/minilm/poly6-newton/seed42" -o "$R/minilm/poly6.onnx" --verify 408
+run cgf-fhe export "$R/minilm/poly6-newton-ecover/seed42" -o "$R/minilm/poly6.onnx" --verify 408
 run_to "$R/minilm/poly6.check.json" cgf-fhe check "$R/minilm/poly6.onnx" --format json
 run cgf-fhe export "$R/minilm/poly2-newton/seed42" -o "$R/minilm/poly2.onnx" --verify 408
 run_to "$R/minilm/poly2.check.json" cgf-fhe check "$R/minilm/poly2.onnx" --format json
