@@ -57,6 +57,7 @@ SEARCH = (
     ("swap-lr1e-4-unfrz-wu-e3", "--lr 1e-4 --unfreeze-embeddings --warmup-ratio 0.1 --swap-pairs --epochs 3"),
     ("lr2e-4-llrd0.8-unfrz-wu-e6",
      "--lr 2e-4 --layer-lr-decay 0.8 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 6"),
+    ("lr5e-5-unfrz-wu-e10", "--lr 5e-5 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 10"),
 )
 # students: (key, folder under R, label, distill flags, seeds flag, paired target in pp, polynomial?)
 STUDENTS = (
