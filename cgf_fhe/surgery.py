@@ -307,19 +307,9 @@ def calibrate(model, loader, device="cpu", max_batches: int | None = None, progr
     for r in ln_recs:
         r.finish()
     out = {"n_examples": n_ex, "n_batches": n_b, "softmax": getattr(model.config, "cgf_softmax", None),
-           "layers": [], "pooler": {}}
-    for key, st in recorders.items():
-        parts = key.split(".")
-        if parts[0] == "layers":
-            i = int(parts[1])
-            while len(out["layers"]) <= i:
-                out["layers"].append({})
-            out["layers"][i][parts[2]] = st.to_dict()
-        else:
-            out["pooler"][parts[1]] = st.to_dict()
-    n_layers = len(encoder_layers(model))
-    while len(out["layers"]) < n_layers:
-        out["layers"].append({})
+           "layers": [{} for _ in encoder_layers(model)], "pooler": {}}
+    for key, st in recorders.items():  # keys come from this model's locations: every layer index exists
+        _put_range(out, key, st.to_dict())
     if n_ex == 0:
         raise ValueError("calibrate: the loader yielded no batches")
     return out
@@ -334,6 +324,15 @@ def widen(st: dict, margin: float, positive: bool = False) -> tuple[float, float
         return a * (1.0 - min(margin, 0.9)), b * (1.0 + margin) + 1e-9
     w = max(b - a, 1e-6 * max(abs(a), abs(b), 1.0))
     return a - margin * w, b + margin * w
+
+
+def _put_range(ranges: dict, key: str, st: dict) -> None:
+    """Store ``st`` as the range of op ``key`` ("layers.<i>.<kind>" or "pooler.<kind>"), the inverse of :func:`_range`."""
+    parts = key.split(".")
+    if parts[0] == "layers":
+        ranges["layers"][int(parts[1])][parts[2]] = st
+    else:
+        ranges["pooler"][parts[1]] = st
 
 
 def _range(ranges: dict, key: str) -> dict:
@@ -454,12 +453,7 @@ def cover_ranges(model, ranges: dict, options: FheOptions | None = None) -> dict
                              "(guard on) so every op sees finite inputs")
         if lo <= mn and mx <= hi:
             continue
-        parts = key.split(".")
-        u = {**st, "min": min(lo, mn), "max": max(hi, mx)}
-        if parts[0] == "layers":
-            union["layers"][int(parts[1])][parts[2]] = u
-        else:
-            union["pooler"][parts[1]] = u
+        _put_range(union, key, {**st, "min": min(lo, mn), "max": max(hi, mx)})
         changed[key] = {"old": [lo, hi], "measured": [mn, mx], "depth_old": int(m.depth)}
     if not changed:
         return {}
@@ -497,12 +491,7 @@ def tracked_ranges(model) -> dict:
         lo, hi, count = lo.cpu(), hi.cpu(), count.cpu()
     out: dict = {"layers": [{} for _ in encoder_layers(model)], "pooler": {}}
     for (key, _), a, b, n in zip(ops, lo.tolist(), hi.tolist(), count.tolist()):
-        st = {"min": a, "max": b, "count": int(n)}
-        parts = key.split(".")
-        if parts[0] == "layers":
-            out["layers"][int(parts[1])][parts[2]] = st
-        else:
-            out["pooler"][parts[1]] = st
+        _put_range(out, key, {"min": a, "max": b, "count": int(n)})
     return out
 
 
