@@ -226,10 +226,9 @@ class _PolyGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, approx):
         if approx.form == "square":
-            y, inner = _square_eval(approx.r, t), None
+            y, inner = approx._schedule(t), None
         else:
-            inner = (_powers_eval(approx.monomial, t) if approx.form == "powers"
-                     else _ps_eval([float(v) for v in approx.coeffs], approx.baby, _cheb_provider(t)))
+            inner = approx._inner(t)
             y = _square_eval(approx.squarings, inner)
         ctx.approx = approx
         ctx.save_for_backward(t, inner if (inner is not None and approx.squarings) else None)
@@ -288,13 +287,16 @@ class PolyApprox:
     def monomial(self) -> list[float]:
         return [float(v) for v in C.cheb2poly(np.asarray(self.coeffs, dtype=np.float64))]
 
+    def _inner(self, t):
+        """The series ``q(t)`` before the range-reduction squarings (not for the square form)."""
+        if self.form == "powers":
+            return _powers_eval(self.monomial, t)
+        return _ps_eval([float(v) for v in self.coeffs], self.baby, _cheb_provider(t))
+
     def _schedule(self, t):
         if self.form == "square":
             return _square_eval(self.r, t)
-        if self.form == "powers":
-            return _square_eval(self.squarings, _powers_eval(self.monomial, t))
-        y = _ps_eval([float(v) for v in self.coeffs], self.baby, _cheb_provider(t))
-        return _square_eval(self.squarings, y)
+        return _square_eval(self.squarings, self._inner(t))
 
     def evaluate(self, x, prescaled: bool = False):
         """Torch evaluation in the encrypted form. ``prescaled``: ``x`` is already ``alpha*x`` (only
