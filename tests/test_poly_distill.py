@@ -26,6 +26,19 @@ def _modules(model):
     return [m for _, m in surgery.named_approx_modules(model)]
 
 
+def _interrupt_resume_matches(root, name: str, full: str, stop_after: int, opts, kw, st: dict) -> None:
+    """Distill into ``root/name`` stopped after ``stop_after`` epochs, resume it: same weights, dev metrics and
+    polynomials as the uninterrupted run ``root/full`` (whose settings are ``st``)."""
+    from safetensors.torch import load_file
+
+    api.distill("tiny", root / name, opts=api.RunOptions(**{**opts.__dict__, "stop_after": stop_after}), **kw)
+    api.distill("tiny", root / name, opts=api.RunOptions(**{**opts.__dict__, "resume": True}), **kw)
+    a, b = load_file(root / full / "model.safetensors"), load_file(root / name / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rs = json.loads((root / name / "cgf_fhe.json").read_text())
+    assert rs["dev"] == st["dev"] and rs["fhe"]["modules"] == st["fhe"]["modules"]
+
+
 def test_blend_schedule_values():
     s = PolyTraining(guard=True, blend_epochs=1.5, frozen=True)
     # 4 steps per epoch, ramp over ceil(1.5 * 4) = 6 steps: s/6, then exactly 1
@@ -94,8 +107,6 @@ def test_fit_selects_only_eligible_epochs(tiny_setup, mrpc_dir):
 
 
 def test_frozen_blend_distill_metrics_reload_resume(tiny_setup, mrpc_dir, capsys):
-    from safetensors.torch import load_file
-
     root, opts, teacher = tiny_setup
     recipe = get_recipe("reference", epochs=3, max_length=64, lr=1e-3)
     kw = dict(teacher=teacher, coeff=0.5, recipe=recipe, fhe=surgery.FheOptions(poly="all", ln="frozen"),
@@ -141,12 +152,7 @@ def test_frozen_blend_distill_metrics_reload_resume(tiny_setup, mrpc_dir, capsys
 
     # interrupted after epoch 2 (the refit happened mid-epoch 2: restored from the training state) and
     # resumed == uninterrupted
-    api.distill("tiny", root / "resumed", opts=api.RunOptions(**{**opts.__dict__, "stop_after": 2}), **kw)
-    api.distill("tiny", root / "resumed", opts=api.RunOptions(**{**opts.__dict__, "resume": True}), **kw)
-    a, b = load_file(root / "full" / "model.safetensors"), load_file(root / "resumed" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rs = json.loads((root / "resumed" / "cgf_fhe.json").read_text())
-    assert rs["dev"] == st["dev"] and rs["fhe"]["modules"] == st["fhe"]["modules"]
+    _interrupt_resume_matches(root, "resumed", "full", 2, opts, kw, st)
 
     # a different blend schedule is a different run: resume refuses it
     with pytest.raises(api.TrainingError, match="poly_training"):
@@ -234,8 +240,6 @@ def test_epoch_cover_keeps_the_best_epochs_polynomials(tiny_setup):
 
 
 def test_distill_with_epoch_cover_records_widened_intervals_and_resumes(tiny_setup, mrpc_dir):
-    from safetensors.torch import load_file
-
     root, opts, teacher = tiny_setup
     opts = api.RunOptions(**{**opts.__dict__, "calib_batches": 1})  # calibrate on 16 of the 32 examples
     kw = dict(teacher=teacher, coeff=0.5, recipe=get_recipe("reference", epochs=3, max_length=64, lr=1e-3),
@@ -262,12 +266,7 @@ def test_distill_with_epoch_cover_records_widened_intervals_and_resumes(tiny_set
     assert [e["widened"] for e in st["fhe"]["epoch_cover"]] == [sorted(w) for w in widened]
 
     # interrupted after epoch 1 and resumed == uninterrupted (the covered polynomials are in the state)
-    api.distill("tiny", root / "ecover-r", opts=api.RunOptions(**{**opts.__dict__, "stop_after": 1}), **kw)
-    api.distill("tiny", root / "ecover-r", opts=api.RunOptions(**{**opts.__dict__, "resume": True}), **kw)
-    a, b = load_file(root / "ecover" / "model.safetensors"), load_file(root / "ecover-r" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rs = json.loads((root / "ecover-r" / "cgf_fhe.json").read_text())
-    assert rs["dev"] == st["dev"] and rs["fhe"]["modules"] == st["fhe"]["modules"]
+    _interrupt_resume_matches(root, "ecover-r", "ecover", 1, opts, kw, st)
     # a finished run is skipped by --resume with the same settings (a fresh FheOptions holds tuples, the
     # saved settings lists) and its files stay as they are
     before = (root / "ecover" / "model.safetensors").stat().st_mtime_ns
