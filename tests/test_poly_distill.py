@@ -285,3 +285,43 @@ def test_tracked_ranges_skip_non_finite_inputs(tiny_setup):
     assert m.n_out == 5 and m.n_seen == 6  # NaN and +-inf count as outside ...
     st = surgery._range(surgery.tracked_ranges(model), key)
     assert (st["min"], st["max"]) == pytest.approx((lo - 2.0, hi + 3.0))  # ... but only finite values widen
+
+
+def test_mid_epoch_cover_counts_afresh_after_each_point(tiny_setup):
+    model, _ = _tiny_poly(tiny_setup)
+    sched = PolyTraining(guard=True, epoch_cover=True)
+    key, m = next((k, m) for k, m in surgery.named_approx_modules(model) if m.kind == "gelu")
+    m.n_out, m.n_seen, m.out_min, m.out_max = 1, 10, m.interval[0] - 5.0, m.interval[1]
+    sched.on_epoch_end(model)  # a mid-epoch point covers what the steps before it saw ...
+    assert set(sched.covered) == {key}
+    m = dict(surgery.named_approx_modules(model))[key]
+    m.n_out, m.n_seen = 3, 10  # ... the dev pass after it counts too, but must not reach the next cover
+    sched.on_step(model, 5, 4)  # step 5 of 4-step epochs: not an epoch start
+    assert (m.n_out, m.n_seen) == (0, 0)
+    m.n_out, m.n_seen = 2, 10
+    sched.on_step(model, 6, 4)  # no point in between: the counts go on
+    assert (m.n_out, m.n_seen) == (2, 10)
+
+
+def test_distill_with_mid_epoch_points_covers_and_keeps_the_best_point(tiny_setup):
+    root, opts, teacher = tiny_setup
+    opts = api.RunOptions(**{**opts.__dict__, "calib_batches": 1})
+    kw = dict(teacher=teacher, coeff=0.5,
+              recipe=get_recipe("reference", epochs=2, max_length=64, lr=1e-3, evals_per_epoch=2),
+              fhe=surgery.FheOptions(poly="all", ln="newton", margin=0.0), epoch_cover=True)
+    api.distill("tiny", root / "mid", opts=opts, **kw)
+    st = json.loads((root / "mid" / "cgf_fhe.json").read_text())
+    points = [p for h in st["history"] for p in [*h["mid_evals"], h]]
+    assert [p.get("at", p.get("epoch")) for p in points] == [0.5, 1, 1.5, 2]
+    assert [e["epoch"] for e in st["fhe"]["epoch_cover"]] == [0.5, 1, 1.5, 2]
+    assert [e["widened"] for e in st["fhe"]["epoch_cover"]] == [sorted(p["covered"]) for p in points]
+    assert points[0]["covered"]  # 16 calibration examples of 32: the first half-epoch leaves some interval
+    best = next(p for p in points if p["dev"]["accuracy"] == st["dev"]["accuracy"])
+    assert st["best_at"] == best.get("at", best.get("epoch"))
+    # the saved student is the best point's weights with that point's polynomials: it scores what it scored
+    assert st["dev_final"] == st["dev"] == best["dev"]
+    mods = {k: m.interval for k, m in surgery.named_approx_modules(load_checkpoint(root / "mid")[0])}
+    upto = points[:points.index(best) + 1]
+    for p in upto:
+        for key, c in p["covered"].items():
+            assert mods[key][0] <= c["measured"][0] and c["measured"][1] <= mods[key][1], key

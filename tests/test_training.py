@@ -345,3 +345,46 @@ def test_layer_lr_decay_flag_rejects_out_of_range(mrpc_dir, tmp_path, capsys):
     assert rc == 2
     assert "--layer-lr-decay must be in (0, 1], got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_steps_are_evenly_spaced_and_end_the_epoch():
+    assert engine.eval_steps(10, 1) == {10}
+    assert engine.eval_steps(10, 4) == {3, 5, 8, 10}
+    assert engine.eval_steps(3, 5) == {1, 2, 3}  # more points than batches: one per batch
+    with pytest.raises(ValueError, match="evals_per_epoch"):
+        engine.eval_steps(10, 0)
+
+
+def test_mid_epoch_evaluations_select_over_more_points_without_changing_training(tiny_data, tmp_path):
+    from torch.utils.data import DataLoader
+
+    tok, train, dev = tiny_data
+    runs = {}
+    for k in (1, 3):
+        # a large learning rate so the tiny model's dev predictions (and accuracy) move from step to step
+        recipe = get_recipe("reference", lr=2e-2, epochs=2, batch_size=8, max_length=64, evals_per_epoch=k)
+        model, _ = build_model("tiny", "cgf", coeff=0.5, seed=3)  # dropout on: an RNG draw would show
+        res = engine.fit(model, engine.CEStep(), train, dev, api.collator(tok), recipe, seed=3,
+                         state_dir=tmp_path / f"k{k}", progress=False)
+        runs[k] = (model, res, torch.load(tmp_path / f"k{k}" / engine.STATE_FILE, weights_only=True))
+    (_, r1, s1), (m3, r3, s3) = runs[1], runs[3]
+    # 32 examples / batch 8 = 4 steps per epoch -> mid points after steps 2 and 3 of each epoch
+    assert [[m["step"] for m in h["mid_evals"]] for h in r3.history] == [[2, 3], [6, 7]]
+    assert [[m["at"] for m in h["mid_evals"]] for h in r3.history] == [[0.5, 0.75], [1.5, 1.75]]
+    assert all("mid_evals" not in h for h in r1.history)
+    # the mid-epoch points are RNG-neutral: same epoch-end losses, dev scores and last weights
+    assert [h["train_loss"] for h in r1.history] == [h["train_loss"] for h in r3.history]
+    assert [h["dev"] for h in r1.history] == [h["dev"] for h in r3.history]
+    assert _states_equal(s1["model"], s3["model"])
+    # selection runs over every point: the first point with the highest accuracy wins, and the kept
+    # weights score exactly what it scored
+    points = [(m["dev"]["accuracy"], m.get("at", float(h["epoch"]))) for h in r3.history
+              for m in [*h["mid_evals"], h]]
+    accs = [a for a, _ in points]
+    assert len(set(accs)) > 1, points  # the test only means something if the points differ
+    assert r3.best_metrics["accuracy"] == max(accs) >= r1.best_metrics["accuracy"]
+    best_at = next(at for a, at in points if a == max(accs))
+    assert r3.best_at == best_at == s3["best"]["at"]
+    assert r3.best_epoch == math.ceil(best_at)
+    kept = evaluate_model(m3, DataLoader(dev, batch_size=32, collate_fn=api.collator(tok)))
+    assert kept["accuracy"] == r3.best_metrics["accuracy"] and kept["loss"] == pytest.approx(r3.best_metrics["loss"])

@@ -236,7 +236,7 @@ def finetune(model: str = "tiny", out_dir: str | os.PathLike = "out/finetune", s
               progress=opts.progress, stop_after=opts.stop_after, desc=tag, run_info=_run_key(settings))
     settings.update({
         "status": "done" if res.completed else "partial", "dev": res.best_metrics, "best_epoch": res.best_epoch,
-        "history": res.history, "seconds_per_epoch": res.seconds_per_epoch,
+        "best_at": res.best_at, "history": res.history, "seconds_per_epoch": res.seconds_per_epoch,
         "backbone": _backbone_of(net) or str(model),
     })
     if src_settings.get("fhe"):
@@ -479,7 +479,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     dev_loader = DataLoader(dev, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=collate)
     teacher_dev = evaluate_model(t_model.to(device), dev_loader, device)  # same eval set as the student
     settings.update({
-        "status": "done", "dev": res.best_metrics, "best_epoch": res.best_epoch,
+        "status": "done", "dev": res.best_metrics, "best_epoch": res.best_epoch, "best_at": res.best_at,
         "history": res.history, "seconds_per_epoch": res.seconds_per_epoch,
         "backbone": _backbone_of(student) or t_settings.get("backbone"), "teacher_dev": teacher_dev,
         "layer_map": layer_map, "student_layers": student.config.num_hidden_layers,
@@ -494,8 +494,8 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
             fhe_settings["calibration_refit"] = schedule.refit_result["ranges"]
             fhe_settings["refit_step"] = schedule.refit_result["step"]
         if schedule.epoch_cover:  # which intervals each epoch's cover widened
-            fhe_settings["epoch_cover"] = [{"epoch": h["epoch"], "widened": sorted(h.get("covered") or {})}
-                                           for h in res.history]
+            fhe_settings["epoch_cover"] = [{"epoch": m.get("at", h["epoch"]), "widened": sorted(m.get("covered") or {})}
+                                           for h in res.history for m in [*h.get("mid_evals", []), h]]
         settings["fhe"] = fhe_settings
         settings.update(_poly_reports(student, surgery, train, dev_loader, collate, recipe, opts, device,
                                       res.best_metrics, tag))

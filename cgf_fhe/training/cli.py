@@ -37,6 +37,9 @@ def _common(p: argparse.ArgumentParser, seeds: bool = True, default_seed: int = 
     r.add_argument("--layer-lr-decay", type=float, metavar="D",
                    help="layer-wise learning-rate decay in (0, 1]: encoder layer i of L at lr*D^(L-i), embeddings "
                         "at lr*D^(L+1), pooler/classifier at lr (default 1 = off)")
+    r.add_argument("--evals-per-epoch", type=int, metavar="K",
+                   help="evaluate dev K times per epoch (evenly spaced, the last at the epoch's end) and select "
+                        "the best checkpoint over all of them (default 1)")
     r.add_argument("--swap-pairs", action="store_true", default=None,
                    help="also train on every pair with its two sentences swapped (MRPC's label is symmetric)")
     if seeds:
@@ -66,7 +69,7 @@ def _recipe(args, **extra):
 
     kw = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
               warmup_ratio=args.warmup_ratio, max_length=args.max_length, swap_pairs=args.swap_pairs,
-              layer_lr_decay=args.layer_lr_decay, **extra)
+              layer_lr_decay=args.layer_lr_decay, evals_per_epoch=args.evals_per_epoch, **extra)
     if args.unfreeze_embeddings:
         kw["freeze_embeddings"] = False
     d = args.layer_lr_decay

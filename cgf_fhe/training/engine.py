@@ -8,7 +8,9 @@ What it does per run:
 * HF Accelerate for device placement, AMP and multi-GPU: ``accelerate launch cgf-fhe finetune ...`` runs
   data-parallel (each process sees its shard of every epoch through a ``DistributedSampler``); on CUDA
   it trains in fp16 autocast with a gradient scaler (``mixed_precision="auto"``), on CPU in float32;
-* after every epoch: dev accuracy / F1, best-weights selection on dev accuracy (strictly better wins),
+* after every epoch (and, with ``recipe.evals_per_epoch = K > 1``, at K-1 evenly spaced points inside it):
+  dev accuracy / F1, best-weights selection over all those points on dev accuracy (strictly better wins;
+  mid-epoch points leave every RNG as it was, so they do not change the training trajectory),
   and a resumable state file ``<state_dir>/train_state.pt`` (model, optimizer, scheduler, grad scaler,
   python/numpy/torch/CUDA RNG states, epoch, best metric, history) written with ``torch.save`` of
   tensors and plain containers only and read back with ``torch.load(weights_only=True)``;
@@ -18,6 +20,7 @@ What it does per run:
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -190,6 +193,7 @@ class FitResult:
     history: list = field(default_factory=list)
     completed: bool = True
     resumed_from: int | None = None
+    best_at: float | None = None  # epochs trained at the best evaluation point (1.5 = half-way through epoch 2)
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -198,7 +202,7 @@ class FitResult:
 
     def to_dict(self) -> dict:
         return {"best_metrics": self.best_metrics, "best_epoch": self.best_epoch, "history": self.history,
-                "completed": self.completed, "resumed_from": self.resumed_from,
+                "completed": self.completed, "resumed_from": self.resumed_from, "best_at": self.best_at,
                 "seconds_per_epoch": self.seconds_per_epoch}
 
 
@@ -274,6 +278,17 @@ def _norm(v):
     return v
 
 
+def eval_steps(steps_per_epoch: int, evals_per_epoch: int = 1) -> set[int]:
+    """The 1-based batch counts within an epoch after which dev is evaluated: ``evals_per_epoch`` points
+    evenly spaced, the last one always the epoch's end (``ceil(k * n / K)`` for k = 1..K; fewer when an
+    epoch has fewer batches than evaluations)."""
+    k = int(evals_per_epoch)
+    if k < 1:
+        raise ValueError(f"evals_per_epoch must be >= 1, got {evals_per_epoch}")
+    n = int(steps_per_epoch)
+    return {max(1, math.ceil(i * n / k)) for i in range(1, k + 1)} if n > 0 else set()
+
+
 def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, seed: int = 42,
         state_dir: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
         mixed_precision: str = "auto", progress: bool = True, stop_after: int | None = None,
@@ -291,8 +306,9 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
     a function of the epoch and batch only, so resumed runs follow the same schedule), ``exported_form(model)``
     (context manager the dev evaluation runs in) and ``epoch_info(model, evaluate) -> dict`` merged into the
     epoch's history record; an epoch whose info has ``"eligible": False`` is never chosen as the best. Optional
-    hooks: ``on_epoch_end(model)`` after an epoch's training steps, before its evaluation, and
-    ``on_best(model)`` when an epoch becomes the best. If it
+    hooks: ``on_epoch_end(model)`` after the training steps before every evaluation point (an epoch's end, and
+    the mid-epoch points of ``recipe.evals_per_epoch``), before that evaluation, and
+    ``on_best(model)`` when an evaluation point becomes the best. If it
     has ``state_dict()`` / ``load_state_dict(model, state)``, its state is saved with (and restored from) the
     training state, after the model weights.
     Returns a :class:`FitResult`.
@@ -331,6 +347,7 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
                    "lr": float(recipe.lr), "n_train": len(train_dataset), "num_processes": acc.num_processes,
                    "step": getattr(step, "name", type(step).__name__), "run": run_info or {}}
     start_epoch, best, best_epoch, history, resumed_from = 0, None, 0, [], None
+    best_at = None  # {"at": epochs trained (fractional), "step": global step} of the best evaluation point
     best_state_mem = None
     state_path = state_dir / STATE_FILE if state_dir is not None else None
     best_path = state_dir / BEST_FILE if state_dir is not None else None
@@ -358,6 +375,8 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
                 schedule.load_state_dict(_unwrap(model), st.get("schedule") or {})
             start_epoch, history = int(st["epoch"]), list(st["history"])
             best, best_epoch = st["best"]["metrics"], int(st["best"]["epoch"])
+            if "at" in st["best"]:
+                best_at = {"at": float(st["best"]["at"]), "step": int(st["best"]["step"])}
             resumed_from = start_epoch
             log(f"[{desc}] resuming after epoch {start_epoch}/{recipe.epochs} " + (
                 f"(best dev accuracy {best['accuracy']:.4f} at epoch {best_epoch})" if best
@@ -367,7 +386,41 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
 
     completed = True
     steps_per_epoch = len(train_loader)
+    eval_points = eval_steps(steps_per_epoch, getattr(recipe, "evals_per_epoch", 1))
     global_step = start_epoch * steps_per_epoch
+
+    def _evaluate():
+        return evaluate_model(_unwrap(model), eval_loader, acc.device, autocast=acc.autocast)
+
+    def _score():
+        """Dev metrics of the model as it is now (exported form for a schedule) + the schedule's info."""
+        info = {}
+        if schedule is not None and hasattr(schedule, "on_epoch_end"):
+            schedule.on_epoch_end(_unwrap(model))
+        if schedule is not None:
+            with schedule.exported_form(_unwrap(model)):
+                dev = _evaluate()
+            info = schedule.epoch_info(_unwrap(model), _evaluate)
+        else:
+            dev = _evaluate()
+        return dev, info
+
+    def _consider(dev, info, epoch_no, at, step_no) -> bool:
+        """Best-checkpoint selection over every evaluation point (strictly better accuracy wins)."""
+        nonlocal best, best_epoch, best_at, best_state_mem
+        if not (info.get("eligible", True) and (best is None or dev["accuracy"] > best["accuracy"])):
+            return False
+        best, best_epoch, best_at = dev, epoch_no, {"at": at, "step": step_no}
+        if schedule is not None and hasattr(schedule, "on_best"):
+            schedule.on_best(_unwrap(model))
+        sd = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+        if best_path is not None:
+            if main:
+                _atomic_save(sd, best_path)
+        else:
+            best_state_mem = sd
+        return True
+
     for epoch in range(start_epoch, recipe.epochs):
         if stop_after is not None and epoch >= stop_after:
             completed = False
@@ -375,7 +428,8 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
         sampler.set_epoch(epoch)
         model.train()
         t0 = time.perf_counter()
-        total, count, part_sums = 0.0, 0, {}
+        mid_seconds = 0.0  # time spent in mid-epoch evaluations (not training)
+        total, count, part_sums, mids = 0.0, 0, {}, []
         bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{recipe.epochs}", disable=not (progress and main),
                    leave=False, dynamic_ncols=True)
         for batch in bar:
@@ -399,41 +453,37 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
             for k, v in parts.items():
                 part_sums[k] = part_sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{total / count:.4f}", **{k: f"{v / count:.4f}" for k, v in part_sums.items()})
+            if count in eval_points and count < steps_per_epoch:
+                # a mid-epoch evaluation point: RNG-neutral (the eval loader draws a seed from the global
+                # generator), so the training trajectory is the same as with one evaluation per epoch
+                tm = time.perf_counter()
+                rng = get_rng_state()
+                dev, info = _score()
+                set_rng_state(rng)
+                model.train()
+                at = round(epoch + count / steps_per_epoch, 4)
+                improved = _consider(dev, info, epoch + 1, at, global_step)
+                mids.append({"at": at, "step": global_step, "train_loss": total / count, "dev": dev,
+                             "eval_seconds": time.perf_counter() - tm, **info})
+                mid_seconds += time.perf_counter() - tm
+                log(f"[{desc}] epoch {at:g}/{recipe.epochs} (step {global_step}): dev acc {dev['accuracy']:.4f} "
+                    f"f1 {dev['f1']:.4f}" + ("  *best*" if improved else "")
+                    + ("" if info.get("eligible", True) else "  (not eligible: blend < 1)"))
         bar.close()
-        train_seconds = time.perf_counter() - t0
+        train_seconds = time.perf_counter() - t0 - mid_seconds
 
         t1 = time.perf_counter()
-
-        def _evaluate():
-            return evaluate_model(_unwrap(model), eval_loader, acc.device, autocast=acc.autocast)
-
-        info = {}
-        if schedule is not None and hasattr(schedule, "on_epoch_end"):
-            schedule.on_epoch_end(_unwrap(model))
-        if schedule is not None:
-            with schedule.exported_form(_unwrap(model)):
-                dev = _evaluate()
-            info = schedule.epoch_info(_unwrap(model), _evaluate)
-        else:
-            dev = _evaluate()
+        dev, info = _score()
         eval_seconds = time.perf_counter() - t1
         record = {"epoch": epoch + 1, "train_loss": total / max(count, 1),
                   **{f"train_{k}": v / max(count, 1) for k, v in part_sums.items()},
                   "dev": dev, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                   "lr": float(scheduler.get_last_lr()[0]), **info}
+        if mids:
+            record["mid_evals"] = mids
         history.append(record)
         eligible = info.get("eligible", True)
-        improved = eligible and (best is None or dev["accuracy"] > best["accuracy"])
-        if improved:
-            best, best_epoch = dev, epoch + 1
-            if schedule is not None and hasattr(schedule, "on_best"):
-                schedule.on_best(_unwrap(model))
-            sd = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
-            if best_path is not None:
-                if main:
-                    _atomic_save(sd, best_path)
-            else:
-                best_state_mem = sd
+        improved = _consider(dev, info, epoch + 1, float(epoch + 1), global_step)
         log(f"[{desc}] epoch {epoch + 1}/{recipe.epochs}: loss {record['train_loss']:.4f}  dev acc "
             f"{dev['accuracy']:.4f} f1 {dev['f1']:.4f}  ({train_seconds:.1f}s train, {eval_seconds:.1f}s eval)"
             + (f"  [training form: dev acc {info['dev_training_form']['accuracy']:.4f}, blend {info['blend']:.3g}]"
@@ -445,7 +495,8 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
                 "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                "rng": get_rng_state(), "best": {"metrics": best, "epoch": best_epoch}, "history": history,
+                "rng": get_rng_state(), "best": {"metrics": best, "epoch": best_epoch, **(best_at or {})},
+                "history": history,
                 "schedule": schedule.state_dict() if hasattr(schedule, "state_dict") else None,
             }, state_path)
         acc.wait_for_everyone()
@@ -459,7 +510,7 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
             _unwrap(model).load_state_dict(best_sd)
     acc.free_memory()  # drop Accelerate's references to this run's model/optimizer (multi-seed runs)
     return FitResult(best_metrics=best or {}, best_epoch=best_epoch, history=history, completed=completed,
-                     resumed_from=resumed_from)
+                     resumed_from=resumed_from, best_at=(best_at or {}).get("at"))
 
 
 def clear_state(state_dir: str | os.PathLike) -> None:

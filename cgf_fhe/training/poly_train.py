@@ -27,6 +27,8 @@
   without its extra calibration pass). Without it the guard hides the drift: the exported (unclamped) form
   of a later epoch can blow up (NaN logits) although its training form is fine, so best-checkpoint
   selection sees a collapsed epoch. The polynomial settings of the best epoch are kept with its weights.
+  With ``recipe.evals_per_epoch > 1`` the same cover runs before every mid-epoch evaluation point too, on
+  the training inputs since the previous point.
 
 Dev metrics are always measured in the exported form (guard off, blend 1). An epoch may become the best
 checkpoint only if its last training step already ran at blend 1 (``eligible`` in the history); the
@@ -63,6 +65,7 @@ class PolyTraining:
         self.covered: dict = {}  # what the last epoch's cover widened ({key: {old, new, measured, depth_*}})
         self.settings: dict | None = None  # the fhe settings after the last cover that changed something
         self.best_settings: dict | None = None  # the fhe settings of the best epoch (with epoch cover)
+        self._reset_pending = False  # an evaluation point just covered: count the next training inputs afresh
 
     def attach(self, loader, device="cpu", max_batches: int | None = None, progress: bool = True) -> None:
         """The training data (unshuffled loader) the refit calibrates on."""
@@ -136,6 +139,7 @@ class PolyTraining:
         if not self.epoch_cover:
             return
         self.covered = surgery.cover_ranges(model, surgery.tracked_ranges(model))
+        self._reset_pending = True
         if self.covered:
             self.settings = surgery.fhe_settings(model)
         self._training_form(model)  # rebuilt modules start with the guard off
@@ -153,8 +157,10 @@ class PolyTraining:
         from .. import surgery
 
         self.blend = self.blend_at(step, steps_per_epoch)
-        if self.epoch_cover and step % steps_per_epoch == 0:
-            surgery.reset_interval_counters(model)  # this epoch's training inputs only (not the dev passes)
+        if self.epoch_cover and (step % steps_per_epoch == 0 or self._reset_pending):
+            # the training inputs since the last evaluation point only (not the dev passes)
+            surgery.reset_interval_counters(model)
+            self._reset_pending = False
         if self.frozen:
             surgery.set_frozen_blend(model, self.blend)
         surgery.set_guard(model, self.guard)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 
 FINETUNE_FIELDS = ("lr", "epochs", "batch_size", "freeze_embeddings", "warmup_ratio", "weight_decay",
-                   "max_grad_norm", "max_length", "swap_pairs", "layer_lr_decay")
+                   "max_grad_norm", "max_length", "swap_pairs", "layer_lr_decay", "evals_per_epoch")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,10 @@ class Recipe:
     # layer-wise learning-rate decay: encoder layer i of L trains at lr * d^(L - i), the embeddings at
     # lr * d^(L + 1), pooler and classifier at lr (1.0 = one learning rate for everything)
     layer_lr_decay: float = 1.0
+    # dev evaluations per epoch for best-checkpoint selection: K evenly spaced points, the last at the epoch's
+    # end (1 = once per epoch, the reference recipe); mid-epoch points do not change the training trajectory
+    # of a plain fine-tune (RNG-neutral), but an epoch-cover polynomial student is covered at each of them
+    evals_per_epoch: int = 1
     # distillation (cgf-fhe distill)
     kd_alpha: float = 1.0  # weight of T^2 * KL(teacher || student)
     kd_temperature: float = 1.0
