@@ -71,6 +71,10 @@ STUDENTS = (
     ("poly6-newton-ecover", "minilm/poly6-newton-ecover",
      "polynomial, 6 layers, Newton LayerNorm, intervals widened at the end of every epoch (`--epoch-cover`)",
      "--poly all --ln newton --epochs 2 --epoch-cover", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
+    ("poly6-newton-ecover-e4", "minilm/poly6-newton-ecover-e4",
+     "polynomial, 6 layers, Newton LayerNorm, epoch cover, dev evaluated 4 times per epoch (`--evals-per-epoch 4`)",
+     "--poly all --ln newton --epochs 2 --epoch-cover --evals-per-epoch 4", "--seeds 42 7 123", POLY_MAX_DROP_PP,
+     True),
     ("poly6-frozen", "minilm/poly6-frozen", "polynomial, 6 layers, frozen LayerNorm",
      "--poly all --ln frozen --epochs 3 --epoch-cover", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly2-newton", "minilm/poly2-newton", "polynomial, 2 layers, Newton LayerNorm",
@@ -84,6 +88,7 @@ STUDENTS = (
 )
 PAIRED_WITH = {  # student -> earlier students trained from the same teachers on the same seeds, compared seed by seed
     "poly6-newton-ecover": ("poly6-newton", "poly6-newton-cover"),
+    "poly6-newton-ecover-e4": ("poly6-newton-ecover",),
 }
 ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export flags)
     ("poly6", "minilm/poly6.onnx", "minilm/poly6-newton-ecover/seed42", ""),
@@ -340,6 +345,8 @@ def recipe_text(s: dict, kd: bool = False) -> str:
         parts.append("swapped pairs")
     if r.get("layer_lr_decay", 1.0) != 1.0:
         parts.append(f"layer-wise lr decay {r['layer_lr_decay']:g}")
+    if r.get("evals_per_epoch", 1) != 1:
+        parts.append(f"{r['evals_per_epoch']} dev evaluations per epoch")
     for k, label in (("batch_size", "batch"), ("weight_decay", "weight decay")):
         if k in r and r[k] != REF_RECIPE[k]:
             parts.append(f"{label} {r[k]:g}")
@@ -358,6 +365,24 @@ def recipe_text(s: dict, kd: bool = False) -> str:
 
 def epoch_accs(s: dict) -> list[float]:
     return [h.get("dev", {}).get("accuracy") for h in s.get("history") or []]
+
+
+def best_text(s: dict) -> str:
+    """The best checkpoint's epoch, or its fractional position (1.5 = mid epoch 2) for a mid-epoch point."""
+    at = s.get("best_at")
+    if at is not None and not float(at).is_integer():
+        return f"{float(at):g} (mid-epoch)"
+    return str(s.get("best_epoch", "n/a"))
+
+
+def eval_points(s: dict) -> list[tuple[float, float | None]]:
+    """(epochs trained, dev accuracy) of every evaluation point: mid-epoch points (``--evals-per-epoch``) and ends."""
+    out = []
+    for h in s.get("history") or []:
+        for m in h.get("mid_evals") or []:
+            out.append((float(m.get("at")), (m.get("dev") or {}).get("accuracy")))
+        out.append((float(h.get("epoch")), (h.get("dev") or {}).get("accuracy")))
+    return out
 
 
 def slow_epochs(s: dict, factor: float = 2.0) -> list[tuple[int, float, float]]:
@@ -715,7 +740,7 @@ class Page:
                 ir = s.get("interval_report") or {}
                 nonfin = (s.get("dev_final") or s["dev"]).get("n_nonfinite")
                 rows.append([str(sd), num(a), num(f), num(ref.get("accuracy")) if ref else "n/a",
-                             f"{100 * d:+.2f}" if d is not None else "n/a", str(s.get("best_epoch", "n/a")),
+                             f"{100 * d:+.2f}" if d is not None else "n/a", best_text(s),
                              " / ".join(num(x) for x in epoch_accs(s)), secs(s.get("seconds_per_epoch")),
                              str(depth.get("total", "n/a")) if poly else "n/a",
                              (sci(ir.get("frac_out")) if ir else "n/a") if poly else "-",
@@ -759,6 +784,18 @@ class Page:
                                  + " / ".join(str(len(e.get("widened") or [])) for e in ec)
                                  + "; training-form (guard on) dev accuracy per epoch "
                                  + " / ".join(num(x) for x in tf))
+            for sd, s in runs.items():
+                pts = eval_points(s)
+                if len(pts) > len(s.get("history") or []):
+                    ref, _ = teacher_ref(s, self.teachers, sd)
+                    ends = [a for at, a in pts if float(at).is_integer() and a is not None]
+                    end_best = max(ends) if ends else None
+                    extra.append(f"seed {sd}, dev accuracy at every evaluation point (epochs trained: accuracy) "
+                                 + ", ".join(f"{at:g}: {num(a)}" for at, a in pts)
+                                 + f"; best at {s.get('best_at', s.get('best_epoch'))}; selecting among epoch ends "
+                                   f"only would give {num(end_best)}"
+                                 + (f" ({100 * (end_best - ref['accuracy']):+.2f} pp)"
+                                    if ref and end_best is not None and ref.get("accuracy") is not None else ""))
             for sd, s in runs.items():
                 losses = [h.get("train_loss") for h in s.get("history") or []]
                 if any(x is not None and x > 1e3 for x in losses):

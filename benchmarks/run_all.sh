@@ -51,6 +51,8 @@ run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --b
 run cgf-fhe cover "$R/minilm/poly6-newton" -o "$R/minilm/poly6-newton-cover" --no-progress --resume
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 2 \
     --epoch-cover --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover"
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 2 \
+    --epoch-cover --evals-per-epoch 4 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover-e4"
 run python benchmarks/frozen_ln_probe.py "$R/minilm/cgf-kd/seed42" -o "$R/minilm/frozen-ln-probe.json"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln frozen \
     --epochs 3 --epoch-cover --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-frozen"
