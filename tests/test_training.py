@@ -388,3 +388,22 @@ def test_mid_epoch_evaluations_select_over_more_points_without_changing_training
     assert r3.best_epoch == math.ceil(best_at)
     kept = evaluate_model(m3, DataLoader(dev, batch_size=32, collate_fn=api.collator(tok)))
     assert kept["accuracy"] == r3.best_metrics["accuracy"] and kept["loss"] == pytest.approx(r3.best_metrics["loss"])
+
+
+def test_evals_per_epoch_flag_runs_and_rejects_zero(mrpc_dir, tmp_path, capsys):
+    from cgf_fhe.cli import main
+
+    rc = main(["finetune", "--model", "tiny", "--data-dir", str(mrpc_dir), "--evals-per-epoch", "0", "-o",
+               str(tmp_path / "bad")])
+    assert rc == 2 and "--evals-per-epoch must be > 0, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "ok"
+    rc = main(["finetune", "--model", "tiny", "--data-dir", str(mrpc_dir), "--max-train-samples", "32",
+               "--max-eval-samples", "16", "--epochs", "1", "--batch-size", "8", "--evals-per-epoch", "2",
+               *SMALL, "-o", str(out)])
+    assert rc == 0
+    st = json.loads((out / "cgf_fhe.json").read_text())
+    assert st["recipe"]["evals_per_epoch"] == 2
+    assert [m["step"] for m in st["history"][0]["mid_evals"]] == [2]  # 4 steps: one mid point after step 2
+    assert st["best_at"] in (0.5, 1.0)
+    assert f"{out}: dev accuracy" in capsys.readouterr().out

@@ -92,7 +92,8 @@ def _check_positive(args, *names):
 def cmd_finetune(args) -> int:
     from . import api
 
-    _check_positive(args, "epochs", "lr", "batch_size", "max_length", "max_train_samples", "max_eval_samples")
+    _check_positive(args, "epochs", "lr", "batch_size", "max_length", "max_train_samples", "max_eval_samples",
+                    "evals_per_epoch")
     if args.softmax == "exact" and args.coeff is not None:
         from ..cli import UserError
 
@@ -105,8 +106,16 @@ def cmd_finetune(args) -> int:
         if st.get("status") == "done" and os.environ.get("RANK", "0") == "0":
             d = st["dev"]
             print(f"{args.output}: dev accuracy {d['accuracy']:.4f}  f1 {d['f1']:.4f}  (n={d['n']}, "
-                  f"best epoch {st['best_epoch']}, {st['seconds_per_epoch']:.1f} s/epoch)")
+                  f"best {_best_text(st)}, {st['seconds_per_epoch']:.1f} s/epoch)")
     return 0
+
+
+def _best_text(st: dict) -> str:
+    """'epoch 3', or 'at 1.5 epochs (mid-epoch)' for a mid-epoch evaluation point (--evals-per-epoch)."""
+    at = st.get("best_at")
+    if at is not None and not float(at).is_integer():
+        return f"at {float(at):g} epochs (mid-epoch)"
+    return f"epoch {st['best_epoch']}"
 
 
 def _fhe_from_args(args):
@@ -139,7 +148,7 @@ def cmd_distill(args) -> int:
     from . import api
 
     _check_positive(args, "epochs", "lr", "batch_size", "max_length", "max_train_samples", "max_eval_samples",
-                    "student_layers", "student_hidden", "temperature")
+                    "student_layers", "student_hidden", "temperature", "evals_per_epoch")
     if not args.model and not args.teacher:
         from ..cli import UserError
 
@@ -183,7 +192,8 @@ def cmd_cover(args) -> int:
 def cmd_sweep(args) -> int:
     from . import api
 
-    _check_positive(args, "epochs", "lr", "batch_size", "max_length", "max_train_samples", "max_eval_samples")
+    _check_positive(args, "epochs", "lr", "batch_size", "max_length", "max_train_samples", "max_eval_samples",
+                    "evals_per_epoch")
     seeds = args.seeds or [args.seed]
     api.sweep(args.model, args.coeffs, args.output, seeds, _recipe(args), _opts(args), with_exact=args.with_exact)
     return 0
