@@ -122,6 +122,37 @@ def resolve_model(name: str, softmax: str = "exact", coeff: float | None = None,
     return model, tok, {}
 
 
+def reinit_top_layers(model, n_layers: int, seed: int = 0) -> list[str]:
+    """Re-initialise the pooler and the top ``n_layers`` encoder layers of a BERT-family classifier (linear
+    weights ~ N(0, initializer_range), biases 0, LayerNorm 1/0), as in few-sample fine-tuning studies: the top
+    of a backbone pretrained for another objective (all-MiniLM-L6-v2: mean-pooled sentence embeddings, its
+    pooler never trained) can be a worse start than fresh weights. Returns the re-initialised module names."""
+    base = getattr(model, "base_model", model)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no encoder.layer list to re-initialise")
+    if not 0 <= n_layers <= len(layers):
+        raise ValueError(f"reinit_layers must be in [0, {len(layers)}] for this {len(layers)}-layer model, "
+                         f"got {n_layers}")
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    gen = torch.Generator().manual_seed(int(seed))
+    targets = [(f"encoder.layer.{len(layers) - n_layers + i}", layer)
+               for i, layer in enumerate(layers[len(layers) - n_layers:])]
+    if getattr(base, "pooler", None) is not None:
+        targets.append(("pooler", base.pooler))
+    with torch.no_grad():
+        for _, module in targets:
+            for m in module.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * std)
+                    if m.bias is not None:
+                        m.bias.zero_()
+                elif isinstance(m, torch.nn.LayerNorm):
+                    m.weight.fill_(1.0)
+                    m.bias.zero_()
+    return [name for name, _ in targets]
+
+
 def pick_device(device: str | None = None) -> torch.device:
     if device:
         return torch.device(device)

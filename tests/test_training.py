@@ -407,3 +407,33 @@ def test_evals_per_epoch_flag_runs_and_rejects_zero(mrpc_dir, tmp_path, capsys):
     assert [m["step"] for m in st["history"][0]["mid_evals"]] == [2]  # 4 steps: one mid point after step 2
     assert st["best_at"] in (0.5, 1.0)
     assert f"{out}: dev accuracy" in capsys.readouterr().out
+
+
+def test_reinit_top_layers_touches_exactly_the_pooler_and_top_layers(mrpc_dir, tmp_path, capsys):
+    from cgf_fhe.cli import main
+    from cgf_fhe.models import reinit_top_layers
+
+    model, _ = build_model("tiny", "exact", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = reinit_top_layers(model, 1, seed=5)
+    assert names == ["encoder.layer.1", "pooler"]  # tiny has 2 layers
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("bert.encoder.layer.1.", "bert.pooler.")) for k in changed)
+    assert "bert.encoder.layer.1.attention.self.query.weight" in changed and "bert.pooler.dense.weight" in changed
+    w = after["bert.encoder.layer.1.intermediate.dense.weight"]
+    assert abs(float(w.std()) - model.config.initializer_range) < 0.1 * model.config.initializer_range
+    assert torch.equal(after["bert.encoder.layer.1.output.LayerNorm.weight"],
+                       torch.ones_like(after["bert.encoder.layer.1.output.LayerNorm.weight"]))
+    again, _ = build_model("tiny", "exact", seed=0)
+    reinit_top_layers(again, 1, seed=5)  # same seed -> same weights
+    assert _states_equal(again.state_dict(), after)
+    with pytest.raises(ValueError, match=r"reinit_layers must be in \[0, 2\]"):
+        reinit_top_layers(again, 3)
+    rc = main(["finetune", "--model", "tiny", "--data-dir", str(mrpc_dir), "--reinit-layers", "3", *SMALL,
+               "--max-train-samples", "16", "--max-eval-samples", "8", "-o", str(tmp_path / "bad")])
+    assert rc == 2 and "--reinit-layers: reinit_layers must be in [0, 2]" in capsys.readouterr().err
+    rc = main(["finetune", "--model", "tiny", "--data-dir", str(mrpc_dir), "--reinit-layers", "1", "--epochs", "1",
+               *SMALL, "--max-train-samples", "16", "--max-eval-samples", "8", "-o", str(tmp_path / "ok")])
+    st = json.loads((tmp_path / "ok" / "cgf_fhe.json").read_text())
+    assert rc == 0 and st["recipe"]["reinit_layers"] == 1 and st["reinitialized"] == ["encoder.layer.1", "pooler"]

@@ -226,6 +226,13 @@ def finetune(model: str = "tiny", out_dir: str | os.PathLike = "out/finetune", s
     if opts.resume and (s := _skip_finished(out, settings, "finetune")):
         return s
     net, tok, src_settings = resolve_model(model, softmax, coeff, seed)
+    if recipe.reinit_layers:
+        from ..models import reinit_top_layers
+
+        try:
+            settings["reinitialized"] = reinit_top_layers(net, recipe.reinit_layers, seed)
+        except ValueError as exc:
+            raise TrainingError(f"--reinit-layers: {exc}") from exc
     train, dev = load_data(tok, opts, recipe)
     state_dir = out / STATE_SUBDIR
     if not opts.resume:

@@ -40,6 +40,8 @@ def _common(p: argparse.ArgumentParser, seeds: bool = True, default_seed: int = 
     r.add_argument("--evals-per-epoch", type=int, metavar="K",
                    help="evaluate dev K times per epoch (evenly spaced, the last at the epoch's end) and select "
                         "the best checkpoint over all of them (default 1)")
+    r.add_argument("--reinit-layers", type=int, metavar="N",
+                   help="fine-tuning a backbone: re-initialise its pooler and top N encoder layers first (default 0)")
     r.add_argument("--swap-pairs", action="store_true", default=None,
                    help="also train on every pair with its two sentences swapped (MRPC's label is symmetric)")
     if seeds:
@@ -69,7 +71,8 @@ def _recipe(args, **extra):
 
     kw = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
               warmup_ratio=args.warmup_ratio, max_length=args.max_length, swap_pairs=args.swap_pairs,
-              layer_lr_decay=args.layer_lr_decay, evals_per_epoch=args.evals_per_epoch, **extra)
+              layer_lr_decay=args.layer_lr_decay, evals_per_epoch=args.evals_per_epoch,
+              reinit_layers=args.reinit_layers, **extra)
     if args.unfreeze_embeddings:
         kw["freeze_embeddings"] = False
     d = args.layer_lr_decay

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, fields, replace
 
 
 FINETUNE_FIELDS = ("lr", "epochs", "batch_size", "freeze_embeddings", "warmup_ratio", "weight_decay",
-                   "max_grad_norm", "max_length", "swap_pairs", "layer_lr_decay", "evals_per_epoch")
+                   "max_grad_norm", "max_length", "swap_pairs", "layer_lr_decay", "evals_per_epoch",
+                   "reinit_layers")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class Recipe:
     # end (1 = once per epoch, the reference recipe); mid-epoch points do not change the training trajectory
     # of a plain fine-tune (RNG-neutral), but an epoch-cover polynomial student is covered at each of them
     evals_per_epoch: int = 1
+    # fine-tuning a backbone (not a cgf-fhe checkpoint): re-initialise the pooler and the top N encoder layers
+    # first (0 = keep every pretrained weight)
+    reinit_layers: int = 0
     # distillation (cgf-fhe distill)
     kd_alpha: float = 1.0  # weight of T^2 * KL(teacher || student)
     kd_temperature: float = 1.0
