@@ -58,6 +58,8 @@ SEARCH = (
     ("lr2e-4-llrd0.8-unfrz-wu-e6",
      "--lr 2e-4 --layer-lr-decay 0.8 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 6"),
     ("lr5e-5-unfrz-wu-e10", "--lr 5e-5 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 10"),
+    ("lr1e-4-unfrz-wu-k4", "--lr 1e-4 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 5 --evals-per-epoch 4"),
+    ("lr1e-4-unfrz-wu-reinit1", "--lr 1e-4 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 5 --reinit-layers 1"),
 )
 # students: (key, folder under R, label, distill flags, seeds flag, paired target in pp, polynomial?)
 STUDENTS = (
@@ -347,6 +349,8 @@ def recipe_text(s: dict, kd: bool = False) -> str:
         parts.append(f"layer-wise lr decay {r['layer_lr_decay']:g}")
     if r.get("evals_per_epoch", 1) != 1:
         parts.append(f"{r['evals_per_epoch']} dev evaluations per epoch")
+    if r.get("reinit_layers"):
+        parts.append(f"pooler + top {r['reinit_layers']} layer(s) re-initialised")
     for k, label in (("batch_size", "batch"), ("weight_decay", "weight decay")):
         if k in r and r[k] != REF_RECIPE[k]:
             parts.append(f"{label} {r[k]:g}")
@@ -383,6 +387,20 @@ def eval_points(s: dict) -> list[tuple[float, float | None]]:
             out.append((float(m.get("at")), (m.get("dev") or {}).get("accuracy")))
         out.append((float(h.get("epoch")), (h.get("dev") or {}).get("accuracy")))
     return out
+
+
+def points_note(s: dict, ref_acc: float | None = None) -> str | None:
+    """For a run with mid-epoch evaluation points: every point's dev accuracy, where the best was, and what
+    selecting among epoch ends only would have given (the selection's own share of the result)."""
+    pts = eval_points(s)
+    if len(pts) <= len(s.get("history") or []):
+        return None
+    ends = [a for at, a in pts if float(at).is_integer() and a is not None]
+    end_best = max(ends) if ends else None
+    return ("dev accuracy at every evaluation point (epochs trained: accuracy) "
+            + ", ".join(f"{at:g}: {num(a)}" for at, a in pts)
+            + f"; best at {best_text(s)}; selecting among epoch ends only would give {num(end_best)}"
+            + (f" ({100 * (end_best - ref_acc):+.2f} pp)" if ref_acc is not None and end_best is not None else ""))
 
 
 def slow_epochs(s: dict, factor: float = 2.0) -> list[tuple[int, float, float]]:
@@ -646,7 +664,7 @@ class Page:
                 continue
             s = next(iter(runs.values()))
             rows.append([f"`{name}`", recipe_text(s), " / ".join(num(a) for a in epoch_accs(s)),
-                         num(s["dev"].get("accuracy")), num(s["dev"].get("f1")), str(s.get("best_epoch", "n/a")),
+                         num(s["dev"].get("accuracy")), num(s["dev"].get("f1")), best_text(s),
                          secs(s.get("seconds_per_epoch"))])
         self.add(*table(["candidate", "recorded recipe", "dev accuracy per epoch", "best accuracy", "F1",
                          "best epoch", "time per epoch"], rows), "")
@@ -654,6 +672,11 @@ class Page:
         for name, _ in SEARCH:
             self.add(*code(self.cmd[f"search/{name}"]))
         self.add("")
+        for name, _ in SEARCH:
+            for s in self.r.seed_runs(f"minilm/search/{name}").values():
+                note = points_note(s)
+                if note:
+                    self.add(f"- `{name}`: {note}")
         self.add(*self._slow_notes({n: self.r.seed_runs(f"minilm/search/{n}") for n, _ in SEARCH}))
 
         self.add("### Teacher seed set", "", *code(self.cmd["teacher"]), "")
@@ -664,7 +687,7 @@ class Page:
             self.target("MiniLM teacher, 3-seed mean dev accuracy (#2)", f">= {TEACHER_MIN_ACC}", "not run", None,
                         f"`{self.R}/minilm/teacher/seed*/cgf_fhe.json`", "not run")
             return
-        rows = [[str(sd), num(s["dev"].get("accuracy")), num(s["dev"].get("f1")), str(s.get("best_epoch", "n/a")),
+        rows = [[str(sd), num(s["dev"].get("accuracy")), num(s["dev"].get("f1")), best_text(s),
                  " / ".join(num(a) for a in epoch_accs(s)), secs(s.get("seconds_per_epoch"))]
                 for sd, s in runs.items()]
         accs = [s["dev"].get("accuracy") for s in runs.values()]
@@ -785,17 +808,10 @@ class Page:
                                  + "; training-form (guard on) dev accuracy per epoch "
                                  + " / ".join(num(x) for x in tf))
             for sd, s in runs.items():
-                pts = eval_points(s)
-                if len(pts) > len(s.get("history") or []):
-                    ref, _ = teacher_ref(s, self.teachers, sd)
-                    ends = [a for at, a in pts if float(at).is_integer() and a is not None]
-                    end_best = max(ends) if ends else None
-                    extra.append(f"seed {sd}, dev accuracy at every evaluation point (epochs trained: accuracy) "
-                                 + ", ".join(f"{at:g}: {num(a)}" for at, a in pts)
-                                 + f"; best at {s.get('best_at', s.get('best_epoch'))}; selecting among epoch ends "
-                                   f"only would give {num(end_best)}"
-                                 + (f" ({100 * (end_best - ref['accuracy']):+.2f} pp)"
-                                    if ref and end_best is not None and ref.get("accuracy") is not None else ""))
+                ref, _ = teacher_ref(s, self.teachers, sd)
+                note = points_note(s, (ref or {}).get("accuracy"))
+                if note:
+                    extra.append(f"seed {sd}, {note}")
             for sd, s in runs.items():
                 losses = [h.get("train_loss") for h in s.get("history") or []]
                 if any(x is not None and x > 1e3 for x in losses):

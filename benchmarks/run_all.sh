@@ -41,6 +41,10 @@ run cgf-fhe finetune --model minilm --softmax exact --lr 2e-4 --layer-lr-decay 0
     --seed 42 --no-progress --resume -o "$R/minilm/search/lr2e-4-llrd0.8-unfrz-wu-e6"
 run cgf-fhe finetune --model minilm --softmax exact --lr 5e-5 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 10 \
     --seed 42 --no-progress --resume -o "$R/minilm/search/lr5e-5-unfrz-wu-e10"
+run cgf-fhe finetune --model minilm --softmax exact --lr 1e-4 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 5 --evals-per-epoch 4 \
+    --seed 42 --no-progress --resume -o "$R/minilm/search/lr1e-4-unfrz-wu-k4"
+run cgf-fhe finetune --model minilm --softmax exact --lr 1e-4 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 5 --reinit-layers 1 \
+    --seed 42 --no-progress --resume -o "$R/minilm/search/lr1e-4-unfrz-wu-reinit1"
 run cgf-fhe finetune --model minilm --preset minilm --seeds 42 7 123 --no-progress --resume -o "$R/minilm/teacher"
 
 # 4. students distilled from that teacher, same seeds: CGF + KD (exact non-linearities), polynomial students

@@ -184,3 +184,25 @@ def test_page_commands_parse_with_the_real_cli():
         assert callable(args.func), key
         n += 1
     assert n >= 20
+
+
+def test_mid_epoch_points_and_epoch_end_selection(fake_runs, tmp_path):
+    R, teacher, _ = fake_runs
+    st = _ckpt(42, 0.8112, 0.8700, [0.7900, 0.8000], 900.0, kind="distill", teacher_dev=teacher_dev(teacher, 42),
+               best_at=1.5, kd={"beta": 10.0, "ce_weight": 0.0})
+    st["best_epoch"] = 2
+    st["recipe"] = {**RECIPE, "evals_per_epoch": 2, "epochs": 2}
+    st["history"][0]["mid_evals"] = [{"at": 0.5, "step": 115, "dev": {"accuracy": 0.7750}}]
+    st["history"][1]["mid_evals"] = [{"at": 1.5, "step": 345, "dev": {"accuracy": 0.8112}}]
+    _write(R / "minilm" / "poly6-newton-ecover-e4" / "seed42" / "cgf_fhe.json", st)
+    out = tmp_path / "page" / "results.md"
+    empty = tmp_path / "no_calibration"
+    empty.mkdir()
+    assert mr.main([str(R), "-o", str(out), "--calibration-dir", str(empty)]) == 0
+    md = out.read_text()
+    assert "0.5: 0.7750, 1: 0.7900, 1.5: 0.8112, 2: 0.8000" in md
+    # best 0.8112 mid-epoch; the epoch ends alone give 0.8000, i.e. 0.8000 - 0.8186 against the teacher
+    assert f"best at 1.5 (mid-epoch); selecting among epoch ends only would give 0.8000 ({100 * (0.8 - 0.8186):+.2f} pp)" in md
+    assert "2 dev evaluations per epoch" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| 42 | 0.8112 |"))
+    assert "1.5 (mid-epoch)" in row and f"{100 * (0.8112 - 0.8186):+.2f}" in row
