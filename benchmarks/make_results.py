@@ -36,7 +36,7 @@ from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
-from cgf_fhe.fmt import fmt_seconds
+from cgf_fhe.fmt import fmt_best_point, fmt_seconds
 
 HERE = Path(__file__).resolve().parent
 SEEDS = (42, 7, 123)
@@ -371,14 +371,6 @@ def epoch_accs(s: dict) -> list[float]:
     return [h.get("dev", {}).get("accuracy") for h in s.get("history") or []]
 
 
-def best_text(s: dict) -> str:
-    """The best checkpoint's epoch, or its fractional position (1.5 = mid epoch 2) for a mid-epoch point."""
-    at = s.get("best_at")
-    if at is not None and not float(at).is_integer():
-        return f"{float(at):g} (mid-epoch)"
-    return str(s.get("best_epoch", "n/a"))
-
-
 def eval_points(s: dict) -> list[tuple[float, float | None]]:
     """(epochs trained, dev accuracy) of every evaluation point: mid-epoch points (``--evals-per-epoch``) and ends."""
     out = []
@@ -399,7 +391,7 @@ def points_note(s: dict, ref_acc: float | None = None) -> str | None:
     end_best = max(ends) if ends else None
     return ("dev accuracy at every evaluation point (epochs trained: accuracy) "
             + ", ".join(f"{at:g}: {num(a)}" for at, a in pts)
-            + f"; best at {best_text(s)}; selecting among epoch ends only would give {num(end_best)}"
+            + f"; best at {fmt_best_point(s)}; selecting among epoch ends only would give {num(end_best)}"
             + (f" ({100 * (end_best - ref_acc):+.2f} pp)" if ref_acc is not None and end_best is not None else ""))
 
 
@@ -664,7 +656,7 @@ class Page:
                 continue
             s = next(iter(runs.values()))
             rows.append([f"`{name}`", recipe_text(s), " / ".join(num(a) for a in epoch_accs(s)),
-                         num(s["dev"].get("accuracy")), num(s["dev"].get("f1")), best_text(s),
+                         num(s["dev"].get("accuracy")), num(s["dev"].get("f1")), fmt_best_point(s),
                          secs(s.get("seconds_per_epoch"))])
         self.add(*table(["candidate", "recorded recipe", "dev accuracy per epoch", "best accuracy", "F1",
                          "best epoch", "time per epoch"], rows), "")
@@ -687,7 +679,7 @@ class Page:
             self.target("MiniLM teacher, 3-seed mean dev accuracy (#2)", f">= {TEACHER_MIN_ACC}", "not run", None,
                         f"`{self.R}/minilm/teacher/seed*/cgf_fhe.json`", "not run")
             return
-        rows = [[str(sd), num(s["dev"].get("accuracy")), num(s["dev"].get("f1")), best_text(s),
+        rows = [[str(sd), num(s["dev"].get("accuracy")), num(s["dev"].get("f1")), fmt_best_point(s),
                  " / ".join(num(a) for a in epoch_accs(s)), secs(s.get("seconds_per_epoch"))]
                 for sd, s in runs.items()]
         accs = [s["dev"].get("accuracy") for s in runs.values()]
@@ -763,7 +755,7 @@ class Page:
                 ir = s.get("interval_report") or {}
                 nonfin = (s.get("dev_final") or s["dev"]).get("n_nonfinite")
                 rows.append([str(sd), num(a), num(f), num(ref.get("accuracy")) if ref else "n/a",
-                             f"{100 * d:+.2f}" if d is not None else "n/a", best_text(s),
+                             f"{100 * d:+.2f}" if d is not None else "n/a", fmt_best_point(s),
                              " / ".join(num(x) for x in epoch_accs(s)), secs(s.get("seconds_per_epoch")),
                              str(depth.get("total", "n/a")) if poly else "n/a",
                              (sci(ir.get("frac_out")) if ir else "n/a") if poly else "-",

@@ -16,3 +16,12 @@ def fmt_seconds(v: float | None, day_unit: str = "d", minutes_from: float = 60) 
     if v >= 1:
         return f"{v:.1f} s"
     return f"{v:.3g} s"
+
+
+def fmt_best_point(settings: dict) -> str:
+    """Where a run's best checkpoint was: its epoch ('3'), or its fractional position for a mid-epoch
+    evaluation point of ``--evals-per-epoch`` ('1.5 (mid-epoch)' = half-way through epoch 2)."""
+    at = settings.get("best_at")
+    if at is not None and not float(at).is_integer():
+        return f"{float(at):g} (mid-epoch)"
+    return str(settings.get("best_epoch", "n/a"))

@@ -93,6 +93,7 @@ def _check_positive(args, *names):
 
 
 def cmd_finetune(args) -> int:
+    from ..fmt import fmt_best_point
     from . import api
 
     _check_positive(args, "epochs", "lr", "batch_size", "max_length", "max_train_samples", "max_eval_samples",
@@ -109,16 +110,8 @@ def cmd_finetune(args) -> int:
         if st.get("status") == "done" and os.environ.get("RANK", "0") == "0":
             d = st["dev"]
             print(f"{args.output}: dev accuracy {d['accuracy']:.4f}  f1 {d['f1']:.4f}  (n={d['n']}, "
-                  f"best {_best_text(st)}, {st['seconds_per_epoch']:.1f} s/epoch)")
+                  f"best epoch {fmt_best_point(st)}, {st['seconds_per_epoch']:.1f} s/epoch)")
     return 0
-
-
-def _best_text(st: dict) -> str:
-    """'epoch 3', or 'at 1.5 epochs (mid-epoch)' for a mid-epoch evaluation point (--evals-per-epoch)."""
-    at = st.get("best_at")
-    if at is not None and not float(at).is_integer():
-        return f"at {float(at):g} epochs (mid-epoch)"
-    return f"epoch {st['best_epoch']}"
 
 
 def _fhe_from_args(args):
