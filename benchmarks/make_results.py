@@ -60,6 +60,8 @@ SEARCH = (
     ("lr5e-5-unfrz-wu-e10", "--lr 5e-5 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 10"),
     ("lr1e-4-unfrz-wu-k4", "--lr 1e-4 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 5 --evals-per-epoch 4"),
     ("lr1e-4-unfrz-wu-reinit1", "--lr 1e-4 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 5 --reinit-layers 1"),
+    # probes: flags starting with "python " are the whole command (a benchmark script, not a recipe flag)
+    ("meanpool-lr1e-4-unfrz-wu", "python benchmarks/pooling_probe.py --seed 42 --resume"),
 )
 # students: (key, folder under R, label, distill flags, seeds flag, paired target in pp, polynomial?)
 STUDENTS = (
@@ -77,6 +79,11 @@ STUDENTS = (
      "polynomial, 6 layers, Newton LayerNorm, epoch cover, dev evaluated 4 times per epoch (`--evals-per-epoch 4`)",
      "--poly all --ln newton --epochs 2 --epoch-cover --evals-per-epoch 4", "--seeds 42 7 123", POLY_MAX_DROP_PP,
      True),
+    ("poly6-newton-ecover-swap", "minilm/poly6-newton-ecover-swap",
+     "polynomial, 6 layers, Newton LayerNorm, epoch cover, KD on both sentence orders (`--swap-pairs`, 1 epoch of "
+     "the doubled set = the steps of 2 epochs, dev at its half and end)",
+     "--poly all --ln newton --epochs 1 --swap-pairs --epoch-cover --evals-per-epoch 2", "--seeds 42 7 123",
+     POLY_MAX_DROP_PP, True),
     ("poly6-frozen", "minilm/poly6-frozen", "polynomial, 6 layers, frozen LayerNorm",
      "--poly all --ln frozen --epochs 3 --epoch-cover", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly2-newton", "minilm/poly2-newton", "polynomial, 2 layers, Newton LayerNorm",
@@ -91,6 +98,7 @@ STUDENTS = (
 PAIRED_WITH = {  # student -> earlier students trained from the same teachers on the same seeds, compared seed by seed
     "poly6-newton-ecover": ("poly6-newton", "poly6-newton-cover"),
     "poly6-newton-ecover-e4": ("poly6-newton-ecover",),
+    "poly6-newton-ecover-swap": ("poly6-newton-ecover", "poly6-newton-ecover-e4"),
 }
 ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export flags)
     ("poly6", "minilm/poly6.onnx", "minilm/poly6-newton-ecover/seed42", ""),
@@ -125,6 +133,9 @@ def commands(R: str) -> dict[str, str]:
         "frozen_probe": f"python benchmarks/frozen_ln_probe.py {R}/minilm/cgf-kd/seed42 -o {R}/minilm/frozen-ln-probe.json",
     }
     for name, flags in SEARCH:
+        if flags.startswith("python "):
+            c[f"search/{name}"] = f"{flags} -o {R}/minilm/search/{name}"
+            continue
         c[f"search/{name}"] = (f"cgf-fhe finetune --model minilm --softmax exact {flags} --seed 42 --no-progress "
                                f"--resume -o {R}/minilm/search/{name}")
     for key, folder, _, flags, seeds, _, _ in STUDENTS:
@@ -351,6 +362,8 @@ def recipe_text(s: dict, kd: bool = False) -> str:
         parts.append(f"{r['evals_per_epoch']} dev evaluations per epoch")
     if r.get("reinit_layers"):
         parts.append(f"pooler + top {r['reinit_layers']} layer(s) re-initialised")
+    if s.get("probe"):
+        parts.append(s["probe"])
     for k, label in (("batch_size", "batch"), ("weight_decay", "weight decay")):
         if k in r and r[k] != REF_RECIPE[k]:
             parts.append(f"{label} {r[k]:g}")

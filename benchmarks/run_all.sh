@@ -45,6 +45,7 @@ run cgf-fhe finetune --model minilm --softmax exact --lr 1e-4 --unfreeze-embeddi
     --seed 42 --no-progress --resume -o "$R/minilm/search/lr1e-4-unfrz-wu-k4"
 run cgf-fhe finetune --model minilm --softmax exact --lr 1e-4 --unfreeze-embeddings --warmup-ratio 0.1 --epochs 5 --reinit-layers 1 \
     --seed 42 --no-progress --resume -o "$R/minilm/search/lr1e-4-unfrz-wu-reinit1"
+run python benchmarks/pooling_probe.py --seed 42 --resume -o "$R/minilm/search/meanpool-lr1e-4-unfrz-wu"
 run cgf-fhe finetune --model minilm --preset minilm --seeds 42 7 123 --no-progress --resume -o "$R/minilm/teacher"
 
 # 4. students distilled from that teacher, same seeds: CGF + KD (exact non-linearities), polynomial students
@@ -57,6 +58,8 @@ run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --b
     --epoch-cover --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 2 \
     --epoch-cover --evals-per-epoch 4 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover-e4"
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
+    --swap-pairs --epoch-cover --evals-per-epoch 2 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover-swap"
 run python benchmarks/frozen_ln_probe.py "$R/minilm/cgf-kd/seed42" -o "$R/minilm/frozen-ln-probe.json"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln frozen \
     --epochs 3 --epoch-cover --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-frozen"

@@ -1,0 +1,47 @@
+"""benchmarks/pooling_probe.py: the mean-pooling head reads the mean over valid tokens, so padding changes nothing."""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _probe():
+    spec = importlib.util.spec_from_file_location("pooling_probe", REPO / "benchmarks" / "pooling_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mean_pooling_head_ignores_padding_and_pools_the_mean():
+    probe = _probe()
+    net, tok, _ = probe.with_mean_pooling("tiny", seed=3)
+    net.eval()
+    enc = tok(["a short one"], ["and its pair here"], return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+    padded = tok(["a short one"], ["and its pair here"], return_tensors="pt", padding="max_length", max_length=n + 7)
+    assert int(padded["attention_mask"].sum()) == n
+    with torch.no_grad():
+        a = net(**enc).logits
+        b = net(**padded).logits
+        hidden = net.base_model(**enc).last_hidden_state
+        pooler = net.base_model.pooler
+        want = pooler.activation(pooler.dense(hidden.mean(1)))
+        cls = pooler.activation(pooler.dense(hidden[:, 0]))
+        got = net.base_model(**padded).pooler_output
+    assert torch.allclose(a, b, atol=1e-5), (a, b)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert (got - cls).abs().max() > 1e-3  # not the [CLS] pooler
+    # parameter names unchanged: the probe head saves under the checkpoint's usual keys
+    assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= set(net.state_dict())
+
+
+def test_search_page_prints_the_probe_command_and_head(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_results", REPO / "benchmarks" / "make_results.py")
+    mr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mr)
+    cmd = mr.commands("R")["search/meanpool-lr1e-4-unfrz-wu"]
+    assert cmd == "python benchmarks/pooling_probe.py --seed 42 --resume -o R/minilm/search/meanpool-lr1e-4-unfrz-wu"
+    text = mr.recipe_text({"recipe": {"lr": 1e-4, "epochs": 5}, "probe": "mean head"})
+    assert text.startswith("lr 1e-4, 5 epochs") and "mean head" in text
