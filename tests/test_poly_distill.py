@@ -96,7 +96,7 @@ def test_fit_selects_only_eligible_epochs(tiny_setup, mrpc_dir):
             from contextlib import nullcontext
             return nullcontext()
 
-        def epoch_info(self, model, evaluate):
+        def epoch_info(self, model, evaluate, diagnostics=True):
             return {"eligible": self.epoch == 2}
 
     recipe = get_recipe("reference", epochs=3, max_length=64, lr=1e-3)
@@ -316,6 +316,8 @@ def test_distill_with_mid_epoch_points_covers_and_keeps_the_best_point(tiny_setu
     assert [e["epoch"] for e in st["fhe"]["epoch_cover"]] == [0.5, 1, 1.5, 2]
     assert [e["widened"] for e in st["fhe"]["epoch_cover"]] == [sorted(p["covered"]) for p in points]
     assert points[0]["covered"]  # 16 calibration examples of 32: the first half-epoch leaves some interval
+    # the training-form dev pass (a diagnostic) runs at epoch ends only, not at the mid-epoch points
+    assert [("dev_training_form" in p) for p in points] == [False, True, False, True]
     best = next(p for p in points if p["dev"]["accuracy"] == st["dev"]["accuracy"])
     assert st["best_at"] == best.get("at", best.get("epoch"))
     # the saved student is the best point's weights with that point's polynomials: it scores what it scored

@@ -304,8 +304,8 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
     description differs. ``schedule`` (e.g. :class:`cgf_fhe.training.poly_train.PolyTraining`): an object with
     ``on_step(model, step, steps_per_epoch)`` called before every training step (``step`` = 0-based global step,
     a function of the epoch and batch only, so resumed runs follow the same schedule), ``exported_form(model)``
-    (context manager the dev evaluation runs in) and ``epoch_info(model, evaluate) -> dict`` merged into the
-    epoch's history record; an epoch whose info has ``"eligible": False`` is never chosen as the best. Optional
+    (context manager the dev evaluation runs in) and ``epoch_info(model, evaluate, diagnostics) -> dict`` merged
+    into the evaluation point's history record (``diagnostics`` is False at mid-epoch points: skip extra passes); an epoch whose info has ``"eligible": False`` is never chosen as the best. Optional
     hooks: ``on_epoch_end(model)`` after the training steps before every evaluation point (an epoch's end, and
     the mid-epoch points of ``recipe.evals_per_epoch``), before that evaluation, and
     ``on_best(model)`` when an evaluation point becomes the best. If it
@@ -392,15 +392,16 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
     def _evaluate():
         return evaluate_model(_unwrap(model), eval_loader, acc.device, autocast=acc.autocast)
 
-    def _score():
-        """Dev metrics of the model as it is now (exported form for a schedule) + the schedule's info."""
+    def _score(mid: bool = False):
+        """Dev metrics of the model as it is now (exported form for a schedule) + the schedule's info.
+        ``mid``: a mid-epoch point, where the schedule skips its diagnostic passes (training-form dev)."""
         info = {}
         if schedule is not None and hasattr(schedule, "on_epoch_end"):
             schedule.on_epoch_end(_unwrap(model))
         if schedule is not None:
             with schedule.exported_form(_unwrap(model)):
                 dev = _evaluate()
-            info = schedule.epoch_info(_unwrap(model), _evaluate)
+            info = schedule.epoch_info(_unwrap(model), _evaluate, diagnostics=not mid)
         else:
             dev = _evaluate()
         return dev, info
@@ -458,7 +459,7 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
                 # generator), so the training trajectory is the same as with one evaluation per epoch
                 tm = time.perf_counter()
                 rng = get_rng_state()
-                dev, info = _score()
+                dev, info = _score(mid=True)
                 set_rng_state(rng)
                 model.train()
                 at = round(epoch + count / steps_per_epoch, 4)

@@ -33,7 +33,7 @@
 Dev metrics are always measured in the exported form (guard off, blend 1). An epoch may become the best
 checkpoint only if its last training step already ran at blend 1 (``eligible`` in the history); the
 training form's dev metrics (guard on, the current blend) are recorded next to them as
-``dev_training_form``.
+``dev_training_form`` (at epoch ends only, not at mid-epoch evaluation points).
 """
 from __future__ import annotations
 
@@ -187,15 +187,18 @@ class PolyTraining:
         if self.frozen:
             surgery.set_frozen_blend(model, self.blend)
 
-    def epoch_info(self, model, evaluate) -> dict:
-        """After an epoch (``evaluate()`` scores the model as it is): blend, eligibility, training-form dev."""
+    def epoch_info(self, model, evaluate, diagnostics: bool = True) -> dict:
+        """After an epoch (``evaluate()`` scores the model as it is): blend, eligibility, training-form dev.
+
+        ``diagnostics=False`` (mid-epoch evaluation points) skips the training-form dev pass: it only documents
+        what the guard hid, never takes part in selection, and would double the cost of every point."""
         info = {"blend": self.blend, "guard": self.guard, "eligible": self.blend >= 1.0}
         if self.refit:
             info["refitted"] = self.refit_result is not None
         if self.epoch_cover:
             info["covered"] = {k: {"old": v["old"], "new": v["new"], "measured": v["measured"]}
                                for k, v in self.covered.items()}
-        if self.guard or self.blend < 1.0:
+        if diagnostics and (self.guard or self.blend < 1.0):
             self._training_form(model)
             info["dev_training_form"] = evaluate()
         return info
