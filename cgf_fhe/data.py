@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from transformers import DataCollatorWithPadding
 
@@ -85,6 +86,28 @@ def swap_pairs(ds: datasets.Dataset) -> datasets.Dataset:
     """``ds`` followed by every row with sentence1 and sentence2 exchanged (for symmetric pair labels)."""
     swapped = ds.rename_columns({"sentence1": "_s2", "sentence2": "sentence1"}).rename_column("_s2", "sentence2")
     return datasets.concatenate_datasets([ds, swapped.cast(ds.features)])
+
+
+HOLDOUT_SEED = 0  # the same held-out examples for every training seed (paired comparisons stay paired)
+
+
+def holdout_split(ds: datasets.Dataset, fraction: float, seed: int = HOLDOUT_SEED):
+    """``(rest, held)``: a label-stratified ``fraction`` of ``ds`` held out (e.g. from training, for selecting
+    the best checkpoint without looking at dev). Deterministic in ``seed``; both parts keep ``ds``'s order."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    labels = np.asarray(ds["label"])
+    rng = np.random.default_rng(seed)
+    held = []
+    for lab in np.unique(labels):
+        idx = np.flatnonzero(labels == lab)
+        k = int(round(fraction * len(idx)))
+        held.extend(rng.permutation(idx)[:k].tolist())
+    held_set = set(held)
+    if not held_set or len(held_set) == len(ds):
+        raise ValueError(f"holdout fraction {fraction} of {len(ds)} examples leaves an empty part")
+    rest = [i for i in range(len(ds)) if i not in held_set]
+    return ds.select(rest), ds.select(sorted(held_set))
 
 
 def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int = 128, max_samples: int | None = None,

@@ -437,3 +437,54 @@ def test_reinit_top_layers_touches_exactly_the_pooler_and_top_layers(mrpc_dir, t
                *SMALL, "--max-train-samples", "16", "--max-eval-samples", "8", "-o", str(tmp_path / "ok")])
     st = json.loads((tmp_path / "ok" / "cgf_fhe.json").read_text())
     assert rc == 0 and st["recipe"]["reinit_layers"] == 1 and st["reinitialized"] == ["encoder.layer.1", "pooler"]
+
+
+def test_holdout_split_is_stratified_disjoint_and_seed_independent(mrpc_dir):
+    from cgf_fhe.data import holdout_split, read_glue_tsv
+
+    ds = read_glue_tsv(mrpc_dir / "train.tsv").select(range(400))
+    rest, held = holdout_split(ds, 0.1)
+    labels = ds["label"]
+    assert len(rest) + len(held) == 400 and set(rest["idx"]).isdisjoint(held["idx"])
+    for lab in (0, 1):  # stratified: each label keeps its share (rounded)
+        assert held["label"].count(lab) == round(0.1 * labels.count(lab))
+    again = holdout_split(ds, 0.1)[1]
+    assert again["idx"] == held["idx"]  # deterministic: the same held-out examples for every training seed
+    assert holdout_split(ds, 0.1, seed=1)[1]["idx"] != held["idx"]
+    with pytest.raises(ValueError, match="holdout fraction"):
+        holdout_split(ds, 1.0)
+
+
+def test_fit_selects_on_the_select_set_not_on_dev(tiny_data, tmp_path):
+    tok, train, dev = tiny_data
+    recipe = get_recipe("reference", lr=2e-2, epochs=2, batch_size=8, max_length=64, evals_per_epoch=3)
+    model, _ = build_model("tiny", "cgf", coeff=0.5, seed=3)
+    select = train.select(range(16))
+    res = engine.fit(model, engine.CEStep(), train, dev, api.collator(tok), recipe, seed=3,
+                     state_dir=tmp_path / "s", progress=False, select_dataset=select)
+    points = [m for h in res.history for m in [*h["mid_evals"], h]]
+    sel = [p["select"]["accuracy"] for p in points]
+    assert len(set(sel)) > 1 and all("select" in p for p in points)
+    best = next(p for p in points if p["select"]["accuracy"] == max(sel))  # first point with the top select acc
+    assert res.best_select == best["select"] and res.best_metrics == best["dev"]
+    assert res.best_at == best.get("at", float(best.get("epoch", 0)))
+    st = torch.load(tmp_path / "s" / engine.STATE_FILE, weights_only=True)
+    assert st["best"]["select"] == best["select"]  # a resumed run keeps comparing on the selection set
+
+
+def test_select_holdout_finetune_records_selection_and_rejects_bad_fraction(mrpc_dir, tmp_path, capsys):
+    from cgf_fhe.cli import main
+
+    rc = main(["finetune", "--model", "tiny", "--data-dir", str(mrpc_dir), "--select-holdout", "1.5", "-o",
+               str(tmp_path / "bad")])
+    assert rc == 2 and "--select-holdout must be in [0, 1)" in capsys.readouterr().err
+    out = tmp_path / "ok"
+    rc = main(["finetune", "--model", "tiny", "--data-dir", str(mrpc_dir), "--max-train-samples", "40",
+               "--max-eval-samples", "16", "--epochs", "1", "--batch-size", "8", "--select-holdout", "0.2",
+               *SMALL, "-o", str(out)])
+    assert rc == 0
+    st = json.loads((out / "cgf_fhe.json").read_text())
+    assert st["recipe"]["select_holdout"] == 0.2 and st["selected_on"] == "train-holdout"
+    assert st["n_select"] == 8  # 20% of 40, stratified
+    assert st["select"] == st["history"][0]["select"] and st["dev"] == st["history"][0]["dev"]
+    assert "held-out training examples" in capsys.readouterr().out

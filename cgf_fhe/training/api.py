@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data import load_mrpc, tokenize_split
+from ..data import holdout_split, load_mrpc, tokenize_split
 from ..models import (CheckpointError, is_checkpoint, load_checkpoint, read_settings, resolve_model,
                       save_checkpoint, SETTINGS_FILE)
 from .engine import CEStep, KDStep, clear_state, fit, get_accelerator, set_dropout
@@ -96,10 +96,26 @@ def load_split(tokenizer, split: str, opts: RunOptions, recipe: Recipe | None = 
     return tokenize_split(raw[split], tokenizer, max_length, max_samples, swap=swap)
 
 
-def load_data(tokenizer, opts: RunOptions, recipe: Recipe):
-    train = load_split(tokenizer, "train", opts, recipe, opts.max_train_samples, swap=recipe.swap_pairs)
+def load_data(tokenizer, opts: RunOptions, recipe: Recipe, with_select: bool = False):
+    """Tokenized ``(train, dev)``; ``with_select``: ``(train, dev, select)`` where ``select`` is the part of the
+    training set held out for best-checkpoint selection (``recipe.select_holdout``; None when 0) and ``train``
+    is the rest (swapped pairs, if any, are added to the rest only, so no held-out pair is trained on)."""
+    if not recipe.select_holdout:
+        train = load_split(tokenizer, "train", opts, recipe, opts.max_train_samples, swap=recipe.swap_pairs)
+        dev = load_split(tokenizer, "validation", opts, recipe, opts.max_eval_samples)
+        return (train, dev, None) if with_select else (train, dev)
+    raw = _raw(opts.data_dir)["train"]
+    if opts.max_train_samples is not None:
+        raw = raw.select(range(min(opts.max_train_samples, len(raw))))
+    try:
+        rest, held = holdout_split(raw, recipe.select_holdout)
+    except ValueError as exc:
+        raise TrainingError(f"--select-holdout: {exc}") from exc
+    max_length = opts.max_length or recipe.max_length
+    train = tokenize_split(rest, tokenizer, max_length, swap=recipe.swap_pairs)
+    select = tokenize_split(held, tokenizer, max_length)
     dev = load_split(tokenizer, "validation", opts, recipe, opts.max_eval_samples)
-    return train, dev
+    return (train, dev, select) if with_select else (train, dev)
 
 
 def collator(tokenizer):
@@ -109,6 +125,13 @@ def collator(tokenizer):
 
 
 # ---------------------------------------------------------------- helpers
+
+def _select_settings(res, select) -> dict:
+    """What a run selected on a held-out part of train records: that part's size and the best point's metrics."""
+    if select is None:
+        return {}
+    return {"selected_on": "train-holdout", "select": res.best_select, "n_select": len(select)}
+
 
 def _is_main(opts: RunOptions) -> bool:
     return get_accelerator(opts.device, opts.mixed_precision).is_main_process
@@ -233,17 +256,19 @@ def finetune(model: str = "tiny", out_dir: str | os.PathLike = "out/finetune", s
             settings["reinitialized"] = reinit_top_layers(net, recipe.reinit_layers, seed)
         except ValueError as exc:
             raise TrainingError(f"--reinit-layers: {exc}") from exc
-    train, dev = load_data(tok, opts, recipe)
+    train, dev, select = load_data(tok, opts, recipe, with_select=True)
     state_dir = out / STATE_SUBDIR
     if not opts.resume:
         clear_state(state_dir)
     tag = f"finetune {softmax}" + (f" c={coeff:g}" if softmax == "cgf" else "") + f" seed {seed}"
     res = fit(net, CEStep(), train, dev, collator(tok), recipe, seed=seed, state_dir=state_dir,
               resume=opts.resume, device=opts.device, mixed_precision=opts.mixed_precision,
-              progress=opts.progress, stop_after=opts.stop_after, desc=tag, run_info=_run_key(settings))
+              progress=opts.progress, stop_after=opts.stop_after, desc=tag, run_info=_run_key(settings),
+              select_dataset=select)
     settings.update({
         "status": "done" if res.completed else "partial", "dev": res.best_metrics, "best_epoch": res.best_epoch,
         "best_at": res.best_at, "history": res.history, "seconds_per_epoch": res.seconds_per_epoch,
+        **_select_settings(res, select),
         "backbone": _backbone_of(net) or str(model),
     })
     if src_settings.get("fhe"):
@@ -415,7 +440,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         return s
 
     t_model, tok, t_settings = load_checkpoint(tdir, softmax="exact")
-    train, dev = load_data(tok, opts, recipe)
+    train, dev, select = load_data(tok, opts, recipe, with_select=True)
     collate = collator(tok)
 
     state_dir = out / STATE_SUBDIR
@@ -473,7 +498,8 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     tag = f"distill c={coeff:g}" + (" poly" if poly else "") + f" seed {seed}"
     res = fit(student, step, train, dev, collate, recipe, seed=seed, state_dir=state_dir, resume=opts.resume,
               device=opts.device, mixed_precision=opts.mixed_precision, progress=opts.progress,
-              stop_after=opts.stop_after, desc=tag, run_info=_run_key(settings), schedule=schedule)
+              stop_after=opts.stop_after, desc=tag, run_info=_run_key(settings), schedule=schedule,
+              select_dataset=select)
     if not res.completed:
         _log(f"[{tag}] stopped after epoch {len(res.history)}/{recipe.epochs}; continue with --resume")
         return {**settings, "status": "partial", "history": res.history}
@@ -489,7 +515,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         "status": "done", "dev": res.best_metrics, "best_epoch": res.best_epoch, "best_at": res.best_at,
         "history": res.history, "seconds_per_epoch": res.seconds_per_epoch,
         "backbone": _backbone_of(student) or t_settings.get("backbone"), "teacher_dev": teacher_dev,
-        "layer_map": layer_map, "student_layers": student.config.num_hidden_layers,
+        "layer_map": layer_map, "student_layers": student.config.num_hidden_layers, **_select_settings(res, select),
     })
     if projection is not None:
         settings["projection"] = {k: v for k, v in projection.items() if k != "P"}

@@ -42,6 +42,10 @@ def _common(p: argparse.ArgumentParser, seeds: bool = True, default_seed: int = 
                         "the best checkpoint over all of them (default 1)")
     r.add_argument("--reinit-layers", type=int, metavar="N",
                    help="fine-tuning a backbone: re-initialise its pooler and top N encoder layers first (default 0)")
+    r.add_argument("--select-holdout", type=float, metavar="F",
+                   help="choose the best checkpoint on a label-stratified fraction F of the training set held out "
+                        "from training (the same examples for every seed), not on dev, so the reported dev figure is "
+                        "not selected on dev (default 0 = select on dev)")
     r.add_argument("--swap-pairs", action="store_true", default=None,
                    help="also train on every pair with its two sentences swapped (MRPC's label is symmetric)")
     if seeds:
@@ -72,7 +76,7 @@ def _recipe(args, **extra):
     kw = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
               warmup_ratio=args.warmup_ratio, max_length=args.max_length, swap_pairs=args.swap_pairs,
               layer_lr_decay=args.layer_lr_decay, evals_per_epoch=args.evals_per_epoch,
-              reinit_layers=args.reinit_layers, **extra)
+              reinit_layers=args.reinit_layers, select_holdout=args.select_holdout, **extra)
     if args.unfreeze_embeddings:
         kw["freeze_embeddings"] = False
     d = args.layer_lr_decay
@@ -80,6 +84,11 @@ def _recipe(args, **extra):
         from ..cli import UserError
 
         raise UserError(f"--layer-lr-decay must be in (0, 1], got {d}")
+    f = args.select_holdout
+    if f is not None and not 0.0 <= f < 1.0:
+        from ..cli import UserError
+
+        raise UserError(f"--select-holdout must be in [0, 1) (a fraction of the training set), got {f}")
     return get_recipe(args.preset, **kw)
 
 
@@ -110,7 +119,9 @@ def cmd_finetune(args) -> int:
         if st.get("status") == "done" and os.environ.get("RANK", "0") == "0":
             d = st["dev"]
             print(f"{args.output}: dev accuracy {d['accuracy']:.4f}  f1 {d['f1']:.4f}  (n={d['n']}, "
-                  f"best epoch {fmt_best_point(st)}, {st['seconds_per_epoch']:.1f} s/epoch)")
+                  f"best epoch {fmt_best_point(st)}, {st['seconds_per_epoch']:.1f} s/epoch)"
+                  + (f"; best point chosen on {st['n_select']} held-out training examples (accuracy "
+                     f"{st['select']['accuracy']:.4f}), not on dev" if st.get("select") else ""))
     return 0
 
 

@@ -194,6 +194,7 @@ class FitResult:
     completed: bool = True
     resumed_from: int | None = None
     best_at: float | None = None  # epochs trained at the best evaluation point (1.5 = half-way through epoch 2)
+    best_select: dict | None = None  # selection-set metrics of the best point (fit with a select_dataset)
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -203,6 +204,7 @@ class FitResult:
     def to_dict(self) -> dict:
         return {"best_metrics": self.best_metrics, "best_epoch": self.best_epoch, "history": self.history,
                 "completed": self.completed, "resumed_from": self.resumed_from, "best_at": self.best_at,
+                "best_select": self.best_select,
                 "seconds_per_epoch": self.seconds_per_epoch}
 
 
@@ -293,8 +295,12 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
         state_dir: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
         mixed_precision: str = "auto", progress: bool = True, stop_after: int | None = None,
         desc: str = "train", log: Callable[[str], None] | None = None, keep_best: bool = True,
-        run_info: dict | None = None, schedule=None) -> FitResult:
+        run_info: dict | None = None, schedule=None, select_dataset=None) -> FitResult:
     """Train ``model`` in place with ``step`` and leave the best-on-dev weights in it.
+
+    ``select_dataset`` (e.g. a part of the training set held out from training): choose the best point on its
+    accuracy instead of dev's, so that the dev metrics reported for that point are not selected on dev. Each
+    point's record then has ``select`` (its metrics) next to ``dev``; ``best_metrics`` stays dev's.
 
     ``step(model, batch) -> (loss, {name: float})``; it may define ``prepare(accelerator)``.
     ``stop_after``: stop (as if interrupted) once this many epochs are done in total; the run can be
@@ -330,6 +336,8 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
                                  shuffle=True, seed=seed, drop_last=False)
     train_loader = DataLoader(train_dataset, batch_size=recipe.batch_size, sampler=sampler, collate_fn=collate_fn)
     eval_loader = DataLoader(eval_dataset, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=collate_fn)
+    select_loader = None if select_dataset is None else DataLoader(
+        select_dataset, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=collate_fn)
 
     model.to(acc.device)
     named = trainable_parameters(model, recipe.freeze_embeddings)
@@ -345,9 +353,11 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
 
     fingerprint = {"seed": int(seed), "epochs": int(recipe.epochs), "batch_size": int(recipe.batch_size),
                    "lr": float(recipe.lr), "n_train": len(train_dataset), "num_processes": acc.num_processes,
-                   "step": getattr(step, "name", type(step).__name__), "run": run_info or {}}
+                   "step": getattr(step, "name", type(step).__name__), "run": run_info or {},
+                   "n_select": len(select_dataset) if select_dataset is not None else 0}
     start_epoch, best, best_epoch, history, resumed_from = 0, None, 0, [], None
     best_at = None  # {"at": epochs trained (fractional), "step": global step} of the best evaluation point
+    best_select = None  # the selection-set metrics of the best point (select_dataset given)
     best_state_mem = None
     state_path = state_dir / STATE_FILE if state_dir is not None else None
     best_path = state_dir / BEST_FILE if state_dir is not None else None
@@ -375,6 +385,7 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
                 schedule.load_state_dict(_unwrap(model), st.get("schedule") or {})
             start_epoch, history = int(st["epoch"]), list(st["history"])
             best, best_epoch = st["best"]["metrics"], int(st["best"]["epoch"])
+            best_select = st["best"].get("select")
             if "at" in st["best"]:
                 best_at = {"at": float(st["best"]["at"]), "step": int(st["best"]["step"])}
             resumed_from = start_epoch
@@ -389,8 +400,8 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
     eval_points = eval_steps(steps_per_epoch, getattr(recipe, "evals_per_epoch", 1))
     global_step = start_epoch * steps_per_epoch
 
-    def _evaluate():
-        return evaluate_model(_unwrap(model), eval_loader, acc.device, autocast=acc.autocast)
+    def _evaluate(loader=eval_loader):
+        return evaluate_model(_unwrap(model), loader, acc.device, autocast=acc.autocast)
 
     def _score(mid: bool = False):
         """Dev metrics of the model as it is now (exported form for a schedule) + the schedule's info.
@@ -401,17 +412,25 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
         if schedule is not None:
             with schedule.exported_form(_unwrap(model)):
                 dev = _evaluate()
-            info = schedule.epoch_info(_unwrap(model), _evaluate, diagnostics=not mid)
+                if select_loader is not None:
+                    info["select"] = _evaluate(select_loader)
+            info.update(schedule.epoch_info(_unwrap(model), _evaluate, diagnostics=not mid))
         else:
             dev = _evaluate()
+            if select_loader is not None:
+                info["select"] = _evaluate(select_loader)
         return dev, info
 
     def _consider(dev, info, epoch_no, at, step_no) -> bool:
-        """Best-checkpoint selection over every evaluation point (strictly better accuracy wins)."""
-        nonlocal best, best_epoch, best_at, best_state_mem
-        if not (info.get("eligible", True) and (best is None or dev["accuracy"] > best["accuracy"])):
+        """Best-checkpoint selection over every evaluation point (strictly better accuracy wins), on the
+        selection set if there is one, else on dev."""
+        nonlocal best, best_epoch, best_at, best_select, best_state_mem
+        now = info.get("select", dev)
+        held = best_select if select_loader is not None else best
+        if not (info.get("eligible", True) and (best is None or held is None or now["accuracy"] > held["accuracy"])):
             return False
         best, best_epoch, best_at = dev, epoch_no, {"at": at, "step": step_no}
+        best_select = info.get("select")
         if schedule is not None and hasattr(schedule, "on_best"):
             schedule.on_best(_unwrap(model))
         sd = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
@@ -468,7 +487,7 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
                              "eval_seconds": time.perf_counter() - tm, **info})
                 mid_seconds += time.perf_counter() - tm
                 log(f"[{desc}] epoch {at:g}/{recipe.epochs} (step {global_step}): dev acc {dev['accuracy']:.4f} "
-                    f"f1 {dev['f1']:.4f}" + ("  *best*" if improved else "")
+                    f"f1 {dev['f1']:.4f}" + _select_text(info) + ("  *best*" if improved else "")
                     + ("" if info.get("eligible", True) else "  (not eligible: blend < 1)"))
         bar.close()
         train_seconds = time.perf_counter() - t0 - mid_seconds
@@ -486,7 +505,8 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
         eligible = info.get("eligible", True)
         improved = _consider(dev, info, epoch + 1, float(epoch + 1), global_step)
         log(f"[{desc}] epoch {epoch + 1}/{recipe.epochs}: loss {record['train_loss']:.4f}  dev acc "
-            f"{dev['accuracy']:.4f} f1 {dev['f1']:.4f}  ({train_seconds:.1f}s train, {eval_seconds:.1f}s eval)"
+            f"{dev['accuracy']:.4f} f1 {dev['f1']:.4f}{_select_text(info)}  ({train_seconds:.1f}s train, "
+            f"{eval_seconds:.1f}s eval)"
             + (f"  [training form: dev acc {info['dev_training_form']['accuracy']:.4f}, blend {info['blend']:.3g}]"
                if "dev_training_form" in info else "")
             + ("  *best*" if improved else "") + ("" if eligible else "  (not eligible: blend < 1)"))
@@ -496,7 +516,7 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
                 "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                "rng": get_rng_state(), "best": {"metrics": best, "epoch": best_epoch, **(best_at or {})},
+                "rng": get_rng_state(), "best": {"metrics": best, "epoch": best_epoch, "select": best_select, **(best_at or {})},
                 "history": history,
                 "schedule": schedule.state_dict() if hasattr(schedule, "state_dict") else None,
             }, state_path)
@@ -511,7 +531,12 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
             _unwrap(model).load_state_dict(best_sd)
     acc.free_memory()  # drop Accelerate's references to this run's model/optimizer (multi-seed runs)
     return FitResult(best_metrics=best or {}, best_epoch=best_epoch, history=history, completed=completed,
-                     resumed_from=resumed_from, best_at=(best_at or {}).get("at"))
+                     resumed_from=resumed_from, best_at=(best_at or {}).get("at"), best_select=best_select)
+
+
+def _select_text(info: dict) -> str:
+    sel = info.get("select")
+    return f"  select acc {sel['accuracy']:.4f}" if sel else ""
 
 
 def clear_state(state_dir: str | os.PathLike) -> None:

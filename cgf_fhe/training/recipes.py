@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 FINETUNE_FIELDS = ("lr", "epochs", "batch_size", "freeze_embeddings", "warmup_ratio", "weight_decay",
                    "max_grad_norm", "max_length", "swap_pairs", "layer_lr_decay", "evals_per_epoch",
-                   "reinit_layers")
+                   "reinit_layers", "select_holdout")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ class Recipe:
     # fine-tuning a backbone (not a cgf-fhe checkpoint): re-initialise the pooler and the top N encoder layers
     # first (0 = keep every pretrained weight)
     reinit_layers: int = 0
+    # best-checkpoint selection on a label-stratified fraction of the training set held out from training
+    # (the same examples for every seed) instead of on dev, so the dev figure of the chosen point is not
+    # selected on dev (0 = select on dev, the reference recipe)
+    select_holdout: float = 0.0
     # distillation (cgf-fhe distill)
     kd_alpha: float = 1.0  # weight of T^2 * KL(teacher || student)
     kd_temperature: float = 1.0
