@@ -1,21 +1,10 @@
 """benchmarks/pooling_probe.py: the mean-pooling head reads the mean over valid tokens, so padding changes nothing."""
-import importlib.util
-from pathlib import Path
-
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _probe():
-    spec = importlib.util.spec_from_file_location("pooling_probe", REPO / "benchmarks" / "pooling_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from benchlib import load_benchmark
 
 
 def test_mean_pooling_head_ignores_padding_and_pools_the_mean():
-    probe = _probe()
+    probe = load_benchmark("pooling_probe")
     net, tok, _ = probe.with_mean_pooling("tiny", seed=3)
     net.eval()
     enc = tok(["a short one"], ["and its pair here"], return_tensors="pt")
@@ -38,9 +27,7 @@ def test_mean_pooling_head_ignores_padding_and_pools_the_mean():
 
 
 def test_search_page_prints_the_probe_command_and_head(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_results", REPO / "benchmarks" / "make_results.py")
-    mr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mr)
+    mr = load_benchmark("make_results")
     cmd = mr.commands("R")["search/meanpool-lr1e-4-unfrz-wu"]
     assert cmd == "python benchmarks/pooling_probe.py --seed 42 --resume -o R/minilm/search/meanpool-lr1e-4-unfrz-wu"
     text = mr.recipe_text({"recipe": {"lr": 1e-4, "epochs": 5}, "probe": "mean head"})

@@ -1,23 +1,16 @@
 """benchmarks/make_results.py: the results page computed from a runs folder's JSON files (fake, tiny runs)."""
-import importlib.util
 import json
 import re
 import statistics
 from pathlib import Path
 
 import pytest
+from benchlib import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("make_results", REPO / "benchmarks" / "make_results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mr = _load()
+mr = load_benchmark("make_results")
 
 RECIPE = {"name": "minilm", "lr": 1e-4, "epochs": 3, "batch_size": 16, "eval_batch_size": 64,
           "freeze_embeddings": False, "warmup_ratio": 0.1, "weight_decay": 0.01, "max_grad_norm": 1.0,

@@ -3,7 +3,6 @@
 TenSEAL is slow (~1-7 ms per ciphertext op at N=8192 on this machine), so real-CKKS tests use hand-built micro
 graphs and a micro exported student (hidden 8, 1 layer, <= 6 tokens) at N=8192, chain [60, 40, 40, 60].
 """
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -23,7 +22,6 @@ from cgf_fhe.simulate import (BootstrapRangeError, CKKSParams, FHEModel, Insecur
 from cgf_fhe.simulate.interpreter import unhandled_ct_ops
 from cgf_fhe.simulate.params import seal_primes
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = CKKSParams(8192, (60, 40, 40, 60), 40)  # 2 levels, 128-bit secure
 
 
@@ -313,10 +311,9 @@ def test_python_api_one_object():
 
 
 def test_emulator_error_within_2x_of_tenseal_per_primitive():
-    path = REPO / "benchmarks" / "emulator_calibration.py"
-    spec = importlib.util.spec_from_file_location("emulator_calibration", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from benchlib import load_benchmark
+
+    mod = load_benchmark("emulator_calibration")
     rows = mod.measure(SMALL, batch=1024, k=8, m=4)
     names = {r["primitive"] for r in rows}
     assert {"encrypt", "ct*pt", "ct*ct", "add", "sum", "polynomial", "refresh"} <= names
