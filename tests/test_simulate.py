@@ -5,7 +5,6 @@ graphs and a micro exported student (hidden 8, 1 layer, <= 6 tokens) at N=8192, 
 """
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import onnx
