@@ -47,6 +47,9 @@ run cgf-fhe finetune --model minilm --softmax exact --lr 1e-4 --unfreeze-embeddi
     --seed 42 --no-progress --resume -o "$R/minilm/search/lr1e-4-unfrz-wu-reinit1"
 run python benchmarks/pooling_probe.py --seed 42 --resume -o "$R/minilm/search/meanpool-lr1e-4-unfrz-wu"
 run cgf-fhe finetune --model minilm --preset minilm --seeds 42 7 123 --no-progress --resume -o "$R/minilm/teacher"
+# the same teachers with the best epoch chosen on 10% of train held out from training (dev not used for selection)
+run cgf-fhe finetune --model minilm --preset minilm --select-holdout 0.1 --seeds 42 7 --no-progress --resume \
+    -o "$R/minilm/teacher-holdout10"
 
 # 4. students distilled from that teacher, same seeds: CGF + KD (exact non-linearities), polynomial students
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 \
