@@ -311,7 +311,8 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
     ``on_step(model, step, steps_per_epoch)`` called before every training step (``step`` = 0-based global step,
     a function of the epoch and batch only, so resumed runs follow the same schedule), ``exported_form(model)``
     (context manager the dev evaluation runs in) and ``epoch_info(model, evaluate, diagnostics) -> dict`` merged
-    into the evaluation point's history record (``diagnostics`` is False at mid-epoch points: skip extra passes); an epoch whose info has ``"eligible": False`` is never chosen as the best. Optional
+    into the evaluation point's history record (``diagnostics`` is False at mid-epoch points: skip extra
+    passes); an epoch whose info has ``"eligible": False`` is never chosen as the best. Optional
     hooks: ``on_epoch_end(model)`` after the training steps before every evaluation point (an epoch's end, and
     the mid-epoch points of ``recipe.evals_per_epoch``), before that evaluation, and
     ``on_best(model)`` when an evaluation point becomes the best. If it
@@ -516,7 +517,8 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
                 "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                "rng": get_rng_state(), "best": {"metrics": best, "epoch": best_epoch, "select": best_select, **(best_at or {})},
+                "rng": get_rng_state(),
+                "best": {"metrics": best, "epoch": best_epoch, "select": best_select, **(best_at or {})},
                 "history": history,
                 "schedule": schedule.state_dict() if hasattr(schedule, "state_dict") else None,
             }, state_path)
