@@ -100,9 +100,9 @@ def load_data(tokenizer, opts: RunOptions, recipe: Recipe, with_select: bool = F
     """Tokenized ``(train, dev)``; ``with_select``: ``(train, dev, select)`` where ``select`` is the part of the
     training set held out for best-checkpoint selection (``recipe.select_holdout``; None when 0) and ``train``
     is the rest (swapped pairs, if any, are added to the rest only, so no held-out pair is trained on)."""
+    dev = load_split(tokenizer, "validation", opts, recipe, opts.max_eval_samples)
     if not recipe.select_holdout:
         train = load_split(tokenizer, "train", opts, recipe, opts.max_train_samples, swap=recipe.swap_pairs)
-        dev = load_split(tokenizer, "validation", opts, recipe, opts.max_eval_samples)
         return (train, dev, None) if with_select else (train, dev)
     raw = _raw(opts.data_dir)["train"]
     if opts.max_train_samples is not None:
@@ -114,7 +114,6 @@ def load_data(tokenizer, opts: RunOptions, recipe: Recipe, with_select: bool = F
     max_length = opts.max_length or recipe.max_length
     train = tokenize_split(rest, tokenizer, max_length, swap=recipe.swap_pairs)
     select = tokenize_split(held, tokenizer, max_length)
-    dev = load_split(tokenizer, "validation", opts, recipe, opts.max_eval_samples)
     return (train, dev, select) if with_select else (train, dev)
 
 
