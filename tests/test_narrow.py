@@ -219,5 +219,5 @@ def test_two_stage_poly_student_calibrated_on_the_trained_init(setup):
         api.distill_one("tiny", root / "bad_init", 42, teacher, 0.5, recipe, opts, student_init=setup["student"])
     with pytest.raises(api.TrainingError, match="--student-hidden 64 differs from --student-init"):
         api.distill_one("tiny", root / "bad_init", 42, teacher, 0.5, recipe, opts, student_init=cgf, student_hidden=64)
-    with pytest.raises(api.TrainingError, match="--student-init .*not a narrow student"):
+    with pytest.raises(api.TrainingError, match="--student-init .*not a distilled student"):
         api.distill_one("tiny", root / "bad_init", 42, teacher, 0.5, recipe, opts, student_init=teacher)

@@ -327,3 +327,36 @@ def test_distill_with_mid_epoch_points_covers_and_keeps_the_best_point(tiny_setu
     for p in upto:
         for key, c in p["covered"].items():
             assert mods[key][0] <= c["measured"][0] and c["measured"][1] <= mods[key][1], key
+
+
+def test_poly_student_starts_from_a_finished_full_width_cgf_student(tiny_setup):
+    from safetensors.torch import load_file
+
+    root, opts, teacher = tiny_setup
+    opts = api.RunOptions(**{**opts.__dict__, "calib_batches": 1})
+    cgf = root / "cgf1"  # stage 1: CGF + KD with exact non-linearities, 1 of the teacher's 2 layers
+    api.distill("tiny", cgf, teacher=teacher, coeff=0.5, opts=opts, student_layers=1,
+                recipe=get_recipe("reference", epochs=1, max_length=64, lr=1e-3))
+    init = json.loads((cgf / "cgf_fhe.json").read_text())
+    fhe = surgery.FheOptions(poly="all", ln="newton")
+    # stage 2 at lr 0: the polynomial student keeps exactly the stage-1 weights and layer map
+    st = api.distill_one("tiny", root / "poly_from_cgf", 42, teacher, 0.5,
+                         get_recipe("reference", epochs=1, max_length=64, lr=0.0), opts, fhe=fhe, student_init=cgf)
+    assert st["student_init"] == str(cgf.resolve()) and st["student_hidden"] is None
+    assert st["student_layers"] == 1 and st["layer_map"] == init["layer_map"] == [1]
+    a, b = load_file(cgf / "model.safetensors"), load_file(root / "poly_from_cgf" / "model.safetensors")
+    assert set(a) <= set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    t = load_file(teacher / "model.safetensors")
+    assert any(not torch.equal(a[k], t[k]) for k in a if k in t and t[k].shape == a[k].shape)  # trained in stage 1
+    assert json.loads((root / "poly_from_cgf" / "cgf_fhe.json").read_text())["reload_max_abs_diff"] < 1e-5
+    # wrong inits are refused with the flag and the cause named
+    bad = dict(teacher=teacher, coeff=0.5, recipe=get_recipe("reference", epochs=1, max_length=64), opts=opts,
+               fhe=fhe)
+    with pytest.raises(api.TrainingError, match="--student-hidden 32: --student-init .* full-width"):
+        api.distill_one("tiny", root / "bad", 42, student_init=cgf, student_hidden=32, **bad)
+    with pytest.raises(api.TrainingError, match="--student-layers 2 differs from --student-init"):
+        api.distill_one("tiny", root / "bad", 42, student_init=cgf, student_layers=2, **bad)
+    with pytest.raises(api.TrainingError, match="--student-init .*not a distilled student.*'finetune'"):
+        api.distill_one("tiny", root / "bad", 42, student_init=teacher, **bad)
+    with pytest.raises(api.TrainingError, match="--student-init .*already polynomial"):
+        api.distill_one("tiny", root / "bad", 42, student_init=root / "poly_from_cgf", **bad)

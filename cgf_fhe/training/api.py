@@ -391,10 +391,12 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     encoder/pooler/classifier and the teacher's embeddings projected by a fixed orthonormal ``P`` [D, H]; the
     hidden-state KD targets are the teacher's hidden states ``@ P`` (see :mod:`.narrow`). ``P`` is kept in the
     training state for resume and saved with the checkpoint as ``kd_projection.safetensors``.
-    ``student_init``: a finished narrow (non-polynomial) student checkpoint to start from instead of the random
-    init, with its ``P`` (``student_hidden`` / ``student_layers`` default to its own and must match it). Typical
-    use: a polynomial narrow student (``fhe``) calibrated on an already distilled narrow CGF student, whose
-    activation ranges are those of a trained model (a random-init encoder's are far too small).
+    ``student_init``: a finished non-polynomial ``distill`` student to start from instead of the teacher's weights
+    (full width: its weights and layer map) or the random init (narrow: its weights and its ``P``);
+    ``student_hidden`` / ``student_layers`` default to its own and must match it. Typical use: a polynomial
+    student (``fhe``) calibrated on, and trained from, an already distilled CGF student (two stages: CGF first,
+    then the polynomials); for narrow students the activation ranges are then those of a trained model (a
+    random-init encoder's are far too small).
 
     Polynomial students (see :mod:`.poly_train`): ``guard`` clamps polynomial inputs into their intervals
     while training; with frozen LayerNorms the blend exact -> frozen ramps linearly over the first
@@ -452,10 +454,13 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         student, layer_map, projection = _narrow_student(t_model, tdir, student_hidden, student_layers, coeff, seed,
                                                          train, collate, recipe, opts, state_dir, student_init,
                                                          poly)
+    elif student_init is not None:
+        student, layer_map = _full_width_init(student_init, t_model, tdir, coeff)
     else:
         student, _, _ = load_checkpoint(tdir, softmax="cgf", coeff=coeff)
     student.train()
-    if student_hidden is None and student_layers is not None and student_layers != n_teacher_layers:
+    if (student_hidden is None and student_init is None and student_layers is not None
+            and student_layers != n_teacher_layers):
         try:
             layer_map = [int(i) for i in _surgery().shrink_layers(student, int(student_layers))]
         except ValueError as exc:
@@ -548,24 +553,60 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     return settings
 
 
-def _check_student_init(init: Path, hidden: int | None, layers: int | None) -> tuple[int, int]:
-    """(student_hidden, student_layers) of a ``--student-init`` checkpoint, checked against the requested ones."""
+def _check_student_init(init: Path, hidden: int | None, layers: int | None) -> tuple[int | None, int]:
+    """(student_hidden or None for a full-width student, student_layers) of a ``--student-init`` checkpoint: a
+    finished, non-polynomial ``distill`` student, checked against the requested hidden size and depth."""
     from .narrow import PROJ_FILE
 
     s = read_settings(init)
-    if s.get("student_hidden") is None or not (init / PROJ_FILE).is_file():
-        raise TrainingError(f"--student-init {init}: not a narrow student (needs 'student_hidden' in its "
-                            f"{SETTINGS_FILE} and {PROJ_FILE}; make one with distill --student-hidden H)")
+    if s.get("kind") != "distill":
+        raise TrainingError(f"--student-init {init}: not a distilled student ({SETTINGS_FILE} has kind "
+                            f"{s.get('kind')!r}); make one with distill (without --poly)")
     if s.get("status") != "done":
         raise TrainingError(f"--student-init {init}: the run is not finished (status {s.get('status')!r})")
     if s.get("fhe"):
-        raise TrainingError(f"--student-init {init}: already polynomial; start from a non-polynomial narrow student")
-    have_h, have_k = int(s["student_hidden"]), int(s["student_layers"])
-    if hidden is not None and int(hidden) != have_h:
-        raise TrainingError(f"--student-hidden {hidden} differs from --student-init {init} (hidden {have_h})")
+        raise TrainingError(f"--student-init {init}: already polynomial; start from a non-polynomial student")
+    have_k = int(s["student_layers"])
+    if s.get("student_hidden") is None:
+        if hidden is not None:
+            raise TrainingError(f"--student-hidden {hidden}: --student-init {init} is a full-width student, not a "
+                                "narrow one (drop --student-hidden)")
+        have_h = None
+    else:
+        if not (init / PROJ_FILE).is_file():
+            raise TrainingError(f"--student-init {init}: a narrow student without its projection {PROJ_FILE}")
+        have_h = int(s["student_hidden"])
+        if hidden is not None and int(hidden) != have_h:
+            raise TrainingError(f"--student-hidden {hidden} differs from --student-init {init} (hidden {have_h})")
     if layers is not None and int(layers) != have_k:
         raise TrainingError(f"--student-layers {layers} differs from --student-init {init} ({have_k} layers)")
     return have_h, have_k
+
+
+def _warn_other_teacher(init: Path, s_init: dict, tdir: Path, what: str = "") -> None:
+    if s_init.get("teacher") != str(tdir.resolve()):
+        _log(f"[distill] WARNING: --student-init {init} was distilled from {s_init.get('teacher')}, not {tdir}{what}")
+
+
+def _full_width_init(init: Path, t_model, tdir: Path, coeff: float):
+    """(student, layer_map) from a finished full-width (optionally shallower) CGF student ``init``: its weights
+    and its teacher-layer map, checked against the teacher's structure."""
+    student, _, s_init = load_checkpoint(init, softmax="cgf", coeff=coeff)
+    keys = ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+    got = {k: getattr(student.config, k) for k in keys}
+    want = {k: getattr(t_model.config, k) for k in keys}
+    layer_map = [int(i) for i in s_init.get("layer_map") or range(student.config.num_hidden_layers)]
+    n_teacher = t_model.config.num_hidden_layers
+    if got != want or len(layer_map) != student.config.num_hidden_layers or not all(0 <= i < n_teacher
+                                                                                   for i in layer_map):
+        raise TrainingError(f"--student-init {init}: structure {got} / layer map {layer_map} does not fit teacher "
+                            f"{tdir} ({want}, {n_teacher} layers)")
+    if s_init.get("coeff") is not None and float(s_init["coeff"]) != float(coeff):
+        _log(f"[distill] WARNING: --student-init {init} was trained with CGF c={s_init['coeff']:g}; continuing "
+             f"with c={coeff:g}")
+    _warn_other_teacher(init, s_init, tdir)
+    _log(f"[distill] student initialised from {init} ({len(layer_map)} layers, teacher layers {layer_map})")
+    return student, layer_map
 
 
 def _narrow_student(t_model, tdir: Path, hidden: int, layers: int | None, coeff: float, seed: int, train, collate,
@@ -616,9 +657,7 @@ def _narrow_student(t_model, tdir: Path, hidden: int, layers: int | None, coeff:
         if got != want or list(s_init.get("layer_map") or []) != layer_map:
             raise TrainingError(f"--student-init {init}: structure {got} / layer map {s_init.get('layer_map')} does not "
                                 f"match the narrow student of teacher {tdir} ({want} / {layer_map})")
-        if s_init.get("teacher") != str(tdir.resolve()):
-            _log(f"[distill] WARNING: --student-init {init} was distilled from {s_init.get('teacher')}, not {tdir}; "
-                 "its projection P was computed from that teacher")
+        _warn_other_teacher(init, s_init, tdir, "; its projection P was computed from that teacher")
     else:
         student = narrow.init_narrow_student(t_model, config, P, seed, coeff, loader, narrow.PROJ_BATCHES, device)
         if poly:

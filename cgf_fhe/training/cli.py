@@ -248,9 +248,10 @@ def register(subparsers) -> None:
                         "directions of its hidden states, random-init encoder, hidden KD on the projected states. With "
                         "--poly all, distill a non-polynomial one first and pass it as --student-init")
     f.add_argument("--student-init", metavar="CKPT",
-                   help="start from this finished narrow (non-polynomial) student instead of a random init, with its "
-                        "projection (--student-hidden/--student-layers default to its own). For --poly all narrow "
-                        "students: the polynomial intervals are then calibrated on a trained encoder")
+                   help="start from this finished non-polynomial distill student: a full-width one (its weights and "
+                        "layer map replace the teacher's weights) or a narrow one (its weights and projection replace "
+                        "the random init); --student-hidden/--student-layers default to its own. With --poly all: "
+                        "the polynomial intervals are calibrated on, and training continues from, that student")
     f.add_argument("--interval-penalty", type=float, default=0.0, metavar="W",
                    help="weight of the penalty on inputs outside the polynomial intervals")
     f.add_argument("--no-guard", action="store_true",
