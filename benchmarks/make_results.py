@@ -84,6 +84,11 @@ STUDENTS = (
      "the doubled set = the steps of 2 epochs, dev at its half and end)",
      "--poly all --ln newton --epochs 1 --swap-pairs --epoch-cover --evals-per-epoch 2", "--seeds 42 7 123",
      POLY_MAX_DROP_PP, True),
+    ("poly6-newton-ecover-lr3e5", "minilm/poly6-newton-ecover-lr3e5",
+     "polynomial, 6 layers, Newton LayerNorm, epoch cover, lower learning rate annealed over 1 epoch (`--lr 3e-5 "
+     "--epochs 1`), dev 4 times",
+     "--poly all --ln newton --epochs 1 --lr 3e-5 --epoch-cover --evals-per-epoch 4", "--seeds 42 7 123",
+     POLY_MAX_DROP_PP, True),
     ("poly6-frozen", "minilm/poly6-frozen", "polynomial, 6 layers, frozen LayerNorm",
      "--poly all --ln frozen --epochs 3 --epoch-cover", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly2-newton", "minilm/poly2-newton", "polynomial, 2 layers, Newton LayerNorm",
@@ -99,6 +104,7 @@ PAIRED_WITH = {  # student -> earlier students trained from the same teachers on
     "poly6-newton-ecover": ("poly6-newton", "poly6-newton-cover"),
     "poly6-newton-ecover-e4": ("poly6-newton-ecover",),
     "poly6-newton-ecover-swap": ("poly6-newton-ecover", "poly6-newton-ecover-e4"),
+    "poly6-newton-ecover-lr3e5": ("poly6-newton-ecover-e4",),
 }
 ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export flags)
     ("poly6", "minilm/poly6.onnx", "minilm/poly6-newton-ecover/seed42", ""),
