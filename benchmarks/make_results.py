@@ -89,6 +89,11 @@ STUDENTS = (
      "--epochs 1`), dev 4 times",
      "--poly all --ln newton --epochs 1 --lr 3e-5 --epoch-cover --evals-per-epoch 4", "--seeds 42 7 123",
      POLY_MAX_DROP_PP, True),
+    ("poly6-newton-from-cgf", "minilm/poly6-newton-from-cgf",
+     "polynomial, 6 layers, Newton LayerNorm, epoch cover, dev 4 times, two stages: calibrated on and trained from "
+     "the finished `cgf-kd` student of the same seed (`--student-init`)",
+     "--poly all --ln newton --epochs 1 --epoch-cover --evals-per-epoch 4 --student-init $R/minilm/cgf-kd",
+     "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly6-frozen", "minilm/poly6-frozen", "polynomial, 6 layers, frozen LayerNorm",
      "--poly all --ln frozen --epochs 3 --epoch-cover", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly2-newton", "minilm/poly2-newton", "polynomial, 2 layers, Newton LayerNorm",
@@ -105,6 +110,7 @@ PAIRED_WITH = {  # student -> earlier students trained from the same teachers on
     "poly6-newton-ecover-e4": ("poly6-newton-ecover",),
     "poly6-newton-ecover-swap": ("poly6-newton-ecover", "poly6-newton-ecover-e4"),
     "poly6-newton-ecover-lr3e5": ("poly6-newton-ecover-e4",),
+    "poly6-newton-from-cgf": ("cgf-kd", "poly6-newton-ecover-e4"),
 }
 ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export flags)
     ("poly6", "minilm/poly6.onnx", "minilm/poly6-newton-ecover/seed42", ""),

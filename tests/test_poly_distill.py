@@ -360,3 +360,11 @@ def test_poly_student_starts_from_a_finished_full_width_cgf_student(tiny_setup):
         api.distill_one("tiny", root / "bad", 42, student_init=teacher, **bad)
     with pytest.raises(api.TrainingError, match="--student-init .*already polynomial"):
         api.distill_one("tiny", root / "bad", 42, student_init=root / "poly_from_cgf", **bad)
+    # a seed-set folder (as written by --seeds) resolves to its seed<S>/ checkpoint, like --teacher
+    (root / "cgfset").mkdir()
+    (root / "cgfset" / "seed42").symlink_to(cgf, target_is_directory=True)
+    assert api._seed_checkpoint(root / "cgfset", 42, "--student-init") == root / "cgfset" / "seed42"
+    assert api._seed_checkpoint(cgf, 7, "--student-init") == cgf
+    with pytest.raises(api.TrainingError, match=r"--student-init .*cgfset: neither a cgf-fhe checkpoint nor a "
+                                                r"folder with seed7/"):
+        api.distill_one("tiny", root / "bad", 7, student_init=root / "cgfset", **bad)

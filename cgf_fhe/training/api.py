@@ -336,16 +336,20 @@ def _surgery():
     return surgery
 
 
+def _seed_checkpoint(path: Path, seed: int, flag: str) -> Path:
+    """``path`` itself if it is a checkpoint, else its ``seed<seed>/`` (a seed-set folder written by ``--seeds``)."""
+    if is_checkpoint(path):
+        return path
+    if is_checkpoint(path / f"seed{seed}"):
+        return path / f"seed{seed}"
+    raise TrainingError(f"{flag} {path}: neither a cgf-fhe checkpoint nor a folder with seed{seed}/ "
+                        f"(expected {path / SETTINGS_FILE} or {path / f'seed{seed}' / SETTINGS_FILE})")
+
+
 def _teacher_dir(teacher, out: Path, seed: int, multi: bool) -> tuple[Path, bool]:
     """(teacher checkpoint dir for this seed, given_by_user)."""
     if teacher is not None:
-        t = Path(teacher)
-        if is_checkpoint(t):
-            return t, True
-        if is_checkpoint(t / f"seed{seed}"):
-            return t / f"seed{seed}", True
-        raise TrainingError(f"--teacher {t}: neither a cgf-fhe checkpoint nor a folder with seed{seed}/ "
-                            f"(expected {t / SETTINGS_FILE} or {t / f'seed{seed}' / SETTINGS_FILE})")
+        return _seed_checkpoint(Path(teacher), seed, "--teacher"), True
     root = out / "teacher"
     return (root / f"seed{seed}" if multi else root), False
 
@@ -391,8 +395,9 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     encoder/pooler/classifier and the teacher's embeddings projected by a fixed orthonormal ``P`` [D, H]; the
     hidden-state KD targets are the teacher's hidden states ``@ P`` (see :mod:`.narrow`). ``P`` is kept in the
     training state for resume and saved with the checkpoint as ``kd_projection.safetensors``.
-    ``student_init``: a finished non-polynomial ``distill`` student to start from instead of the teacher's weights
-    (full width: its weights and layer map) or the random init (narrow: its weights and its ``P``);
+    ``student_init``: a finished non-polynomial ``distill`` student (or a seed-set folder holding ``seed<seed>/``,
+    like ``teacher``) to start from instead of the teacher's weights (full width: its weights and layer map) or the
+    random init (narrow: its weights and its ``P``);
     ``student_hidden`` / ``student_layers`` default to its own and must match it. Typical use: a polynomial
     student (``fhe``) calibrated on, and trained from, an already distilled CGF student (two stages: CGF first,
     then the polynomials); for narrow students the activation ranges are then those of a trained model (a
@@ -416,7 +421,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         raise TrainingError("epoch_cover needs a polynomial student (fhe poly='all')")
     schedule = _poly_schedule(fhe_opts, recipe, guard, blend_epochs, refit, epoch_cover) if poly else None
     if student_init is not None:
-        student_init = Path(student_init).resolve()
+        student_init = _seed_checkpoint(Path(student_init), seed, "--student-init").resolve()
         if student_init == out.resolve():
             raise TrainingError(f"--student-init {student_init} is the output folder; write the new student elsewhere")
         student_hidden, student_layers = _check_student_init(student_init, student_hidden, student_layers)

@@ -248,7 +248,8 @@ def register(subparsers) -> None:
                         "directions of its hidden states, random-init encoder, hidden KD on the projected states. With "
                         "--poly all, distill a non-polynomial one first and pass it as --student-init")
     f.add_argument("--student-init", metavar="CKPT",
-                   help="start from this finished non-polynomial distill student: a full-width one (its weights and "
+                   help="start from this finished non-polynomial distill student (or a --seeds folder: its seedS/ "
+                        "for seed S): a full-width one (its weights and "
                         "layer map replace the teacher's weights) or a narrow one (its weights and projection replace "
                         "the random init); --student-hidden/--student-layers default to its own. With --poly all: "
                         "the polynomial intervals are calibrated on, and training continues from, that student")
