@@ -463,13 +463,12 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         student, layer_map = _full_width_init(student_init, t_model, tdir, coeff)
     else:
         student, _, _ = load_checkpoint(tdir, softmax="cgf", coeff=coeff)
+        if student_layers is not None and student_layers != n_teacher_layers:
+            try:
+                layer_map = [int(i) for i in _surgery().shrink_layers(student, int(student_layers))]
+            except ValueError as exc:
+                raise TrainingError(f"--student-layers {student_layers}: {exc}") from None
     student.train()
-    if (student_hidden is None and student_init is None and student_layers is not None
-            and student_layers != n_teacher_layers):
-        try:
-            layer_map = [int(i) for i in _surgery().shrink_layers(student, int(student_layers))]
-        except ValueError as exc:
-            raise TrainingError(f"--student-layers {student_layers}: {exc}") from None
     fhe_settings = None
     if poly:
         surgery = _surgery()
