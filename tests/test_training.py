@@ -74,6 +74,76 @@ def test_kd_hidden_term_masks_padding_and_uses_layer_map():
         kd_loss(logits, logits, student, teacher, [2], mask, beta=1.0)
 
 
+def test_kd_attention_term_hand_computed_ignores_padding():
+    from cgf_fhe.training.kd import attention_map_error
+
+    mask = torch.tensor([[1, 1, 0]])  # n = 2 valid keys
+    teacher = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.5, 0.5, 0.0]]).view(1, 1, 3, 3)
+    student = torch.tensor([[0.7, 0.3, 0.0],  # (2*0.7-1)^2 = (2*0.3-1)^2 = 0.16 -> row mean 0.16
+                            [0.5, 0.5, 9.0],  # padding key: must not count -> 0
+                            [5.0, 5.0, 5.0]]).view(1, 1, 3, 3)  # padding query row: must not count
+    assert attention_map_error(student, teacher, mask).item() == pytest.approx(0.08)
+    # no mask: every key and row valid (n = 3)
+    s2, t2 = torch.tensor([1.0, 0.0, 0.0]).view(1, 1, 1, 3), torch.full((1, 1, 1, 3), 1 / 3)
+    assert attention_map_error(s2, t2, None).item() == pytest.approx((4 + 1 + 1) / 3)
+    logits = torch.zeros(1, 2)
+    # layer map picks the teacher layer; the weight scales; the part is reported
+    total, parts = kd_loss(logits, logits, None, None, [1], mask, alpha=0.0, beta=0.0, student_attn=(student,),
+                           teacher_attn=(student, teacher), attn_weight=10.0, return_parts=True)
+    assert total.item() == pytest.approx(0.8) and parts == pytest.approx({"attn": 0.08})
+    assert kd_loss(logits, logits, None, None, [0], mask, alpha=0.0, beta=0.0, student_attn=(student,),
+                   teacher_attn=(student, teacher), attn_weight=10.0).item() == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="needs student and teacher attentions"):
+        kd_loss(logits, logits, None, None, None, mask, beta=0.0, attn_weight=1.0)
+    with pytest.raises(ValueError, match="same heads"):
+        attention_map_error(student, teacher[..., :2], mask)
+
+
+def test_attention_map_loss_trains_cgf_weights_toward_the_teacher_softmax(tiny_data):
+    from cgf_fhe.softmax import set_softmax
+
+    tok, train, dev = tiny_data
+    teacher, _ = build_model("tiny", "exact", seed=5)
+    student, _ = build_model("tiny", "exact", seed=5)
+    with torch.no_grad():  # random-init scores are near 0, where CGF ~ softmax: spread them (same in both)
+        for m in (teacher, student):
+            for layer in m.bert.encoder.layer:
+                layer.attention.self.query.weight.mul_(8.0)
+                layer.attention.self.key.weight.mul_(8.0)
+    set_softmax(student, "cgf", 0.5)
+    student.eval()  # no dropout: the loss is a deterministic function of the weights
+    batch = api.collator(tok)([train[i] for i in range(8)])
+    step = engine.KDStep(teacher, None, alpha=0.0, beta=0.0, attn_weight=1.0)
+    _, parts = step(student, batch)
+    start = parts["attn"]
+    assert start > 0  # CGF weights differ from softmax weights on the same scores
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    for _ in range(30):
+        loss, parts = step(student, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, parts = step(student, batch)
+    assert parts["attn"] < 0.5 * start, (start, parts["attn"])
+    with pytest.raises(ValueError, match="full-width"):
+        engine.KDStep(teacher, None, attn_weight=1.0, teacher_proj=torch.eye(64)[:, :32])
+
+
+def test_attn_weight_flag_is_recorded_and_rejects_negative(mrpc_dir, tmp_path, capsys):
+    from cgf_fhe.cli import main
+
+    out = tmp_path / "att"
+    base = ["distill", "--model", "tiny", "--data-dir", str(mrpc_dir), "--max-train-samples", "32",
+            "--max-eval-samples", "16", "--epochs", "1", "-o", str(out), *SMALL]
+    assert main(base + ["--attn-weight", "-1"]) != 0
+    assert "--attn-weight must be >= 0, got -1" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(base + ["--attn-weight", "2.5"]) == 0
+    _, _, settings = load_checkpoint(out)
+    assert settings["status"] == "done" and settings["kd"]["attn_weight"] == 2.5
+    assert settings["recipe"]["kd_attn_weight"] == 2.5
+
+
 # ---------------------------------------------------------------- metrics / summaries
 
 def test_metrics_and_seed_summary_hand_computed():

@@ -434,7 +434,8 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         "kind": "distill", "softmax": "cgf", "coeff": float(coeff), "recipe": recipe.to_dict(), "seed": int(seed),
         "init": str(model) if model else None, "teacher": str(tdir.resolve()),
         "kd": {"alpha": recipe.kd_alpha, "beta": recipe.kd_beta, "T": recipe.kd_temperature,
-               "ce_weight": recipe.kd_ce_weight, "interval_penalty": float(interval_penalty)},
+               "ce_weight": recipe.kd_ce_weight, "interval_penalty": float(interval_penalty),
+               **({"attn_weight": recipe.kd_attn_weight} if recipe.kd_attn_weight else {})},
         "fhe_options": _options_dict(fhe_opts) if poly else None,
         "student_layers_requested": int(student_layers) if student_layers is not None else None,
         "student_hidden": int(student_hidden) if student_hidden is not None else None,
@@ -502,7 +503,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     penalty_fn = _surgery().interval_penalty if interval_penalty else None
     step = KDStep(t_model, layer_map, alpha=recipe.kd_alpha, beta=recipe.kd_beta, T=recipe.kd_temperature,
                   ce_weight=recipe.kd_ce_weight, penalty_weight=interval_penalty, penalty_fn=penalty_fn,
-                  teacher_proj=projection["P"] if projection else None)
+                  teacher_proj=projection["P"] if projection else None, attn_weight=recipe.kd_attn_weight)
     tag = f"distill c={coeff:g}" + (" poly" if poly else "") + f" seed {seed}"
     res = fit(student, step, train, dev, collate, recipe, seed=seed, state_dir=state_dir, resume=opts.resume,
               device=opts.device, mixed_precision=opts.mixed_precision, progress=opts.progress,

@@ -161,7 +161,7 @@ def cmd_distill(args) -> int:
 
         raise UserError("distill needs --model (the backbone to train the teacher from) or --teacher")
     recipe = _recipe(args, kd_alpha=args.alpha, kd_beta=args.beta, kd_temperature=args.temperature,
-                     kd_ce_weight=args.ce_weight)
+                     kd_ce_weight=args.ce_weight, kd_attn_weight=args.attn_weight)
     fhe = _fhe_from_args(args)
     from ..cli import UserError
 
@@ -169,6 +169,8 @@ def cmd_distill(args) -> int:
         raise UserError("--no-guard / --refit / --blend-epochs / --epoch-cover need --poly all")
     if args.blend_epochs is not None and fhe.ln != "frozen":
         raise UserError("--blend-epochs needs --ln frozen (it anneals exact -> frozen LayerNorm)")
+    if args.attn_weight is not None and args.attn_weight < 0:
+        raise UserError(f"--attn-weight must be >= 0, got {args.attn_weight}")
     if args.blend_epochs is not None and args.blend_epochs < 0:
         raise UserError(f"--blend-epochs must be >= 0, got {args.blend_epochs}")
     api.distill(args.model, args.output, args.teacher, args.coeff, args.seeds, args.seed, recipe, _opts(args),
@@ -220,7 +222,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("distill", help="distill an exact teacher into a CGF (optionally polynomial) student",
                               description="KD: alpha*T^2*KL(teacher||student) + beta*mean-layer hidden MSE "
-                                          "(+ ce-weight*CE). Trains the exact teacher once into <out>/teacher "
+                                          "(+ ce-weight*CE + attn-weight*attention-map error). Trains the exact teacher once into <out>/teacher "
                                           "unless --teacher is given.")
     p.add_argument("--model", help="backbone of the teacher when it must be trained (tiny | minilm | hub name | path)")
     p.add_argument("--teacher", help="exact teacher checkpoint, or a multi-seed folder with seed<S>/ checkpoints")
@@ -229,6 +231,10 @@ def register(subparsers) -> None:
     p.add_argument("--alpha", type=float, help="logit KL weight (default 1)")
     p.add_argument("--temperature", type=float, help="KD temperature T (default 1)")
     p.add_argument("--ce-weight", type=float, help="weight of CE on the labels (default 0)")
+    p.add_argument("--attn-weight", type=float,
+                   help="weight of the attention-map loss: per layer and head, the squared error of the student's "
+                        "CGF attention weights against the teacher's softmax weights, in units of 1/n "
+                        "(default 0 = off; full-width students only)")
     f = p.add_argument_group("FHE-friendly student (cgf_fhe.surgery)")
     f.add_argument("--poly", choices=["none", "all"], default="none",
                    help="all = replace every non-linearity (exp, GELU, LayerNorm 1/sqrt, tanh) by polynomials")

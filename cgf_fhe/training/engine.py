@@ -120,11 +120,16 @@ class KDStep:
     name = "kd"
 
     def __init__(self, teacher, layer_map=None, alpha=1.0, beta=10.0, T=1.0, ce_weight=0.0,
-                 penalty_weight=0.0, penalty_fn: Callable | None = None, teacher_proj: torch.Tensor | None = None):
+                 penalty_weight=0.0, penalty_fn: Callable | None = None, teacher_proj: torch.Tensor | None = None,
+                 attn_weight: float = 0.0):
         self.teacher = teacher
         self.teacher_proj = teacher_proj  # [D, H] for narrow students (see kd.py)
         self.layer_map = list(layer_map) if layer_map is not None else None
         self.alpha, self.beta, self.T, self.ce_weight = alpha, beta, T, ce_weight
+        self.attn_weight = attn_weight
+        if attn_weight and teacher_proj is not None:
+            raise ValueError("the attention-map loss (attn_weight > 0) needs a full-width student: a narrower "
+                             "student has other heads than the teacher")
         self.penalty_weight = penalty_weight
         self.penalty_fn = penalty_fn
         if penalty_weight and penalty_fn is None:
@@ -141,14 +146,16 @@ class KDStep:
 
     def __call__(self, model, batch):
         inputs = model_inputs(batch)
-        hidden = bool(self.beta)
+        hidden, attn = bool(self.beta), bool(self.attn_weight)
         with torch.no_grad():
-            t = self.teacher(**inputs, output_hidden_states=hidden)
-        s = model(**inputs, output_hidden_states=hidden)
+            t = self.teacher(**inputs, output_hidden_states=hidden, output_attentions=attn)
+        s = model(**inputs, output_hidden_states=hidden, output_attentions=attn)
         loss, parts = kd_loss(
             s.logits, t.logits, s.hidden_states if hidden else None, t.hidden_states if hidden else None,
             self.layer_map, inputs.get("attention_mask"), alpha=self.alpha, beta=self.beta, T=self.T,
             labels=batch.get("labels"), ce_weight=self.ce_weight, return_parts=True, teacher_proj=self.teacher_proj,
+            student_attn=s.attentions if attn else None, teacher_attn=t.attentions if attn else None,
+            attn_weight=self.attn_weight,
         )
         if self.penalty_weight:
             pen = self.penalty_fn(_unwrap(model))

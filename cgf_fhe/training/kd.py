@@ -3,6 +3,14 @@
     loss = alpha * T^2 * KL(p_teacher(T) || p_student(T))                       (logits, batch mean)
          + beta  * mean_l  masked_MSE(student_hidden[l+1], teacher_hidden[layer_map[l]+1])
          + ce_weight * CE(student_logits, labels)
+         + attn_weight * mean_l  attention_map_error(student_attn[l], teacher_attn[layer_map[l]])
+
+The attention-map term compares each student layer's attention weights (CGF, possibly polynomial exp)
+with the mapped teacher layer's softmax weights, head by head: for every valid query row with n valid keys,
+the mean over those keys of ``(n * p_student - n * p_teacher)^2``, i.e. the squared error in units of the
+uniform weight 1/n, averaged over valid query rows, heads and the batch. It is an MSE rather than a KL
+because CGF rows do not sum to 1 and a polynomial exp can dip below 0. It targets exactly what CGF
+approximates (the softmax distribution), where the hidden-state MSE only sees its downstream effect.
 
 Hidden-state tuples follow transformers' ``output_hidden_states``: index 0 is the embeddings output,
 index i+1 the output of encoder layer i. ``layer_map[l]`` is the teacher encoder layer (0-based) whose
@@ -67,9 +75,36 @@ def hidden_term(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence
     return torch.stack(terms).mean()
 
 
+def attention_map_error(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Squared error of attention weights in units of 1/n (see module docstring). [B, heads, Q, K]; mask [B, K]."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student attention {tuple(student.shape)} != teacher attention {tuple(teacher.shape)} "
+                         "(the attention-map loss needs the same heads and sequence length)")
+    diff = (student.float() - teacher.float()).pow(2)  # [B, H, Q, K]
+    if mask is None:
+        n = diff.shape[-1]
+        return diff.sum(-1).mean() * n
+    m = mask.to(diff.dtype)
+    n = m.sum(-1).clamp_min(1.0)  # valid keys per example [B]
+    per_row = (diff * m[:, None, None, :]).sum(-1) * n[:, None, None]  # n * sum_j (s-t)^2 = mean_j (n s - n t)^2
+    rows = m[:, None, :].expand(per_row.shape[0], per_row.shape[1], -1)  # valid query rows
+    return (per_row * rows).sum() / rows.sum().clamp_min(1.0)
+
+
+def attention_term(student_attn: Sequence[torch.Tensor], teacher_attn: Sequence[torch.Tensor],
+                   layer_map: Sequence[int] | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over student layers of :func:`attention_map_error` against the mapped teacher layer."""
+    layer_map = list(range(len(student_attn))) if layer_map is None else list(layer_map)
+    if len(layer_map) != len(student_attn):
+        raise ValueError(f"layer_map has {len(layer_map)} entries but the student has {len(student_attn)} layers")
+    terms = [attention_map_error(a, teacher_attn[t], mask) for a, t in zip(student_attn, layer_map)]
+    return torch.stack(terms).mean()
+
+
 def kd_loss(student_logits, teacher_logits, student_hidden, teacher_hidden, layer_map, mask,
             alpha: float = 1.0, beta: float = 10.0, T: float = 1.0, labels=None, ce_weight: float = 0.0,
-            return_parts: bool = False, teacher_proj: torch.Tensor | None = None):
+            return_parts: bool = False, teacher_proj: torch.Tensor | None = None,
+            student_attn=None, teacher_attn=None, attn_weight: float = 0.0):
     """The distillation loss (see module docstring). With ``return_parts`` returns (loss, {name: float})."""
     parts = {}
     loss = student_logits.new_zeros((), dtype=torch.float32)
@@ -89,6 +124,12 @@ def kd_loss(student_logits, teacher_logits, student_hidden, teacher_hidden, laye
         ce = F.cross_entropy(student_logits.float(), labels)
         loss = loss + ce_weight * ce
         parts["ce"] = ce.detach()
+    if attn_weight:
+        if student_attn is None or teacher_attn is None:
+            raise ValueError("attn_weight > 0 needs student and teacher attentions (output_attentions=True)")
+        att = attention_term(student_attn, teacher_attn, layer_map, mask)
+        loss = loss + attn_weight * att
+        parts["attn"] = att.detach()
     if return_parts:
         return loss, {k: float(v) for k, v in parts.items()}
     return loss

@@ -52,6 +52,7 @@ class Recipe:
     kd_temperature: float = 1.0
     kd_beta: float = 10.0  # weight of the hidden-state MSE
     kd_ce_weight: float = 0.0  # weight of the CE on labels
+    kd_attn_weight: float = 0.0  # weight of the attention-map error (student CGF weights vs teacher softmax)
     # dropout of polynomial (--poly all) students; None keeps the model's. Dropout's zeroed units and
     # 1/(1-p) rescaling push inputs outside the calibrated intervals (Newton LN then diverges).
     poly_dropout: float | None = 0.0
