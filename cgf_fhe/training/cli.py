@@ -232,8 +232,8 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, help="KD temperature T (default 1)")
     p.add_argument("--ce-weight", type=float, help="weight of CE on the labels (default 0)")
     p.add_argument("--attn-weight", type=float,
-                   help="weight of the attention-map loss: per layer and head, the squared error of the student's "
-                        "CGF attention weights against the teacher's softmax weights, in units of 1/n "
+                   help="weight of the attention-map loss: per layer, head and valid query, the L1 distance of the "
+                        "student's CGF attention weights to the teacher's softmax weights "
                         "(default 0 = off; full-width students only)")
     f = p.add_argument_group("FHE-friendly student (cgf_fhe.surgery)")
     f.add_argument("--poly", choices=["none", "all"], default="none",
