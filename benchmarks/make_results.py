@@ -94,6 +94,16 @@ STUDENTS = (
      "the finished `cgf-kd` student of the same seed (`--student-init`)",
      "--poly all --ln newton --epochs 1 --epoch-cover --evals-per-epoch 4 --student-init $R/minilm/cgf-kd",
      "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
+    ("poly6-newton-ecover-lr1e4", "minilm/poly6-newton-ecover-lr1e4",
+     "polynomial, 6 layers, Newton LayerNorm, epoch cover, higher learning rate annealed over 1 epoch (`--lr 1e-4 "
+     "--epochs 1`), dev 4 times",
+     "--poly all --ln newton --epochs 1 --lr 1e-4 --epoch-cover --evals-per-epoch 4", "--seeds 42 7 123",
+     POLY_MAX_DROP_PP, True),
+    ("poly6-newton-ecover-attn", "minilm/poly6-newton-ecover-attn",
+     "polynomial, 6 layers, Newton LayerNorm, epoch cover, 1 epoch, dev 4 times, plus the attention-map loss "
+     "(`--attn-weight 1`)",
+     "--poly all --ln newton --epochs 1 --epoch-cover --evals-per-epoch 4 --attn-weight 1", "--seeds 42 7 123",
+     POLY_MAX_DROP_PP, True),
     ("poly6-frozen", "minilm/poly6-frozen", "polynomial, 6 layers, frozen LayerNorm",
      "--poly all --ln frozen --epochs 3 --epoch-cover", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly2-newton", "minilm/poly2-newton", "polynomial, 2 layers, Newton LayerNorm",
@@ -111,6 +121,8 @@ PAIRED_WITH = {  # student -> earlier students trained from the same teachers on
     "poly6-newton-ecover-swap": ("poly6-newton-ecover", "poly6-newton-ecover-e4"),
     "poly6-newton-ecover-lr3e5": ("poly6-newton-ecover-e4",),
     "poly6-newton-from-cgf": ("cgf-kd", "poly6-newton-ecover-e4"),
+    "poly6-newton-ecover-lr1e4": ("poly6-newton-ecover-e4",),
+    "poly6-newton-ecover-attn": ("poly6-newton-ecover-e4",),
 }
 ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export flags)
     ("poly6", "minilm/poly6.onnx", "minilm/poly6-newton-ecover/seed42", ""),

@@ -65,6 +65,10 @@ run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --b
     --swap-pairs --epoch-cover --evals-per-epoch 2 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover-swap"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
     --lr 3e-5 --epoch-cover --evals-per-epoch 4 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover-lr3e5"
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
+    --lr 1e-4 --epoch-cover --evals-per-epoch 4 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover-lr1e4"
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
+    --epoch-cover --evals-per-epoch 4 --attn-weight 1 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover-attn"
 # two stages: each seed's polynomial student calibrated on, and trained from, that seed's finished CGF + KD student
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
     --epoch-cover --evals-per-epoch 4 --student-init "$R/minilm/cgf-kd" --seeds 42 7 123 --no-progress --resume \
