@@ -95,6 +95,9 @@ def test_kd_attention_term_hand_computed_ignores_padding():
                    teacher_attn=(student, teacher), attn_weight=10.0).item() == pytest.approx(0.0)
     with pytest.raises(ValueError, match="needs student and teacher attentions"):
         kd_loss(logits, logits, None, None, None, mask, beta=0.0, attn_weight=1.0)
+    with pytest.raises(ValueError, match="outside the teacher's layers"):
+        kd_loss(logits, logits, None, None, [2], mask, beta=0.0, student_attn=(student,),
+                teacher_attn=(student, teacher), attn_weight=1.0)
     with pytest.raises(ValueError, match="same heads"):
         attention_map_error(student, teacher[..., :2], mask)
 

@@ -222,8 +222,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("distill", help="distill an exact teacher into a CGF (optionally polynomial) student",
                               description="KD: alpha*T^2*KL(teacher||student) + beta*mean-layer hidden MSE "
-                                          "(+ ce-weight*CE + attn-weight*attention-map error). Trains the exact teacher once into <out>/teacher "
-                                          "unless --teacher is given.")
+                                          "(+ ce-weight*CE + attn-weight*attention-map error). Trains the exact "
+                                          "teacher once into <out>/teacher unless --teacher is given.")
     p.add_argument("--model", help="backbone of the teacher when it must be trained (tiny | minilm | hub name | path)")
     p.add_argument("--teacher", help="exact teacher checkpoint, or a multi-seed folder with seed<S>/ checkpoints")
     p.add_argument("--coeff", type=float, default=0.5, help="CGF coefficient c of the student (default 0.5)")

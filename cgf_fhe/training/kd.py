@@ -5,6 +5,17 @@
          + ce_weight * CE(student_logits, labels)
          + attn_weight * mean_l  attention_map_error(student_attn[l], teacher_attn[layer_map[l]])  (L1)
 
+Hidden-state tuples follow transformers' ``output_hidden_states``: index 0 is the embeddings output,
+index i+1 the output of encoder layer i. ``layer_map[l]`` is the teacher encoder layer (0-based) whose
+output student layer ``l`` imitates (what :func:`cgf_fhe.surgery.shrink_layers` returns); ``None`` means
+the identity map (same depth). The MSE averages over valid tokens (``mask`` = attention mask, 1 = token)
+and over the hidden dimension; padding positions do not count.
+
+Narrow students (``--student-hidden H``, :mod:`.narrow`): ``teacher_proj`` is a fixed matrix ``P`` [D, H]
+(teacher hidden D, orthonormal columns); the targets become ``teacher_hidden[layer_map[l]+1] @ P``, so the
+MSE compares H-dimensional vectors (averaged over valid tokens and the H units). ``None`` = no projection
+(student and teacher of the same width).
+
 The attention-map term compares each student layer's attention weights (CGF, possibly polynomial exp)
 with the mapped teacher layer's softmax weights, head by head: for every valid query row, the L1 distance
 ``sum_j |p_student_j - p_teacher_j|`` over the valid keys (twice the total variation when both rows are
@@ -86,6 +97,9 @@ def attention_term(student_attn: Sequence[torch.Tensor], teacher_attn: Sequence[
     layer_map = list(range(len(student_attn))) if layer_map is None else list(layer_map)
     if len(layer_map) != len(student_attn):
         raise ValueError(f"layer_map has {len(layer_map)} entries but the student has {len(student_attn)} layers")
+    bad = [t for t in layer_map if not 0 <= t < len(teacher_attn)]
+    if bad:
+        raise ValueError(f"layer_map entries {bad} outside the teacher's layers 0..{len(teacher_attn) - 1}")
     terms = [attention_map_error(a, teacher_attn[t], mask) for a, t in zip(student_attn, layer_map)]
     return torch.stack(terms).mean()
 
