@@ -19,7 +19,13 @@ silently ignored. The mask the functions receive is boolean ``[B, 1, Q, K]`` (Tr
 float 0/1 keep-mask of a broadcastable shape (what the exported server model passes), or None.
 
 The exponential is ``module.cgf_exp`` when the attention module carries one (a polynomial stand-in,
-see :mod:`cgf_fhe.poly`), else ``torch.exp``. Coefficient: ``module.config.cgf_coeff`` (default 0.5).
+see :mod:`cgf_fhe.poly`), else ``torch.exp``. Coefficient: ``module.config.cgf_coeff`` (default 0.5), or one
+per head: ``module.cgf_coeff_heads`` (a [heads] tensor), set by :func:`set_softmax` from
+``config.cgf_coeff_heads`` (a list per encoder layer of a list per head, saved with the config). A per-head
+coefficient is still a plaintext constant (a ct-pt multiply, no extra depth). :func:`calibrate_head_coeffs`
+picks each head's coefficient on a grid so that the CGF rows best match the softmax rows of the same
+scores: a single c fits peaked heads (one key far above the rest, where mean + c*var underestimates the
+log-sum-exp and the CGF weights explode) and flat heads at once badly.
 """
 from __future__ import annotations
 
@@ -67,7 +73,11 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, kind: s
         scores = scores * scaling
     keep = keep_mask(attention_mask, scores)
     if kind == CGF:
-        coeff = float(getattr(module.config, "cgf_coeff", DEFAULT_COEFF))
+        heads = getattr(module, "cgf_coeff_heads", None)
+        if heads is not None:
+            coeff = heads.to(device=scores.device, dtype=scores.dtype).view(1, -1, 1, 1)
+        else:
+            coeff = float(getattr(module.config, "cgf_coeff", DEFAULT_COEFF))
         exp_fn = getattr(module, "cgf_exp", None)
         if exp_fn is None:
             probs = cgf_probs(scores, keep, coeff)
@@ -114,6 +124,98 @@ def set_softmax(model, softmax: str, coeff: float | None = None) -> None:
     elif not hasattr(model.config, "cgf_coeff"):
         model.config.cgf_coeff = DEFAULT_COEFF
     model.config.cgf_softmax = softmax
+    set_head_coeffs(model, getattr(model.config, "cgf_coeff_heads", None))
+
+
+def _self_attentions(model) -> list[nn.Module]:
+    from .split import encoder_layers
+
+    return [layer.attention.self for layer in encoder_layers(model)]
+
+
+def set_head_coeffs(model, coeffs) -> None:
+    """Per-head CGF coefficients (list per encoder layer of list per head; None = the single ``cgf_coeff``),
+    stored in ``model.config.cgf_coeff_heads`` and put on each self-attention module."""
+    mods = _self_attentions(model)
+    if coeffs is None:
+        for m in mods:
+            m.cgf_coeff_heads = None
+        model.config.cgf_coeff_heads = None
+        return
+    coeffs = [[float(c) for c in layer] for layer in coeffs]
+    heads = int(model.config.num_attention_heads)
+    if len(coeffs) != len(mods) or any(len(layer) != heads for layer in coeffs):
+        raise ValueError(f"cgf_coeff_heads has {[len(layer) for layer in coeffs]} coefficients per layer; the model "
+                         f"has {len(mods)} encoder layers of {heads} heads")
+    bad = [(i, j, c) for i, layer in enumerate(coeffs) for j, c in enumerate(layer) if not c > 0]
+    if bad:
+        raise ValueError(f"cgf_coeff_heads must be > 0; (layer, head, value): {bad[:5]}")
+    for m, layer in zip(mods, coeffs):
+        m.cgf_coeff_heads = torch.tensor(layer)
+    model.config.cgf_coeff_heads = coeffs
+
+
+HEAD_COEFF_GRID = (0.25, 0.35, 0.5, 0.6, 0.7, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+_CALIB = "cgf_calibrate_heads"
+_CALIB_SUMS: dict = {}
+
+
+def _calibrating_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Exact softmax attention that also adds, per head and grid coefficient, the L1 distance of the CGF
+    rows to the softmax rows (summed over valid query rows) into ``_CALIB_SUMS[module]``."""
+    out, probs = _attend(module, query, key, value, attention_mask, scaling, 0.0, EXACT)
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    keep = keep_mask(attention_mask, scores)
+    # valid query rows: in a BERT encoder query q is valid iff key q is (the mask only hides padded keys)
+    rows = keep.expand_as(scores).diagonal(dim1=-2, dim2=-1) if scores.shape[-2] == scores.shape[-1] \
+        else torch.ones_like(scores[..., 0])
+    sums, count = _CALIB_SUMS.setdefault(module, [torch.zeros(scores.shape[1], len(HEAD_COEFF_GRID)), 0.0])
+    for g, c in enumerate(HEAD_COEFF_GRID):
+        l1 = ((cgf_probs(scores, keep, c) - probs).abs() * keep).sum(-1)  # [B, H, Q]
+        sums[:, g] += (l1 * rows).sum((0, 2)).float().cpu()
+    _CALIB_SUMS[module][1] = count + float(rows.sum() / scores.shape[1])
+    return out, probs
+
+
+def calibrate_head_coeffs(model, batches, device="cpu") -> dict:
+    """Choose each head's CGF coefficient from :data:`HEAD_COEFF_GRID`: the one whose CGF rows are closest
+    (mean L1 over valid query rows) to the softmax rows of the same scores, with the model's own weights
+    (the teacher's, for a student initialised from it). ``batches``: an iterable of model-input dicts.
+    Sets them on the model (:func:`set_head_coeffs`) and returns ``{"coeffs", "l1", "l1_at_single"}`` where
+    ``l1`` / ``l1_at_single`` are per layer and head: the mean L1 at the chosen coefficient and at the
+    model's single ``cgf_coeff`` (taken from the grid's nearest point)."""
+    AttentionInterface.register(_CALIB, _calibrating_attention)
+    AttentionMaskInterface.register(_CALIB, _bool_mask)
+    original = model.config._attn_implementation
+    single = float(getattr(model.config, "cgf_coeff", DEFAULT_COEFF))
+    at = min(range(len(HEAD_COEFF_GRID)), key=lambda g: abs(HEAD_COEFF_GRID[g] - single))
+    _CALIB_SUMS.clear()
+    was_training = model.training
+    model.eval()
+    try:
+        model.set_attn_implementation(_CALIB)
+        with torch.no_grad():
+            for batch in batches:
+                model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        model.set_attn_implementation(original)
+        model.train(was_training)
+    mods = _self_attentions(model)
+    missing = [i for i, m in enumerate(mods) if m not in _CALIB_SUMS]
+    if missing:
+        raise ValueError(f"no calibration data reached encoder layers {missing} (empty batches?)")
+    coeffs, l1, l1_single = [], [], []
+    for m in mods:
+        sums, count = _CALIB_SUMS[m]
+        mean = sums / max(count, 1.0)
+        coeffs.append([HEAD_COEFF_GRID[g] for g in mean.argmin(1).tolist()])
+        l1.append(mean.min(1).values.tolist())
+        l1_single.append(mean[:, at].tolist())
+    _CALIB_SUMS.clear()
+    set_head_coeffs(model, coeffs)
+    return {"coeffs": coeffs, "l1": l1, "l1_at_single": l1_single, "grid": list(HEAD_COEFF_GRID)}
 
 
 register()

@@ -194,7 +194,8 @@ def fold_for_export(model) -> nn.Module:
     * attention ``scaling`` (1/sqrt(head_dim)) -> query weight and bias; ``.scaling = 1.0``;
     * a polynomial exp (``attention.self.cgf_exp``) with normalisation ``t = alpha*x + beta``: ``alpha``
       also goes into the query projection (scores scale by alpha) and the CGF coefficient becomes
-      ``c/alpha`` (the CGF argument is then exactly ``alpha*x``; the module only adds ``beta``, free).
+      ``c/alpha`` (the CGF argument is then exactly ``alpha*x``; the module only adds ``beta``, free), and so
+      does each per-head coefficient (``cgf_coeff_heads``).
       The coefficient is per layer, so each self-attention module gets its own copy of the config;
     * polynomial GELU: ``alpha``, ``beta`` into ``intermediate.dense``; polynomial tanh: into ``pooler.dense``.
 
@@ -216,6 +217,8 @@ def fold_for_export(model) -> nn.Module:
             alpha = float(exp.alpha)
             att.config = copy.copy(att.config)
             att.config.cgf_coeff = float(getattr(m.config, "cgf_coeff", 0.5)) / alpha
+            if getattr(att, "cgf_coeff_heads", None) is not None:  # per-head coefficients: the same c/alpha
+                att.cgf_coeff_heads = att.cgf_coeff_heads / alpha
             exp.prescaled = True
         if scaling != 1.0 or alpha != 1.0:
             _scale_linear(att.query, scaling * alpha)

@@ -112,3 +112,72 @@ def test_same_weights_scored_with_each_softmax_differ_and_switch_back():
     assert torch.equal(exact, back)
     with pytest.raises(ValueError, match="unknown softmax"):
         set_softmax(model, "relu")
+
+
+PLANT = 5  # token id whose embedding carries the outlier feature
+
+
+def _peaked_head_model():
+    """Tiny CGF model whose layer-0 head 0 is peaked the way MiniLM heads are: every query puts one key (the
+    planted token) far above the rest. Query = a constant, key = one embedding feature, large on the token."""
+    model, _ = build_model("tiny", "cgf", 0.5, seed=3)
+    model.eval()
+    d = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        sa = model.bert.encoder.layer[0].attention.self
+        sa.query.weight[:d].zero_()
+        sa.query.bias[:d].zero_()
+        sa.query.bias[0] = 4.0
+        sa.key.weight[:d].zero_()
+        sa.key.bias[:d].zero_()
+        sa.key.weight[0, 7] = 1.0
+        model.bert.embeddings.word_embeddings.weight[PLANT, 7] = 1.0
+    return model
+
+
+def test_per_head_coefficients_are_calibrated_toward_softmax_and_used_per_head():
+    from cgf_fhe.softmax import calibrate_head_coeffs, set_head_coeffs
+
+    model = _peaked_head_model()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, model.config.vocab_size, (8, 24), generator=gen)
+    ids[:, 1] = PLANT
+    mask = torch.ones(8, 24, dtype=torch.long)
+    mask[4:, 18:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+
+    def l1_to_softmax(m):  # independent of the calibration code: the model's own attention outputs
+        with torch.no_grad():
+            set_softmax(m, "exact")
+            ref = m(**batch, output_attentions=True).attentions
+            set_softmax(m, "cgf")
+            got = m(**batch, output_attentions=True).attentions
+        keep = mask.float()
+        return [((g - r).abs() * keep[:, None, None, :]).sum(-1).mul(keep[:, None, :]).sum((0, 2)) / keep.sum()
+                for g, r in zip(got, ref)]
+
+    before = l1_to_softmax(model)
+    assert before[0][0] > 1.0  # the planted head: CGF at c = 0.5 is far off (weights explode on the outlier)
+    res = calibrate_head_coeffs(model, [batch])
+    assert model.config._attn_implementation == "cgf"  # restored after calibrating
+    after = l1_to_softmax(model)
+    assert res["coeffs"][0][0] > 0.5  # the peaked head needs a larger c: mean + c*var underestimates its LSE
+    assert after[0][0] < 0.1 * before[0][0], (before[0], after[0])  # measured 3.65 -> 0.18
+    assert res["l1"][0][0] == pytest.approx(float(after[0][0]), rel=1e-4)  # the reported L1 is the real one
+    assert res["l1_at_single"][0][0] == pytest.approx(float(before[0][0]), rel=1e-4)
+    assert all(torch.all(a <= b + 1e-6) for a, b in zip(after[1:], before[1:]))  # no other head gets worse
+    # the attention function uses each head's own coefficient
+    layers = model.config.num_hidden_layers
+    set_head_coeffs(model, [[1.25, 0.5]] * layers)
+    mixed = l1_to_softmax(model)
+    set_head_coeffs(model, None)
+    model.config.cgf_coeff = 1.25
+    single = l1_to_softmax(model)
+    model.config.cgf_coeff = 0.5
+    assert float(mixed[0][0]) == pytest.approx(float(single[0][0]))  # head 0 at 1.25 either way
+    assert float(mixed[0][1]) == pytest.approx(float(before[0][1]))  # head 1 still at 0.5
+    assert float(single[0][1]) != pytest.approx(float(before[0][1]))
+    with pytest.raises(ValueError, match="2 encoder layers of 2 heads"):
+        set_head_coeffs(model, [[0.5, 0.5, 0.5]] * 2)
+    with pytest.raises(ValueError, match="must be > 0"):
+        set_head_coeffs(model, [[0.5, 0.0]] * 2)

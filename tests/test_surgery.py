@@ -120,6 +120,40 @@ def test_split_invariant_and_fold(ranges, data, ln):
     assert model.bert.encoder.layer[0].attention.self.scaling != 1.0  # original untouched
 
 
+def test_per_head_coefficients_fold_export_and_reload(ranges, data, tmp_path):
+    """Per-head CGF coefficients change the logits, survive fold_for_export (c/alpha per head, like the
+    single c) and a checkpoint round trip."""
+    from cgf_fhe.softmax import set_head_coeffs
+
+    model, tok = build_model("tiny", "cgf", 0.5, seed=0)
+    model.eval()
+    with torch.no_grad():  # spread the scores (random-init ones are ~0, where c hardly matters), then calibrate
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.query.weight.mul_(6.0)
+            layer.attention.self.key.weight.mul_(6.0)
+    settings = polynomialize(model, FheOptions(poly="all", ln="newton"), calibrate(model, data, progress=False))
+    batch = next(iter(data))
+    with torch.no_grad():
+        uniform = model(**_inputs(batch)).logits
+        set_head_coeffs(model, [[0.35, 0.8], [0.6, 0.45]])
+        ref = model(**_inputs(batch)).logits
+        emb = client_embed(model, batch["input_ids"], batch["token_type_ids"])
+        mask = batch["attention_mask"].float()
+        folded = fold_for_export(model)
+        server_f = ServerModel(folded)(emb, mask)
+    assert (ref - uniform).abs().max() > 1e-5  # the coefficients are used
+    torch.testing.assert_close(server_f, ref, rtol=1e-4, atol=1e-5)
+    alpha = float(folded.bert.encoder.layer[0].attention.self.cgf_exp.alpha)
+    torch.testing.assert_close(folded.bert.encoder.layer[0].attention.self.cgf_coeff_heads,
+                               torch.tensor([0.35, 0.8]) / alpha)
+    torch.testing.assert_close(model.bert.encoder.layer[0].attention.self.cgf_coeff_heads, torch.tensor([0.35, 0.8]))
+    save_checkpoint(model, tok, tmp_path / "ck", {"softmax": "cgf", "coeff": 0.5, "fhe": settings})
+    again, _, _ = load_checkpoint(tmp_path / "ck")
+    assert again.config.cgf_coeff_heads == [[0.35, 0.8], [0.6, 0.45]]
+    with torch.no_grad():
+        torch.testing.assert_close(again(**_inputs(batch)).logits, ref, rtol=0, atol=1e-6)
+
+
 def test_last_layer_runs_on_the_first_token_only(ranges, data):
     """The server's last layer computes one query row and runs its LN/FFN on [CLS] only; same logits."""
     model, _, _ = _poly_model(ranges, ln="newton")

@@ -148,6 +148,25 @@ def test_attn_weight_flag_is_recorded_and_rejects_negative(mrpc_dir, tmp_path, c
     assert settings["recipe"]["kd_attn_weight"] == 2.5
 
 
+def test_coeff_per_head_flag_calibrates_records_and_reloads(mrpc_dir, tmp_path):
+    from cgf_fhe.cli import main
+
+    out = tmp_path / "heads"
+    assert main(["distill", "--model", "tiny", "--data-dir", str(mrpc_dir), "--max-train-samples", "32",
+                 "--max-eval-samples", "16", "--epochs", "1", "--poly", "all", "--coeff-per-head", "-o", str(out),
+                 *SMALL]) == 0
+    model, _, settings = load_checkpoint(out)
+    heads = settings["coeff_heads"]
+    assert settings["status"] == "done" and settings["recipe"]["coeff_per_head"] is True
+    assert heads["source"] == "calibrated" and heads["examples"] == 32
+    assert len(heads["coeffs"]) == 2 and all(len(layer) == 2 for layer in heads["coeffs"])
+    assert model.config.cgf_coeff_heads == heads["coeffs"]  # saved with the config, put back on load
+    for layer, coeffs in zip(model.bert.encoder.layer, heads["coeffs"]):
+        assert layer.attention.self.cgf_coeff_heads.tolist() == pytest.approx(coeffs)
+    for l1, single in zip(heads["l1"], heads["l1_at_single"]):  # each head at its best grid point
+        assert all(a <= b + 1e-9 for a, b in zip(l1, single))
+
+
 # ---------------------------------------------------------------- metrics / summaries
 
 def test_metrics_and_seed_summary_hand_computed():

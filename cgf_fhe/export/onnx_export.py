@@ -134,6 +134,7 @@ def export_model(model, out_path: str | Path, *, settings: dict | None = None, c
         "fhe": settings.get("fhe"),
         "calibration": (settings.get("fhe") or {}).get("calibration", settings.get("calibration")),
         "coeff": float(getattr(model.config, "cgf_coeff", 0.5)),
+        "coeff_heads": getattr(model.config, "cgf_coeff_heads", None),
         "softmax": getattr(model.config, "cgf_softmax", settings.get("softmax")),
         "model_config": model.config.to_dict(),
         "exporter_version": _versions(opset),

@@ -29,7 +29,7 @@ from ..data import holdout_split, load_mrpc, tokenize_split
 from ..models import (CheckpointError, is_checkpoint, load_checkpoint, read_settings, resolve_model,
                       save_checkpoint, SETTINGS_FILE)
 from .engine import CEStep, KDStep, clear_state, fit, get_accelerator, set_dropout
-from .evaluate import evaluate_model, probe_softmax, summarize_seeds, format_summary, mean_std
+from .evaluate import evaluate_model, model_inputs, probe_softmax, summarize_seeds, format_summary, mean_std
 from .poly_train import PolyTraining
 from .recipes import Recipe, get_recipe
 
@@ -469,6 +469,9 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
                 layer_map = [int(i) for i in _surgery().shrink_layers(student, int(student_layers))]
             except ValueError as exc:
                 raise TrainingError(f"--student-layers {student_layers}: {exc}") from None
+    coeff_heads = _coeff_per_head(student, train, collate, recipe, opts) if recipe.coeff_per_head else None
+    if coeff_heads is not None:
+        settings["coeff_heads"] = coeff_heads
     student.train()
     fhe_settings = None
     if poly:
@@ -556,6 +559,31 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         _finish(out, state_dir, opts)
     _barrier(opts)
     return settings
+
+
+HEAD_CALIB_EXAMPLES = 512  # training examples the per-head CGF coefficients are chosen on
+
+
+def _coeff_per_head(student, train, collate, recipe: Recipe, opts: RunOptions) -> dict | None:
+    """``--coeff-per-head``: choose a CGF coefficient per layer and head on the student's initial weights
+    (kept as they are when the student was initialised from one that has them). Returns what to record."""
+    from torch.utils.data import DataLoader
+
+    from ..softmax import calibrate_head_coeffs
+
+    if getattr(student.config, "cgf_coeff_heads", None) is not None:
+        _log("[distill] per-head CGF coefficients kept from the initial student")
+        return {"coeffs": student.config.cgf_coeff_heads, "source": "student init"}
+    device = get_accelerator(opts.device, opts.mixed_precision).device
+    student.to(device)
+    n = min(len(train), HEAD_CALIB_EXAMPLES)
+    loader = DataLoader(train.select(range(n)), batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=collate)
+    res = calibrate_head_coeffs(student, (model_inputs(b) for b in loader), device=device)
+    mean = sum(map(sum, res["l1"])) / sum(map(len, res["l1"]))
+    single = sum(map(sum, res["l1_at_single"])) / sum(map(len, res["l1_at_single"]))
+    _log(f"[distill] per-head CGF coefficients on {n} training examples: mean L1 to softmax rows {single:.3f} "
+         f"(one c) -> {mean:.3f}; coefficients {sorted({c for layer in res['coeffs'] for c in layer})}")
+    return {**res, "examples": n, "source": "calibrated"}
 
 
 def _check_student_init(init: Path, hidden: int | None, layers: int | None) -> tuple[int | None, int]:
@@ -727,8 +755,6 @@ def _poly_reports(student, surgery, train, dev_loader, collate, recipe: Recipe, 
 def _reload_check(model, ckpt: Path, loader, device) -> None:
     """The saved checkpoint must give the trained model's logits back (structure rebuilt from settings)."""
     batch = next(iter(loader))
-    from .evaluate import model_inputs
-
     with torch.no_grad():
         model.eval()
         want = model(**model_inputs(batch, device)).logits.float().cpu()

@@ -161,7 +161,8 @@ def cmd_distill(args) -> int:
 
         raise UserError("distill needs --model (the backbone to train the teacher from) or --teacher")
     recipe = _recipe(args, kd_alpha=args.alpha, kd_beta=args.beta, kd_temperature=args.temperature,
-                     kd_ce_weight=args.ce_weight, kd_attn_weight=args.attn_weight)
+                     kd_ce_weight=args.ce_weight, kd_attn_weight=args.attn_weight,
+                     coeff_per_head=True if args.coeff_per_head else None)
     fhe = _fhe_from_args(args)
     from ..cli import UserError
 
@@ -227,6 +228,10 @@ def register(subparsers) -> None:
     p.add_argument("--model", help="backbone of the teacher when it must be trained (tiny | minilm | hub name | path)")
     p.add_argument("--teacher", help="exact teacher checkpoint, or a multi-seed folder with seed<S>/ checkpoints")
     p.add_argument("--coeff", type=float, default=0.5, help="CGF coefficient c of the student (default 0.5)")
+    p.add_argument("--coeff-per-head", action="store_true",
+                   help="one CGF coefficient per layer and head instead of --coeff everywhere: each head gets the "
+                        "value (from a grid, 0.25-4) whose CGF rows best match the softmax rows (L1) on 512 training "
+                        "examples with the student's initial weights; still a plaintext constant (no extra depth)")
     p.add_argument("--beta", type=float, help="hidden-state MSE weight (default 10)")
     p.add_argument("--alpha", type=float, help="logit KL weight (default 1)")
     p.add_argument("--temperature", type=float, help="KD temperature T (default 1)")

@@ -53,6 +53,9 @@ class Recipe:
     kd_beta: float = 10.0  # weight of the hidden-state MSE
     kd_ce_weight: float = 0.0  # weight of the CE on labels
     kd_attn_weight: float = 0.0  # weight of the attention-map error (student CGF weights vs teacher softmax)
+    # one CGF coefficient per layer and head, calibrated on the student's initial weights (the teacher's) so
+    # its CGF rows best match softmax rows (cgf_fhe.softmax.calibrate_head_coeffs); False = one c everywhere
+    coeff_per_head: bool = False
     # dropout of polynomial (--poly all) students; None keeps the model's. Dropout's zeroed units and
     # 1/(1-p) rescaling push inputs outside the calibrated intervals (Newton LN then diverges).
     poly_dropout: float | None = 0.0
