@@ -69,6 +69,8 @@ run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --b
     --lr 1e-4 --epoch-cover --evals-per-epoch 4 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover-lr1e4"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
     --epoch-cover --evals-per-epoch 4 --attn-weight 1 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover-attn"
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
+    --epoch-cover --evals-per-epoch 4 --coeff-per-head --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover-heads"
 # two stages: each seed's polynomial student calibrated on, and trained from, that seed's finished CGF + KD student
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
     --epoch-cover --evals-per-epoch 4 --student-init "$R/minilm/cgf-kd" --seeds 42 7 123 --no-progress --resume \
