@@ -136,12 +136,16 @@ def _self_attentions(model) -> list[nn.Module]:
 def set_head_coeffs(model, coeffs) -> None:
     """Per-head CGF coefficients (list per encoder layer of list per head; None = the single ``cgf_coeff``),
     stored in ``model.config.cgf_coeff_heads`` and put on each self-attention module."""
-    mods = _self_attentions(model)
-    if coeffs is None:
+    if coeffs is None:  # also for models that are not BERT-shaped (nothing to clear there)
+        try:
+            mods = _self_attentions(model)
+        except (TypeError, AttributeError):
+            mods = []
         for m in mods:
             m.cgf_coeff_heads = None
         model.config.cgf_coeff_heads = None
         return
+    mods = _self_attentions(model)
     coeffs = [[float(c) for c in layer] for layer in coeffs]
     heads = int(model.config.num_attention_heads)
     if len(coeffs) != len(mods) or any(len(layer) != heads for layer in coeffs):
