@@ -65,12 +65,16 @@ def exact_probs(scores: torch.Tensor, keep: torch.Tensor):
     return torch.softmax(masked, dim=-1)
 
 
-def _attend(module, query, key, value, attention_mask, scaling, dropout, kind: str):
+def _scores(query, key, scaling):
+    """Attention scores ``q k^T * scaling`` (default scaling 1/sqrt(head_dim))."""
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3))
-    if scaling != 1.0:
-        scores = scores * scaling
+    return scores * scaling if scaling != 1.0 else scores
+
+
+def _attend(module, query, key, value, attention_mask, scaling, dropout, kind: str):
+    scores = _scores(query, key, scaling)
     keep = keep_mask(attention_mask, scores)
     if kind == CGF:
         heads = getattr(module, "cgf_coeff_heads", None)
@@ -167,19 +171,18 @@ _CALIB_SUMS: dict = {}
 def _calibrating_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Exact softmax attention that also adds, per head and grid coefficient, the L1 distance of the CGF
     rows to the softmax rows (summed over valid query rows) into ``_CALIB_SUMS[module]``."""
-    out, probs = _attend(module, query, key, value, attention_mask, scaling, 0.0, EXACT)
-    if scaling is None:
-        scaling = query.size(-1) ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = _scores(query, key, scaling)
     keep = keep_mask(attention_mask, scores)
+    probs = exact_probs(scores, keep)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     # valid query rows: in a BERT encoder query q is valid iff key q is (the mask only hides padded keys)
     rows = keep.expand_as(scores).diagonal(dim1=-2, dim2=-1) if scores.shape[-2] == scores.shape[-1] \
         else torch.ones_like(scores[..., 0])
-    sums, count = _CALIB_SUMS.setdefault(module, [torch.zeros(scores.shape[1], len(HEAD_COEFF_GRID)), 0.0])
+    entry = _CALIB_SUMS.setdefault(module, [torch.zeros(scores.shape[1], len(HEAD_COEFF_GRID)), 0.0])
     for g, c in enumerate(HEAD_COEFF_GRID):
         l1 = ((cgf_probs(scores, keep, c) - probs).abs() * keep).sum(-1)  # [B, H, Q]
-        sums[:, g] += (l1 * rows).sum((0, 2)).float().cpu()
-    _CALIB_SUMS[module][1] = count + float(rows.sum() / scores.shape[1])
+        entry[0][:, g] += (l1 * rows).sum((0, 2)).float().cpu()
+    entry[1] += float(rows.sum() / scores.shape[1])  # valid query rows per head
     return out, probs
 
 

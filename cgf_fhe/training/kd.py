@@ -50,19 +50,23 @@ def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> t
     return (diff * m).sum() / denom.clamp_min(1.0)
 
 
+def _checked_layer_map(layer_map: Sequence[int] | None, n_student: int, n_teacher: int) -> list[int]:
+    """The student -> teacher layer map (identity when None), checked against both depths."""
+    layer_map = list(range(n_student)) if layer_map is None else list(layer_map)
+    if len(layer_map) != n_student:
+        raise ValueError(f"layer_map has {len(layer_map)} entries but the student has {n_student} layers")
+    bad = [t for t in layer_map if not 0 <= t < n_teacher]
+    if bad:
+        raise ValueError(f"layer_map entries {bad} outside the teacher's layers 0..{n_teacher - 1}")
+    return layer_map
+
+
 def hidden_term(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
                 layer_map: Sequence[int] | None, mask: torch.Tensor | None,
                 teacher_proj: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over student layers of the masked MSE to the mapped (optionally projected) teacher layer."""
-    n_student = len(student_hidden) - 1
-    if layer_map is None:
-        layer_map = list(range(n_student))
-    if len(layer_map) != n_student:
-        raise ValueError(f"layer_map has {len(layer_map)} entries but the student has {n_student} layers")
-    n_teacher = len(teacher_hidden) - 1
-    bad = [t for t in layer_map if not 0 <= t < n_teacher]
-    if bad:
-        raise ValueError(f"layer_map entries {bad} outside the teacher's layers 0..{n_teacher - 1}")
+    layer_map = _checked_layer_map(layer_map, len(student_hidden) - 1, len(teacher_hidden) - 1)
+
     def target(t):
         h = teacher_hidden[t + 1]
         if teacher_proj is None:
@@ -94,12 +98,7 @@ def attention_map_error(student: torch.Tensor, teacher: torch.Tensor, mask: torc
 def attention_term(student_attn: Sequence[torch.Tensor], teacher_attn: Sequence[torch.Tensor],
                    layer_map: Sequence[int] | None, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over student layers of :func:`attention_map_error` against the mapped teacher layer."""
-    layer_map = list(range(len(student_attn))) if layer_map is None else list(layer_map)
-    if len(layer_map) != len(student_attn):
-        raise ValueError(f"layer_map has {len(layer_map)} entries but the student has {len(student_attn)} layers")
-    bad = [t for t in layer_map if not 0 <= t < len(teacher_attn)]
-    if bad:
-        raise ValueError(f"layer_map entries {bad} outside the teacher's layers 0..{len(teacher_attn) - 1}")
+    layer_map = _checked_layer_map(layer_map, len(student_attn), len(teacher_attn))
     terms = [attention_map_error(a, teacher_attn[t], mask) for a, t in zip(student_attn, layer_map)]
     return torch.stack(terms).mean()
 
