@@ -78,7 +78,10 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, kind: s
     keep = keep_mask(attention_mask, scores)
     if kind == CGF:
         heads = getattr(module, "cgf_coeff_heads", None)
-        if heads is not None:
+        log_c = getattr(module, COEFF_PARAM, None)
+        if log_c is not None:  # trainable (train_head_coeffs)
+            coeff = log_c.exp().to(scores.dtype).view(1, -1, 1, 1)
+        elif heads is not None:
             coeff = heads.to(device=scores.device, dtype=scores.dtype).view(1, -1, 1, 1)
         else:
             coeff = float(getattr(module.config, "cgf_coeff", DEFAULT_COEFF))
@@ -161,6 +164,37 @@ def set_head_coeffs(model, coeffs) -> None:
     for m, layer in zip(mods, coeffs):
         m.cgf_coeff_heads = torch.tensor(layer)
     model.config.cgf_coeff_heads = coeffs
+
+
+COEFF_PARAM = "cgf_log_coeff"  # the trainable per-head log-coefficient of a self-attention module
+
+
+def train_head_coeffs(model) -> list[list[float]]:
+    """Make each head's CGF coefficient trainable: a parameter ``cgf_log_coeff`` [heads] (log c, so c stays > 0)
+    on every self-attention module, starting from the per-head values if set, else the single ``cgf_coeff``.
+    Training sees it like any weight (``named_parameters``); :func:`fix_head_coeffs` turns it back into
+    plaintext constants. Returns the starting coefficients."""
+    mods = _self_attentions(model)
+    heads = int(model.config.num_attention_heads)
+    single = float(getattr(model.config, "cgf_coeff", DEFAULT_COEFF))
+    start = getattr(model.config, "cgf_coeff_heads", None) or [[single] * heads for _ in mods]
+    set_head_coeffs(model, start)  # checks the shape and the sign
+    for m, layer in zip(mods, start):
+        device = next(m.parameters()).device
+        m.register_parameter(COEFF_PARAM, nn.Parameter(torch.tensor(layer, device=device).log()))
+    return [[float(c) for c in layer] for layer in start]
+
+
+def fix_head_coeffs(model) -> list[list[float]] | None:
+    """Undo :func:`train_head_coeffs`: the parameters' current values become the per-head constants
+    (``config.cgf_coeff_heads``, what a checkpoint saves and export folds) and the parameters are removed.
+    Returns them (None when no coefficient was trainable)."""
+    mods = [m for m in _self_attentions(model) if getattr(m, COEFF_PARAM, None) is not None]
+    if not mods:
+        return None
+    coeffs = [m._parameters.pop(COEFF_PARAM).detach().exp().cpu().tolist() for m in mods]
+    set_head_coeffs(model, coeffs)
+    return model.config.cgf_coeff_heads
 
 
 HEAD_COEFF_GRID = (0.25, 0.35, 0.5, 0.6, 0.7, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)

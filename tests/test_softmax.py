@@ -181,3 +181,58 @@ def test_per_head_coefficients_are_calibrated_toward_softmax_and_used_per_head()
         set_head_coeffs(model, [[0.5, 0.5, 0.5]] * 2)
     with pytest.raises(ValueError, match="must be > 0"):
         set_head_coeffs(model, [[0.5, 0.0]] * 2)
+
+
+def test_trainable_head_coefficients_learn_the_peaked_head_and_fix_to_constants():
+    from cgf_fhe.softmax import COEFF_PARAM, calibrate_head_coeffs, fix_head_coeffs, train_head_coeffs
+
+    model = _peaked_head_model()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, model.config.vocab_size, (8, 24), generator=gen)
+    ids[:, 1] = PLANT
+    mask = torch.ones(8, 24, dtype=torch.long)
+    mask[4:, 18:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    keep = mask.float()
+    with torch.no_grad():
+        set_softmax(model, "exact")
+        ref = model(**batch, output_attentions=True).attentions
+        set_softmax(model, "cgf")
+        logits0 = model(**batch).logits
+
+    def l1(m):  # per layer and head: mean L1 of the CGF rows to the softmax rows over valid queries
+        att = m(**batch, output_attentions=True).attentions
+        return [((g - r).abs() * keep[:, None, None, :]).sum(-1).mul(keep[:, None, :]).sum((0, 2)) / keep.sum()
+                for g, r in zip(att, ref)]
+
+    assert train_head_coeffs(model) == [[0.5, 0.5]] * 2  # from the single c
+    coeffs = [p for n, p in model.named_parameters() if n.endswith(COEFF_PARAM)]
+    assert len(coeffs) == 2 and all(p.shape == (2,) for p in coeffs)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, logits0)  # same function at the start
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in coeffs:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(coeffs, lr=0.1)
+    before = None
+    for _ in range(60):  # gradient descent on the coefficients alone
+        loss = l1(model)
+        before = before or [x.detach() for x in loss]
+        opt.zero_grad()
+        sum(x.sum() for x in loss).backward()
+        opt.step()
+    with torch.no_grad():
+        after = l1(model)
+        logits = model(**batch).logits
+    trained = fix_head_coeffs(model)
+    assert trained[0][0] > 1.0 and abs(trained[0][1] - 0.5) < 0.05  # measured 1.277; the flat head stays near 0.5
+    assert after[0][0] < 0.1 * before[0][0], (before[0], after[0])  # measured 3.65 -> 0.175
+    grid = calibrate_head_coeffs(_peaked_head_model(), [batch])  # the best grid point (1.25): L1 0.198
+    assert float(after[0][0]) <= grid["l1"][0][0]  # the continuous optimum is at least as good
+    # back to plaintext constants: no parameter left, the config holds them, the model computes the same
+    assert not any(COEFF_PARAM in k for k in model.state_dict())
+    assert model.config.cgf_coeff_heads == trained
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, logits, atol=1e-6)
+    assert fix_head_coeffs(model) is None

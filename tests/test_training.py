@@ -167,6 +167,51 @@ def test_coeff_per_head_flag_calibrates_records_and_reloads(mrpc_dir, tmp_path):
         assert all(a <= b + 1e-9 for a, b in zip(l1, single))
 
 
+def test_coeff_lr_flag_trains_records_resumes_and_reloads(mrpc_dir, tmp_path, capsys):
+    from cgf_fhe.cli import main
+    from cgf_fhe.softmax import COEFF_PARAM
+
+    base = ["distill", "--data-dir", str(mrpc_dir), "--max-train-samples", "32", "--max-eval-samples", "16",
+            "--epochs", "2", "--coeff-lr", "0.5", *SMALL]
+    assert main(base[:-4] + ["-0.1", *SMALL, "--model", "tiny", "-o", str(tmp_path / "bad")]) != 0
+    assert "--coeff-lr must be >= 0, got -0.1" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    full = tmp_path / "full"
+    assert main(base + ["--model", "tiny", "--keep-state", "-o", str(full)]) == 0
+    model, _, settings = load_checkpoint(full)
+    heads = settings["coeff_heads"]
+    assert settings["recipe"]["coeff_lr"] == 0.5 and heads["trained"] is True
+    assert heads["start"] == [[0.5, 0.5], [0.5, 0.5]]
+    assert max(abs(c - 0.5) for layer in heads["coeffs"] for c in layer) > 1e-3  # they moved
+    assert model.config.cgf_coeff_heads == heads["coeffs"]  # saved as constants, put back on load
+    for layer, coeffs in zip(model.bert.encoder.layer, heads["coeffs"]):
+        assert layer.attention.self.cgf_coeff_heads.tolist() == pytest.approx(coeffs)
+    assert not any(COEFF_PARAM in k for k in model.state_dict())
+    from cgf_fhe.softmax import train_head_coeffs
+
+    train_head_coeffs(model)  # the optimizer gives the coefficients their own rate, without weight decay
+    named = engine.trainable_parameters(model, freeze_embeddings=True)
+    coeff_ids = {id(p) for n, p in named if n.endswith(COEFF_PARAM)}
+    assert len(coeff_ids) == 2
+    for g in engine.build_optimizer(named, get_recipe("reference", coeff_lr=0.5)).param_groups:
+        ids = {id(p) for p in g["params"]}
+        assert not ids & coeff_ids or (ids == coeff_ids and g["lr"] == 0.5 and g["weight_decay"] == 0.0)
+    with pytest.raises(ValueError, match="coeff_lr is 0.0"):
+        engine.build_optimizer(named, get_recipe("reference"))
+    # interrupted after epoch 1 and resumed: the same coefficients (restored with the training state)
+    part = tmp_path / "part"
+    teacher = ["--teacher", str(full / "teacher"), "-o", str(part)]
+    assert main(base + teacher + ["--stop-after-epochs", "1"]) == 0
+    assert main(base + teacher + ["--resume", "--keep-state"]) == 0
+    _, _, resumed = load_checkpoint(part)
+    assert resumed["coeff_heads"]["coeffs"] == heads["coeffs"]
+    assert resumed["dev"] == settings["dev"]
+    last = [torch.load(d / "train_state" / "train_state.pt", weights_only=False)["model"] for d in (full, part)]
+    keys = [k for k in last[0] if k.endswith(COEFF_PARAM)]
+    assert len(keys) == 2  # the last epoch's trainable coefficients are in the training state...
+    assert all(torch.equal(last[0][k], last[1][k]) for k in keys)  # ...and the resumed run reached the same ones
+
+
 # ---------------------------------------------------------------- metrics / summaries
 
 def test_metrics_and_seed_summary_hand_computed():

@@ -28,6 +28,7 @@ from .. import __version__
 from ..data import holdout_split, load_mrpc, tokenize_split
 from ..models import (CheckpointError, is_checkpoint, load_checkpoint, read_settings, resolve_model,
                       save_checkpoint, SETTINGS_FILE)
+from ..softmax import fix_head_coeffs, train_head_coeffs
 from .engine import CEStep, KDStep, clear_state, fit, get_accelerator, set_dropout
 from .evaluate import evaluate_model, model_inputs, probe_softmax, summarize_seeds, format_summary, mean_std
 from .poly_train import PolyTraining
@@ -472,6 +473,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     coeff_heads = _coeff_per_head(student, train, collate, recipe, opts) if recipe.coeff_per_head else None
     if coeff_heads is not None:
         settings["coeff_heads"] = coeff_heads
+    coeff_start = train_head_coeffs(student) if recipe.coeff_lr else None
     student.train()
     fhe_settings = None
     if poly:
@@ -515,6 +517,11 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     if not res.completed:
         _log(f"[{tag}] stopped after epoch {len(res.history)}/{recipe.epochs}; continue with --resume")
         return {**settings, "status": "partial", "history": res.history}
+    if coeff_start is not None:  # the trained coefficients (of the best checkpoint) become plaintext constants
+        settings["coeff_heads"] = {**(coeff_heads or {}), "coeffs": fix_head_coeffs(student), "start": coeff_start,
+                                   "trained": True}
+        _log(f"[{tag}] trained CGF coefficients: {_range_text(settings['coeff_heads']['coeffs'])} "
+             f"(started at {_range_text(coeff_start)})")
     if schedule is not None:
         schedule.finish(student)  # the exported form: guard off, blend 1 (what the dev metrics measured)
 
@@ -559,6 +566,11 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         _finish(out, state_dir, opts)
     _barrier(opts)
     return settings
+
+
+def _range_text(coeffs) -> str:
+    flat = [c for layer in coeffs for c in layer]
+    return f"{min(flat):.3g}-{max(flat):.3g} (mean {sum(flat) / len(flat):.3g})"
 
 
 HEAD_CALIB_EXAMPLES = 512  # training examples the per-head CGF coefficients are chosen on

@@ -162,7 +162,7 @@ def cmd_distill(args) -> int:
         raise UserError("distill needs --model (the backbone to train the teacher from) or --teacher")
     recipe = _recipe(args, kd_alpha=args.alpha, kd_beta=args.beta, kd_temperature=args.temperature,
                      kd_ce_weight=args.ce_weight, kd_attn_weight=args.attn_weight,
-                     coeff_per_head=True if args.coeff_per_head else None)
+                     coeff_per_head=True if args.coeff_per_head else None, coeff_lr=args.coeff_lr)
     fhe = _fhe_from_args(args)
     from ..cli import UserError
 
@@ -170,8 +170,9 @@ def cmd_distill(args) -> int:
         raise UserError("--no-guard / --refit / --blend-epochs / --epoch-cover need --poly all")
     if args.blend_epochs is not None and fhe.ln != "frozen":
         raise UserError("--blend-epochs needs --ln frozen (it anneals exact -> frozen LayerNorm)")
-    if args.attn_weight is not None and args.attn_weight < 0:
-        raise UserError(f"--attn-weight must be >= 0, got {args.attn_weight}")
+    for flag in ("attn_weight", "coeff_lr"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.blend_epochs is not None and args.blend_epochs < 0:
         raise UserError(f"--blend-epochs must be >= 0, got {args.blend_epochs}")
     api.distill(args.model, args.output, args.teacher, args.coeff, args.seeds, args.seed, recipe, _opts(args),
@@ -232,6 +233,10 @@ def register(subparsers) -> None:
                    help="one CGF coefficient per layer and head instead of --coeff everywhere: each head gets the "
                         "value (from a grid, 0.25-4) whose CGF rows best match the softmax rows (L1) on 512 training "
                         "examples with the student's initial weights; still a plaintext constant (no extra depth)")
+    p.add_argument("--coeff-lr", type=float,
+                   help="train the CGF coefficients, one per layer and head (as log c, starting from --coeff or "
+                        "--coeff-per-head's values), at this learning rate; the trained values are saved as "
+                        "plaintext constants like --coeff-per-head's (default 0 = fixed)")
     p.add_argument("--beta", type=float, help="hidden-state MSE weight (default 10)")
     p.add_argument("--alpha", type=float, help="logit KL weight (default 1)")
     p.add_argument("--temperature", type=float, help="KD temperature T (default 1)")

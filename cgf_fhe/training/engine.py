@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..models import CheckpointError
+from ..softmax import COEFF_PARAM
 from .evaluate import evaluate_model, model_inputs
 from .kd import kd_loss
 from .recipes import Recipe
@@ -252,7 +253,8 @@ def layer_lr_scale(name: str, n_layers: int, decay: float) -> float:
 
 def build_optimizer(named_params, recipe: Recipe, n_layers: int | None = None):
     """AdamW; no weight decay on 1-D parameters; with ``recipe.layer_lr_decay != 1`` one group per
-    (learning-rate factor, decay) so the scheduler scales every group's own base learning rate."""
+    (learning-rate factor, decay) so the scheduler scales every group's own base learning rate. Trainable CGF
+    coefficients (``cgf_fhe.softmax.train_head_coeffs``) train at ``recipe.coeff_lr``."""
     decay_f = float(getattr(recipe, "layer_lr_decay", 1.0) or 1.0)
     if not 0.0 < decay_f <= 1.0:
         raise ValueError(f"layer_lr_decay must be in (0, 1], got {decay_f}")
@@ -260,6 +262,11 @@ def build_optimizer(named_params, recipe: Recipe, n_layers: int | None = None):
         raise ValueError("layer_lr_decay needs the number of encoder layers")
     groups: dict[tuple[float, bool], list] = {}
     for n, p in named_params:
+        if n.rsplit(".", 1)[-1] == COEFF_PARAM:  # trainable CGF coefficients: their own rate, no decay
+            if not recipe.coeff_lr > 0:
+                raise ValueError(f"{n} is trainable but recipe.coeff_lr is {recipe.coeff_lr}")
+            groups.setdefault((recipe.coeff_lr / recipe.lr, False), []).append(p)
+            continue
         scale = layer_lr_scale(n, n_layers or 0, decay_f)
         groups.setdefault((scale, p.ndim >= 2), []).append(p)
     out = [{"params": ps, "lr": recipe.lr * scale, "weight_decay": recipe.weight_decay if wd else 0.0}

@@ -56,6 +56,9 @@ class Recipe:
     # one CGF coefficient per layer and head, calibrated on the student's initial weights (the teacher's) so
     # its CGF rows best match softmax rows (cgf_fhe.softmax.calibrate_head_coeffs); False = one c everywhere
     coeff_per_head: bool = False
+    # > 0: the CGF coefficients (one per layer and head, as log c) are trained at this learning rate, starting
+    # from the single c or coeff_per_head's values (cgf_fhe.softmax.train_head_coeffs); 0 = fixed
+    coeff_lr: float = 0.0
     # dropout of polynomial (--poly all) students; None keeps the model's. Dropout's zeroed units and
     # 1/(1-p) rescaling push inputs outside the calibrated intervals (Newton LN then diverges).
     poly_dropout: float | None = 0.0
