@@ -109,6 +109,16 @@ STUDENTS = (
      "head (`--coeff-per-head`)",
      "--poly all --ln newton --epochs 1 --epoch-cover --evals-per-epoch 4 --coeff-per-head", "--seeds 42 7 123",
      POLY_MAX_DROP_PP, True),
+    ("poly6-newton-ecover-ce1", "minilm/poly6-newton-ecover-ce1",
+     "polynomial, 6 layers, Newton LayerNorm, epoch cover, 1 epoch, dev 4 times, plus CE on the labels "
+     "(`--ce-weight 1`)",
+     "--poly all --ln newton --epochs 1 --epoch-cover --evals-per-epoch 4 --ce-weight 1", "--seeds 42 7 123",
+     POLY_MAX_DROP_PP, True),
+    ("poly6-newton-ecover-heads-clr", "minilm/poly6-newton-ecover-heads-clr",
+     "polynomial, 6 layers, Newton LayerNorm, epoch cover, 1 epoch, dev 4 times, one CGF coefficient per layer and "
+     "head, calibrated then trained (`--coeff-per-head --coeff-lr 0.01`)",
+     "--poly all --ln newton --epochs 1 --epoch-cover --evals-per-epoch 4 --coeff-per-head --coeff-lr 0.01",
+     "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly6-frozen", "minilm/poly6-frozen", "polynomial, 6 layers, frozen LayerNorm",
      "--poly all --ln frozen --epochs 3 --epoch-cover", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly2-newton", "minilm/poly2-newton", "polynomial, 2 layers, Newton LayerNorm",
@@ -129,6 +139,8 @@ PAIRED_WITH = {  # student -> earlier students trained from the same teachers on
     "poly6-newton-ecover-lr1e4": ("poly6-newton-ecover-e4",),
     "poly6-newton-ecover-attn": ("poly6-newton-ecover-e4",),
     "poly6-newton-ecover-heads": ("poly6-newton-ecover-e4",),
+    "poly6-newton-ecover-ce1": ("poly6-newton-ecover-e4",),
+    "poly6-newton-ecover-heads-clr": ("poly6-newton-ecover-heads", "poly6-newton-ecover-e4"),
 }
 ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export flags)
     ("poly6", "minilm/poly6.onnx", "minilm/poly6-newton-ecover/seed42", ""),

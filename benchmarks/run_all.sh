@@ -71,6 +71,11 @@ run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --b
     --epoch-cover --evals-per-epoch 4 --attn-weight 1 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover-attn"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
     --epoch-cover --evals-per-epoch 4 --coeff-per-head --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover-heads"
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
+    --epoch-cover --evals-per-epoch 4 --ce-weight 1 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover-ce1"
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
+    --epoch-cover --evals-per-epoch 4 --coeff-per-head --coeff-lr 0.01 --seeds 42 7 123 --no-progress --resume \
+    -o "$R/minilm/poly6-newton-ecover-heads-clr"
 # two stages: each seed's polynomial student calibrated on, and trained from, that seed's finished CGF + KD student
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
     --epoch-cover --evals-per-epoch 4 --student-init "$R/minilm/cgf-kd" --seeds 42 7 123 --no-progress --resume \
