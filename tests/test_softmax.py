@@ -135,16 +135,22 @@ def _peaked_head_model():
     return model
 
 
-def test_per_head_coefficients_are_calibrated_toward_softmax_and_used_per_head():
-    from cgf_fhe.softmax import calibrate_head_coeffs, set_head_coeffs
-
-    model = _peaked_head_model()
+def _peaked_batch(model):
+    """8 sequences of 24 random tokens with the planted token at position 1; the last 4 padded after 18."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(10, model.config.vocab_size, (8, 24), generator=gen)
     ids[:, 1] = PLANT
     mask = torch.ones(8, 24, dtype=torch.long)
     mask[4:, 18:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_per_head_coefficients_are_calibrated_toward_softmax_and_used_per_head():
+    from cgf_fhe.softmax import calibrate_head_coeffs, set_head_coeffs
+
+    model = _peaked_head_model()
+    batch = _peaked_batch(model)
+    mask = batch["attention_mask"]
 
     def l1_to_softmax(m):  # independent of the calibration code: the model's own attention outputs
         with torch.no_grad():
@@ -187,12 +193,8 @@ def test_trainable_head_coefficients_learn_the_peaked_head_and_fix_to_constants(
     from cgf_fhe.softmax import COEFF_PARAM, calibrate_head_coeffs, fix_head_coeffs, train_head_coeffs
 
     model = _peaked_head_model()
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, model.config.vocab_size, (8, 24), generator=gen)
-    ids[:, 1] = PLANT
-    mask = torch.ones(8, 24, dtype=torch.long)
-    mask[4:, 18:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask}
+    batch = _peaked_batch(model)
+    mask = batch["attention_mask"]
     keep = mask.float()
     with torch.no_grad():
         set_softmax(model, "exact")
