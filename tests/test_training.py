@@ -212,6 +212,31 @@ def test_coeff_lr_flag_trains_records_resumes_and_reloads(mrpc_dir, tmp_path, ca
     assert all(torch.equal(last[0][k], last[1][k]) for k in keys)  # ...and the resumed run reached the same ones
 
 
+def test_exact_student_softmax_is_the_kd_control(mrpc_dir, tmp_path, capsys):
+    from cgf_fhe.cli import main
+
+    out = tmp_path / "exact"
+    base = ["distill", "--model", "tiny", "--data-dir", str(mrpc_dir), "--max-train-samples", "32",
+            "--max-eval-samples", "16", "--epochs", "1", "--student-softmax", "exact", *SMALL]
+    assert main(base + ["--poly", "all", "--coeff-lr", "0.1", "-o", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "exact-softmax student" in err and "--poly all, --coeff-lr" in err
+    assert not (out / "cgf_fhe.json").exists()
+    assert main(base + ["-o", str(out)]) == 0
+    model, tok, settings = load_checkpoint(out)
+    assert settings["status"] == "done" and settings["softmax"] == "exact" and settings["coeff"] is None
+    assert model.config.cgf_softmax == "exact"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["softmax"] == "exact" and summary["coeff"] is None
+    teacher, _, _ = load_checkpoint(out / "teacher")
+    batch = tok(["a short sentence", "another one"], ["and its pair", "pair"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        rows = model(**batch, output_attentions=True).attentions[0].sum(-1)
+        moved = (model(**batch).logits - teacher(**batch).logits).abs().max()
+    assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)  # softmax rows (CGF rows do not sum to 1)
+    assert moved > 0  # it was trained (KD from its own copy still moves it: dropout, hidden-state targets)
+
+
 # ---------------------------------------------------------------- metrics / summaries
 
 def test_metrics_and_seed_summary_hand_computed():

@@ -389,8 +389,14 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
                 fhe=None, student_layers: int | None = None, interval_penalty: float = 0.0,
                 multi: bool = False, teacher_root: Path | None = None, guard: bool = True,
                 blend_epochs: float | None = None, refit: bool = False, student_hidden: int | None = None,
-                student_init: str | os.PathLike | None = None, epoch_cover: bool = False) -> dict:
+                student_init: str | os.PathLike | None = None, epoch_cover: bool = False,
+                softmax: str = "cgf") -> dict:
     """Distill one seed: exact teacher -> CGF (optionally polynomial / shallower / narrower) student in ``out_dir``.
+
+    ``softmax="exact"``: the control student, an exact-softmax copy of the teacher (optionally shallower) trained
+    with the same KD; it measures what distillation and checkpoint selection alone cost, apart from CGF
+    (not polynomial, full width, one coefficient-free softmax: refused with ``fhe``, ``student_hidden``,
+    ``student_init``, ``coeff_per_head``, ``coeff_lr`` and ``kd_attn_weight``).
 
     ``student_hidden`` H (< the teacher's hidden size, a multiple of its head size): a narrow student with random
     encoder/pooler/classifier and the teacher's embeddings projected by a fixed orthonormal ``P`` [D, H]; the
@@ -420,6 +426,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     poly = fhe_opts is not None and getattr(fhe_opts, "poly", "none") != "none"
     if epoch_cover and not poly:
         raise TrainingError("epoch_cover needs a polynomial student (fhe poly='all')")
+    _check_student_softmax(softmax, poly, student_hidden, student_init, recipe)
     schedule = _poly_schedule(fhe_opts, recipe, guard, blend_epochs, refit, epoch_cover) if poly else None
     if student_init is not None:
         student_init = _seed_checkpoint(Path(student_init), seed, "--student-init").resolve()
@@ -432,7 +439,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
             return {"status": "partial", "teacher": str(tdir)}
 
     settings = {
-        "kind": "distill", "softmax": "cgf", "coeff": float(coeff), "recipe": recipe.to_dict(), "seed": int(seed),
+        "kind": "distill", "softmax": softmax, "coeff": float(coeff) if softmax == "cgf" else None, "recipe": recipe.to_dict(), "seed": int(seed),
         "init": str(model) if model else None, "teacher": str(tdir.resolve()),
         "kd": {"alpha": recipe.kd_alpha, "beta": recipe.kd_beta, "T": recipe.kd_temperature,
                "ce_weight": recipe.kd_ce_weight, "interval_penalty": float(interval_penalty),
@@ -464,7 +471,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     elif student_init is not None:
         student, layer_map = _full_width_init(student_init, t_model, tdir, coeff)
     else:
-        student, _, _ = load_checkpoint(tdir, softmax="cgf", coeff=coeff)
+        student, _, _ = load_checkpoint(tdir, softmax=softmax, coeff=coeff if softmax == "cgf" else None)
         if student_layers is not None and student_layers != n_teacher_layers:
             try:
                 layer_map = [int(i) for i in _surgery().shrink_layers(student, int(student_layers))]
@@ -509,7 +516,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     step = KDStep(t_model, layer_map, alpha=recipe.kd_alpha, beta=recipe.kd_beta, T=recipe.kd_temperature,
                   ce_weight=recipe.kd_ce_weight, penalty_weight=interval_penalty, penalty_fn=penalty_fn,
                   teacher_proj=projection["P"] if projection else None, attn_weight=recipe.kd_attn_weight)
-    tag = f"distill c={coeff:g}" + (" poly" if poly else "") + f" seed {seed}"
+    tag = (f"distill c={coeff:g}" if softmax == "cgf" else "distill exact") + (" poly" if poly else "") + f" seed {seed}"
     res = fit(student, step, train, dev, collate, recipe, seed=seed, state_dir=state_dir, resume=opts.resume,
               device=opts.device, mixed_precision=opts.mixed_precision, progress=opts.progress,
               stop_after=opts.stop_after, desc=tag, run_info=_run_key(settings), schedule=schedule,
@@ -566,6 +573,19 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         _finish(out, state_dir, opts)
     _barrier(opts)
     return settings
+
+
+def _check_student_softmax(softmax: str, poly: bool, hidden, init, recipe: Recipe) -> None:
+    if softmax == "cgf":
+        return
+    if softmax != "exact":
+        raise TrainingError(f"student softmax {softmax!r}: choose 'cgf' or 'exact'")
+    bad = [name for name, on in (("--poly all", poly), ("--student-hidden", hidden is not None),
+                                 ("--student-init", init is not None), ("--coeff-per-head", recipe.coeff_per_head),
+                                 ("--coeff-lr", recipe.coeff_lr), ("--attn-weight", recipe.kd_attn_weight)) if on]
+    if bad:
+        raise TrainingError(f"an exact-softmax student is the KD control (the teacher's own softmax): it does not "
+                            f"take {', '.join(bad)}")
 
 
 def _range_text(coeffs) -> str:
@@ -785,7 +805,7 @@ def distill(model: str = "tiny", out_dir="out/distill", teacher=None, coeff: flo
             opts: RunOptions | None = None, fhe=None, student_layers: int | None = None,
             interval_penalty: float = 0.0, guard: bool = True, blend_epochs: float | None = None,
             refit: bool = False, student_hidden: int | None = None, student_init=None,
-            epoch_cover: bool = False) -> dict:
+            epoch_cover: bool = False, softmax: str = "cgf") -> dict:
     """Teacher (given or trained once) -> CGF student per seed; writes ``out_dir/summary.json``.
 
     ``fhe``: a :class:`cgf_fhe.surgery.FheOptions` (or its dict) to make the student polynomial; ``guard``,
@@ -801,14 +821,16 @@ def distill(model: str = "tiny", out_dir="out/distill", teacher=None, coeff: flo
     for s, d in _seed_dirs(out, seeds, seed):
         st = distill_one(model, d, s, teacher, coeff, recipe, opts, fhe, student_layers, interval_penalty,
                          multi=multi, teacher_root=out, guard=guard, blend_epochs=blend_epochs, refit=refit,
-                         student_hidden=student_hidden, student_init=student_init, epoch_cover=epoch_cover)
+                         student_hidden=student_hidden, student_init=student_init, epoch_cover=epoch_cover,
+                         softmax=softmax)
         if st.get("status") != "done":
             return {"status": "partial"}
         runs[s] = st
     student = {s: r["dev"] for s, r in runs.items()}
     ref = {s: r["teacher_dev"] for s, r in runs.items()}
     summary = {
-        "kind": "distill", "model": str(model), "coeff": coeff, "recipe": recipe.to_dict(), "seeds": list(runs),
+        "kind": "distill", "model": str(model), "softmax": softmax, "coeff": coeff if softmax == "cgf" else None,
+        "recipe": recipe.to_dict(), "seeds": list(runs),
         "student": summarize_seeds(student, ref), "teacher": summarize_seeds(ref),
         "seconds_per_epoch": {
             "student": mean_std([r["seconds_per_epoch"] for r in runs.values()]),

@@ -178,7 +178,8 @@ def cmd_distill(args) -> int:
     api.distill(args.model, args.output, args.teacher, args.coeff, args.seeds, args.seed, recipe, _opts(args),
                 fhe=fhe, student_layers=args.student_layers, interval_penalty=args.interval_penalty,
                 guard=not args.no_guard, blend_epochs=args.blend_epochs, refit=args.refit,
-                epoch_cover=args.epoch_cover, student_hidden=args.student_hidden, student_init=args.student_init)
+                epoch_cover=args.epoch_cover, student_hidden=args.student_hidden, student_init=args.student_init,
+                softmax=args.student_softmax)
     return 0
 
 
@@ -229,6 +230,10 @@ def register(subparsers) -> None:
     p.add_argument("--model", help="backbone of the teacher when it must be trained (tiny | minilm | hub name | path)")
     p.add_argument("--teacher", help="exact teacher checkpoint, or a multi-seed folder with seed<S>/ checkpoints")
     p.add_argument("--coeff", type=float, default=0.5, help="CGF coefficient c of the student (default 0.5)")
+    p.add_argument("--student-softmax", choices=["cgf", "exact"], default="cgf",
+                   help="cgf (default) | exact: the KD control, an exact-softmax student trained the same way, which "
+                        "measures what distillation and checkpoint selection cost apart from CGF (not polynomial, "
+                        "full width)")
     p.add_argument("--coeff-per-head", action="store_true",
                    help="one CGF coefficient per layer and head instead of --coeff everywhere: each head gets the "
                         "value (from a grid, 0.25-4) whose CGF rows best match the softmax rows (L1) on 512 training "
