@@ -63,7 +63,8 @@ SEARCH = (
     # probes: flags starting with "python " are the whole command (a benchmark script, not a recipe flag)
     ("meanpool-lr1e-4-unfrz-wu", "python benchmarks/pooling_probe.py --seed 42 --resume"),
 )
-# students: (key, folder under R, label, distill flags, seeds flag, paired target in pp, polynomial?)
+# students: (key, folder under R, label, distill flags, seeds flag, paired target in pp (None: a control, no
+# target), polynomial?)
 STUDENTS = (
     ("cgf-kd", "minilm/cgf-kd", "CGF + KD (exact GELU/LayerNorm/tanh), 6 layers", "", "--seeds 42 7 123",
      CGF_KD_MAX_DROP_PP, False),
@@ -119,6 +120,10 @@ STUDENTS = (
      "head, calibrated then trained (`--coeff-per-head --coeff-lr 0.01`)",
      "--poly all --ln newton --epochs 1 --epoch-cover --evals-per-epoch 4 --coeff-per-head --coeff-lr 0.01",
      "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
+    ("kd-exact-control", "minilm/kd-exact-control",
+     "control: exact softmax (not CGF, not polynomial), the same KD, 1 epoch, dev 4 times: what KD and checkpoint "
+     "selection cost apart from CGF", "--student-softmax exact --epochs 1 --evals-per-epoch 4", "--seeds 42 7 123",
+     None, False),
     ("poly6-frozen", "minilm/poly6-frozen", "polynomial, 6 layers, frozen LayerNorm",
      "--poly all --ln frozen --epochs 3 --epoch-cover", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly2-newton", "minilm/poly2-newton", "polynomial, 2 layers, Newton LayerNorm",
@@ -416,7 +421,8 @@ def recipe_text(s: dict, kd: bool = False) -> str:
         parts.append(f"{data['max_train_samples']} train examples")
     if kd:
         k = s.get("kd") or {}
-        parts.append(f"c {s.get('coeff', 'n/a')}, KD beta {k.get('beta', r.get('kd_beta', 'n/a'))}")
+        parts.append((f"c {s.get('coeff', 'n/a')}" if s.get("softmax", "cgf") == "cgf" else f"{s['softmax']} softmax")
+                     + f", KD beta {k.get('beta', r.get('kd_beta', 'n/a'))}")
         if k.get("ce_weight"):
             parts.append(f"CE weight {k['ce_weight']:g}")
     return ", ".join(parts)
@@ -793,8 +799,10 @@ class Page:
             src = f"`{self.R}/{folder}/" + ("seed*/" if "--seeds" in seeds_flag else "") + "cgf_fhe.json`"
             if not runs:
                 self.add(not_run(cmd), "")
-                summary_rows.append([f"`{key}`", "0", "n/a", "n/a", "n/a", "n/a", f"{target_pp:g} pp", "not run"])
-                self.target(what, f">= -{target_pp:g} pp", "not run", None, src, "not run")
+                summary_rows.append([f"`{key}`", "0", "n/a", "n/a", "n/a", "n/a",
+                                     f"{target_pp:g} pp" if target_pp is not None else "-", "not run"])
+                if target_pp is not None:
+                    self.target(what, f">= -{target_pp:g} pp", "not run", None, src, "not run")
                 continue
             rows, diffs, fdiffs = [], [], []
             for sd, s in runs.items():
@@ -895,7 +903,9 @@ class Page:
             m, _ = mean_std(diffs)
             full = all(sd in runs for sd in expected)
             measured = pm(diffs, 2, 100, True, " pp") + (f", {len(diffs)} seeds" if len(diffs) > 1 else "")
-            if key.startswith("narrow"):  # a vehicle for real TenSEAL runs: one seed, 32 tokens, not an issue target
+            if target_pp is None:
+                st = "control (no target)"
+            elif key.startswith("narrow"):  # a vehicle for real TenSEAL runs: one seed, 32 tokens, not an issue target
                 st = ("informative only (one seed, 32 tokens, teacher scored at 32 tokens; not an issue target): "
                       + ("within" if m is not None and 100 * m >= -target_pp else "not within") + f" {target_pp:g} pp")
             else:
@@ -909,11 +919,13 @@ class Page:
                 st = self.target(what, f">= -{target_pp:g} pp", measured,
                                  (100 * m >= -target_pp) if (m is not None and full) else None, src, why)
             self.add(f"Paired difference to the teacher (accuracy): {pm(diffs, 2, 100, True, ' pp')}; F1: "
-                     f"{pm(fdiffs, 2, 100, True, ' pp')}. Target: within {target_pp:g} pp of the teacher: {st}.", "")
+                     f"{pm(fdiffs, 2, 100, True, ' pp')}. "
+                     + (f"Target: within {target_pp:g} pp of the teacher: {st}." if target_pp is not None else
+                        f"{st[0].upper()}{st[1:]}."), "")
             summary_rows.append([f"`{key}`", str(len(runs)), pm(accs), pm(f1s), pm(diffs, 2, 100, True),
                                  "/".join(sorted({str(((s.get('fhe') or {}).get('depth') or {}).get('total', 'n/a'))
                                                   for s in runs.values()})) if poly else "n/a",
-                                 f"{target_pp:g} pp", st])
+                                 f"{target_pp:g} pp" if target_pp is not None else "-", st])
         self.add("### Summary", "")
         self.add(*table(["student", "seeds", "dev accuracy", "F1", "paired difference (pp)", "total depth",
                          "target", "status"], summary_rows), "")
