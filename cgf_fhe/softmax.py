@@ -90,6 +90,9 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, kind: s
             probs = cgf_probs(scores, keep, coeff)
         else:
             probs = cgf_probs(scores, keep, coeff, exp_fn=exp_fn, valid=keep.expand_as(scores) > 0)
+        blend = getattr(module, "cgf_blend", 1.0)
+        if blend < 1.0:  # training aid (set_cgf_blend): part exact softmax
+            probs = blend * probs + (1.0 - blend) * exact_probs(scores, keep)
     else:
         probs = exact_probs(scores, keep)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
@@ -164,6 +167,15 @@ def set_head_coeffs(model, coeffs) -> None:
     for m, layer in zip(mods, coeffs):
         m.cgf_coeff_heads = torch.tensor(layer)
     model.config.cgf_coeff_heads = coeffs
+
+
+def set_cgf_blend(model, blend: float) -> None:
+    """Training aid: CGF attention weights become ``blend * CGF + (1 - blend) * exact softmax`` of the same scores
+    (1 = CGF only, what is exported; the softmax part divides, so it never reaches the server)."""
+    if not 0.0 <= blend <= 1.0:
+        raise ValueError(f"softmax blend must be in [0, 1], got {blend}")
+    for m in _self_attentions(model):
+        m.cgf_blend = float(blend)
 
 
 COEFF_PARAM = "cgf_log_coeff"  # the trainable per-head log-coefficient of a self-attention module

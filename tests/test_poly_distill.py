@@ -49,6 +49,65 @@ def test_blend_schedule_values():
         PolyTraining(blend_epochs=-1, frozen=True)
 
 
+def test_softmax_blend_mixes_attention_and_ramps_per_step(tiny_setup):
+    from cgf_fhe.softmax import set_cgf_blend, set_softmax
+
+    _, _, teacher = tiny_setup
+    model, tok, _ = load_checkpoint(teacher, softmax="cgf", coeff=0.5)
+    model.eval()
+    with torch.no_grad():  # sharper scores than a tiny model's (near-uniform, where CGF ~ softmax)
+        model.bert.encoder.layer[0].attention.self.query.weight.mul_(30.0)
+    batch = tok(["a first sentence here", "short"], ["its pair", "and another pair"], return_tensors="pt",
+                padding=True)
+
+    def attentions(blend=None, softmax="cgf"):
+        set_softmax(model, softmax)
+        if blend is not None:
+            set_cgf_blend(model, blend)
+        with torch.no_grad():
+            return model(**batch, output_attentions=True).attentions[0]
+
+    exact, cgf = attentions(softmax="exact"), attentions(1.0)
+    assert not torch.allclose(exact, cgf, atol=1e-3)
+    assert torch.allclose(attentions(0.0), exact, atol=1e-6)  # blend 0: the teacher's softmax rows
+    assert torch.allclose(attentions(0.3), 0.3 * cgf + 0.7 * exact, atol=1e-6)  # layer 0 sees the same scores
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        set_cgf_blend(model, 1.5)
+    # the schedule: 4 steps per epoch, ramp over ceil(0.5 * 4) = 2 steps; eligible only at blend 1; exported form 1
+    sched = PolyTraining(guard=False, softmax_blend_epochs=0.5)
+    assert [sched.softmax_blend_at(k, 4) for k in range(4)] == [0.0, 0.5, 1.0, 1.0]
+    sched.on_step(model, 1, 4)
+    mods = [layer.attention.self for layer in model.bert.encoder.layer]
+    assert all(m.cgf_blend == 0.5 for m in mods)
+    assert sched.epoch_info(model, lambda: None, diagnostics=False)["eligible"] is False
+    with sched.exported_form(model):
+        assert all(m.cgf_blend == 1.0 for m in mods)
+    assert all(m.cgf_blend == 0.5 for m in mods)  # training form restored
+    assert sched.to_dict()["softmax_blend_epochs"] == 0.5
+    assert "softmax_blend_epochs" not in PolyTraining().to_dict()  # older runs' settings compare unchanged
+    sched.on_step(model, 2, 4)
+    assert sched.epoch_info(model, lambda: None, diagnostics=False)["eligible"] is True
+    sched.finish(model)
+    assert all(m.cgf_blend == 1.0 for m in mods)
+
+
+def test_distill_with_softmax_blend_selects_only_cgf_points(tiny_setup):
+    root, opts, teacher = tiny_setup
+    recipe = get_recipe("reference", epochs=2, evals_per_epoch=2, max_length=64, lr=1e-3, softmax_blend_epochs=1.0)
+    st = api.distill("tiny", root / "sblend", teacher=teacher, recipe=recipe, opts=opts)
+    run = json.loads((root / "sblend" / "cgf_fhe.json").read_text())  # one seed: the folder is the checkpoint
+    points = [m for h in run["history"] for m in [*h.get("mid_evals", []), h]]
+    assert [p["softmax_blend"] for p in points] == [0.0, 0.5, 1.0, 1.0]  # the blend of each point's last step
+    assert [p["eligible"] for p in points] == [False, False, True, True]
+    assert run["best_at"] >= 1.5 and run["poly_training"]["softmax_blend_epochs"] == 1.0
+    assert st["student"]["accuracy"]["mean"] == run["dev"]["accuracy"]
+    model, _, _ = load_checkpoint(root / "sblend")
+    assert all(getattr(layer.attention.self, "cgf_blend", 1.0) == 1.0 for layer in model.bert.encoder.layer)
+    with pytest.raises(api.TrainingError, match="must be >= 0 and < --epochs 2"):
+        api.distill("tiny", root / "sblend-bad", teacher=teacher, opts=opts,
+                    recipe=get_recipe("reference", epochs=2, max_length=64, softmax_blend_epochs=2.0))
+
+
 @pytest.fixture(scope="module")
 def tiny_setup(mrpc_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("polyd")

@@ -428,6 +428,8 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
         raise TrainingError("epoch_cover needs a polynomial student (fhe poly='all')")
     _check_student_softmax(softmax, poly, student_hidden, student_init, recipe)
     schedule = _poly_schedule(fhe_opts, recipe, guard, blend_epochs, refit, epoch_cover) if poly else None
+    if recipe.softmax_blend_epochs and schedule is None:  # a CGF student that is not polynomial
+        schedule = PolyTraining(guard=False, softmax_blend_epochs=_softmax_blend_epochs(recipe))
     if student_init is not None:
         student_init = _seed_checkpoint(Path(student_init), seed, "--student-init").resolve()
         if student_init == out.resolve():
@@ -582,7 +584,8 @@ def _check_student_softmax(softmax: str, poly: bool, hidden, init, recipe: Recip
         raise TrainingError(f"student softmax {softmax!r}: choose 'cgf' or 'exact'")
     bad = [name for name, on in (("--poly all", poly), ("--student-hidden", hidden is not None),
                                  ("--student-init", init is not None), ("--coeff-per-head", recipe.coeff_per_head),
-                                 ("--coeff-lr", recipe.coeff_lr), ("--attn-weight", recipe.kd_attn_weight)) if on]
+                                 ("--coeff-lr", recipe.coeff_lr), ("--attn-weight", recipe.kd_attn_weight),
+                                 ("--softmax-blend-epochs", recipe.softmax_blend_epochs)) if on]
     if bad:
         raise TrainingError(f"an exact-softmax student is the KD control (the teacher's own softmax): it does not "
                             f"take {', '.join(bad)}")
@@ -753,7 +756,15 @@ def _poly_schedule(fhe_opts, recipe: Recipe, guard: bool, blend_epochs: float | 
             raise TrainingError(f"--blend-epochs {blend_epochs:g} must be >= 0 and < --epochs {recipe.epochs} "
                                 "(the best checkpoint is chosen among the epochs that end at blend 1)")
     return PolyTraining(guard=guard, blend_epochs=blend_epochs or 0.0, frozen=frozen, refit=refit,
-                        epoch_cover=epoch_cover)
+                        epoch_cover=epoch_cover, softmax_blend_epochs=_softmax_blend_epochs(recipe))
+
+
+def _softmax_blend_epochs(recipe: Recipe) -> float:
+    f = float(recipe.softmax_blend_epochs)
+    if not 0 <= f < recipe.epochs:
+        raise TrainingError(f"--softmax-blend-epochs {f:g} must be >= 0 and < --epochs {recipe.epochs} (the best "
+                            "checkpoint is chosen among the points reached at blend 1)")
+    return f
 
 
 def _poly_reports(student, surgery, train, dev_loader, collate, recipe: Recipe, opts: RunOptions, device,

@@ -162,7 +162,8 @@ def cmd_distill(args) -> int:
         raise UserError("distill needs --model (the backbone to train the teacher from) or --teacher")
     recipe = _recipe(args, kd_alpha=args.alpha, kd_beta=args.beta, kd_temperature=args.temperature,
                      kd_ce_weight=args.ce_weight, kd_attn_weight=args.attn_weight,
-                     coeff_per_head=True if args.coeff_per_head else None, coeff_lr=args.coeff_lr)
+                     coeff_per_head=True if args.coeff_per_head else None, coeff_lr=args.coeff_lr,
+                     softmax_blend_epochs=args.softmax_blend_epochs)
     fhe = _fhe_from_args(args)
     from ..cli import UserError
 
@@ -242,6 +243,10 @@ def register(subparsers) -> None:
                    help="train the CGF coefficients, one per layer and head (as log c, starting from --coeff or "
                         "--coeff-per-head's values), at this learning rate; the trained values are saved as "
                         "plaintext constants like --coeff-per-head's (default 0 = fixed)")
+    p.add_argument("--softmax-blend-epochs", type=float, metavar="F",
+                   help="anneal the student's attention from the teacher's exact softmax to CGF, linearly per step "
+                        "over the first F epochs (weights b*CGF + (1-b)*softmax); dev is always scored with CGF and "
+                        "only points reached at b = 1 can be the best checkpoint (default 0: CGF from the start)")
     p.add_argument("--beta", type=float, help="hidden-state MSE weight (default 10)")
     p.add_argument("--alpha", type=float, help="logit KL weight (default 1)")
     p.add_argument("--temperature", type=float, help="KD temperature T (default 1)")

@@ -522,7 +522,8 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
         log(f"[{desc}] epoch {epoch + 1}/{recipe.epochs}: loss {record['train_loss']:.4f}  dev acc "
             f"{dev['accuracy']:.4f} f1 {dev['f1']:.4f}{_select_text(info)}  ({train_seconds:.1f}s train, "
             f"{eval_seconds:.1f}s eval)"
-            + (f"  [training form: dev acc {info['dev_training_form']['accuracy']:.4f}, blend {info['blend']:.3g}]"
+            + (f"  [training form: dev acc {info['dev_training_form']['accuracy']:.4f}, blend {info['blend']:.3g}"
+               + (f", softmax blend {info['softmax_blend']:.3g}" if "softmax_blend" in info else "") + "]"
                if "dev_training_form" in info else "")
             + ("  *best*" if improved else "") + ("" if eligible else "  (not eligible: blend < 1)"))
         if state_path is not None and main:

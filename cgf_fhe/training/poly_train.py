@@ -30,6 +30,12 @@
   With ``recipe.evals_per_epoch > 1`` the same cover runs before every mid-epoch evaluation point too, on
   the training inputs since the previous point.
 
+* **softmax blend** (opt-in ``softmax_blend_epochs > 0``, any CGF student, polynomial or not): the attention
+  weights are ``b * CGF + (1 - b) * exact softmax`` (:func:`cgf_fhe.softmax.set_cgf_blend`), ``b`` ramping
+  linearly per step from 0 to 1 over the first ``softmax_blend_epochs`` epochs, so the student leaves the
+  teacher's function gradually instead of in one jump (MiniLM with CGF swapped in scores 7-8 pp below its
+  teacher before any training). Same step-count schedule and eligibility rule as the LayerNorm blend.
+
 Dev metrics are always measured in the exported form (guard off, blend 1). An epoch may become the best
 checkpoint only if its last training step already ran at blend 1 (``eligible`` in the history); the
 training form's dev metrics (guard on, the current blend) are recorded next to them as
@@ -42,6 +48,8 @@ import math
 from contextlib import contextmanager
 from dataclasses import replace
 
+from ..softmax import set_cgf_blend
+
 
 class PolyTraining:
     """Guard + blend schedule for :func:`cgf_fhe.training.engine.fit` (``schedule=``).
@@ -50,9 +58,12 @@ class PolyTraining:
     ramp in epochs (may be fractional)."""
 
     def __init__(self, guard: bool = True, blend_epochs: float = 0.0, frozen: bool = False, refit: bool = False,
-                 epoch_cover: bool = False):
-        if blend_epochs < 0:
-            raise ValueError(f"blend_epochs must be >= 0, got {blend_epochs}")
+                 epoch_cover: bool = False, softmax_blend_epochs: float = 0.0):
+        if blend_epochs < 0 or softmax_blend_epochs < 0:
+            raise ValueError(f"blend epochs must be >= 0, got {blend_epochs} (LayerNorm) / "
+                             f"{softmax_blend_epochs} (softmax)")
+        self.softmax_blend_epochs = float(softmax_blend_epochs)
+        self.softmax_blend = 1.0  # the softmax blend of the last training step
         self.guard = bool(guard)
         self.blend_epochs = float(blend_epochs) if frozen else 0.0
         self.frozen = bool(frozen)
@@ -80,10 +91,16 @@ class PolyTraining:
         n = self.ramp_steps(steps_per_epoch)
         return 1.0 if n <= 0 or step >= n else step / n
 
+    def softmax_blend_at(self, step: int, steps_per_epoch: int) -> float:
+        n = math.ceil(self.softmax_blend_epochs * steps_per_epoch)
+        return 1.0 if n <= 0 or step >= n else step / n
+
     def to_dict(self) -> dict:
         d = {"guard": self.guard, "blend_epochs": self.blend_epochs if self.frozen else None, "refit": self.refit}
         if self.epoch_cover:  # only when on, so runs from before the option compare unchanged
             d["epoch_cover"] = True
+        if self.softmax_blend_epochs:
+            d["softmax_blend_epochs"] = self.softmax_blend_epochs
         return d
 
     # --------------------------------------------------------------- refit
@@ -157,12 +174,15 @@ class PolyTraining:
         from .. import surgery
 
         self.blend = self.blend_at(step, steps_per_epoch)
+        self.softmax_blend = self.softmax_blend_at(step, steps_per_epoch)
         if self.epoch_cover and (step % steps_per_epoch == 0 or self._reset_pending):
             # the training inputs since the last evaluation point only (not the dev passes)
             surgery.reset_interval_counters(model)
             self._reset_pending = False
         if self.frozen:
             surgery.set_frozen_blend(model, self.blend)
+        if self.softmax_blend_epochs:
+            set_cgf_blend(model, self.softmax_blend)
         surgery.set_guard(model, self.guard)
         if self.refit and self.refit_result is None and self.blend >= 1.0:
             self.refit_now(model, step)
@@ -175,6 +195,8 @@ class PolyTraining:
 
         surgery.set_guard(model, False)
         surgery.set_frozen_blend(model, 1.0)
+        if self.softmax_blend_epochs:
+            set_cgf_blend(model, 1.0)
         try:
             yield model
         finally:
@@ -186,19 +208,23 @@ class PolyTraining:
         surgery.set_guard(model, self.guard)
         if self.frozen:
             surgery.set_frozen_blend(model, self.blend)
+        if self.softmax_blend_epochs:
+            set_cgf_blend(model, self.softmax_blend)
 
     def epoch_info(self, model, evaluate, diagnostics: bool = True) -> dict:
         """After an epoch (``evaluate()`` scores the model as it is): blend, eligibility, training-form dev.
 
         ``diagnostics=False`` (mid-epoch evaluation points) skips the training-form dev pass: it only documents
         what the guard hid, never takes part in selection, and would double the cost of every point."""
-        info = {"blend": self.blend, "guard": self.guard, "eligible": self.blend >= 1.0}
+        info = {"blend": self.blend, "guard": self.guard, "eligible": min(self.blend, self.softmax_blend) >= 1.0}
+        if self.softmax_blend_epochs:
+            info["softmax_blend"] = self.softmax_blend
         if self.refit:
             info["refitted"] = self.refit_result is not None
         if self.epoch_cover:
             info["covered"] = {k: {"old": v["old"], "new": v["new"], "measured": v["measured"]}
                                for k, v in self.covered.items()}
-        if diagnostics and (self.guard or self.blend < 1.0):
+        if diagnostics and (self.guard or min(self.blend, self.softmax_blend) < 1.0):
             self._training_form(model)
             info["dev_training_form"] = evaluate()
         return info
@@ -212,4 +238,6 @@ class PolyTraining:
             surgery.apply_fhe_settings(model, self.best_settings)
         surgery.set_guard(model, False)
         surgery.set_frozen_blend(model, 1.0)
-        self.blend = 1.0
+        if self.softmax_blend_epochs:
+            set_cgf_blend(model, 1.0)
+        self.blend = self.softmax_blend = 1.0

@@ -59,6 +59,10 @@ class Recipe:
     # > 0: the CGF coefficients (one per layer and head, as log c) are trained at this learning rate, starting
     # from the single c or coeff_per_head's values (cgf_fhe.softmax.train_head_coeffs); 0 = fixed
     coeff_lr: float = 0.0
+    # > 0: the student's attention anneals from the teacher's exact softmax to CGF, linearly per step over this
+    # many epochs (weights blend * CGF + (1 - blend) * softmax); dev is always scored at blend 1 and only points
+    # reached at blend 1 can be the best checkpoint (cgf_fhe.training.poly_train); 0 = CGF from the first step
+    softmax_blend_epochs: float = 0.0
     # dropout of polynomial (--poly all) students; None keeps the model's. Dropout's zeroed units and
     # 1/(1-p) rescaling push inputs outside the calibrated intervals (Newton LN then diverges).
     poly_dropout: float | None = 0.0
