@@ -120,6 +120,11 @@ STUDENTS = (
      "head, calibrated then trained (`--coeff-per-head --coeff-lr 0.01`)",
      "--poly all --ln newton --epochs 1 --epoch-cover --evals-per-epoch 4 --coeff-per-head --coeff-lr 0.01",
      "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
+    ("poly6-newton-ecover-sblend", "minilm/poly6-newton-ecover-sblend",
+     "polynomial, 6 layers, Newton LayerNorm, epoch cover, 1 epoch, dev 4 times, attention annealed from exact "
+     "softmax to CGF over the first 0.4 epoch (`--softmax-blend-epochs 0.4`)",
+     "--poly all --ln newton --epochs 1 --epoch-cover --evals-per-epoch 4 --softmax-blend-epochs 0.4",
+     "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("kd-exact-control", "minilm/kd-exact-control",
      "control: exact softmax (not CGF, not polynomial), the same KD, 1 epoch, dev 4 times: what KD and checkpoint "
      "selection cost apart from CGF", "--student-softmax exact --epochs 1 --evals-per-epoch 4", "--seeds 42 7 123",
@@ -145,6 +150,7 @@ PAIRED_WITH = {  # student -> earlier students trained from the same teachers on
     "poly6-newton-ecover-attn": ("poly6-newton-ecover-e4",),
     "poly6-newton-ecover-heads": ("poly6-newton-ecover-e4",),
     "poly6-newton-ecover-ce1": ("poly6-newton-ecover-e4",),
+    "poly6-newton-ecover-sblend": ("poly6-newton-ecover-e4",),
     "poly6-newton-ecover-heads-clr": ("poly6-newton-ecover-heads", "poly6-newton-ecover-e4"),
 }
 ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export flags)
