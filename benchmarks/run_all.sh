@@ -74,14 +74,14 @@ run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --b
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
     --epoch-cover --evals-per-epoch 4 --ce-weight 1 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-newton-ecover-ce1"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
-    --epoch-cover --evals-per-epoch 4 --coeff-per-head --coeff-lr 0.01 --seeds 42 7 123 --no-progress --resume \
-    -o "$R/minilm/poly6-newton-ecover-heads-clr"
-run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
     --epoch-cover --evals-per-epoch 4 --softmax-blend-epochs 0.4 --seeds 42 7 123 --no-progress --resume \
     -o "$R/minilm/poly6-newton-ecover-sblend"
 # control: an exact-softmax student with the same KD (what KD and selection cost apart from CGF)
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --student-softmax exact --epochs 1 \
     --evals-per-epoch 4 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/kd-exact-control"
+# the same KD with CGF (not polynomial): what CGF costs before any polynomial
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --epochs 1 --evals-per-epoch 4 \
+    --seeds 42 7 123 --no-progress --resume -o "$R/minilm/cgf-kd-e1"
 # two stages: each seed's polynomial student calibrated on, and trained from, that seed's finished CGF + KD student
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
     --epoch-cover --evals-per-epoch 4 --student-init "$R/minilm/cgf-kd" --seeds 42 7 123 --no-progress --resume \
