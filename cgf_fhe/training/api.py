@@ -441,7 +441,8 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
             return {"status": "partial", "teacher": str(tdir)}
 
     settings = {
-        "kind": "distill", "softmax": softmax, "coeff": float(coeff) if softmax == "cgf" else None, "recipe": recipe.to_dict(), "seed": int(seed),
+        "kind": "distill", "softmax": softmax, "coeff": float(coeff) if softmax == "cgf" else None,
+        "recipe": recipe.to_dict(), "seed": int(seed),
         "init": str(model) if model else None, "teacher": str(tdir.resolve()),
         "kd": {"alpha": recipe.kd_alpha, "beta": recipe.kd_beta, "T": recipe.kd_temperature,
                "ce_weight": recipe.kd_ce_weight, "interval_penalty": float(interval_penalty),
@@ -518,7 +519,8 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     step = KDStep(t_model, layer_map, alpha=recipe.kd_alpha, beta=recipe.kd_beta, T=recipe.kd_temperature,
                   ce_weight=recipe.kd_ce_weight, penalty_weight=interval_penalty, penalty_fn=penalty_fn,
                   teacher_proj=projection["P"] if projection else None, attn_weight=recipe.kd_attn_weight)
-    tag = (f"distill c={coeff:g}" if softmax == "cgf" else "distill exact") + (" poly" if poly else "") + f" seed {seed}"
+    tag = ((f"distill c={coeff:g}" if softmax == "cgf" else "distill exact") + (" poly" if poly else "")
+           + f" seed {seed}")
     res = fit(student, step, train, dev, collate, recipe, seed=seed, state_dir=state_dir, resume=opts.resume,
               device=opts.device, mixed_precision=opts.mixed_precision, progress=opts.progress,
               stop_after=opts.stop_after, desc=tag, run_info=_run_key(settings), schedule=schedule,

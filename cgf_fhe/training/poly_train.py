@@ -51,6 +51,11 @@ from dataclasses import replace
 from ..softmax import set_cgf_blend
 
 
+def _ramp(step: int, n: int) -> float:
+    """Linear 0 -> 1 over the first ``n`` steps (step / n), then exactly 1; ``n <= 0``: 1 from the start."""
+    return 1.0 if n <= 0 or step >= n else step / n
+
+
 class PolyTraining:
     """Guard + blend schedule for :func:`cgf_fhe.training.engine.fit` (``schedule=``).
 
@@ -88,12 +93,10 @@ class PolyTraining:
         return math.ceil(self.blend_epochs * steps_per_epoch) if self.frozen else 0
 
     def blend_at(self, step: int, steps_per_epoch: int) -> float:
-        n = self.ramp_steps(steps_per_epoch)
-        return 1.0 if n <= 0 or step >= n else step / n
+        return _ramp(step, self.ramp_steps(steps_per_epoch))
 
     def softmax_blend_at(self, step: int, steps_per_epoch: int) -> float:
-        n = math.ceil(self.softmax_blend_epochs * steps_per_epoch)
-        return 1.0 if n <= 0 or step >= n else step / n
+        return _ramp(step, math.ceil(self.softmax_blend_epochs * steps_per_epoch))
 
     def to_dict(self) -> dict:
         d = {"guard": self.guard, "blend_epochs": self.blend_epochs if self.frozen else None, "refit": self.refit}
