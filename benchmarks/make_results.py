@@ -127,6 +127,10 @@ STUDENTS = (
     ("cgf-kd-e1", "minilm/cgf-kd-e1",
      "CGF (exact GELU/LayerNorm/tanh), the same KD as the control, 1 epoch, dev 4 times: what CGF costs before any "
      "polynomial", "--epochs 1 --evals-per-epoch 4", "--seeds 42 7 123", None, False),
+    ("cgf-kd-e1-heads-clr", "minilm/cgf-kd-e1-heads-clr",
+     "CGF as `cgf-kd-e1`, with one coefficient per layer and head, calibrated then trained (`--coeff-per-head "
+     "--coeff-lr 0.01`)", "--epochs 1 --evals-per-epoch 4 --coeff-per-head --coeff-lr 0.01", "--seeds 42 7 123",
+     None, False),
     ("poly6-frozen", "minilm/poly6-frozen", "polynomial, 6 layers, frozen LayerNorm",
      "--poly all --ln frozen --epochs 3 --epoch-cover", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly2-newton", "minilm/poly2-newton", "polynomial, 2 layers, Newton LayerNorm",
@@ -150,6 +154,7 @@ PAIRED_WITH = {  # student -> earlier students trained from the same teachers on
     "poly6-newton-ecover-ce1": ("poly6-newton-ecover-e4",),
     "poly6-newton-ecover-sblend": ("poly6-newton-ecover-e4",),
     "cgf-kd-e1": ("kd-exact-control",),
+    "cgf-kd-e1-heads-clr": ("cgf-kd-e1", "kd-exact-control"),
 }
 ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export flags)
     ("poly6", "minilm/poly6.onnx", "minilm/poly6-newton-ecover/seed42", ""),

@@ -82,6 +82,8 @@ run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --b
 # the same KD with CGF (not polynomial): what CGF costs before any polynomial
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --epochs 1 --evals-per-epoch 4 \
     --seeds 42 7 123 --no-progress --resume -o "$R/minilm/cgf-kd-e1"
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --epochs 1 --evals-per-epoch 4 \
+    --coeff-per-head --coeff-lr 0.01 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/cgf-kd-e1-heads-clr"
 # two stages: each seed's polynomial student calibrated on, and trained from, that seed's finished CGF + KD student
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
     --epoch-cover --evals-per-epoch 4 --student-init "$R/minilm/cgf-kd" --seeds 42 7 123 --no-progress --resume \
