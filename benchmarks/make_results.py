@@ -798,6 +798,7 @@ class Page:
         self.poly_points = []
         for key, folder, label, flags, seeds_flag, target_pp, poly in STUDENTS:
             cmd = self.cmd[key]
+            target_txt = f"{target_pp:g} pp" if target_pp is not None else "-"  # None: a control
             expected = SEEDS if "--seeds" in seeds_flag else tuple(int(x) for x in seeds_flag.split()[1:])
             runs = self.r.seed_runs(folder)
             self.add(f"### `{key}`: {label}", "", *code(cmd), "")
@@ -808,8 +809,7 @@ class Page:
             src = f"`{self.R}/{folder}/" + ("seed*/" if "--seeds" in seeds_flag else "") + "cgf_fhe.json`"
             if not runs:
                 self.add(not_run(cmd), "")
-                summary_rows.append([f"`{key}`", "0", "n/a", "n/a", "n/a", "n/a",
-                                     f"{target_pp:g} pp" if target_pp is not None else "-", "not run"])
+                summary_rows.append([f"`{key}`", "0", "n/a", "n/a", "n/a", "n/a", target_txt, "not run"])
                 if target_pp is not None:
                     self.target(what, f">= -{target_pp:g} pp", "not run", None, src, "not run")
                 continue
@@ -934,7 +934,7 @@ class Page:
             summary_rows.append([f"`{key}`", str(len(runs)), pm(accs), pm(f1s), pm(diffs, 2, 100, True),
                                  "/".join(sorted({str(((s.get('fhe') or {}).get('depth') or {}).get('total', 'n/a'))
                                                   for s in runs.values()})) if poly else "n/a",
-                                 f"{target_pp:g} pp" if target_pp is not None else "-", st])
+                                 target_txt, st])
         self.add("### Summary", "")
         self.add(*table(["student", "seeds", "dev accuracy", "F1", "paired difference (pp)", "total depth",
                          "target", "status"], summary_rows), "")
