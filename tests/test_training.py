@@ -212,9 +212,16 @@ def test_coeff_lr_flag_trains_records_resumes_and_reloads(mrpc_dir, tmp_path, ca
     assert all(torch.equal(last[0][k], last[1][k]) for k in keys)  # ...and the resumed run reached the same ones
 
 
-def test_exact_student_softmax_is_the_kd_control(mrpc_dir, tmp_path, capsys):
+def test_exact_student_softmax_is_the_kd_control(mrpc_dir, tmp_path, capsys, monkeypatch):
     from cgf_fhe.cli import main
 
+    trained_with = []  # the attention the student really trains with (the reload below restores it from settings)
+
+    def fit(model, *a, **kw):
+        trained_with.append(model.config._attn_implementation)
+        return engine.fit(model, *a, **kw)
+
+    monkeypatch.setattr(api, "fit", fit)
     out = tmp_path / "exact"
     base = ["distill", "--model", "tiny", "--data-dir", str(mrpc_dir), "--max-train-samples", "32",
             "--max-eval-samples", "16", "--epochs", "1", "--student-softmax", "exact", *SMALL]
@@ -223,6 +230,9 @@ def test_exact_student_softmax_is_the_kd_control(mrpc_dir, tmp_path, capsys):
     assert "exact-softmax student" in err and "--poly all, --coeff-lr" in err
     assert not (out / "cgf_fhe.json").exists()
     assert main(base + ["-o", str(out)]) == 0
+    from cgf_fhe.softmax import SOFTMAX_TO_ATTN
+
+    assert trained_with == [SOFTMAX_TO_ATTN["exact"]] * 2  # the teacher's fine-tune, then the student's KD
     model, tok, settings = load_checkpoint(out)
     assert settings["status"] == "done" and settings["softmax"] == "exact" and settings["coeff"] is None
     assert model.config.cgf_softmax == "exact"
