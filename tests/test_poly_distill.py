@@ -9,7 +9,7 @@ from cgf_fhe import surgery
 from cgf_fhe.models import build_model, load_checkpoint
 from cgf_fhe.training import api, engine
 from cgf_fhe.training.engine import CEStep
-from cgf_fhe.training.poly_train import PolyTraining
+from cgf_fhe.training.poly_train import StudentSchedule
 from cgf_fhe.training.recipes import get_recipe
 
 
@@ -40,13 +40,13 @@ def _interrupt_resume_matches(root, name: str, full: str, stop_after: int, opts,
 
 
 def test_blend_schedule_values():
-    s = PolyTraining(guard=True, blend_epochs=1.5, frozen=True)
+    s = StudentSchedule(guard=True, blend_epochs=1.5, frozen=True)
     # 4 steps per epoch, ramp over ceil(1.5 * 4) = 6 steps: s/6, then exactly 1
     assert [s.blend_at(k, 4) for k in range(8)] == [0, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 1.0]
-    assert PolyTraining(blend_epochs=0.0, frozen=True).blend_at(0, 4) == 1.0  # frozen from the start
-    assert PolyTraining(blend_epochs=2.0, frozen=False).blend_at(0, 4) == 1.0  # Newton LN: no blend
+    assert StudentSchedule(blend_epochs=0.0, frozen=True).blend_at(0, 4) == 1.0  # frozen from the start
+    assert StudentSchedule(blend_epochs=2.0, frozen=False).blend_at(0, 4) == 1.0  # Newton LN: no blend
     with pytest.raises(ValueError):
-        PolyTraining(blend_epochs=-1, frozen=True)
+        StudentSchedule(blend_epochs=-1, frozen=True)
 
 
 def test_softmax_blend_mixes_attention_and_ramps_per_step(tiny_setup):
@@ -74,7 +74,7 @@ def test_softmax_blend_mixes_attention_and_ramps_per_step(tiny_setup):
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         set_cgf_blend(model, 1.5)
     # the schedule: 4 steps per epoch, ramp over ceil(0.5 * 4) = 2 steps; eligible only at blend 1; exported form 1
-    sched = PolyTraining(guard=False, softmax_blend_epochs=0.5)
+    sched = StudentSchedule(guard=False, softmax_blend_epochs=0.5)
     assert [sched.softmax_blend_at(k, 4) for k in range(4)] == [0.0, 0.5, 1.0, 1.0]
     sched.on_step(model, 1, 4)
     mods = [layer.attention.self for layer in model.bert.encoder.layer]
@@ -84,7 +84,7 @@ def test_softmax_blend_mixes_attention_and_ramps_per_step(tiny_setup):
         assert all(m.cgf_blend == 1.0 for m in mods)
     assert all(m.cgf_blend == 0.5 for m in mods)  # training form restored
     assert sched.to_dict()["softmax_blend_epochs"] == 0.5
-    assert "softmax_blend_epochs" not in PolyTraining().to_dict()  # older runs' settings compare unchanged
+    assert "softmax_blend_epochs" not in StudentSchedule().to_dict()  # older runs' settings compare unchanged
     sched.on_step(model, 2, 4)
     assert sched.epoch_info(model, lambda: None, diagnostics=False)["eligible"] is True
     sched.finish(model)
@@ -126,7 +126,7 @@ def test_exported_form_switches_guard_and_blend(tiny_setup):
 
     ranges = surgery.calibrate(model, DataLoader(train, batch_size=16, collate_fn=api.collator(tok)), progress=False)
     surgery.polynomialize(model, surgery.FheOptions(poly="all", ln="frozen"), ranges)
-    sched = PolyTraining(guard=True, blend_epochs=1.0, frozen=True)
+    sched = StudentSchedule(guard=True, blend_epochs=1.0, frozen=True)
     sched.on_step(model, 1, 4)  # blend 1/4
     frozen = [m for m in _modules(model) if isinstance(m, P.FrozenLayerNorm)]
     polys = [m for m in _modules(model) if isinstance(m, P.PolyModule)]
@@ -282,7 +282,7 @@ def test_tracked_ranges_equal_a_calibration_pass_and_cover_widens_exactly_those_
 
 def test_epoch_cover_keeps_the_best_epochs_polynomials(tiny_setup):
     model, _ = _tiny_poly(tiny_setup)
-    sched = PolyTraining(guard=True, epoch_cover=True)
+    sched = StudentSchedule(guard=True, epoch_cover=True)
     sched.on_best(model)
     best = surgery.fhe_settings(model)["modules"]
     key, m = next((k, m) for k, m in surgery.named_approx_modules(model) if m.kind == "gelu")
@@ -348,7 +348,7 @@ def test_tracked_ranges_skip_non_finite_inputs(tiny_setup):
 
 def test_mid_epoch_cover_counts_afresh_after_each_point(tiny_setup):
     model, _ = _tiny_poly(tiny_setup)
-    sched = PolyTraining(guard=True, epoch_cover=True)
+    sched = StudentSchedule(guard=True, epoch_cover=True)
     key, m = next((k, m) for k, m in surgery.named_approx_modules(model) if m.kind == "gelu")
     m.n_out, m.n_seen, m.out_min, m.out_max = 1, 10, m.interval[0] - 5.0, m.interval[1]
     sched.on_epoch_end(model)  # a mid-epoch point covers what the steps before it saw ...
@@ -427,3 +427,24 @@ def test_poly_student_starts_from_a_finished_full_width_cgf_student(tiny_setup):
     with pytest.raises(api.TrainingError, match=r"--student-init .*cgfset: neither a cgf-fhe checkpoint nor a "
                                                 r"folder with seed7/"):
         api.distill_one("tiny", root / "bad", 7, student_init=root / "cgfset", **bad)
+
+
+def test_polynomial_student_trains_per_head_coefficients_and_keeps_its_best_point(tiny_setup):
+    """--poly all with --coeff-per-head --coeff-lr: the polynomial exp sees the trainable coefficients (they move),
+    and what is saved (constants, the best point's polynomials) scores exactly what that point scored."""
+    from cgf_fhe.softmax import COEFF_PARAM
+
+    root, opts, teacher = tiny_setup
+    recipe = get_recipe("reference", epochs=2, max_length=64, lr=1e-3, coeff_per_head=True, coeff_lr=0.5)
+    st = api.distill_one("tiny", root / "poly-clr", 42, teacher, 0.5, recipe, opts,
+                         fhe=surgery.FheOptions(poly="all", ln="newton"), epoch_cover=True)
+    heads = st["coeff_heads"]
+    assert heads["trained"] is True and heads["source"] == "calibrated"
+    moved = [abs(a - b) for la, lb in zip(heads["coeffs"], heads["start"]) for a, b in zip(la, lb)]
+    assert max(moved) > 1e-3, moved  # the polynomial exp passed gradients to the coefficients
+    model, _, saved = load_checkpoint(root / "poly-clr")
+    assert not any(COEFF_PARAM in k for k in model.state_dict())
+    assert model.config.cgf_coeff_heads == heads["coeffs"] == saved["coeff_heads"]["coeffs"]
+    assert _modules(model) and all(m.kind != "exp" or m.interval[0] < 0 for m in _modules(model))
+    assert st["dev_final"]["accuracy"] == st["dev"]["accuracy"]
+    assert saved["reload_max_abs_diff"] <= 1e-5

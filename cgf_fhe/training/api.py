@@ -31,7 +31,7 @@ from ..models import (CheckpointError, is_checkpoint, load_checkpoint, read_sett
 from ..softmax import fix_head_coeffs, train_head_coeffs
 from .engine import CEStep, KDStep, clear_state, fit, get_accelerator, set_dropout
 from .evaluate import evaluate_model, model_inputs, probe_softmax, summarize_seeds, format_summary, mean_std
-from .poly_train import PolyTraining
+from .poly_train import StudentSchedule
 from .recipes import Recipe, get_recipe
 
 STATE_SUBDIR = "train_state"
@@ -429,7 +429,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     _check_student_softmax(softmax, poly, student_hidden, student_init, recipe)
     schedule = _poly_schedule(fhe_opts, recipe, guard, blend_epochs, refit, epoch_cover) if poly else None
     if recipe.softmax_blend_epochs and schedule is None:  # a CGF student that is not polynomial
-        schedule = PolyTraining(guard=False, softmax_blend_epochs=_softmax_blend_epochs(recipe))
+        schedule = StudentSchedule(guard=False, softmax_blend_epochs=_softmax_blend_epochs(recipe))
     if student_init is not None:
         student_init = _seed_checkpoint(Path(student_init), seed, "--student-init").resolve()
         if student_init == out.resolve():
@@ -748,7 +748,7 @@ def _narrow_student(t_model, tdir: Path, hidden: int, layers: int | None, coeff:
 
 
 def _poly_schedule(fhe_opts, recipe: Recipe, guard: bool, blend_epochs: float | None,
-                   refit: bool = False, epoch_cover: bool = False) -> PolyTraining:
+                   refit: bool = False, epoch_cover: bool = False) -> StudentSchedule:
     frozen = getattr(fhe_opts, "ln", None) == "frozen"
     if blend_epochs is not None and not frozen:
         raise TrainingError(f"--blend-epochs {blend_epochs:g} needs --ln frozen (the blend anneals frozen LayerNorms)")
@@ -757,8 +757,8 @@ def _poly_schedule(fhe_opts, recipe: Recipe, guard: bool, blend_epochs: float | 
         if not 0 <= blend_epochs < recipe.epochs:
             raise TrainingError(f"--blend-epochs {blend_epochs:g} must be >= 0 and < --epochs {recipe.epochs} "
                                 "(the best checkpoint is chosen among the epochs that end at blend 1)")
-    return PolyTraining(guard=guard, blend_epochs=blend_epochs or 0.0, frozen=frozen, refit=refit,
-                        epoch_cover=epoch_cover, softmax_blend_epochs=_softmax_blend_epochs(recipe))
+    return StudentSchedule(guard=guard, blend_epochs=blend_epochs or 0.0, frozen=frozen, refit=refit,
+                           epoch_cover=epoch_cover, softmax_blend_epochs=_softmax_blend_epochs(recipe))
 
 
 def _softmax_blend_epochs(recipe: Recipe) -> float:

@@ -321,7 +321,7 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
     continued with ``resume=True``. ``keep_best=False`` leaves the last epoch's weights instead of the
     best-on-dev ones (the best metrics are still reported). ``run_info``: JSON-like description of the run
     (softmax, coefficient, KD weights, ...) stored in the state; ``resume`` refuses a state whose
-    description differs. ``schedule`` (e.g. :class:`cgf_fhe.training.poly_train.PolyTraining`): an object with
+    description differs. ``schedule`` (e.g. :class:`cgf_fhe.training.poly_train.StudentSchedule`): an object with
     ``on_step(model, step, steps_per_epoch)`` called before every training step (``step`` = 0-based global step,
     a function of the epoch and batch only, so resumed runs follow the same schedule), ``exported_form(model)``
     (context manager the dev evaluation runs in) and ``epoch_info(model, evaluate, diagnostics) -> dict`` merged

@@ -1,4 +1,5 @@
-"""Training-time aids for polynomial (``--poly all``) students, as a schedule for :func:`engine.fit`.
+"""The training schedule of a distilled student (:class:`StudentSchedule`, ``schedule=`` of :func:`engine.fit`):
+the aids for polynomial (``--poly all``) students, and the softmax blend for any CGF student.
 
 * **guard** (:func:`cgf_fhe.surgery.set_guard`): while training, every polynomial clamps its input into its
   interval, so one out-of-range activation cannot blow up (a polynomial explodes outside its interval). The
@@ -56,8 +57,9 @@ def _ramp(step: int, n: int) -> float:
     return 1.0 if n <= 0 or step >= n else step / n
 
 
-class PolyTraining:
-    """Guard + blend schedule for :func:`cgf_fhe.training.engine.fit` (``schedule=``).
+class StudentSchedule:
+    """Guard, blends, refit and epoch cover for :func:`cgf_fhe.training.engine.fit` (``schedule=``); a plain CGF
+    student uses only the softmax blend (``guard=False``).
 
     ``frozen``: the student has frozen LayerNorms (the blend applies); ``blend_epochs``: length of the
     ramp in epochs (may be fractional)."""
@@ -112,7 +114,7 @@ class PolyTraining:
         from .. import surgery
 
         if self.refit_loader is None:
-            raise RuntimeError("PolyTraining.refit needs attach(loader) first")
+            raise RuntimeError("StudentSchedule.refit needs attach(loader) first")
         options = getattr(model, "cgf_fhe_options", None) or surgery.FheOptions(poly="all")
         kinds = tuple(k for k in options.kinds if k != "ln")
         self._training_form(model)
