@@ -181,7 +181,7 @@ def test_coeff_lr_flag_trains_records_resumes_and_reloads(mrpc_dir, tmp_path, ca
     model, _, settings = load_checkpoint(full)
     heads = settings["coeff_heads"]
     assert settings["recipe"]["coeff_lr"] == 0.5 and heads["trained"] is True
-    assert heads["start"] == [[0.5, 0.5], [0.5, 0.5]]
+    assert heads["start"] == [[0.5, 0.5], [0.5, 0.5]] and heads["source"] == "--coeff"
     assert max(abs(c - 0.5) for layer in heads["coeffs"] for c in layer) > 1e-3  # they moved
     assert model.config.cgf_coeff_heads == heads["coeffs"]  # saved as constants, put back on load
     for layer, coeffs in zip(model.bert.encoder.layer, heads["coeffs"]):
@@ -210,6 +210,11 @@ def test_coeff_lr_flag_trains_records_resumes_and_reloads(mrpc_dir, tmp_path, ca
     keys = [k for k in last[0] if k.endswith(COEFF_PARAM)]
     assert len(keys) == 2  # the last epoch's trainable coefficients are in the training state...
     assert all(torch.equal(last[0][k], last[1][k]) for k in keys)  # ...and the resumed run reached the same ones
+    # a second stage from this student (--student-init) trains on from its trained coefficients
+    again = tmp_path / "again"
+    assert main(base + ["--teacher", str(full / "teacher"), "--student-init", str(full), "-o", str(again)]) == 0
+    second = load_checkpoint(again)[2]["coeff_heads"]
+    assert second["source"] == "student init" and second["start"] == heads["coeffs"] != second["coeffs"]
 
 
 def test_exact_student_softmax_is_the_kd_control(mrpc_dir, tmp_path, capsys, monkeypatch):

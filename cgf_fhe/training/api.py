@@ -483,6 +483,8 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     coeff_heads = _coeff_per_head(student, train, collate, recipe, opts) if recipe.coeff_per_head else None
     if coeff_heads is not None:
         settings["coeff_heads"] = coeff_heads
+    if recipe.coeff_lr and coeff_heads is None:  # where the trained coefficients start
+        coeff_heads = {"source": "student init" if getattr(student.config, "cgf_coeff_heads", None) else "--coeff"}
     coeff_start = train_head_coeffs(student) if recipe.coeff_lr else None
     student.train()
     fhe_settings = None
