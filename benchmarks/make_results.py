@@ -120,6 +120,17 @@ STUDENTS = (
      "softmax to CGF over the first 0.4 epoch (`--softmax-blend-epochs 0.4`)",
      "--poly all --ln newton --epochs 1 --epoch-cover --evals-per-epoch 4 --softmax-blend-epochs 0.4",
      "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
+    ("poly6-newton-ecover-heads-clr", "minilm/poly6-newton-ecover-heads-clr",
+     "polynomial, 6 layers, Newton LayerNorm, epoch cover, 1 epoch, dev 4 times, one CGF coefficient per layer and "
+     "head, calibrated then trained (`--coeff-per-head --coeff-lr 0.01`)",
+     "--poly all --ln newton --epochs 1 --epoch-cover --evals-per-epoch 4 --coeff-per-head --coeff-lr 0.01",
+     "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
+    ("poly6-newton-from-cgf-clr", "minilm/poly6-newton-from-cgf-clr",
+     "polynomial, 6 layers, Newton LayerNorm, epoch cover, 1 epoch, dev 4 times, two stages: calibrated on and "
+     "trained from the `cgf-kd-e1-heads-clr` student of the same seed, its coefficients trained on (`--student-init "
+     "--coeff-lr 0.01`)",
+     "--poly all --ln newton --epochs 1 --epoch-cover --evals-per-epoch 4 --coeff-lr 0.01 --student-init "
+     "$R/minilm/cgf-kd-e1-heads-clr", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("kd-exact-control", "minilm/kd-exact-control",
      "control: exact softmax (not CGF, not polynomial), the same KD, 1 epoch, dev 4 times: what KD and checkpoint "
      "selection cost apart from CGF", "--student-softmax exact --epochs 1 --evals-per-epoch 4", "--seeds 42 7 123",
@@ -153,6 +164,8 @@ PAIRED_WITH = {  # student -> earlier students trained from the same teachers on
     "poly6-newton-ecover-heads": ("poly6-newton-ecover-e4",),
     "poly6-newton-ecover-ce1": ("poly6-newton-ecover-e4",),
     "poly6-newton-ecover-sblend": ("poly6-newton-ecover-e4",),
+    "poly6-newton-ecover-heads-clr": ("poly6-newton-ecover-heads", "poly6-newton-ecover-e4", "cgf-kd-e1-heads-clr"),
+    "poly6-newton-from-cgf-clr": ("cgf-kd-e1-heads-clr", "poly6-newton-ecover-heads-clr", "poly6-newton-from-cgf"),
     "cgf-kd-e1": ("kd-exact-control",),
     "cgf-kd-e1-heads-clr": ("cgf-kd-e1", "kd-exact-control"),
 }

@@ -76,6 +76,9 @@ run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --b
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
     --epoch-cover --evals-per-epoch 4 --softmax-blend-epochs 0.4 --seeds 42 7 123 --no-progress --resume \
     -o "$R/minilm/poly6-newton-ecover-sblend"
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
+    --epoch-cover --evals-per-epoch 4 --coeff-per-head --coeff-lr 0.01 --seeds 42 7 123 --no-progress --resume \
+    -o "$R/minilm/poly6-newton-ecover-heads-clr"
 # control: an exact-softmax student with the same KD (what KD and selection cost apart from CGF)
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --student-softmax exact --epochs 1 \
     --evals-per-epoch 4 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/kd-exact-control"
@@ -88,6 +91,10 @@ run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --b
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
     --epoch-cover --evals-per-epoch 4 --student-init "$R/minilm/cgf-kd" --seeds 42 7 123 --no-progress --resume \
     -o "$R/minilm/poly6-newton-from-cgf"
+# two stages: the polynomial stage from each seed's cgf-kd-e1-heads-clr student, its coefficients trained on
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
+    --epoch-cover --evals-per-epoch 4 --coeff-lr 0.01 --student-init "$R/minilm/cgf-kd-e1-heads-clr" --seeds 42 7 123 \
+    --no-progress --resume -o "$R/minilm/poly6-newton-from-cgf-clr"
 run python benchmarks/frozen_ln_probe.py "$R/minilm/cgf-kd/seed42" -o "$R/minilm/frozen-ln-probe.json"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln frozen \
     --epochs 3 --epoch-cover --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly6-frozen"
