@@ -17,9 +17,9 @@ Layout of R (what run_all.sh writes)::
     minilm/teacher/seed<S>/cgf_fhe.json               the chosen recipe, seeds 42 7 123
     minilm/{cgf-kd,poly6-newton,poly6-frozen,poly2-newton}/seed<S>/cgf_fhe.json
     narrow/student2-h64/[seed<S>/]cgf_fhe.json
-    minilm/{poly6,poly2}.{onnx,parity.json,check.json}  narrow/student2-h64.{parity,check}.json
+    minilm/{poly6,poly6-clr,poly2}.{onnx,parity.json,check.json}  narrow/student2-h64.{parity,check}.json
     minilm/report-{poly6,poly2}-L{9,14}/report.json
-    minilm/emulate-{poly6,poly2}/simulation.json  narrow/{emulate,tenseal}/simulation.json
+    minilm/emulate-{poly6,poly6-clr,poly2}/simulation.json  narrow/{emulate,tenseal}/simulation.json
 """
 from __future__ import annotations
 
@@ -171,10 +171,13 @@ PAIRED_WITH = {  # student -> earlier students trained from the same teachers on
 }
 ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export flags)
     ("poly6", "minilm/poly6.onnx", "minilm/poly6-newton-ecover/seed42", ""),
+    ("poly6-clr", "minilm/poly6-clr.onnx", "minilm/poly6-newton-ecover-heads-clr/seed123", ""),
     ("poly2", "minilm/poly2.onnx", "minilm/poly2-newton/seed42", ""),
     ("narrow", "narrow/student2-h64.onnx", "narrow/student2-h64", " --max-length 32"),
 )
 LEVELS = (9, 14)
+REPORTED = ("poly6", "poly2")  # depth reports at LEVELS
+EMULATED = ("poly6", "poly6-clr", "poly2")  # emulated CKKS on the full dev set
 NARROW_SIM = "--limit 408 --max-length 8 --poly-modulus 8192"
 CALIBRATION = (  # (file name in benchmarks/results, emulator_calibration.py flags)
     ("emulator_calibration_n8192.json", "--poly-modulus 8192 --coeff-bits 60,40,40,60 --scale-bits 40"),
@@ -217,10 +220,11 @@ def commands(R: str) -> dict[str, str]:
     for key, path, ckpt, extra in ONNX:
         c[f"export/{key}"] = f"cgf-fhe export {R}/{ckpt} -o {R}/{path} --verify 408{extra}"
         c[f"check/{key}"] = f"cgf-fhe check {R}/{path} --format json > {R}/{path[:-5]}.check.json"
-    for m in ("poly6", "poly2"):
+    for m in REPORTED:
         for L in LEVELS:
             c[f"report/{m}/{L}"] = (f"cgf-fhe report {R}/minilm/{m}.onnx --levels {L} --seq-len 128 "
                                     f"-o {R}/minilm/report-{m}-L{L}")
+    for m in EMULATED:
         c[f"emulate/{m}"] = (f"cgf-fhe simulate {R}/minilm/{m}.onnx --backend emulate --emulate-refresh client "
                              f"--no-progress -o {R}/minilm/emulate-{m}")
     c["narrow/emulate"] = (f"cgf-fhe simulate {R}/narrow/student2-h64.onnx --backend emulate --emulate-refresh client "
@@ -1107,7 +1111,7 @@ class Page:
                              f" {secs(par.get('seconds'))}")
             self.add(*[f"- {x}" for x in items], "")
 
-        for m in ("poly6", "poly2"):
+        for m in REPORTED:
             reps = {L: self.r.json(f"minilm/report-{m}-L{L}/report.json") for L in LEVELS}
             self.add(f"### Depth report: `{m}` (slot packing, 128 tokens)", "")
             for L in LEVELS:
@@ -1222,7 +1226,7 @@ class Page:
     def emulated(self) -> None:
         from cgf_fhe.simulate.report import plot_layers
 
-        for m in ("poly6", "poly2"):
+        for m in EMULATED:
             c = self.cmd[f"emulate/{m}"]
             self.add(f"### Emulated CKKS on the MRPC dev set: `{m}`", "", *code(c), "")
             s = self.r.json(f"minilm/emulate-{m}/simulation.json")

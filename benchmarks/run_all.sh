@@ -110,6 +110,9 @@ run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --b
 # 5. export + FHE check + parity on the dev set; depth reports at L = 9 and 14
 run cgf-fhe export "$R/minilm/poly6-newton-ecover/seed42" -o "$R/minilm/poly6.onnx" --verify 408
 run_to "$R/minilm/poly6.check.json" cgf-fhe check "$R/minilm/poly6.onnx" --format json
+# a polynomial student with trained per-head coefficients (one seed: 123)
+run cgf-fhe export "$R/minilm/poly6-newton-ecover-heads-clr/seed123" -o "$R/minilm/poly6-clr.onnx" --verify 408
+run_to "$R/minilm/poly6-clr.check.json" cgf-fhe check "$R/minilm/poly6-clr.onnx" --format json
 run cgf-fhe export "$R/minilm/poly2-newton/seed42" -o "$R/minilm/poly2.onnx" --verify 408
 run_to "$R/minilm/poly2.check.json" cgf-fhe check "$R/minilm/poly2.onnx" --format json
 run cgf-fhe export "$R/narrow/student2-h64" -o "$R/narrow/student2-h64.onnx" --verify 408 --max-length 32
@@ -123,6 +126,8 @@ run cgf-fhe report "$R/minilm/poly2.onnx" --levels 14 --seq-len 128 -o "$R/minil
 #    examples (all 408 share one pass in the slots; the cost is per ciphertext, not per example)
 run cgf-fhe simulate "$R/minilm/poly6.onnx" --backend emulate --emulate-refresh client \
     --no-progress -o "$R/minilm/emulate-poly6"
+run cgf-fhe simulate "$R/minilm/poly6-clr.onnx" --backend emulate --emulate-refresh client \
+    --no-progress -o "$R/minilm/emulate-poly6-clr"
 run cgf-fhe simulate "$R/minilm/poly2.onnx" --backend emulate --emulate-refresh client \
     --no-progress -o "$R/minilm/emulate-poly2"
 run cgf-fhe simulate "$R/narrow/student2-h64.onnx" --backend emulate --emulate-refresh client \
