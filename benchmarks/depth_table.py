@@ -17,7 +17,8 @@ from pathlib import Path
 # the choices shown: GELU degrees and (exp form, degree, squarings)
 GELU_DEGREES = (15, 63)
 EXP_CHOICES = (("ps", 15, 2), ("ps", 7, 3), ("square", 128, 7))
-COLUMNS = ("LayerNorm", "exp form (degree, squarings)", "exp depth", "GELU degree", "GELU depth", "LN depth",
+COLUMNS = ("LayerNorm", "exp form (degree, squarings)", "exp depth", "GELU degree", "GELU depth",
+           "LN depth (each; attn + ffn if they differ)",
            "depth per layer")
 
 
@@ -33,10 +34,12 @@ def table() -> dict:
 
 def markdown(t: dict) -> str:
     lines = [f"Formula: {t['formula']}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    from cgf_fhe.surgery import ln_cells
+
     for r in t["rows"]:
-        ln = "frozen" if r["ln"] == "frozen" else f"Newton, {r['newton_steps']} steps"
+        ln, lnd = ln_cells(r)
         lines.append(f"| {ln} | {r['exp_form']} ({r['exp_degree']}, {r['exp_squarings']}) | {r['exp_depth']} | "
-                     f"{r['gelu_degree']} | {r['gelu_depth']} | {r['ln_depth']} | {r['layer_depth']} |")
+                     f"{r['gelu_degree']} | {r['gelu_depth']} | {lnd} | {r['layer_depth']} |")
     return "\n".join(lines)
 
 

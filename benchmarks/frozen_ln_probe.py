@@ -8,7 +8,9 @@ the checkpoint as is and with two frozen replacements built from those statistic
 
 * ``frozen``: one constant per LayerNorm, the geometric mean over all valid tokens (what ``--ln frozen``
   calibrates by default: ``frozen_stat="geo"``), i.e. :class:`cgf_fhe.poly.FrozenLayerNorm`;
-* ``frozen_cls``: two constants per LayerNorm, one for position 0 and one for every other position.
+* ``frozen_cls``: two constants per LayerNorm, one for position 0 and one for every other position;
+* ``frozen_attn`` / ``frozen_ffn``: one constant per LayerNorm, but only the six after attention (``ln_attn``,
+  what ``--ln frozen-attn`` freezes) or only the six after the FFN (``ln_ffn``); the others stay exact.
 
 For each variant: dev accuracy, examples with non-finite logits, and the per-layer range of the CGF exp input
 (``s - mean - c var``) on a few training batches (an exp polynomial must cover it).
@@ -87,10 +89,11 @@ def ln_statistics(model, loader) -> dict:
     return out
 
 
-def swap_frozen(model, stats: dict, split_cls: bool) -> int:
+def swap_frozen(model, stats: dict, split_cls: bool, only: str | None = None) -> int:
+    """Replace the LayerNorms in ``stats`` (only the keys ending in ``only`` if given) by frozen ones."""
     n = 0
     for key, parent, attr in surgery._locations(model):
-        if key not in stats:
+        if key not in stats or (only is not None and not key.endswith(only)):
             continue
         st, ln = stats[key], getattr(parent, attr)
         if split_cls:
@@ -115,10 +118,11 @@ def probe(ckpt: str, calib_loader, dev_loader, exp_batches: int = 4) -> dict:
         raise SystemExit(f"{ckpt}: already polynomial; probe a CGF student with exact LayerNorms (distill without --poly)")
     stats = ln_statistics(model, calib_loader)
     variants = {}
-    for name, split in (("exact_ln", None), ("frozen", False), ("frozen_cls", True)):
+    for name, split, only in (("exact_ln", None, None), ("frozen", False, None), ("frozen_cls", True, None),
+                              ("frozen_attn", False, "ln_attn"), ("frozen_ffn", False, "ln_ffn")):
         m, _, _ = load_checkpoint(ckpt)
         if split is not None:
-            swap_frozen(m, stats, split)
+            swap_frozen(m, stats, split, only)
         ev = evaluate_model(m, dev_loader, "cpu")
         with torch.no_grad():
             rng = exp_ranges(m, calib_loader, exp_batches)

@@ -144,6 +144,11 @@ STUDENTS = (
      None, False),
     ("poly6-frozen", "minilm/poly6-frozen", "polynomial, 6 layers, frozen LayerNorm",
      "--poly all --ln frozen --epochs 3 --epoch-cover", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
+    ("poly6-frozen-ecover-heads-clr", "minilm/poly6-frozen-ecover-heads-clr",
+     "polynomial, 6 layers, frozen LayerNorm (annealed from exact over the first half epoch), otherwise as "
+     "`poly6-newton-ecover-heads-clr`",
+     "--poly all --ln frozen --blend-epochs 0.5 --epochs 1 --epoch-cover --evals-per-epoch 4 --coeff-per-head "
+     "--coeff-lr 0.01", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly2-newton", "minilm/poly2-newton", "polynomial, 2 layers, Newton LayerNorm",
      "--poly all --ln newton --student-layers 2 --epochs 3", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("narrow-cgf", "narrow/cgf2-h64", "CGF (not polynomial), 2 layers, hidden 64 (narrow), 32 tokens: stage 1",
@@ -166,6 +171,7 @@ PAIRED_WITH = {  # student -> earlier students trained from the same teachers on
     "poly6-newton-ecover-sblend": ("poly6-newton-ecover-e4",),
     "poly6-newton-ecover-heads-clr": ("poly6-newton-ecover-heads", "poly6-newton-ecover-e4", "cgf-kd-e1-heads-clr"),
     "poly6-newton-from-cgf-clr": ("cgf-kd-e1-heads-clr", "poly6-newton-ecover-heads-clr", "poly6-newton-from-cgf"),
+    "poly6-frozen-ecover-heads-clr": ("poly6-newton-ecover-heads-clr", "poly6-frozen"),
     "cgf-kd-e1": ("kd-exact-control",),
     "cgf-kd-e1-heads-clr": ("cgf-kd-e1", "kd-exact-control"),
 }
@@ -1006,7 +1012,9 @@ class Page:
             return g3(max(his)) if his else "n/a"
 
         labels = {"exact_ln": "exact LayerNorm (the checkpoint)", "frozen": "frozen, one constant per LayerNorm",
-                  "frozen_cls": "frozen, own constant for position 0 ([CLS])"}
+                  "frozen_cls": "frozen, own constant for position 0 ([CLS])",
+                  "frozen_attn": "frozen after attention only (`--ln frozen-attn`), exact after the FFN",
+                  "frozen_ffn": "frozen after the FFN only, exact after attention"}
         vrows = []
         for k, v in var.items():
             blown = sum(1 for r in v.get("exp_range_per_layer") or [] if not r or r[1] is None)
@@ -1025,6 +1033,12 @@ class Page:
                  f"LayerNorm: {top('exact_ln')}), and the network overflows. A frozen-LayerNorm MiniLM student would "
                  "need training that removes these outliers first. Distillation that anneals exact -> frozen "
                  "LayerNorm (the run below) does not remove them: see its training loss.", "")
+        if "frozen_attn" in var and "frozen_ffn" in var:
+            self.add(f"The damage comes from the LayerNorms after the FFN: frozen there alone, the exp inputs reach "
+                     f"{top('frozen_ffn')}; frozen after attention alone, they stay at {top('frozen_attn')} and dev "
+                     f"accuracy is {num(var['frozen_attn'].get('accuracy'))} before any training (exact "
+                     f"{num(var['exact_ln'].get('accuracy'))}). `--ln frozen-attn` freezes exactly those and keeps "
+                     "Newton after the FFN.", "")
 
     def plot_accuracy_depth(self) -> None:
         if not self.poly_points:
@@ -1072,14 +1086,15 @@ class Page:
         self.add("Stated depths; `tests/test_surgery.py` and `tests/test_export.py` check that each stated depth "
                  "equals the depth `fhe_ops.analyze` finds in the exported ONNX graph.", "",
                  f"Formula: {t.get('formula', 'n/a')}", "")
+        from cgf_fhe.surgery import ln_cells
+
         rows = []
         for r in t.get("rows") or []:
-            ln = "frozen" if r.get("ln") == "frozen" else f"Newton, {r.get('newton_steps')} steps"
+            ln, lnd = ln_cells(r)
             rows.append([ln, f"{r.get('exp_form')} ({r.get('exp_degree')}, {r.get('exp_squarings')})",
-                         r.get("exp_depth"), r.get("gelu_degree"), r.get("gelu_depth"), r.get("ln_depth"),
-                         r.get("layer_depth")])
+                         r.get("exp_depth"), r.get("gelu_degree"), r.get("gelu_depth"), lnd, r.get("layer_depth")])
         self.add(*table(["LayerNorm", "exp form (degree, squarings)", "exp depth", "GELU degree", "GELU depth",
-                         "LN depth", "depth per layer"], rows), "")
+                         "LN depth (each; attn + ffn if they differ)", "depth per layer"], rows), "")
 
     # ---------------------------------------------------------------------------------------------- 3-4. export, report
     def export_and_reports(self) -> None:

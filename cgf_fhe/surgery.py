@@ -47,11 +47,18 @@ HEAD_LINEAR_DEPTH = 2
 
 
 KINDS = ("exp", "gelu", "ln", "tanh")
+LN_CHOICES = ("newton", "frozen", "frozen-attn")  # --ln: every LayerNorm Newton / frozen / frozen after attention only
 
 
 @dataclass
 class FheOptions:
-    """What to approximate and how. ``poly``: "none" | "all"; ``ln``: "newton" | "frozen".
+    """What to approximate and how. ``poly``: "none" | "all"; ``ln``: "newton" | "frozen" | "frozen-attn".
+
+    ``ln="frozen-attn"``: frozen statistics for the LayerNorm after attention (``ln_attn``), Newton for the one
+    after the FFN (``ln_ffn``). On the MiniLM CGF student (``benchmarks/frozen_ln_probe.py``), freezing the six
+    attention-output LayerNorms without retraining keeps every CGF exp input in its exact-LayerNorm range;
+    freezing the FFN-output ones sends them past 40 (the massive-activation tokens are no longer rescaled), which
+    is why all-frozen diverges. :meth:`ln_for` gives each LayerNorm's choice.
 
     Forms: ``exp_form`` "ps" | "powers" | "square" (``exp_r`` squarings for "square"); ``form`` for GELU,
     tanh and the 1/sqrt guess ("ps" | "powers"). ``fit``: "interp" (Chebyshev interpolation) or "lsq".
@@ -96,8 +103,8 @@ class FheOptions:
     def __post_init__(self):
         if self.poly not in ("none", "all"):
             raise ValueError(f"poly must be 'none' or 'all', got {self.poly!r}")
-        if self.ln not in ("newton", "frozen"):
-            raise ValueError(f"ln must be 'newton' or 'frozen', got {self.ln!r}")
+        if self.ln not in LN_CHOICES:
+            raise ValueError(f"ln must be one of {LN_CHOICES}, got {self.ln!r}")
         if self.exp_form not in P.FORMS:
             raise ValueError(f"exp_form must be one of {P.FORMS}, got {self.exp_form!r}")
         if self.form not in ("ps", "powers"):
@@ -113,6 +120,16 @@ class FheOptions:
             raise ValueError(f"unknown kinds {bad}; choose from {KINDS}")
         if self.frozen_stat not in ("geo", "ls"):
             raise ValueError(f"frozen_stat must be 'geo' or 'ls', got {self.frozen_stat!r}")
+
+    def ln_for(self, key: str) -> str:
+        """"frozen" or "newton" for the LayerNorm ``key`` (``layers.<i>.ln_attn`` / ``layers.<i>.ln_ffn``)."""
+        if self.ln == "frozen-attn":
+            return "frozen" if key.endswith("ln_attn") else "newton"
+        return self.ln
+
+    @property
+    def any_frozen(self) -> bool:
+        return self.ln in ("frozen", "frozen-attn")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -397,7 +414,7 @@ def build_modules(model, options: FheOptions, ranges: dict, keys=None) -> dict[s
                                          method=options.fit))
         else:
             ln = getattr(parent, attr)
-            if options.ln == "frozen":
+            if options.ln_for(key) == "frozen":
                 inv = st.get(f"frozen_inv_sigma_{options.frozen_stat}") or 1.0 / math.sqrt(st["mean"])
                 mods[key] = P.FrozenLayerNorm(inv, ln=ln, interval=widen(st, options.margin, positive=True))
             else:
@@ -609,7 +626,7 @@ def shrink_layers(model, k: int) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------- depth
 def ln_depth(ln: str, invsqrt_degree: int = 31, newton_steps: int = 2, form: str = "ps") -> int:
-    """Stated depth of a LayerNorm replacement: frozen 1; Newton ``3 + P + 2*steps``."""
+    """Stated depth of one LayerNorm replacement: frozen 1; Newton ``3 + P + 2*steps``."""
     if ln == "frozen":
         return P.FrozenLayerNorm.depth
     baby = P.best_baby(invsqrt_degree) if form == "ps" else 2
@@ -634,16 +651,20 @@ def depth_table(options: FheOptions | dict | None = None,
                              ("ps", 7, 2), ("ps", 7, 3), ("ps", 7, 4), ("square", 6, 0), ("square", 7, 0)),
                 gelu_degrees=(15, 31, 63), newton_steps=(1, 2, 3)) -> dict:
     """Per-encoder-layer multiplicative depth for each approximation choice, from the forms' stated depths
-    (as exported: normalisation scales folded). ``layer = 9 + E + G + 2*L`` (:data:`LAYER_LINEAR_DEPTH`),
-    head ``2 + T``. ``exp_choices``: (form, degree, squarings) with degree = r for "square".
-    LN choices: frozen, and Newton with ``options.invsqrt_degree`` for each of ``newton_steps``.
+    (as exported: normalisation scales folded). ``layer = 9 + E + G + L_attn + L_ffn``
+    (:data:`LAYER_LINEAR_DEPTH`), head ``2 + T``. ``exp_choices``: (form, degree, squarings) with degree = r for
+    "square". LN choices (:data:`LN_CHOICES`): frozen; Newton with ``options.invsqrt_degree`` for each of
+    ``newton_steps``; frozen-attn (frozen after attention, that Newton after the FFN). Each row has
+    ``ln_attn_depth`` and ``ln_ffn_depth``; ``ln_depth`` is their common value (None for frozen-attn).
     ``"current"`` evaluates ``options`` itself (auto squarings/steps are per layer: see ``model_depth``)."""
     if options is None:
         options = FheOptions(poly="all")
     elif isinstance(options, dict):
         options = FheOptions.from_dict(options)
-    lns = [("frozen", None, ln_depth("frozen"))]
-    lns += [("newton", n, ln_depth("newton", options.invsqrt_degree, n, options.form)) for n in newton_steps]
+    F = ln_depth("frozen")
+    newton = [(n, ln_depth("newton", options.invsqrt_degree, n, options.form)) for n in newton_steps]
+    lns = [("frozen", None, F, F)] + [("newton", n, L, L) for n, L in newton] + [("frozen-attn", n, F, L)
+                                                                               for n, L in newton]
     exps = []
     for form, deg, k in exp_choices:
         E = poly_depth("square", 2 ** deg, r=deg) if form == "square" else poly_depth(form, deg, squarings=k)
@@ -651,11 +672,12 @@ def depth_table(options: FheOptions | dict | None = None,
                      "exp_squarings": deg if form == "square" else k, "exp_depth": E})
     gelus = [(g, poly_depth(options.form, g)) for g in sorted(set(gelu_degrees) | {options.gelu_degree})]
     rows = []
-    for ln, n, L in lns:
+    for ln, n, La, Lf in lns:
         for e in exps:
             for g, G in gelus:
-                rows.append({"ln": ln, "newton_steps": n, "ln_depth": L, **e, "gelu_degree": g, "gelu_depth": G,
-                             "layer_depth": layer_depth(e["exp_depth"], G, L)})
+                rows.append({"ln": ln, "newton_steps": n, "ln_depth": La if La == Lf else None,
+                             "ln_attn_depth": La, "ln_ffn_depth": Lf, **e, "gelu_degree": g, "gelu_depth": G,
+                             "layer_depth": layer_depth(e["exp_depth"], G, La, Lf)})
     cur = {}
     if options.exp_form == "square":
         cur["exp_depth"] = poly_depth("square", 0, r=options.exp_r)
@@ -663,21 +685,34 @@ def depth_table(options: FheOptions | dict | None = None,
         cur["exp_depth"] = poly_depth(options.exp_form, options.exp_degree, squarings=options.exp_squarings)
     cur["gelu_depth"] = poly_depth(options.form, options.gelu_degree)
     if options.ln == "frozen" or options.newton_steps is not None:
-        cur["ln_depth"] = ln_depth(options.ln, options.invsqrt_degree, options.newton_steps or 0, options.form)
+        La, Lf = (ln_depth(options.ln_for(k), options.invsqrt_degree, options.newton_steps or 0, options.form)
+                  for k in ("ln_attn", "ln_ffn"))
+        cur.update(ln_attn_depth=La, ln_ffn_depth=Lf, ln_depth=La if La == Lf else None)
     cur["tanh_depth"] = poly_depth(options.form, options.tanh_degree)
     cur["head_depth"] = HEAD_LINEAR_DEPTH + cur["tanh_depth"]
-    if "exp_depth" in cur and "ln_depth" in cur:
-        cur["layer_depth"] = layer_depth(cur["exp_depth"], cur["gelu_depth"], cur["ln_depth"])
+    if "exp_depth" in cur and "ln_attn_depth" in cur:
+        cur["layer_depth"] = layer_depth(cur["exp_depth"], cur["gelu_depth"], cur["ln_attn_depth"],
+                                         cur["ln_ffn_depth"])
     return {
-        "formula": "layer = 9 + exp + gelu + 2*ln (QKV 1, QK^T 1, CGF stats 2, *w 1, @V 1, dense 1, FFN 2); "
-                   "head = 2 + tanh; frozen ln = 1; newton ln = 3 + P + 2*steps",
+        "formula": "layer = 9 + exp + gelu + ln_attn + ln_ffn (QKV 1, QK^T 1, CGF stats 2, *w 1, @V 1, dense 1, "
+                   "FFN 2); head = 2 + tanh; frozen ln = 1; newton ln = 3 + P + 2*steps",
         "linear_depth": LAYER_LINEAR_DEPTH,
         "components": {"ln": [{"ln": a, "newton_steps": n, "invsqrt_degree": options.invsqrt_degree if n else None,
-                               "depth": L} for a, n, L in lns],
+                               "depth": L} for a, n, L, _ in lns[:1 + len(newton)]],
                        "exp": exps, "gelu": [{"degree": g, "depth": G} for g, G in gelus]},
         "rows": rows,
         "current": cur,
     }
+
+
+def ln_cells(row: dict) -> tuple[str, str]:
+    """(LayerNorm label, LN depth text) of a :func:`depth_table` row, for Markdown tables."""
+    steps = f"Newton, {row.get('newton_steps')} steps"
+    label = {"frozen": "frozen", "frozen-attn": f"frozen after attention, {steps} after the FFN"}.get(row.get("ln"),
+                                                                                                        steps)
+    if row.get("ln_depth") is not None:
+        return label, str(row["ln_depth"])
+    return label, f"{row.get('ln_attn_depth')} + {row.get('ln_ffn_depth')}"
 
 
 def model_depth(model) -> dict:

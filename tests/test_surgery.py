@@ -14,9 +14,9 @@ from cgf_fhe.data import load_mrpc, make_loader, tokenize_split
 from cgf_fhe.models import build_model, load_checkpoint, save_checkpoint
 from cgf_fhe.softmax import set_softmax
 from cgf_fhe.split import ServerModel, client_embed, fold_for_export
-from cgf_fhe.surgery import (FheOptions, apply_fhe_settings, calibrate, depth_table, fhe_settings, interval_penalty,
+from cgf_fhe.surgery import (LN_CHOICES, FheOptions, apply_fhe_settings, calibrate, depth_table, fhe_settings, interval_penalty,
                              interval_report, layer_depth, model_depth, named_approx_modules, polynomialize,
-                             reset_interval_counters, set_frozen_blend, set_guard, shrink_layers)
+                             ln_cells, reset_interval_counters, set_frozen_blend, set_guard, shrink_layers)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_polynomialize_installs_modules_with_margin(ranges):
         _poly_model({"layers": [{}, {}], "pooler": {}})
 
 
-@pytest.mark.parametrize("ln", ["frozen", "newton"])
+@pytest.mark.parametrize("ln", LN_CHOICES)
 def test_split_invariant_and_fold(ranges, data, ln):
     model, _, _ = _poly_model(ranges, ln=ln)
     batch = next(iter(data))
@@ -254,7 +254,7 @@ def _server_modules_ok(model):
     return bad
 
 
-@pytest.mark.parametrize("ln", ["frozen", "newton"])
+@pytest.mark.parametrize("ln", LN_CHOICES)
 def test_server_path_is_polynomial(ranges, data, ln):
     model, _, _ = _poly_model(ranges, ln=ln)
     batch = next(iter(data))
@@ -279,7 +279,7 @@ def _onnx(model, emb, mask):
     return prog.model_proto
 
 
-@pytest.mark.parametrize("ln", ["frozen", "newton"])
+@pytest.mark.parametrize("ln", LN_CHOICES)
 def test_onnx_export_passes_verifier_with_stated_depth(ranges, data, ln):
     model, _, settings = _poly_model(ranges, ln=ln)
     batch = next(iter(data))
@@ -295,6 +295,40 @@ def test_onnx_export_passes_verifier_with_stated_depth(ranges, data, ln):
         g = mods[f"layers.{i}.gelu"].approx.depth(prescaled=True)
         assert stated["per_layer"][i] == layer_depth(e, g, mods[f"layers.{i}.ln_attn"].depth,
                                                      mods[f"layers.{i}.ln_ffn"].depth)
+
+
+def test_frozen_attn_freezes_only_the_attention_output_layernorms(ranges, data):
+    """--ln frozen-attn: every ln_attn is a FrozenLayerNorm (depth 1, its calibrated constant), every ln_ffn a
+    NewtonLayerNorm identical to the all-Newton model's; each layer is 1 + Newton depth cheaper than all-Newton
+    at the same exp/GELU; the blend reaches only the frozen ones; the CLI accepts exactly LN_CHOICES."""
+    from cgf_fhe.cli import build_parser
+
+    mixed, _, settings = _poly_model(ranges, ln="frozen-attn")
+    newton, _, _ = _poly_model(ranges, ln="newton")
+    frozen, _, _ = _poly_model(ranges, ln="frozen")
+    m, n, f = (dict(named_approx_modules(x)) for x in (mixed, newton, frozen))
+    for i in range(2):
+        a, b = m[f"layers.{i}.ln_attn"], m[f"layers.{i}.ln_ffn"]
+        assert isinstance(a, P.FrozenLayerNorm) and a.inv_sigma == f[f"layers.{i}.ln_attn"].inv_sigma
+        assert isinstance(b, P.NewtonLayerNorm) and b.depth == n[f"layers.{i}.ln_ffn"].depth > 1
+        assert b.to_settings() == n[f"layers.{i}.ln_ffn"].to_settings()
+    dm, dn = model_depth(mixed), model_depth(newton)
+    for i in range(2):
+        assert dn["per_layer"][i] - dm["per_layer"][i] == n[f"layers.{i}.ln_attn"].depth - 1
+    assert settings["options"]["ln"] == "frozen-attn"
+    assert set_frozen_blend(mixed, 0.0) == 2 and set_frozen_blend(newton, 0.0) == 0
+    batch = next(iter(data))
+    with torch.no_grad():  # blend 0 = exact LayerNorm where frozen: the model moves towards all-Newton
+        b0 = mixed(**_inputs(batch)).logits
+        set_frozen_blend(mixed, 1.0)
+        b1 = mixed(**_inputs(batch)).logits
+        ref = newton(**_inputs(batch)).logits
+    assert (b0 - ref).abs().max() < (b1 - ref).abs().max()
+    parser = build_parser()
+    for ln in LN_CHOICES:  # the CLI's literal choices (it does not import torch) are the surgery's
+        assert parser.parse_args(["distill", "-o", "x", "--ln", ln]).ln == ln
+    with pytest.raises(SystemExit):
+        parser.parse_args(["distill", "-o", "x", "--ln", "mixed"])
 
 
 def test_exact_model_fails_verifier(data):
@@ -401,7 +435,7 @@ def test_guard_and_blend_training_aids(ranges, data):
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ln", ["frozen", "newton"])
+@pytest.mark.parametrize("ln", LN_CHOICES)
 def test_checkpoint_round_trip(ranges, data, tmp_path, ln):
     model, tok, settings = _poly_model(ranges, ln=ln)
     with torch.no_grad():  # pretend distillation changed the LayerNorm parameters
@@ -466,7 +500,7 @@ def test_depth_table():
     frozen = [r for r in rows if r["ln"] == "frozen"]
     newton = [r for r in rows if r["ln"] == "newton" and r["newton_steps"] == 2]
     assert len(frozen) == len(newton) > 0
-    for r in rows:
+    for r in frozen + newton:
         assert r["layer_depth"] == 9 + r["exp_depth"] + r["gelu_depth"] + 2 * r["ln_depth"]
     assert all(r["ln_depth"] == 1 for r in frozen)
     assert {r["ln_depth"] for r in newton} == {3 + 5 + 4}  # degree 31 PS (5) + 2 Newton steps
@@ -475,6 +509,18 @@ def test_depth_table():
     cur = t["current"]
     assert cur["exp_depth"] == 6 and cur["ln_depth"] == 12 and cur["gelu_depth"] == 5
     assert cur["layer_depth"] == 9 + 6 + 5 + 24
+    mixed = [r for r in rows if r["ln"] == "frozen-attn" and r["newton_steps"] == 2]
+    assert len(mixed) == len(newton) and all(r["ln_depth"] is None for r in mixed)
+    for r in rows:
+        assert r["layer_depth"] == 9 + r["exp_depth"] + r["gelu_depth"] + r["ln_attn_depth"] + r["ln_ffn_depth"]
+    assert {(r["ln_attn_depth"], r["ln_ffn_depth"]) for r in mixed} == {(1, 12)}
+    assert {r["layer_depth"] for r in newton} == {r["layer_depth"] + 11 for r in mixed}
+    assert ln_cells(mixed[0]) == ("frozen after attention, Newton, 2 steps after the FFN", "1 + 12")
+    assert ln_cells(newton[0]) == ("Newton, 2 steps", "12") and ln_cells(frozen[0]) == ("frozen", "1")
+    cur = depth_table(FheOptions(poly="all", ln="frozen-attn", exp_degree=15, exp_squarings=2, newton_steps=2,
+                                 invsqrt_degree=31, gelu_degree=31))["current"]
+    assert (cur["ln_attn_depth"], cur["ln_ffn_depth"], cur["ln_depth"]) == (1, 12, None)
+    assert cur["layer_depth"] == 9 + 6 + 5 + 1 + 12
 
 
 def test_cover_ranges_refits_only_the_op_whose_inputs_drift(ranges, data):

@@ -751,9 +751,10 @@ def _narrow_student(t_model, tdir: Path, hidden: int, layers: int | None, coeff:
 
 def _poly_schedule(fhe_opts, recipe: Recipe, guard: bool, blend_epochs: float | None,
                    refit: bool = False, epoch_cover: bool = False) -> StudentSchedule:
-    frozen = getattr(fhe_opts, "ln", None) == "frozen"
+    frozen = bool(getattr(fhe_opts, "any_frozen", False))
     if blend_epochs is not None and not frozen:
-        raise TrainingError(f"--blend-epochs {blend_epochs:g} needs --ln frozen (the blend anneals frozen LayerNorms)")
+        raise TrainingError(f"--blend-epochs {blend_epochs:g} needs --ln frozen or frozen-attn (the blend anneals "
+                            "frozen LayerNorms)")
     if frozen:
         blend_epochs = recipe.epochs / 2 if blend_epochs is None else float(blend_epochs)
         if not 0 <= blend_epochs < recipe.epochs:

@@ -169,8 +169,8 @@ def cmd_distill(args) -> int:
 
     if fhe is None and (args.no_guard or args.refit or args.blend_epochs is not None or args.epoch_cover):
         raise UserError("--no-guard / --refit / --blend-epochs / --epoch-cover need --poly all")
-    if args.blend_epochs is not None and fhe.ln != "frozen":
-        raise UserError("--blend-epochs needs --ln frozen (it anneals exact -> frozen LayerNorm)")
+    if args.blend_epochs is not None and not fhe.any_frozen:
+        raise UserError("--blend-epochs needs --ln frozen or frozen-attn (it anneals exact -> frozen LayerNorm)")
     for flag in ("attn_weight", "coeff_lr"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
@@ -258,8 +258,10 @@ def register(subparsers) -> None:
     f = p.add_argument_group("FHE-friendly student (cgf_fhe.surgery)")
     f.add_argument("--poly", choices=["none", "all"], default="none",
                    help="all = replace every non-linearity (exp, GELU, LayerNorm 1/sqrt, tanh) by polynomials")
-    f.add_argument("--ln", choices=["newton", "frozen"],
-                   help="LayerNorm: Newton inverse sqrt or frozen statistics (unset options: FheOptions defaults)")
+    f.add_argument("--ln", choices=["newton", "frozen", "frozen-attn"],  # surgery.LN_CHOICES (torch-free here)
+                   help="LayerNorm: Newton inverse sqrt, frozen statistics, or frozen-attn (frozen after attention, "
+                        "Newton after the FFN: MiniLM's FFN-output LayerNorms cannot be frozen; see "
+                        "benchmarks/frozen_ln_probe.py) (unset options: FheOptions defaults)")
     f.add_argument("--exp-degree", type=int)
     f.add_argument("--gelu-degree", type=int)
     f.add_argument("--tanh-degree", type=int)
@@ -285,11 +287,11 @@ def register(subparsers) -> None:
                    help="do not clamp polynomial inputs into their intervals while training (the guard is a "
                         "plaintext training aid; dev metrics are always measured without it)")
     f.add_argument("--blend-epochs", type=float, metavar="F",
-                   help="--ln frozen: anneal exact -> frozen LayerNorm linearly per step over the first F epochs "
+                   help="--ln frozen / frozen-attn: anneal exact -> frozen LayerNorm linearly per step over the first F epochs "
                         "(default: half of --epochs; 0 = frozen from the start; must be < --epochs). Only epochs "
                         "that end at blend 1 can be the best checkpoint")
     f.add_argument("--refit", action="store_true",
-                   help="--ln frozen with --blend-epochs > 0: when the blend reaches 1, re-measure the ranges on the "
+                   help="--ln frozen / frozen-attn with --blend-epochs > 0: when the blend reaches 1, re-measure the ranges on the "
                         "training data and refit the exp/GELU/tanh polynomials (default: keep the intervals "
                         "calibrated on the exact-LayerNorm model). Experimental: wider intervals can add depth")
     f.add_argument("--epoch-cover", action="store_true",
