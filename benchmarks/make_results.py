@@ -149,6 +149,11 @@ STUDENTS = (
      "`poly6-newton-ecover-heads-clr`",
      "--poly all --ln frozen --blend-epochs 0.5 --epochs 1 --epoch-cover --evals-per-epoch 4 --coeff-per-head "
      "--coeff-lr 0.01", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
+    ("poly6-frozenattn-ecover-heads-clr", "minilm/poly6-frozenattn-ecover-heads-clr",
+     "polynomial, 6 layers, frozen LayerNorm after attention and Newton after the FFN (`--ln frozen-attn`, frozen "
+     "from the start), otherwise as `poly6-newton-ecover-heads-clr`",
+     "--poly all --ln frozen-attn --blend-epochs 0 --epochs 1 --epoch-cover --evals-per-epoch 4 --coeff-per-head "
+     "--coeff-lr 0.01", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly2-newton", "minilm/poly2-newton", "polynomial, 2 layers, Newton LayerNorm",
      "--poly all --ln newton --student-layers 2 --epochs 3", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("narrow-cgf", "narrow/cgf2-h64", "CGF (not polynomial), 2 layers, hidden 64 (narrow), 32 tokens: stage 1",
@@ -172,6 +177,7 @@ PAIRED_WITH = {  # student -> earlier students trained from the same teachers on
     "poly6-newton-ecover-heads-clr": ("poly6-newton-ecover-heads", "poly6-newton-ecover-e4", "cgf-kd-e1-heads-clr"),
     "poly6-newton-from-cgf-clr": ("cgf-kd-e1-heads-clr", "poly6-newton-ecover-heads-clr", "poly6-newton-from-cgf"),
     "poly6-frozen-ecover-heads-clr": ("poly6-newton-ecover-heads-clr", "poly6-frozen"),
+    "poly6-frozenattn-ecover-heads-clr": ("poly6-newton-ecover-heads-clr", "poly6-frozen-ecover-heads-clr"),
     "cgf-kd-e1": ("kd-exact-control",),
     "cgf-kd-e1-heads-clr": ("cgf-kd-e1", "kd-exact-control"),
 }

@@ -102,6 +102,10 @@ run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --b
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln frozen --blend-epochs 0.5 \
     --epochs 1 --epoch-cover --evals-per-epoch 4 --coeff-per-head --coeff-lr 0.01 --seeds 42 7 123 --no-progress --resume \
     -o "$R/minilm/poly6-frozen-ecover-heads-clr"
+# frozen LayerNorm after attention only, Newton after the FFN (the probe above: the FFN-output ones cannot be frozen)
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln frozen-attn --blend-epochs 0 \
+    --epochs 1 --epoch-cover --evals-per-epoch 4 --coeff-per-head --coeff-lr 0.01 --seeds 42 7 123 --no-progress --resume \
+    -o "$R/minilm/poly6-frozenattn-ecover-heads-clr"
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --student-layers 2 \
     --epochs 3 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/poly2-newton"
 # narrow 2-layer hidden-64 student for real TenSEAL runs, in two stages: CGF (not polynomial) first, then the
