@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, DataError, CheckpointError, GraphError, FileNotFoundError) as exc:
         print(f"cgf-fhe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # training.engine.TrainingDiverged: a non-finite loss, recorded on disk
+        print(f"cgf-fhe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"cgf-fhe {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -707,7 +707,8 @@ def depth_table(options: FheOptions | dict | None = None,
 
 def ln_cells(row: dict) -> tuple[str, str]:
     """(LayerNorm label, LN depth text) of a :func:`depth_table` row, for Markdown tables."""
-    steps = f"Newton, {row.get('newton_steps')} steps"
+    n = row.get("newton_steps")
+    steps = f"Newton, {n} step" + ("" if n == 1 else "s")
     label = {"frozen": "frozen", "frozen-attn": f"frozen after attention, {steps} after the FFN"}.get(row.get("ln"),
                                                                                                         steps)
     if row.get("ln_depth") is not None:

@@ -232,6 +232,42 @@ def test_cli_rejects_bad_blend_flags(tiny_setup, capsys):
     assert "--poly all" in capsys.readouterr().err
 
 
+def test_diverged_seed_is_recorded_and_the_other_seeds_finish(tiny_setup, monkeypatch, capsys):
+    """A non-finite loss stops that seed's training with a message naming seed, step and loss parts, writes
+    train_state/diverged.json (where, the blend, the epochs it finished), lets the other seeds of the set run,
+    and the command fails at the end (rc 2) with a summary.json that says which seeds diverged."""
+    from cgf_fhe.cli import main
+    from cgf_fhe.training import engine
+
+    root, _, teacher = tiny_setup
+    calls = {"n": 0}
+    real = engine.KDStep.__call__
+
+    def poisoned(self, model, batch):  # the third optimizer step overall (seed 1's first of epoch 2) is NaN
+        loss, parts = real(self, model, batch)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            return loss * float("nan"), {**parts, "hidden": float("nan")}
+        return loss, parts
+
+    monkeypatch.setattr(engine.KDStep, "__call__", poisoned)
+    out = root / "diverge"
+    rc = main(["distill", "--teacher", str(teacher), "--poly", "all", "--ln", "frozen", "--blend-epochs", "1.5",
+               "--epochs", "2", "--seeds", "1", "2", "-o", str(out), "--no-progress", "--data-dir",
+               str(tiny_setup[1].data_dir), "--max-length", "64", "--max-train-samples", "32",
+               "--max-eval-samples", "16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "seed(s) 1 " in err and "step 3 (epoch 1.5, blend 0.667)" in err and "nan" in err
+    rec = json.loads((out / "seed1" / "train_state" / "diverged.json").read_text())
+    assert (rec["epoch"], rec["step"], rec["at"]) == (2, 3, 1.5) and rec["parts"]["hidden"] == "nan"
+    assert rec["blend"] == pytest.approx(2 / 3) and rec["mean_loss_before"] is None
+    assert [h["epoch"] for h in rec["history"]] == [1] and "accuracy" in rec["history"][0]["dev"]
+    assert not (out / "seed1" / "cgf_fhe.json").exists()
+    assert json.loads((out / "seed2" / "cgf_fhe.json").read_text())["status"] == "done"  # seed 2 finished
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["status"] == "diverged" and summ["finished_seeds"] == [2] and summ["diverged"]["1"]["step"] == 3
+
+
 def _tiny_poly(tiny_setup, margin=0.0, calib_examples=16):
     """The tiny teacher as a Newton-LN polynomial CGF student calibrated on the first ``calib_examples``
     training examples only (margin 0), so the rest of the training data leaves some intervals."""

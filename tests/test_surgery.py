@@ -14,8 +14,8 @@ from cgf_fhe.data import load_mrpc, make_loader, tokenize_split
 from cgf_fhe.models import build_model, load_checkpoint, save_checkpoint
 from cgf_fhe.softmax import set_softmax
 from cgf_fhe.split import ServerModel, client_embed, fold_for_export
-from cgf_fhe.surgery import (LN_CHOICES, FheOptions, apply_fhe_settings, calibrate, depth_table, fhe_settings, interval_penalty,
-                             interval_report, layer_depth, model_depth, named_approx_modules, polynomialize,
+from cgf_fhe.surgery import (LN_CHOICES, FheOptions, apply_fhe_settings, calibrate, depth_table, fhe_settings,
+                             interval_penalty, interval_report, layer_depth, model_depth, named_approx_modules, polynomialize,
                              ln_cells, reset_interval_counters, set_frozen_blend, set_guard, shrink_layers)
 
 

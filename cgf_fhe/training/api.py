@@ -29,7 +29,7 @@ from ..data import holdout_split, load_mrpc, tokenize_split
 from ..models import (CheckpointError, is_checkpoint, load_checkpoint, read_settings, resolve_model,
                       save_checkpoint, SETTINGS_FILE)
 from ..softmax import fix_head_coeffs, train_head_coeffs
-from .engine import CEStep, KDStep, clear_state, fit, get_accelerator, set_dropout
+from .engine import DIVERGED_FILE, CEStep, KDStep, TrainingDiverged, clear_state, fit, get_accelerator, set_dropout
 from .evaluate import evaluate_model, model_inputs, probe_softmax, summarize_seeds, format_summary, mean_std
 from .poly_train import StudentSchedule
 from .recipes import Recipe, get_recipe
@@ -833,15 +833,31 @@ def distill(model: str = "tiny", out_dir="out/distill", teacher=None, coeff: flo
     recipe = _as_recipe(recipe)
     out = Path(out_dir)
     multi = bool(seeds)
-    runs = {}
+    runs, diverged = {}, {}
     for s, d in _seed_dirs(out, seeds, seed):
-        st = distill_one(model, d, s, teacher, coeff, recipe, opts, fhe, student_layers, interval_penalty,
-                         multi=multi, teacher_root=out, guard=guard, blend_epochs=blend_epochs, refit=refit,
-                         student_hidden=student_hidden, student_init=student_init, epoch_cover=epoch_cover,
-                         softmax=softmax)
+        try:
+            st = distill_one(model, d, s, teacher, coeff, recipe, opts, fhe, student_layers, interval_penalty,
+                             multi=multi, teacher_root=out, guard=guard, blend_epochs=blend_epochs, refit=refit,
+                             student_hidden=student_hidden, student_init=student_init, epoch_cover=epoch_cover,
+                             softmax=softmax)
+        except TrainingDiverged as exc:  # record it and go on with the other seeds; fail at the end
+            _log(str(exc))
+            diverged[s] = {k: exc.record.get(k) for k in ("epoch", "step", "at", "loss", "parts", "blend")}
+            continue
         if st.get("status") != "done":
             return {"status": "partial"}
         runs[s] = st
+    if diverged:
+        if _is_main(opts) and multi:
+            _write_json(out / "summary.json", {"kind": "distill", "status": "diverged", "diverged": diverged,
+                                               "finished_seeds": list(runs), "recipe": recipe.to_dict(),
+                                               "fhe_options": _options_dict(_fhe_options(fhe))})
+        raise TrainingError(f"training diverged (non-finite loss) for seed(s) {', '.join(map(str, diverged))} of "
+                            f"{out}: " + "; ".join(f"seed {s}: step {r['step']} (epoch {r['at']:g}"
+                                                   + (f", blend {r['blend']:.3g}" if r.get("blend") is not None else "")
+                                                   + f"), loss {r['loss']}" for s, r in diverged.items())
+                            + f". Each is recorded in <seed dir>/train_state/{DIVERGED_FILE}"
+                            + (f"; seed(s) {', '.join(map(str, runs))} finished" if runs else ""))
     student = {s: r["dev"] for s, r in runs.items()}
     ref = {s: r["teacher_dev"] for s, r in runs.items()}
     summary = {

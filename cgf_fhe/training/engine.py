@@ -20,6 +20,7 @@ What it does per run:
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -274,6 +275,24 @@ def build_optimizer(named_params, recipe: Recipe, n_layers: int | None = None):
     return torch.optim.AdamW(out, lr=recipe.lr)
 
 
+DIVERGED_FILE = "diverged.json"
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became non-finite. ``record`` (JSON-serialisable, also written to
+    ``<state_dir>/diverged.json``): where (epoch, step, fraction of the run), the loss and its parts at that
+    step, the schedule's blends, the mean loss so far in the epoch, and the history of the evaluation points
+    reached (finished epochs and this epoch's mid-epoch points)."""
+
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record
+
+
+def _finite_or_text(v: float):
+    return v if math.isfinite(v) else str(v)
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -475,7 +494,22 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
             with acc.autocast():
                 loss, parts = step(model, batch)
             if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(f"[{desc}] non-finite loss {float(loss)} at epoch {epoch + 1}")
+                record = {"epoch": epoch + 1, "step": global_step,
+                          "at": round(epoch + (count + 1) / steps_per_epoch, 4), "loss": str(float(loss.detach())),
+                          "parts": {k: _finite_or_text(float(v)) for k, v in parts.items()},
+                          "mean_loss_before": total / count if count else None,
+                          "blend": schedule.blend if getattr(schedule, "frozen", False) else None,
+                          "softmax_blend": getattr(schedule, "softmax_blend", None),
+                          "history": history + ([{"epoch": epoch + 1, "mid_evals": mids}] if mids else [])}
+                if state_dir is not None and main:
+                    (state_dir / DIVERGED_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+                where = (f"step {global_step} (epoch {record['at']:g} of {recipe.epochs}"
+                         + (f", frozen-LayerNorm blend {record['blend']:.3g}" if record["blend"] is not None else "")
+                         + ")")
+                raise TrainingDiverged(f"[{desc}] training diverged: loss {float(loss.detach())} at {where}; parts "
+                                       + ", ".join(f"{k} {v}" for k, v in record["parts"].items())
+                                       + (f"; recorded in {state_dir / DIVERGED_FILE}" if state_dir is not None
+                                          else ""), record)
             acc.backward(loss)
             if recipe.max_grad_norm:
                 acc.clip_grad_norm_(params, recipe.max_grad_norm)
