@@ -320,6 +320,17 @@ class Runs:
             out[int(seed)] = s
         return dict(sorted(out.items(), key=lambda kv: (SEEDS.index(kv[0]) if kv[0] in SEEDS else 99, kv[0])))
 
+    def diverged_runs(self, folder: str) -> dict[int, dict]:
+        """{seed: train_state/diverged.json} of the seeds in ``folder`` whose training stopped at a non-finite
+        loss (and that have no finished checkpoint since)."""
+        out = {}
+        for f in sorted((self.root / folder).glob("seed*/train_state/diverged.json")):
+            m = re.fullmatch(r"seed(\d+)", f.parent.parent.name)
+            rec = self.json(f)
+            if m and rec is not None and not (f.parent.parent / "cgf_fhe.json").is_file():
+                out[int(m.group(1))] = rec
+        return dict(sorted(out.items(), key=lambda kv: (SEEDS.index(kv[0]) if kv[0] in SEEDS else 99, kv[0])))
+
 
 # ------------------------------------------------------------------------------------------------ formatting
 
@@ -836,6 +847,17 @@ class Page:
             what = (f"{label}: paired accuracy difference to the teacher ("
                     + ("#2" if key == "cgf-kd" else "#3") + ")")
             src = f"`{self.R}/{folder}/" + ("seed*/" if "--seeds" in seeds_flag else "") + "cgf_fhe.json`"
+            dv = self.r.diverged_runs(folder)
+            if dv:
+                self.diverged_table(dv)
+            if not runs and dv:
+                why = (f"**NOT met**: training diverged (non-finite loss) on seed(s) {', '.join(map(str, dv))}"
+                       + (f"; seeds {', '.join(str(x) for x in expected if x not in dv)} not run"
+                          if any(x not in dv for x in expected) else ""))
+                summary_rows.append([f"`{key}`", "0", "n/a", "n/a", "n/a", "n/a", target_txt, why])
+                if target_pp is not None:
+                    self.target(what, f">= -{target_pp:g} pp", "diverged", None, src, why)
+                continue
             if not runs:
                 self.add(not_run(cmd), "")
                 summary_rows.append([f"`{key}`", "0", "n/a", "n/a", "n/a", "n/a", target_txt, "not run"])
@@ -970,6 +992,28 @@ class Page:
         self.plot_accuracy_depth()
         self.depth_table()
         self.poly_grad_memory()
+
+    def diverged_table(self, dv: dict) -> None:
+        """Seeds whose training stopped at a non-finite loss: where, the blend, the loss parts, the last
+        evaluation point reached."""
+        def nf(v):  # JSON holds non-finite floats as text ("nan", "inf"); the page writes NaN / Inf
+            if isinstance(v, (int, float)):
+                return f"{v:.3g}"
+            return {"nan": "NaN", "inf": "+Inf", "-inf": "-Inf"}.get(str(v), str(v))
+
+        rows = []
+        for sd, r in dv.items():
+            pts = [p for h in r.get("history") or [] for p in (h.get("mid_evals") or [])
+                   + ([h] if "dev" in h else [])]
+            last = pts[-1] if pts else None
+            rows.append([str(sd), str(r.get("step")), f"{r.get('at'):g}" if r.get("at") is not None else "n/a",
+                         f"{r['blend']:.3g}" if r.get("blend") is not None else "-", nf(r.get("loss")),
+                         ", ".join(f"{k} {nf(v)}" for k, v in (r.get("parts") or {}).items()),
+                         f"{num(last['dev'].get('accuracy'))} at epoch {last.get('at', last.get('epoch'))}"
+                         if last else "none"])
+        self.add("Training stopped at a non-finite loss (`train_state/diverged.json`):", "",
+                 *table(["seed", "step", "epoch", "frozen-LN blend", "loss", "loss parts at that step",
+                         "last dev point before"], rows), "")
 
     def poly_grad_memory(self) -> None:
         """Training cost of a polynomial student: autograd through the schedules vs the derivative backward."""

@@ -76,6 +76,12 @@ def fake_runs(tmp_path):
     _write(R / "narrow" / "tenseal" / "simulation.json", _sim("tenseal", ten, labels[:8], ratio=900.0))
     _write(R / "minilm" / "emulate-poly2" / "simulation.json", _sim("emulate", emu, labels, ratio=1.5))
     _write(R / "minilm" / "report-poly6-L9" / "report.json", "{not json")  # corrupt
+    for s, step in ((42, 73), (7, 91)):  # two seeds stopped at a non-finite loss (engine.TrainingDiverged)
+        _write(R / "minilm" / "poly6-frozen-ecover-heads-clr" / f"seed{s}" / "train_state" / "diverged.json",
+               {"epoch": 1, "step": step, "at": round(step / 230, 4), "loss": "nan", "blend": step / 115,
+                "parts": {"kl": 0.25, "hidden": "nan"}, "mean_loss_before": 1e4,
+                "history": [{"epoch": 1, "mid_evals": [{"at": 0.2522, "step": 58,
+                                                        "dev": {"accuracy": 0.3162, "f1": 0.0, "n": 408}}]}]})
     return R, teacher, kd
 
 
@@ -131,6 +137,12 @@ def test_page_numbers(fake_runs, tmp_path):
                 "calibration/emulator_calibration_n8192.json", "depth_table"):
         assert f"not run: `{cmd[key]}`" in md, key
     assert "report-poly6-L9/report.json` is unreadable" in md
+
+    # diverged seeds: where each stopped, its loss parts, the last dev point; NOT met (not "not run")
+    assert "| 42 | 73 | 0.3174 | 0.635 | NaN | kl 0.25, hidden NaN | 0.3162 at epoch 0.2522 |" in md
+    assert "| 7 | 91 | 0.3957 | 0.791 | NaN |" in md
+    fz_row = next(ln for ln in md.splitlines() if ln.startswith("| `poly6-frozen-ecover-heads-clr`"))
+    assert "**NOT met**: training diverged (non-finite loss) on seed(s) 42, 7; seeds 123 not run" in fz_row
     assert f"not run: `{cmd['report/poly6/9']}`" in md
     assert not re.search(r"\bnan\b", md)
 
