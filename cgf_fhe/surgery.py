@@ -55,10 +55,11 @@ class FheOptions:
     """What to approximate and how. ``poly``: "none" | "all"; ``ln``: "newton" | "frozen" | "frozen-attn".
 
     ``ln="frozen-attn"``: frozen statistics for the LayerNorm after attention (``ln_attn``), Newton for the one
-    after the FFN (``ln_ffn``). On the MiniLM CGF student (``benchmarks/frozen_ln_probe.py``), freezing the six
-    attention-output LayerNorms without retraining keeps every CGF exp input in its exact-LayerNorm range;
-    freezing the FFN-output ones sends them past 40 (the massive-activation tokens are no longer rescaled), which
-    is why all-frozen diverges. :meth:`ln_for` gives each LayerNorm's choice.
+    after the FFN (``ln_ffn``). On the MiniLM CGF student (``benchmarks/frozen_ln_probe.py``, no retraining),
+    freezing the six attention-output LayerNorms keeps every CGF exp input in its exact-LayerNorm range and no
+    logit becomes non-finite; freezing the six FFN-output ones pushes the exp inputs past that range and makes
+    logits non-finite (the massive-activation tokens are no longer rescaled), as does freezing all twelve, which
+    then does not train. :meth:`ln_for` gives each LayerNorm's choice.
 
     Forms: ``exp_form`` "ps" | "powers" | "square" (``exp_r`` squarings for "square"); ``form`` for GELU,
     tanh and the 1/sqrt guess ("ps" | "powers"). ``fit``: "interp" (Chebyshev interpolation) or "lsq".
