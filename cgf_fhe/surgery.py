@@ -664,8 +664,11 @@ def depth_table(options: FheOptions | dict | None = None,
         options = FheOptions.from_dict(options)
     F = ln_depth("frozen")
     newton = [(n, ln_depth("newton", options.invsqrt_degree, n, options.form)) for n in newton_steps]
+    # (choice, Newton steps, depth after attention, depth after the FFN)
     lns = [("frozen", None, F, F)] + [("newton", n, L, L) for n, L in newton] + [("frozen-attn", n, F, L)
                                                                                for n, L in newton]
+    components = [{"ln": "frozen", "newton_steps": None, "invsqrt_degree": None, "depth": F}] + [
+        {"ln": "newton", "newton_steps": n, "invsqrt_degree": options.invsqrt_degree, "depth": L} for n, L in newton]
     exps = []
     for form, deg, k in exp_choices:
         E = poly_depth("square", 2 ** deg, r=deg) if form == "square" else poly_depth(form, deg, squarings=k)
@@ -698,8 +701,7 @@ def depth_table(options: FheOptions | dict | None = None,
         "formula": "layer = 9 + exp + gelu + ln_attn + ln_ffn (QKV 1, QK^T 1, CGF stats 2, *w 1, @V 1, dense 1, "
                    "FFN 2); head = 2 + tanh; frozen ln = 1; newton ln = 3 + P + 2*steps",
         "linear_depth": LAYER_LINEAR_DEPTH,
-        "components": {"ln": [{"ln": a, "newton_steps": n, "invsqrt_degree": options.invsqrt_degree if n else None,
-                               "depth": L} for a, n, L, _ in lns[:1 + len(newton)]],
+        "components": {"ln": components,
                        "exp": exps, "gelu": [{"degree": g, "depth": G} for g, G in gelus]},
         "rows": rows,
         "current": cur,
@@ -710,8 +712,12 @@ def ln_cells(row: dict) -> tuple[str, str]:
     """(LayerNorm label, LN depth text) of a :func:`depth_table` row, for Markdown tables."""
     n = row.get("newton_steps")
     steps = f"Newton, {n} step" + ("" if n == 1 else "s")
-    label = {"frozen": "frozen", "frozen-attn": f"frozen after attention, {steps} after the FFN"}.get(row.get("ln"),
-                                                                                                        steps)
+    if row.get("ln") == "frozen":
+        label = "frozen"
+    elif row.get("ln") == "frozen-attn":
+        label = f"frozen after attention, {steps} after the FFN"
+    else:
+        label = steps
     if row.get("ln_depth") is not None:
         return label, str(row["ln_depth"])
     return label, f"{row.get('ln_attn_depth')} + {row.get('ln_ffn_depth')}"

@@ -287,13 +287,14 @@ def register(subparsers) -> None:
                    help="do not clamp polynomial inputs into their intervals while training (the guard is a "
                         "plaintext training aid; dev metrics are always measured without it)")
     f.add_argument("--blend-epochs", type=float, metavar="F",
-                   help="--ln frozen / frozen-attn: anneal exact -> frozen LayerNorm linearly per step over the first F epochs "
-                        "(default: half of --epochs; 0 = frozen from the start; must be < --epochs). Only epochs "
-                        "that end at blend 1 can be the best checkpoint")
+                   help="--ln frozen / frozen-attn: anneal exact -> frozen LayerNorm linearly per step over the "
+                        "first F epochs (default: half of --epochs; 0 = frozen from the start; must be < --epochs). "
+                        "Only epochs that end at blend 1 can be the best checkpoint")
     f.add_argument("--refit", action="store_true",
-                   help="--ln frozen / frozen-attn with --blend-epochs > 0: when the blend reaches 1, re-measure the ranges on the "
-                        "training data and refit the exp/GELU/tanh polynomials (default: keep the intervals "
-                        "calibrated on the exact-LayerNorm model). Experimental: wider intervals can add depth")
+                   help="--ln frozen / frozen-attn with --blend-epochs > 0: when the blend reaches 1, re-measure "
+                        "the ranges on the training data and refit the exp/GELU/tanh polynomials (default: keep the "
+                        "intervals calibrated on the exact-LayerNorm model). Experimental: wider intervals can add "
+                        "depth")
     f.add_argument("--epoch-cover", action="store_true",
                    help="at the end of every epoch, before scoring it, widen each interval that epoch's training "
                         "inputs left (like `cgf-fhe cover`, from the counters training keeps anyway), so the "
