@@ -59,7 +59,8 @@ class FheOptions:
     freezing the six attention-output LayerNorms keeps every CGF exp input in its exact-LayerNorm range and no
     logit becomes non-finite; freezing the six FFN-output ones pushes the exp inputs past that range and makes
     logits non-finite (the massive-activation tokens are no longer rescaled), as does freezing all twelve, which
-    then does not train. :meth:`ln_for` gives each LayerNorm's choice.
+    then does not train. With polynomial GELUs, though, the frozen-attn MiniLM student did not train either
+    (1 epoch, 3 seeds: one class; ``docs/results.md``). :meth:`ln_for` gives each LayerNorm's choice.
 
     Forms: ``exp_form`` "ps" | "powers" | "square" (``exp_r`` squarings for "square"); ``form`` for GELU,
     tanh and the 1/sqrt guess ("ps" | "powers"). ``fit``: "interp" (Chebyshev interpolation) or "lsq".
