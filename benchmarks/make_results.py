@@ -857,7 +857,8 @@ class Page:
                           if any(x not in dv for x in expected) else ""))
                 summary_rows.append([f"`{key}`", "0", "n/a", "n/a", "n/a", "n/a", target_txt, why])
                 if target_pp is not None:
-                    self.target(what, f">= -{target_pp:g} pp", "diverged", None, src, why)
+                    self.target(what, f">= -{target_pp:g} pp", "diverged", None,
+                                f"`{self.R}/{folder}/seed*/train_state/diverged.json`", why)
                 continue
             if not runs:
                 self.add(not_run(cmd), "")

@@ -143,6 +143,8 @@ def test_page_numbers(fake_runs, tmp_path):
     assert "| 7 | 91 | 0.3957 | 0.791 | NaN |" in md
     fz_row = next(ln for ln in md.splitlines() if ln.startswith("| `poly6-frozen-ecover-heads-clr`"))
     assert "**NOT met**: training diverged (non-finite loss) on seed(s) 42, 7; seeds 123 not run" in fz_row
+    fz_target = next(ln for ln in md.splitlines() if ln.startswith("| polynomial, 6 layers, frozen LayerNorm (annealed"))
+    assert "poly6-frozen-ecover-heads-clr/seed*/train_state/diverged.json" in fz_target
     assert f"not run: `{cmd['report/poly6/9']}`" in md
     assert not re.search(r"\bnan\b", md)
 
