@@ -17,9 +17,9 @@ Layout of R (what run_all.sh writes)::
     minilm/teacher/seed<S>/cgf_fhe.json               the chosen recipe, seeds 42 7 123
     minilm/{cgf-kd,poly6-newton,poly6-frozen,poly2-newton}/seed<S>/cgf_fhe.json
     narrow/student2-h64/[seed<S>/]cgf_fhe.json
-    minilm/{poly6,poly6-clr,poly6-fa,poly2}.{onnx,parity.json,check.json}  narrow/student2-h64.{parity,check}.json
+    minilm/{poly6,poly6-clr,poly2}.{onnx,parity.json,check.json}  narrow/student2-h64.{parity,check}.json
     minilm/report-{poly6,poly2}-L{9,14}/report.json
-    minilm/emulate-{poly6,poly6-clr,poly6-fa,poly2}/simulation.json  narrow/{emulate,tenseal}/simulation.json
+    minilm/emulate-{poly6,poly6-clr,poly2}/simulation.json  narrow/{emulate,tenseal}/simulation.json
 """
 from __future__ import annotations
 
@@ -184,13 +184,12 @@ PAIRED_WITH = {  # student -> earlier students trained from the same teachers on
 ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export flags)
     ("poly6", "minilm/poly6.onnx", "minilm/poly6-newton-ecover/seed42", ""),
     ("poly6-clr", "minilm/poly6-clr.onnx", "minilm/poly6-newton-ecover-heads-clr/seed123", ""),
-    ("poly6-fa", "minilm/poly6-fa.onnx", "minilm/poly6-frozenattn-ecover-heads-clr/seed123", ""),
     ("poly2", "minilm/poly2.onnx", "minilm/poly2-newton/seed42", ""),
     ("narrow", "narrow/student2-h64.onnx", "narrow/student2-h64", " --max-length 32"),
 )
 LEVELS = (9, 14)
 REPORTED = ("poly6", "poly2")  # depth reports at LEVELS
-EMULATED = ("poly6", "poly6-clr", "poly6-fa", "poly2")  # emulated CKKS on the full dev set
+EMULATED = ("poly6", "poly6-clr", "poly2")  # emulated CKKS on the full dev set
 NARROW_SIM = "--limit 408 --max-length 8 --poly-modulus 8192"
 CALIBRATION = (  # (file name in benchmarks/results, emulator_calibration.py flags)
     ("emulator_calibration_n8192.json", "--poly-modulus 8192 --coeff-bits 60,40,40,60 --scale-bits 40"),

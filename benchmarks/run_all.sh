@@ -121,9 +121,6 @@ run_to "$R/minilm/poly6.check.json" cgf-fhe check "$R/minilm/poly6.onnx" --forma
 # a polynomial student with trained per-head coefficients (one seed: 123)
 run cgf-fhe export "$R/minilm/poly6-newton-ecover-heads-clr/seed123" -o "$R/minilm/poly6-clr.onnx" --verify 408
 run_to "$R/minilm/poly6-clr.check.json" cgf-fhe check "$R/minilm/poly6-clr.onnx" --format json
-# the same seed with frozen LayerNorm after attention (--ln frozen-attn)
-run cgf-fhe export "$R/minilm/poly6-frozenattn-ecover-heads-clr/seed123" -o "$R/minilm/poly6-fa.onnx" --verify 408
-run_to "$R/minilm/poly6-fa.check.json" cgf-fhe check "$R/minilm/poly6-fa.onnx" --format json
 run cgf-fhe export "$R/minilm/poly2-newton/seed42" -o "$R/minilm/poly2.onnx" --verify 408
 run_to "$R/minilm/poly2.check.json" cgf-fhe check "$R/minilm/poly2.onnx" --format json
 run cgf-fhe export "$R/narrow/student2-h64" -o "$R/narrow/student2-h64.onnx" --verify 408 --max-length 32
@@ -139,8 +136,6 @@ run cgf-fhe simulate "$R/minilm/poly6.onnx" --backend emulate --emulate-refresh 
     --no-progress -o "$R/minilm/emulate-poly6"
 run cgf-fhe simulate "$R/minilm/poly6-clr.onnx" --backend emulate --emulate-refresh client \
     --no-progress -o "$R/minilm/emulate-poly6-clr"
-run cgf-fhe simulate "$R/minilm/poly6-fa.onnx" --backend emulate --emulate-refresh client \
-    --no-progress -o "$R/minilm/emulate-poly6-fa"
 run cgf-fhe simulate "$R/minilm/poly2.onnx" --backend emulate --emulate-refresh client \
     --no-progress -o "$R/minilm/emulate-poly2"
 run cgf-fhe simulate "$R/narrow/student2-h64.onnx" --backend emulate --emulate-refresh client \
