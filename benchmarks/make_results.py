@@ -253,6 +253,11 @@ def commands(R: str) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------ reading helpers
 
+def _seed_order(by_seed: dict[int, dict]) -> dict[int, dict]:
+    """The same dict, seeds in SEEDS order first, then any others ascending."""
+    return dict(sorted(by_seed.items(), key=lambda kv: (SEEDS.index(kv[0]) if kv[0] in SEEDS else 99, kv[0])))
+
+
 class Runs:
     """Reads the files of a runs folder; remembers which were read (for the header) and which were unreadable."""
 
@@ -318,7 +323,7 @@ class Runs:
             s = dict(s)
             s["_path"] = self.rel(f)
             out[int(seed)] = s
-        return dict(sorted(out.items(), key=lambda kv: (SEEDS.index(kv[0]) if kv[0] in SEEDS else 99, kv[0])))
+        return _seed_order(out)
 
     def diverged_runs(self, folder: str) -> dict[int, dict]:
         """{seed: train_state/diverged.json} of the seeds in ``folder`` whose training stopped at a non-finite
@@ -329,7 +334,7 @@ class Runs:
             rec = self.json(f)
             if m and rec is not None and not (f.parent.parent / "cgf_fhe.json").is_file():
                 out[int(m.group(1))] = rec
-        return dict(sorted(out.items(), key=lambda kv: (SEEDS.index(kv[0]) if kv[0] in SEEDS else 99, kv[0])))
+        return _seed_order(out)
 
 
 # ------------------------------------------------------------------------------------------------ formatting

@@ -131,7 +131,7 @@ class FheOptions:
 
     @property
     def any_frozen(self) -> bool:
-        return self.ln in ("frozen", "frozen-attn")
+        return "frozen" in (self.ln_for("ln_attn"), self.ln_for("ln_ffn"))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -293,6 +293,24 @@ def _finite_or_text(v: float):
     return v if math.isfinite(v) else str(v)
 
 
+def _diverged(desc: str, loss: float, parts: dict, *, epoch: int, step: int, at: float, epochs: int,
+              mean_before: float | None, schedule, history: list, state_dir: Path | None,
+              write: bool) -> TrainingDiverged:
+    """The :class:`TrainingDiverged` for a non-finite ``loss``; its record is written to ``state_dir`` if ``write``."""
+    record = {"epoch": epoch, "step": step, "at": round(at, 4), "loss": str(loss),
+              "parts": {k: _finite_or_text(float(v)) for k, v in parts.items()}, "mean_loss_before": mean_before,
+              "blend": schedule.blend if getattr(schedule, "frozen", False) else None,
+              "softmax_blend": getattr(schedule, "softmax_blend", None), "history": history}
+    path = state_dir / DIVERGED_FILE if state_dir is not None else None
+    if path is not None and write:
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    where = (f"step {step} (epoch {record['at']:g} of {epochs}"
+             + (f", frozen-LayerNorm blend {record['blend']:.3g}" if record["blend"] is not None else "") + ")")
+    return TrainingDiverged(f"[{desc}] training diverged: loss {loss} at {where}; parts "
+                            + ", ".join(f"{k} {v}" for k, v in record["parts"].items())
+                            + (f"; recorded in {path}" if path is not None else ""), record)
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -494,22 +512,11 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
             with acc.autocast():
                 loss, parts = step(model, batch)
             if not torch.isfinite(loss.detach()):
-                record = {"epoch": epoch + 1, "step": global_step,
-                          "at": round(epoch + (count + 1) / steps_per_epoch, 4), "loss": str(float(loss.detach())),
-                          "parts": {k: _finite_or_text(float(v)) for k, v in parts.items()},
-                          "mean_loss_before": total / count if count else None,
-                          "blend": schedule.blend if getattr(schedule, "frozen", False) else None,
-                          "softmax_blend": getattr(schedule, "softmax_blend", None),
-                          "history": history + ([{"epoch": epoch + 1, "mid_evals": mids}] if mids else [])}
-                if state_dir is not None and main:
-                    (state_dir / DIVERGED_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-                where = (f"step {global_step} (epoch {record['at']:g} of {recipe.epochs}"
-                         + (f", frozen-LayerNorm blend {record['blend']:.3g}" if record["blend"] is not None else "")
-                         + ")")
-                raise TrainingDiverged(f"[{desc}] training diverged: loss {float(loss.detach())} at {where}; parts "
-                                       + ", ".join(f"{k} {v}" for k, v in record["parts"].items())
-                                       + (f"; recorded in {state_dir / DIVERGED_FILE}" if state_dir is not None
-                                          else ""), record)
+                raise _diverged(desc, float(loss.detach()), parts, epoch=epoch + 1, step=global_step,
+                                at=epoch + (count + 1) / steps_per_epoch, epochs=recipe.epochs,
+                                mean_before=total / count if count else None, schedule=schedule,
+                                history=history + ([{"epoch": epoch + 1, "mid_evals": mids}] if mids else []),
+                                state_dir=state_dir, write=main)
             acc.backward(loss)
             if recipe.max_grad_norm:
                 acc.clip_grad_norm_(params, recipe.max_grad_norm)
