@@ -131,6 +131,11 @@ STUDENTS = (
      "--coeff-lr 0.01`)",
      "--poly all --ln newton --epochs 1 --epoch-cover --evals-per-epoch 4 --coeff-lr 0.01 --student-init "
      "$R/minilm/cgf-kd-e1-heads-clr", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
+    ("poly6-newton-ecover-heads-clr-fresh", "minilm/poly6-newton-ecover-heads-clr-fresh",
+     "confirmation on fresh seeds: the flags of `poly6-newton-ecover-heads-clr`, chosen before these runs, with "
+     "fresh teachers (`minilm/teacher-fresh`, seeds 1 2 3) that no earlier choice has seen",
+     "--poly all --ln newton --epochs 1 --epoch-cover --evals-per-epoch 4 --coeff-per-head --coeff-lr 0.01",
+     "--seeds 1 2 3", POLY_MAX_DROP_PP, True),
     ("kd-exact-control", "minilm/kd-exact-control",
      "control: exact softmax (not CGF, not polynomial), the same KD, 1 epoch, dev 4 times: what KD and checkpoint "
      "selection cost apart from CGF", "--student-softmax exact --epochs 1 --evals-per-epoch 4", "--seeds 42 7 123",
@@ -181,6 +186,10 @@ PAIRED_WITH = {  # student -> earlier students trained from the same teachers on
     "cgf-kd-e1": ("kd-exact-control",),
     "cgf-kd-e1-heads-clr": ("cgf-kd-e1", "kd-exact-control"),
 }
+# confirmation runs: student -> (the student whose flags it repeats, teacher folder). Its seeds and teachers were
+# not used to choose anything; its paired differences are also pooled with the original's.
+CONFIRMS = {"poly6-newton-ecover-heads-clr-fresh": ("poly6-newton-ecover-heads-clr", "minilm/teacher-fresh")}
+FRESH_SEEDS = (1, 2, 3)
 ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export flags)
     ("poly6", "minilm/poly6.onnx", "minilm/poly6-newton-ecover/seed42", ""),
     ("poly6-clr", "minilm/poly6-clr.onnx", "minilm/poly6-newton-ecover-heads-clr/seed123", ""),
@@ -211,6 +220,8 @@ def commands(R: str) -> dict[str, str]:
         "main": f"cgf-fhe pipeline --preset mrpc-minilm -o {R}/mrpc-minilm",
         "teacher": f"cgf-fhe finetune --model minilm --preset minilm --seeds 42 7 123 --no-progress --resume "
                    f"-o {R}/minilm/teacher",
+        "teacher-fresh": f"cgf-fhe finetune --model minilm --preset minilm --seeds "
+                         f"{' '.join(map(str, FRESH_SEEDS))} --no-progress --resume -o {R}/minilm/teacher-fresh",
         "depth_table": f"python benchmarks/depth_table.py --json {R}/depth_table.json",
         "poly_grad_memory": f"python benchmarks/poly_grad_memory.py {R}/minilm/poly6-newton/seed42 --steps 4 "
                             "--json benchmarks/results/poly_grad_memory.json",
@@ -227,7 +238,8 @@ def commands(R: str) -> dict[str, str]:
             c[key] = f"cgf-fhe cover {R}/{folder.removesuffix('-cover')} -o {R}/{folder} --no-progress --resume"
             continue
         flags = flags.replace("$R", R)
-        c[key] = (f"cgf-fhe distill --model minilm {teacher}{' ' + flags if flags else ''} {seeds} --no-progress "
+        tf = f"--teacher {R}/{CONFIRMS[key][1]} --coeff 0.5 --beta 10" if key in CONFIRMS else teacher
+        c[key] = (f"cgf-fhe distill --model minilm {tf}{' ' + flags if flags else ''} {seeds} --no-progress "
                   f"--resume -o {R}/{folder}")
     for key, path, ckpt, extra in ONNX:
         c[f"export/{key}"] = f"cgf-fhe export {R}/{ckpt} -o {R}/{path} --verify 408{extra}"
@@ -565,6 +577,7 @@ class Page:
         body_start = len(self.lines)
         self.tests_and_smoke()
         self.training()
+        self.fresh_teacher()
         self.students()
         self.export_and_reports()
         self.simulation()
@@ -794,6 +807,30 @@ class Page:
             self.target("MiniLM teacher, 3-seed mean dev accuracy (#2)", f">= {TEACHER_MIN_ACC}", "not run", None,
                         f"`{self.R}/minilm/teacher/seed*/cgf_fhe.json`", "not run")
             return
+        accs = self.teacher_table(runs, "minilm/teacher", SEEDS)
+        m, _ = mean_std(accs)
+        full = all(sd in runs for sd in SEEDS)
+        measured = pm(accs) + (f", {len(runs)} seeds" if len(runs) > 1 else "")
+        st = self.target("MiniLM teacher, 3-seed mean dev accuracy (#2)", f">= {TEACHER_MIN_ACC}",
+                         measured, (m >= TEACHER_MIN_ACC) if full else None,
+                         f"`{self.R}/minilm/teacher/seed*/cgf_fhe.json`",
+                         f"not evaluable: {len(runs)} of 3 seeds")
+        self.add(f"Target (issue #2): 3-seed mean dev accuracy >= {TEACHER_MIN_ACC}: {st} ({num(m)}).", "")
+        self.add(*self._slow_notes({f"teacher seed {sd}": {sd: s} for sd, s in runs.items()}))
+
+    def fresh_teacher(self) -> None:
+        self.add("### Fresh teacher seeds (for the confirmation run in section 2)", "",
+                 "The same recipe on seeds " + " ".join(map(str, FRESH_SEEDS)) + ", trained after every student "
+                 "configuration had been chosen on seeds 42 7 123.", "", *code(self.cmd["teacher-fresh"]), "")
+        fresh = self.r.seed_runs("minilm/teacher-fresh")
+        self.fresh_teachers = fresh
+        if fresh:
+            self.teacher_table(fresh, "minilm/teacher-fresh", FRESH_SEEDS)
+        else:
+            self.add(not_run(self.cmd["teacher-fresh"]), "")
+
+    def teacher_table(self, runs: dict, folder: str, expected) -> list:
+        """The per-seed table, seeds and recipe notes of a teacher seed set; returns its dev accuracies."""
         rows = [[str(sd), num(s["dev"].get("accuracy")), num(s["dev"].get("f1")), fmt_best_point(s),
                  " / ".join(num(a) for a in epoch_accs(s)), secs(s.get("seconds_per_epoch"))]
                 for sd, s in runs.items()]
@@ -805,23 +842,15 @@ class Page:
         self.add(*table(["seed", "best dev accuracy", "F1", "best epoch", "dev accuracy per epoch",
                          "time per epoch"], rows), "")
         recipes = {recipe_text(s) for s in runs.values()}
-        self.add(f"Seeds: {seeds_note(runs)}. Recorded recipe: {'; '.join(sorted(recipes))} "
-                 f"(from `{self.R}/minilm/teacher/seed*/cgf_fhe.json`"
+        self.add(f"Seeds: {seeds_note(runs, expected)}. Recorded recipe: {'; '.join(sorted(recipes))} "
+                 f"(from `{self.R}/{folder}/seed*/cgf_fhe.json`"
                  + (", NOT the same for every seed" if len(recipes) > 1 else "") + ").", "")
         diff = sorted({x for s in runs.values() for x in preset_mismatch(s, "minilm")})
         if diff:
             self.add("Note: these runs' recorded recipe differs from what `--preset minilm` gives in the current "
                      f"code ({'; '.join(diff)}): they were trained with explicit flags or an earlier preset, so "
                      "rerunning the command above would train a different recipe.", "")
-        m, _ = mean_std(accs)
-        full = all(sd in runs for sd in SEEDS)
-        measured = pm(accs) + (f", {len(runs)} seeds" if len(runs) > 1 else "")
-        st = self.target("MiniLM teacher, 3-seed mean dev accuracy (#2)", f">= {TEACHER_MIN_ACC}",
-                         measured, (m >= TEACHER_MIN_ACC) if full else None,
-                         f"`{self.R}/minilm/teacher/seed*/cgf_fhe.json`",
-                         f"not evaluable: {len(runs)} of 3 seeds")
-        self.add(f"Target (issue #2): 3-seed mean dev accuracy >= {TEACHER_MIN_ACC}: {st} ({num(m)}).", "")
-        self.add(*self._slow_notes({f"teacher seed {sd}": {sd: s} for sd, s in runs.items()}))
+        return accs
 
     def _slow_notes(self, groups: dict) -> list[str]:
         out = []
@@ -841,10 +870,12 @@ class Page:
                  "narrow student that is the teacher on 32-token inputs).", "")
         summary_rows = []
         self.poly_points = []
+        self.paired: dict[str, dict[int, float]] = {}  # student -> {seed: paired accuracy difference}
         for key, folder, label, flags, seeds_flag, target_pp, poly in STUDENTS:
             cmd = self.cmd[key]
             target_txt = f"{target_pp:g} pp" if target_pp is not None else "-"  # None: a control
-            expected = SEEDS if "--seeds" in seeds_flag else tuple(int(x) for x in seeds_flag.split()[1:])
+            expected = tuple(int(x) for x in seeds_flag.split()[1:])
+            teachers = self.fresh_teachers if key in CONFIRMS else self.teachers
             runs = self.r.seed_runs(folder)
             self.add(f"### `{key}`: {label}", "", *code(cmd), "")
             if key == "poly6-frozen":
@@ -871,13 +902,15 @@ class Page:
                     self.target(what, f">= -{target_pp:g} pp", "not run", None, src, "not run")
                 continue
             rows, diffs, fdiffs = [], [], []
+            self.paired[key] = {}
             for sd, s in runs.items():
-                ref, _ = teacher_ref(s, self.teachers, sd)
+                ref, _ = teacher_ref(s, teachers, sd)
                 a, f = s["dev"].get("accuracy"), s["dev"].get("f1")
                 d = (a - ref["accuracy"]) if ref and a is not None and ref.get("accuracy") is not None else None
                 fd = (f - ref["f1"]) if ref and f is not None and ref.get("f1") is not None else None
                 if d is not None:
                     diffs.append(d)
+                    self.paired[key][sd] = d
                 if fd is not None:
                     fdiffs.append(fd)
                 depth = ((s.get("fhe") or {}).get("depth") or {})
@@ -929,7 +962,7 @@ class Page:
                                  + "; training-form (guard on) dev accuracy per epoch "
                                  + " / ".join(num(x) for x in tf))
             for sd, s in runs.items():
-                ref, _ = teacher_ref(s, self.teachers, sd)
+                ref, _ = teacher_ref(s, teachers, sd)
                 note = points_note(s, (ref or {}).get("accuracy"))
                 if note:
                     extra.append(f"seed {sd}, {note}")
@@ -988,6 +1021,8 @@ class Page:
                      f"{pm(fdiffs, 2, 100, True, ' pp')}. "
                      + (f"Target: within {target_pp:g} pp of the teacher: {st}." if target_pp is not None else
                         f"{st[0].upper()}{st[1:]}."), "")
+            if key in CONFIRMS:
+                self.pooled(key, what, src, target_pp)
             summary_rows.append([f"`{key}`", str(len(runs)), pm(accs), pm(f1s), pm(diffs, 2, 100, True),
                                  "/".join(sorted({str(((s.get('fhe') or {}).get('depth') or {}).get('total', 'n/a'))
                                                   for s in runs.values()})) if poly else "n/a",
@@ -998,6 +1033,37 @@ class Page:
         self.plot_accuracy_depth()
         self.depth_table()
         self.poly_grad_memory()
+
+    def pooled(self, key: str, what: str, src: str, target_pp: float) -> None:
+        """A confirmation run's paired differences pooled with those of the run whose flags it repeats."""
+        orig = CONFIRMS[key][0]
+        both = {**{("orig", s): d for s, d in self.paired.get(orig, {}).items()},
+                **{("fresh", s): d for s, d in self.paired[key].items()}}
+        ds = [100 * d for d in both.values()]
+        m, sd = mean_std(ds)
+        if m is None:
+            return
+        n = len(ds)
+        seeds = " ".join(str(s) for _, s in both)
+        within = sum(d >= -target_pp for d in ds)
+        ci = ""
+        if n > 1:
+            se = sd / n ** 0.5
+            try:  # scipy is not a dependency of cgf-fhe; without it the page gives the standard error only
+                from scipy import stats
+                h = stats.t.ppf(0.975, n - 1) * se
+                ci = f", 95% t-interval of the mean [{m - h:+.2f}, {m + h:+.2f}] pp"
+            except ImportError:
+                pass
+            ci = f"; standard error {se:.2f} pp" + ci
+        measured = f"{m:+.2f} ± {sd:.2f} pp, {n} seeds ({seeds})" if n > 1 else f"{m:+.2f} pp, 1 seed"
+        full = len(self.paired[key]) == len(FRESH_SEEDS) and len(self.paired.get(orig, {})) == len(SEEDS)
+        st = self.target(f"{what}, pooled with `{orig}`", f">= -{target_pp:g} pp", measured,
+                         (m >= -target_pp) if full else None, f"{src} and `{orig}`'s",
+                         f"not evaluable: {n} of {len(FRESH_SEEDS) + len(SEEDS)} seeds")
+        self.add(f"Pooled with `{orig}` (the same flags on seeds 42 7 123, where they were chosen): paired "
+                 f"difference {measured}{ci}; {within} of {n} seeds within {target_pp:g} pp. "
+                 f"Target on the pooled mean: {st}.", "")
 
     def diverged_table(self, dv: dict) -> None:
         """Seeds whose training stopped at a non-finite loss: where, the blend, the loss parts, the last

@@ -79,6 +79,11 @@ run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --b
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
     --epoch-cover --evals-per-epoch 4 --coeff-per-head --coeff-lr 0.01 --seeds 42 7 123 --no-progress --resume \
     -o "$R/minilm/poly6-newton-ecover-heads-clr"
+# confirmation of those flags on fresh seeds, chosen before these ran: fresh teachers (same recipe), then the student
+run cgf-fhe finetune --model minilm --preset minilm --seeds 1 2 3 --no-progress --resume -o "$R/minilm/teacher-fresh"
+run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher-fresh" --coeff 0.5 --beta 10 --poly all --ln newton --epochs 1 \
+    --epoch-cover --evals-per-epoch 4 --coeff-per-head --coeff-lr 0.01 --seeds 1 2 3 --no-progress --resume \
+    -o "$R/minilm/poly6-newton-ecover-heads-clr-fresh"
 # control: an exact-softmax student with the same KD (what KD and selection cost apart from CGF)
 run cgf-fhe distill --model minilm --teacher "$R/minilm/teacher" --coeff 0.5 --beta 10 --student-softmax exact --epochs 1 \
     --evals-per-epoch 4 --seeds 42 7 123 --no-progress --resume -o "$R/minilm/kd-exact-control"

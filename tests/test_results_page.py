@@ -213,3 +213,45 @@ def test_mid_epoch_points_and_epoch_end_selection(fake_runs, tmp_path):
     assert "2 dev evaluations per epoch" in md
     row = next(ln for ln in md.splitlines() if ln.startswith("| 42 | 0.8112 |"))
     assert "1.5 (mid-epoch)" in row and f"{100 * (0.8112 - 0.8186):+.2f}" in row
+
+
+def test_confirmation_on_fresh_seeds_is_pooled_with_the_original(fake_runs, tmp_path):
+    """The fresh-seed rerun of a chosen student pairs with the fresh teachers (by teacher_dev, else the fresh
+    teacher checkpoint of that seed) and its paired differences are pooled with the original's six-way."""
+    R, teacher, _ = fake_runs
+    fresh_t = {1: (0.8100, 0.8700, [0.80, 0.8100], 280.0), 2: (0.8050, 0.8650, [0.8050, 0.79], 280.0),
+               3: (0.8200, 0.8800, [0.81, 0.8200], 280.0)}
+    for s, (a, f, h, spe) in fresh_t.items():
+        _write(R / "minilm" / "teacher-fresh" / f"seed{s}" / "cgf_fhe.json", _ckpt(s, a, f, h, spe))
+    orig = {42: 0.7941, 7: 0.7990, 123: 0.8113}
+    fresh = {1: 0.8050, 2: 0.7900, 3: 0.8230}
+    for folder, accs, tdev in (("poly6-newton-ecover-heads-clr", orig, lambda s: teacher_dev(teacher, s)),
+                               ("poly6-newton-ecover-heads-clr-fresh", fresh,
+                                lambda s: None if s == 2 else teacher_dev(fresh_t, s))):
+        for s, a in accs.items():
+            extra = {"teacher_dev": tdev(s)} if tdev(s) else {}
+            _write(R / "minilm" / folder / f"seed{s}" / "cgf_fhe.json",
+                   _ckpt(s, a, 0.86, [a - 0.01, a], 900.0, kind="distill", **extra))
+    out = tmp_path / "results.md"
+    mr.build(R, out, calib_dir=tmp_path / "none")
+    md = out.read_text()
+    assert "### Fresh teacher seeds" in md and "Seeds: 1, 2, 3. Recorded" in md
+    d_orig = [100 * (orig[s] - teacher[s][0]) for s in orig]
+    d_fresh = [100 * (fresh[s] - fresh_t[s][0]) for s in fresh]  # seed 2: the fresh teacher checkpoint
+    fresh_row = next(ln for ln in md.splitlines() if ln.startswith("| confirmation on fresh seeds")
+                     and "pooled" not in ln)
+    assert f"{statistics.mean(d_fresh):+.2f} ± {statistics.stdev(d_fresh):.2f} pp, 3 seeds" in fresh_row
+    assert "| met |" in fresh_row  # -0.17 pp
+    both = d_orig + d_fresh
+    m, sd = statistics.mean(both), statistics.stdev(both)
+    pooled_row = next(ln for ln in md.splitlines() if ln.startswith("| confirmation on fresh seeds")
+                      and "pooled with `poly6-newton-ecover-heads-clr`" in ln)
+    assert f"{m:+.2f} ± {sd:.2f} pp, 6 seeds (42 7 123 1 2 3)" in pooled_row
+    assert ("| met |" in pooled_row) == (m >= -1.0)
+    line = next(ln for ln in md.splitlines() if ln.startswith("Pooled with `poly6-newton-ecover-heads-clr`"))
+    within = sum(d >= -1.0 for d in both)
+    assert f"{within} of 6 seeds within 1 pp" in line
+    assert f"standard error {sd / 6 ** 0.5:.2f} pp" in line
+    pytest.importorskip("scipy")
+    h = 2.5706 * sd / 6 ** 0.5  # t quantile 0.975, 5 degrees of freedom
+    assert f"[{m - h:+.2f}, {m + h:+.2f}] pp" in line
