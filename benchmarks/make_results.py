@@ -1008,13 +1008,13 @@ class Page:
                 st = ("informative only (one seed, 32 tokens, teacher scored at 32 tokens; not an issue target): "
                       + ("within" if m is not None and 100 * m >= -target_pp else "not within") + f" {target_pp:g} pp")
             else:
-                diverged = [sd for sd, s in runs.items()
-                            if any((h.get("train_loss") or 0) > 1e3 for h in s.get("history") or [])]
-                missing = [str(sd) for sd in expected if sd not in runs]
+                diverged = list(_seed_order({**dv, **{sd: s for sd, s in runs.items() if any(
+                    (h.get("train_loss") or 0) > 1e3 for h in s.get("history") or [])}}))
+                missing = [str(sd) for sd in expected if sd not in runs and sd not in dv]
                 why = (f"not evaluable: {len(runs)} of {len(expected)} seeds" if not full else "no pairs")
                 if diverged and not full:  # a partial seed set whose runs diverged: say so, not just "partial"
-                    why = (f"**NOT met** on the seeds run: training diverged (seed {', '.join(map(str, diverged))}); "
-                           f"seeds {', '.join(missing)} not run")
+                    why = (f"**NOT met** on the seeds run: training diverged (seed {', '.join(map(str, diverged))})"
+                           + (f"; seeds {', '.join(missing)} not run" if missing else ""))
                 st = self.target(what, f">= -{target_pp:g} pp", measured,
                                  (100 * m >= -target_pp) if (m is not None and full) else None, src, why)
             self.add(f"Paired difference to the teacher (accuracy): {pm(diffs, 2, 100, True, ' pp')}; F1: "

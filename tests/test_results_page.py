@@ -255,3 +255,19 @@ def test_confirmation_on_fresh_seeds_is_pooled_with_the_original(fake_runs, tmp_
     pytest.importorskip("scipy")
     h = 2.5706 * sd / 6 ** 0.5  # t quantile 0.975, 5 degrees of freedom
     assert f"[{m - h:+.2f}, {m + h:+.2f}] pp" in line
+
+
+def test_partly_finished_partly_nan_seed_set_says_diverged(fake_runs, tmp_path):
+    """One seed finished, one stopped at a NaN loss (diverged.json), one not run: the status names the diverged
+    seed and the missing one instead of only "not evaluable"."""
+    R, teacher, _ = fake_runs
+    folder = R / "minilm" / "poly6-frozenattn-ecover-heads-clr"
+    _write(folder / "seed42" / "cgf_fhe.json",
+           _ckpt(42, 0.80, 0.86, [0.79, 0.80], 900.0, kind="distill", teacher_dev=teacher_dev(teacher, 42)))
+    _write(folder / "seed7" / "train_state" / "diverged.json",
+           {"epoch": 1, "step": 12, "at": 0.05, "loss": "nan", "blend": 1.0, "parts": {"kl": "nan"}, "history": []})
+    out = tmp_path / "results.md"
+    mr.build(R, out, calib_dir=tmp_path / "none")
+    row = next(ln for ln in out.read_text().splitlines()
+               if ln.startswith("| `poly6-frozenattn-ecover-heads-clr`"))
+    assert "**NOT met** on the seeds run: training diverged (seed 7); seeds 123 not run" in row
