@@ -1031,14 +1031,19 @@ class Page:
         self.add(*table(["student", "seeds", "dev accuracy", "F1", "paired difference (pp)", "total depth",
                          "target", "status"], summary_rows), "")
         self.plot_accuracy_depth()
+        self.plot_paired()
         self.depth_table()
         self.poly_grad_memory()
+
+    def pooled_diffs(self, key: str) -> dict[tuple[str, int], float]:
+        """{(seed set, seed): paired difference} of a confirmation run and the run whose flags it repeats."""
+        return {**{("orig", s): d for s, d in self.paired.get(CONFIRMS[key][0], {}).items()},
+                **{("fresh", s): d for s, d in self.paired[key].items()}}
 
     def pooled(self, key: str, what: str, src: str, target_pp: float) -> None:
         """A confirmation run's paired differences pooled with those of the run whose flags it repeats."""
         orig = CONFIRMS[key][0]
-        both = {**{("orig", s): d for s, d in self.paired.get(orig, {}).items()},
-                **{("fresh", s): d for s, d in self.paired[key].items()}}
+        both = self.pooled_diffs(key)
         ds = [100 * d for d in both.values()]
         m, sd = mean_std(ds)
         if m is None:
@@ -1198,6 +1203,41 @@ class Page:
         self.add("Accuracy vs total depth of the polynomial students (faint points: single seeds; the teacher and "
                  "the CGF+KD student are not FHE-evaluable and have no depth):", "",
                  f"![accuracy vs depth]({self.link(p)})", "")
+
+    def plot_paired(self) -> None:
+        """Per-seed paired differences of every student with a #3 target, against the 1 pp band: how far the seed
+        spread reaches past the margin, which a mean alone hides."""
+        targets = {k for k, _, _, _, _, pp, poly in STUDENTS if poly and pp is not None and not k.startswith("narrow")}
+        rows = [(k, d) for k, d in self.paired.items() if k in targets and d]
+        rows += [(f"{CONFIRMS[k][0]}: both seed sets pooled", self.pooled_diffs(k))
+                 for k, d in self.paired.items() if k in CONFIRMS and d]
+        if not rows:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7.5, 0.38 * len(rows) + 1.4))
+        for i, (k, d) in enumerate(rows):
+            xs = [100 * v for v in d.values()]
+            ax.scatter(xs, [i] * len(xs), color="C0", alpha=0.5, s=16)
+            m, _ = mean_std(xs)
+            ax.scatter([m], [i], color="C3" if m < -POLY_MAX_DROP_PP else "C2", marker="D", s=30, zorder=3)
+        ax.axvline(0, color="gray", lw=1)
+        ax.axvline(-POLY_MAX_DROP_PP, color="C3", ls=":", lw=1)
+        ax.set_yticks(range(len(rows)), [k for k, _ in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("dev accuracy, student - teacher (pp)")
+        ax.set_title(f"paired differences (dots: seeds, diamonds: means, dotted: -{POLY_MAX_DROP_PP:g} pp)", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+        p = self.img("paired_differences.png")
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        self.add("Paired differences to the teacher of every polynomial student with a #3 target, seed by seed "
+                 "(a mean inside the band can hide seeds outside it):", "",
+                 f"![paired differences]({self.link(p)})", "")
 
     def depth_table(self) -> None:
         self.add("### Depth per encoder layer for each approximation choice", "", *code(self.cmd["depth_table"]), "")

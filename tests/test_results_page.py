@@ -252,6 +252,8 @@ def test_confirmation_on_fresh_seeds_is_pooled_with_the_original(fake_runs, tmp_
     within = sum(d >= -1.0 for d in both)
     assert f"{within} of 6 seeds within 1 pp" in line
     assert f"standard error {sd / 6 ** 0.5:.2f} pp" in line
+    img = tmp_path / "img" / "paired_differences.png"
+    assert img.is_file() and img.stat().st_size > 1000 and "](img/paired_differences.png)" in md
     pytest.importorskip("scipy")
     h = 2.5706 * sd / 6 ** 0.5  # t quantile 0.975, 5 degrees of freedom
     assert f"[{m - h:+.2f}, {m + h:+.2f}] pp" in line
