@@ -1196,13 +1196,19 @@ class Page:
         ax.set_title("polynomial students: accuracy vs depth")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+        self.figure(fig, "accuracy_vs_depth.png", "accuracy vs depth",
+                    "Accuracy vs total depth of the polynomial students (faint points: single seeds; the teacher "
+                    "and the CGF+KD student are not FHE-evaluable and have no depth):")
+
+    def figure(self, fig, name: str, alt: str, caption: str) -> None:
+        """Save ``fig`` as img/``name`` and add ``caption`` and the image link to the page."""
+        import matplotlib.pyplot as plt
+
         fig.tight_layout()
-        p = self.img("accuracy_vs_depth.png")
+        p = self.img(name)
         fig.savefig(p, dpi=110)
         plt.close(fig)
-        self.add("Accuracy vs total depth of the polynomial students (faint points: single seeds; the teacher and "
-                 "the CGF+KD student are not FHE-evaluable and have no depth):", "",
-                 f"![accuracy vs depth]({self.link(p)})", "")
+        self.add(caption, "", f"![{alt}]({self.link(p)})", "")
 
     def plot_paired(self) -> None:
         """Per-seed paired differences of every student with a #3 target, against the 1 pp band: how far the seed
@@ -1231,13 +1237,9 @@ class Page:
         ax.set_xlabel("dev accuracy, student - teacher (pp)")
         ax.set_title(f"paired differences (dots: seeds, diamonds: means, dotted: -{POLY_MAX_DROP_PP:g} pp)", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-        fig.tight_layout()
-        p = self.img("paired_differences.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        self.add("Paired differences to the teacher of every polynomial student with a #3 target, seed by seed "
-                 "(a mean inside the band can hide seeds outside it):", "",
-                 f"![paired differences]({self.link(p)})", "")
+        self.figure(fig, "paired_differences.png", "paired differences",
+                    "Paired differences to the teacher of every polynomial student with a #3 target, seed by seed "
+                    "(a mean inside the band can hide seeds outside it):")
 
     def depth_table(self) -> None:
         self.add("### Depth per encoder layer for each approximation choice", "", *code(self.cmd["depth_table"]), "")
