@@ -63,6 +63,8 @@ SEARCH = (
     # probes: flags starting with "python " are the whole command (a benchmark script, not a recipe flag)
     ("meanpool-lr1e-4-unfrz-wu", "python benchmarks/pooling_probe.py --seed 42 --resume"),
 )
+FRESH_SEEDS = (1, 2, 3)  # seeds of the confirmation run and its teachers, never used to choose a configuration
+FRESH_TEACHER = "minilm/teacher-fresh"
 # students: (key, folder under R, label, distill flags, seeds flag, paired target in pp (None: a control, no
 # target), polynomial?)
 STUDENTS = (
@@ -133,9 +135,9 @@ STUDENTS = (
      "$R/minilm/cgf-kd-e1-heads-clr", "--seeds 42 7 123", POLY_MAX_DROP_PP, True),
     ("poly6-newton-ecover-heads-clr-fresh", "minilm/poly6-newton-ecover-heads-clr-fresh",
      "confirmation on fresh seeds: the flags of `poly6-newton-ecover-heads-clr`, chosen before these runs, with "
-     "fresh teachers (`minilm/teacher-fresh`, seeds 1 2 3) that no earlier choice has seen",
+     f"fresh teachers (`{FRESH_TEACHER}`, seeds {' '.join(map(str, FRESH_SEEDS))}) that no earlier choice has seen",
      "--poly all --ln newton --epochs 1 --epoch-cover --evals-per-epoch 4 --coeff-per-head --coeff-lr 0.01",
-     "--seeds 1 2 3", POLY_MAX_DROP_PP, True),
+     "--seeds " + " ".join(map(str, FRESH_SEEDS)), POLY_MAX_DROP_PP, True),
     ("kd-exact-control", "minilm/kd-exact-control",
      "control: exact softmax (not CGF, not polynomial), the same KD, 1 epoch, dev 4 times: what KD and checkpoint "
      "selection cost apart from CGF", "--student-softmax exact --epochs 1 --evals-per-epoch 4", "--seeds 42 7 123",
@@ -188,8 +190,9 @@ PAIRED_WITH = {  # student -> earlier students trained from the same teachers on
 }
 # confirmation runs: student -> (the student whose flags it repeats, teacher folder). Its seeds and teachers were
 # not used to choose anything; its paired differences are also pooled with the original's.
-CONFIRMS = {"poly6-newton-ecover-heads-clr-fresh": ("poly6-newton-ecover-heads-clr", "minilm/teacher-fresh")}
-FRESH_SEEDS = (1, 2, 3)
+CONFIRMS = {"poly6-newton-ecover-heads-clr-fresh": ("poly6-newton-ecover-heads-clr", FRESH_TEACHER)}
+# student -> the seeds its seeds flag names
+SEEDS_OF = {key: tuple(int(x) for x in seeds_flag.split()[1:]) for key, _, _, _, seeds_flag, _, _ in STUDENTS}
 ONNX = (  # (key, onnx path under R, source checkpoint under R, extra export flags)
     ("poly6", "minilm/poly6.onnx", "minilm/poly6-newton-ecover/seed42", ""),
     ("poly6-clr", "minilm/poly6-clr.onnx", "minilm/poly6-newton-ecover-heads-clr/seed123", ""),
@@ -221,7 +224,7 @@ def commands(R: str) -> dict[str, str]:
         "teacher": f"cgf-fhe finetune --model minilm --preset minilm --seeds 42 7 123 --no-progress --resume "
                    f"-o {R}/minilm/teacher",
         "teacher-fresh": f"cgf-fhe finetune --model minilm --preset minilm --seeds "
-                         f"{' '.join(map(str, FRESH_SEEDS))} --no-progress --resume -o {R}/minilm/teacher-fresh",
+                         f"{' '.join(map(str, FRESH_SEEDS))} --no-progress --resume -o {R}/{FRESH_TEACHER}",
         "depth_table": f"python benchmarks/depth_table.py --json {R}/depth_table.json",
         "poly_grad_memory": f"python benchmarks/poly_grad_memory.py {R}/minilm/poly6-newton/seed42 --steps 4 "
                             "--json benchmarks/results/poly_grad_memory.json",
@@ -821,11 +824,11 @@ class Page:
     def fresh_teacher(self) -> None:
         self.add("### Fresh teacher seeds (for the confirmation run in section 2)", "",
                  "The same recipe on seeds " + " ".join(map(str, FRESH_SEEDS)) + ", trained after every student "
-                 "configuration had been chosen on seeds 42 7 123.", "", *code(self.cmd["teacher-fresh"]), "")
-        fresh = self.r.seed_runs("minilm/teacher-fresh")
+                 f"configuration had been chosen on seeds {' '.join(map(str, SEEDS))}.", "", *code(self.cmd["teacher-fresh"]), "")
+        fresh = self.r.seed_runs(FRESH_TEACHER)
         self.fresh_teachers = fresh
         if fresh:
-            self.teacher_table(fresh, "minilm/teacher-fresh", FRESH_SEEDS)
+            self.teacher_table(fresh, FRESH_TEACHER, FRESH_SEEDS)
         else:
             self.add(not_run(self.cmd["teacher-fresh"]), "")
 
@@ -874,7 +877,7 @@ class Page:
         for key, folder, label, flags, seeds_flag, target_pp, poly in STUDENTS:
             cmd = self.cmd[key]
             target_txt = f"{target_pp:g} pp" if target_pp is not None else "-"  # None: a control
-            expected = tuple(int(x) for x in seeds_flag.split()[1:])
+            expected = SEEDS_OF[key]
             teachers = self.fresh_teachers if key in CONFIRMS else self.teachers
             runs = self.r.seed_runs(folder)
             self.add(f"### `{key}`: {label}", "", *code(cmd), "")
@@ -901,7 +904,7 @@ class Page:
                 if target_pp is not None:
                     self.target(what, f">= -{target_pp:g} pp", "not run", None, src, "not run")
                 continue
-            rows, diffs, fdiffs = [], [], []
+            rows, fdiffs = [], []
             self.paired[key] = {}
             for sd, s in runs.items():
                 ref, _ = teacher_ref(s, teachers, sd)
@@ -909,7 +912,6 @@ class Page:
                 d = (a - ref["accuracy"]) if ref and a is not None and ref.get("accuracy") is not None else None
                 fd = (f - ref["f1"]) if ref and f is not None and ref.get("f1") is not None else None
                 if d is not None:
-                    diffs.append(d)
                     self.paired[key][sd] = d
                 if fd is not None:
                     fdiffs.append(fd)
@@ -924,6 +926,7 @@ class Page:
                              f"{nonfin}/{(s.get('dev_final') or s['dev']).get('n')}" if nonfin is not None else "n/a"])
                 if poly and depth.get("total") is not None and a is not None:
                     self.poly_points.append((key, sd, depth["total"], a))
+            diffs = list(self.paired[key].values())
             accs = [s["dev"].get("accuracy") for s in runs.values()]
             f1s = [s["dev"].get("f1") for s in runs.values()]
             rows.append([f"**mean ± std ({len(runs)})**", f"**{pm(accs)}**", pm(f1s), "",
@@ -1062,11 +1065,12 @@ class Page:
                 pass
             ci = f"; standard error {se:.2f} pp" + ci
         measured = f"{m:+.2f} ± {sd:.2f} pp, {n} seeds ({seeds})" if n > 1 else f"{m:+.2f} pp, 1 seed"
-        full = len(self.paired[key]) == len(FRESH_SEEDS) and len(self.paired.get(orig, {})) == len(SEEDS)
+        full = all(s in self.paired.get(k, {}) for k in (key, orig) for s in SEEDS_OF[k])
         st = self.target(f"{what}, pooled with `{orig}`", f">= -{target_pp:g} pp", measured,
                          (m >= -target_pp) if full else None, f"{src} and `{orig}`'s",
-                         f"not evaluable: {n} of {len(FRESH_SEEDS) + len(SEEDS)} seeds")
-        self.add(f"Pooled with `{orig}` (the same flags on seeds 42 7 123, where they were chosen): paired "
+                         f"not evaluable: {n} of {len(SEEDS_OF[key]) + len(SEEDS_OF[orig])} seeds")
+        self.add(f"Pooled with `{orig}` (the same flags on seeds {' '.join(map(str, SEEDS_OF[orig]))}, where they "
+                 "were chosen): paired "
                  f"difference {measured}{ci}; {within} of {n} seeds within {target_pp:g} pp. "
                  f"Target on the pooled mean: {st}.", "")
 
