@@ -14,8 +14,7 @@ STAGES = (
 )
 
 
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit code 2."""
+from .errors import CgfFheError, UserError  # noqa: E402,F401  (UserError re-exported)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,15 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
-    from .models import CheckpointError
-    from .fhe_ops import GraphError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
-    except (UserError, DataError, CheckpointError, GraphError, FileNotFoundError) as exc:
+    except (CgfFheError, FileNotFoundError) as exc:
         print(f"cgf-fhe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # training.engine.TrainingDiverged: a non-finite loss, recorded on disk

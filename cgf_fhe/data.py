@@ -21,8 +21,7 @@ COLUMNS = ("label", "sentence1", "sentence2", "idx")
 SPLITS = ("train", "validation")
 
 
-class DataError(RuntimeError):
-    """Raised when MRPC cannot be found or parsed; the message names every source tried."""
+from .errors import DataError  # noqa: E402  (re-exported)
 
 
 def read_glue_tsv(path: str | Path) -> datasets.Dataset:

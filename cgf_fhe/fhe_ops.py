@@ -243,8 +243,7 @@ class Analysis:
         return max(self.depth.values(), default=0)
 
 
-class GraphError(ValueError):
-    """The file is not a readable ONNX model, or names inputs that do not exist."""
+from .errors import GraphError  # noqa: E402  (re-exported)
 
 
 def load_model(path) -> onnx.ModelProto:

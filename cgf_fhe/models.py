@@ -23,8 +23,7 @@ SETTINGS_FILE = "cgf_fhe.json"
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint directory is missing, incomplete or corrupt; the message names the file."""
+from .errors import CheckpointError  # noqa: E402  (re-exported)
 
 
 def minilm_path() -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .cli import UserError
+from .errors import UserError
 
 PRESETS: dict[str, dict] = {
     # end to end on the random-init tiny model in a few minutes on a 2-core CPU

@@ -40,7 +40,7 @@ import statistics
 import time
 from pathlib import Path
 
-from ..cli import UserError
+from ..errors import UserError
 
 SCHEMA = "cgf-fhe-costs/1"
 REQUIRED = ("ct_ct_mult", "ct_pt_mult", "add", "rotation")

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 
 EMB, MASK, LOGITS = "embeddings", "attention_mask", "logits"
 PREFIX = "cgf_fhe."

@@ -73,7 +73,7 @@ import onnx
 
 from .. import fhe_ops
 from ..bootstrap import plan_bootstraps
-from ..cli import UserError
+from ..errors import UserError
 from ..fmt import fmt_seconds as _fmt_s
 from . import costs as costs_mod
 from .graphinfo import HEAD_STAGES, STAGES, classify

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from ..cli import UserError
+from ..errors import UserError
 
 # HomomorphicEncryption.org standard, 128-bit classical security, ternary secret: max log2(Q) per ring size N.
 HE_STANDARD_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}

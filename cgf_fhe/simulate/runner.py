@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import UserError
+from ..errors import UserError
 from .backends import make_backend
 from .backends.base import ModulusOverflowError, SimulationError
 from .interpreter import Interpreter, layer_outputs, load, poly_inputs, read_metadata

@@ -81,19 +81,19 @@ def _recipe(args, **extra):
         kw["freeze_embeddings"] = False
     d = args.layer_lr_decay
     if d is not None and not 0.0 < d <= 1.0:
-        from ..cli import UserError
+        from ..errors import UserError
 
         raise UserError(f"--layer-lr-decay must be in (0, 1], got {d}")
     f = args.select_holdout
     if f is not None and not 0.0 <= f < 1.0:
-        from ..cli import UserError
+        from ..errors import UserError
 
         raise UserError(f"--select-holdout must be in [0, 1) (a fraction of the training set), got {f}")
     return get_recipe(args.preset, **kw)
 
 
 def _check_positive(args, *names):
-    from ..cli import UserError
+    from ..errors import UserError
 
     for n in names:
         v = getattr(args, n, None)
@@ -108,7 +108,7 @@ def cmd_finetune(args) -> int:
     _check_positive(args, "epochs", "lr", "batch_size", "max_length", "max_train_samples", "max_eval_samples",
                     "evals_per_epoch")
     if args.softmax == "exact" and args.coeff is not None:
-        from ..cli import UserError
+        from ..errors import UserError
 
         raise UserError("--coeff only applies to --softmax cgf")
     recipe, opts = _recipe(args), _opts(args)
@@ -130,7 +130,7 @@ def _fhe_from_args(args):
         ignored = [f for f in ("ln", "exp_degree", "gelu_degree", "tanh_degree", "invsqrt_degree", "newton_steps",
                                "margin") if getattr(args, f) is not None]
         if ignored:
-            from ..cli import UserError
+            from ..errors import UserError
 
             flags = ", ".join("--" + f.replace("_", "-") for f in ignored)
             raise UserError(f"{flags} {'needs' if len(ignored) == 1 else 'need'} --poly all")
@@ -146,7 +146,7 @@ def _fhe_from_args(args):
     try:
         return surgery.FheOptions(**kw)
     except ValueError as exc:
-        from ..cli import UserError
+        from ..errors import UserError
 
         raise UserError(f"invalid polynomial options: {exc}") from None
 
@@ -157,7 +157,7 @@ def cmd_distill(args) -> int:
     _check_positive(args, "epochs", "lr", "batch_size", "max_length", "max_train_samples", "max_eval_samples",
                     "student_layers", "student_hidden", "temperature", "evals_per_epoch")
     if not args.model and not args.teacher:
-        from ..cli import UserError
+        from ..errors import UserError
 
         raise UserError("distill needs --model (the backbone to train the teacher from) or --teacher")
     recipe = _recipe(args, kd_alpha=args.alpha, kd_beta=args.beta, kd_temperature=args.temperature,
@@ -165,7 +165,7 @@ def cmd_distill(args) -> int:
                      coeff_per_head=True if args.coeff_per_head else None, coeff_lr=args.coeff_lr,
                      softmax_blend_epochs=args.softmax_blend_epochs)
     fhe = _fhe_from_args(args)
-    from ..cli import UserError
+    from ..errors import UserError
 
     if fhe is None and (args.no_guard or args.refit or args.blend_epochs is not None or args.epoch_cover):
         raise UserError("--no-guard / --refit / --blend-epochs / --epoch-cover need --poly all")

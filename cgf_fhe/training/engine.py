@@ -187,7 +187,7 @@ def get_accelerator(device: str | None = None, mixed_precision: str = "auto"):
         )
     acc = _ACCELERATORS[key]
     if device is not None and not cpu and torch.device(device).type != acc.device.type:
-        from ..cli import UserError
+        from ..errors import UserError
 
         raise UserError(f"--device {device} is not available here (accelerate picked {acc.device})")
     return acc

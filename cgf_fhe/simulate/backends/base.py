@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ...cli import UserError
+from ...errors import UserError
 
 
 class SimulationError(UserError):

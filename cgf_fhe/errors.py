@@ -1,0 +1,26 @@
+"""Error classes, at the bottom of the package: every stage raises these and the CLI catches `CgfFheError`.
+
+Each is a one-line, user-facing message (exit code 2 on the command line); none of them imports anything from the
+package, so any module may raise them without an import circle.
+"""
+from __future__ import annotations
+
+
+class CgfFheError(Exception):
+    """Base class of every error the command line prints as one line (exit code 2)."""
+
+
+class UserError(CgfFheError):
+    """An error caused by the user's input (flags, files, settings)."""
+
+
+class DataError(CgfFheError, RuntimeError):
+    """MRPC cannot be found or parsed; the message names every source tried."""
+
+
+class CheckpointError(CgfFheError, RuntimeError):
+    """A checkpoint directory is missing, incomplete or corrupt; the message names the file."""
+
+
+class GraphError(CgfFheError, ValueError):
+    """The file is not a readable ONNX model, or names inputs that do not exist."""
