@@ -43,6 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as exc:  # training.engine.TrainingDiverged: a non-finite loss, recorded on disk
         print(f"cgf-fhe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or an unwritable path anywhere a stage did not check itself
+        import errno
+
+        where = exc.filename or "(unknown path)"
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            print(f"cgf-fhe {args.command}: error: disk full: {where}", file=sys.stderr)
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR):
+            print(f"cgf-fhe {args.command}: error: {exc.strerror}: {where}", file=sys.stderr)
+        else:
+            raise
+        return 2
     except KeyboardInterrupt:
         print(f"cgf-fhe {args.command}: interrupted", file=sys.stderr)
         return 130

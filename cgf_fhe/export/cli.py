@@ -5,6 +5,9 @@ import argparse
 
 
 def _export(args) -> int:
+    from ..io import check_output_file
+
+    check_output_file(args.output, "export output")  # before loading anything: -o naming a folder is an error
     from .onnx_export import run_export
 
     return run_export(args)
@@ -17,12 +20,19 @@ def _check(args) -> int:
 
 
 def _report(args) -> int:
+    if args.output_dir:
+        from ..io import check_output_dir
+
+        check_output_dir(args.output_dir, "report output directory")
     from .report import run_report
 
     return run_report(args)
 
 
 def _calibrate(args) -> int:
+    from ..io import check_output_file
+
+    check_output_file(args.output, "cost table output")
     from .costs import run_calibrate
 
     return run_calibrate(args)

@@ -208,9 +208,9 @@ def run_calibrate(args) -> int:
              "source": f"cgf-fhe calibrate-costs: TenSEAL {tenseal.__version__}, {platform.processor() or platform.machine()}"
                        f", {time.strftime('%Y-%m-%d')}, median of {args.reps} reps",
              "entries": [entry]}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(table, indent=2))
+    from ..io import write_json
+
+    out = write_json(args.output, table)
     print(f"N={entry['poly_modulus']} chain={entry['coeff_bits']} scale=2^{entry['scale_bits']} (ms per op, median):")
     for k, v in entry["ms"].items():
         if v is not None:

@@ -146,9 +146,10 @@ def export_model(model, out_path: str | Path, *, settings: dict | None = None, c
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise UserError(f"onnx.checker rejects the exported graph: {exc}") from exc
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(out))
+    from ..io import atomic_write, check_output_file
+
+    out = check_output_file(out_path)
+    atomic_write(out, lambda tmp: onnx.save(proto, str(tmp)))
     return proto
 
 
@@ -240,8 +241,10 @@ def export_checkpoint(ckpt: str | Path, out_path: str | Path, *, opset: int = 18
         par = parity(out_path, model, tok, n=verify, data_dir=data_dir, max_length=max_length, batch_size=batch_size)
         result["parity"] = par
         set_metadata(proto, {"parity": par})
-        onnx.save(proto, str(out_path))
-        Path(out_path).with_suffix(".parity.json").write_text(json.dumps(par, indent=2))
+        from ..io import atomic_write, write_json
+
+        atomic_write(out_path, lambda tmp: onnx.save(proto, str(tmp)))
+        write_json(Path(out_path).with_suffix(".parity.json"), par)
     result["seconds"] = time.perf_counter() - t0
     return result
 

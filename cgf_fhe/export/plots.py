@@ -53,8 +53,9 @@ def plot_levels(rep: dict, path: str | Path) -> Path:
     ax.set_ylabel("levels left")
     ax.set_title("levels along the critical path (red: refresh)")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    from ..io import atomic_write
+
+    path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return path
 
@@ -76,7 +77,8 @@ def plot_stage_ops(rep: dict, path: str | Path) -> Path:
     ax.set_title("op counts per stage (all layers)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    from ..io import atomic_write
+
+    path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return path

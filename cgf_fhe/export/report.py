@@ -598,24 +598,25 @@ def run_report(args) -> int:
     if args.output_dir:
         from .plots import plot_levels, plot_stage_ops
 
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        from ..io import check_output_dir, write_json, write_text
+
+        out = check_output_dir(args.output_dir)
         if single:
-            (out / "report.json").write_text(json.dumps(reps[0], indent=2))
-            (out / "report.md").write_text(to_markdown(reps[0]))
+            write_json(out / "report.json", reps[0])
+            write_text(out / "report.md", to_markdown(reps[0]))
             plot_levels(reps[0], out / "levels_per_layer.png")
             plot_stage_ops(reps[0], out / "ops_per_stage.png")
         else:
             cols, rows = compare_rows(reps)
             md = ["# Comparison", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
             md += ["| " + " | ".join(r) + " |" for r in rows]
-            (out / "comparison.md").write_text("\n".join(md) + "\n")
-            (out / "comparison.json").write_text(json.dumps(payload, indent=2))
+            write_text(out / "comparison.md", "\n".join(md) + "\n")
+            write_json(out / "comparison.json", payload)
             for r, m in zip(reps, args.models):
                 sub = out / Path(m).stem
                 sub.mkdir(exist_ok=True)
-                (sub / "report.json").write_text(json.dumps(r, indent=2))
-                (sub / "report.md").write_text(to_markdown(r))
+                write_json(sub / "report.json", r)
+                write_text(sub / "report.md", to_markdown(r))
                 plot_levels(r, sub / "levels_per_layer.png")
                 plot_stage_ops(r, sub / "ops_per_stage.png")
     if args.format == "json":

@@ -81,7 +81,10 @@ def _simulate(args) -> int:
         print(f"WARNING: {w}")
     if cfg.backend != "plain":
         print(f"CKKS: {params}")
-    s = simulate(args.model, cfg, args.output_dir)
+    from ..io import output_lock
+
+    with output_lock(args.output_dir):  # checked, created and locked before any work; one writer at a time
+        s = simulate(args.model, cfg, args.output_dir)
     label = s["refresh_label"]
     ratio = f" (x{s['ratio_to_plain']:.2f} plain)" if s.get("ratio_to_plain") else ""
     print(f"{s['backend']}: {s['n_examples']} examples, accuracy {s['accuracy']:.4f} "

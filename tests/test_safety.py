@@ -1,0 +1,101 @@
+"""Nothing lost: outputs checked before the work, written atomically, one writer per directory, disk full named."""
+import errno
+import json
+import time
+
+import pytest
+
+from cgf_fhe import io
+from cgf_fhe.cli import main
+from cgf_fhe.errors import OutputError, UserError
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.rglob(io.TMP_PREFIX + "*"))
+
+
+def _enospc(*_a, **_k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cgf_fhe.io
+# ---------------------------------------------------------------------------------------------------------------
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    f = tmp_path / "out.json"
+    io.write_json(f, {"v": 1})
+    assert json.loads(f.read_text()) == {"v": 1}
+
+    def half_then_crash(tmp):
+        tmp.write_text('{"v": 2, "trunc')
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        io.atomic_write(f, half_then_crash)
+    assert json.loads(f.read_text()) == {"v": 1}  # never the partial content
+    assert _leftovers(tmp_path) == []
+
+
+def test_disk_full_is_named_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(io.os, "fsync", _enospc)
+    f = tmp_path / "simulation.json"
+    with pytest.raises(OutputError, match=f"disk full: {f}"):
+        io.write_text(f, "x" * 1000)
+    assert not f.exists() and _leftovers(tmp_path) == []
+
+
+def test_output_checks(tmp_path):
+    afile = tmp_path / "a.txt"
+    afile.write_text("keep")
+    with pytest.raises(OutputError, match="is a directory"):
+        io.check_output_file(tmp_path)
+    with pytest.raises(OutputError, match="not a directory"):
+        io.check_output_dir(afile)
+    with pytest.raises(OutputError, match="a.txt"):
+        io.check_output_dir(afile / "sub")  # a parent is a file
+    assert io.check_output_dir(tmp_path / "new" / "deeper").is_dir()
+    assert afile.read_text() == "keep" and _leftovers(tmp_path) == []
+
+
+def test_output_lock_refuses_a_second_writer(tmp_path):
+    with io.output_lock(tmp_path):
+        assert (tmp_path / io.LOCK_NAME).exists()
+        with pytest.raises(OutputError, match="another cgf-fhe command is writing"):
+            with io.output_lock(tmp_path):
+                pass
+    with io.output_lock(tmp_path):  # released again
+        pass
+
+
+def test_output_error_is_a_user_error():
+    assert issubclass(OutputError, UserError)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the commands: check outputs before the work
+# ---------------------------------------------------------------------------------------------------------------
+def test_export_to_a_directory_fails_before_loading(tmp_path, capsys):
+    t0 = time.perf_counter()
+    # the checkpoint does not even exist: the output is checked first, so that is the error reported
+    assert main(["export", str(tmp_path / "no-such-ckpt"), "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory" in err and "Traceback" not in err
+    assert time.perf_counter() - t0 < 5
+
+
+def test_report_and_simulate_refuse_a_file_as_output_dir(tmp_path, capsys):
+    afile = tmp_path / "taken"
+    afile.write_text("mine")
+    assert main(["report", str(tmp_path / "x.onnx"), "-o", str(afile)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["simulate", str(tmp_path / "x.onnx"), "-o", str(afile), "--no-progress"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+
+
+def test_unwritable_output_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["simulate", str(tmp_path / "x.onnx"), "-o", str(blocker / "sub"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "file" in err and "Traceback" not in err
