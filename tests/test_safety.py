@@ -99,3 +99,38 @@ def test_unwritable_output_is_one_line(tmp_path, capsys):
     assert main(["simulate", str(tmp_path / "x.onnx"), "-o", str(blocker / "sub"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "file" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training outputs: never replace an input or a finished run silently
+# ---------------------------------------------------------------------------------------------------------------
+def _finished(folder, acc=0.8123):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cgf_fhe.json").write_text(json.dumps({"kind": "finetune", "status": "done", "dev": {"accuracy": acc}}))
+    return folder
+
+
+def test_distill_refuses_to_write_over_its_teacher(tmp_path, capsys, mrpc_dir):
+    teacher = _finished(tmp_path / "T")
+    before = (teacher / "cgf_fhe.json").read_text()
+    assert main(["distill", "--teacher", str(teacher), "--data-dir", str(mrpc_dir), "-o", str(teacher),
+                 "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "is the --teacher input" in err
+    # even --overwrite does not make replacing the input legal
+    assert main(["distill", "--teacher", str(teacher), "-o", str(tmp_path / "." / "T"), "--overwrite"]) == 2
+    assert (teacher / "cgf_fhe.json").read_text() == before
+
+
+def test_finetune_over_a_finished_run_needs_overwrite(tmp_path, capsys, mrpc_dir):
+    out = _finished(tmp_path / "ck")
+    argv = ["finetune", "--model", "tiny", "--data-dir", str(mrpc_dir), "--max-train-samples", "16",
+            "--max-eval-samples", "8", "--epochs", "1", "--batch-size", "8", "--max-length", "32", "--no-progress",
+            "-o", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds a finished finetune run (dev accuracy 0.8123)" in err and "--overwrite" in err
+    assert json.loads((out / "cgf_fhe.json").read_text())["dev"]["accuracy"] == 0.8123
+    assert main(argv + ["--overwrite"]) == 0
+    st = json.loads((out / "cgf_fhe.json").read_text())
+    assert st["dev"]["n"] == 8 and st["recipe"]["epochs"] == 1

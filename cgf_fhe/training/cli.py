@@ -24,6 +24,8 @@ def _common(p: argparse.ArgumentParser, seeds: bool = True, default_seed: int = 
     g.add_argument("--stop-after-epochs", type=int, metavar="N",
                    help="stop after N epochs in total (time-boxing); continue later with --resume")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run already in --output (default: refuse; --resume keeps it)")
     r = p.add_argument_group("recipe (defaults: --preset)")
     r.add_argument("--preset", default="reference", choices=sorted(PRESETS),
                    help="hyper-parameter preset (reference: lr 5e-5, batch 16, 5 epochs, frozen embeddings, "
@@ -92,6 +94,36 @@ def _recipe(args, **extra):
     return get_recipe(args.preset, **kw)
 
 
+def _guard_output(args, kind: str) -> None:
+    """Refuse an --output that is one of the run's inputs, or that holds a finished run (unless --overwrite or
+    --resume): both would be replaced silently by the new checkpoint."""
+    from pathlib import Path
+
+    from ..errors import OutputError
+
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output {out} is a file; {kind} writes a checkpoint folder")
+    targets = [out] + [out / f"seed{s}" for s in (getattr(args, "seeds", None) or [])]
+    for flag in ("teacher", "student_init", "model", "reference"):
+        src = getattr(args, flag, None)
+        if src and Path(src).exists() and any(Path(src).resolve() == t.resolve() for t in targets):
+            raise OutputError(f"--output {out} is the --{flag.replace('_', '-')} input {src}: {kind} would replace "
+                              "it; write to another folder")
+    if getattr(args, "resume", False) or getattr(args, "overwrite", False):
+        return
+    for t in targets:
+        try:
+            s = json.loads((t / "cgf_fhe.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(s, dict) and s.get("status") == "done":
+            acc = (s.get("dev") or {}).get("accuracy")
+            raise OutputError(f"{t} already holds a finished {s.get('kind', kind)} run"
+                              + (f" (dev accuracy {acc:.4f})" if isinstance(acc, float) else "")
+                              + "; pass --overwrite to replace it, --resume to keep it, or choose another --output")
+
+
 def _check_positive(args, *names):
     from ..errors import UserError
 
@@ -112,6 +144,7 @@ def cmd_finetune(args) -> int:
 
         raise UserError("--coeff only applies to --softmax cgf")
     recipe, opts = _recipe(args), _opts(args)
+    _guard_output(args, "finetune")
     if args.seeds:
         api.finetune_seeds(args.model, args.output, args.seeds, args.softmax, args.coeff, recipe, opts, args.reference)
     else:
@@ -176,6 +209,7 @@ def cmd_distill(args) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.blend_epochs is not None and args.blend_epochs < 0:
         raise UserError(f"--blend-epochs must be >= 0, got {args.blend_epochs}")
+    _guard_output(args, "distill")
     api.distill(args.model, args.output, args.teacher, args.coeff, args.seeds, args.seed, recipe, _opts(args),
                 fhe=fhe, student_layers=args.student_layers, interval_penalty=args.interval_penalty,
                 guard=not args.no_guard, blend_epochs=args.blend_epochs, refit=args.refit,
