@@ -76,13 +76,27 @@ def build_model(name: str, softmax: str = "exact", coeff: float | None = None, s
 
 
 def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, settings: dict) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    tmp = out / (SETTINGS_FILE + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True, default=_json_default))
-    tmp.replace(out / SETTINGS_FILE)
+    """Write a checkpoint folder so that no file under its final name is ever partial: everything is saved into
+    a temporary folder beside the files, each file then replaces its final name in one step, and
+    ``cgf_fhe.json`` (what marks the folder as a checkpoint) comes last. A full disk is ``disk full: PATH``."""
+    import shutil
+    import tempfile
+
+    from .io import TMP_PREFIX, check_output_dir, disk_full_as_error, write_text
+
+    out = check_output_dir(out_dir, "checkpoint folder")
+    stage = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "save-", dir=out))
+    try:
+        with disk_full_as_error(out):
+            model.save_pretrained(stage, safe_serialization=True)
+            tokenizer.save_pretrained(stage)
+            (out / SETTINGS_FILE).unlink(missing_ok=True)  # not a checkpoint while its files are being replaced
+            for f in sorted(stage.iterdir()):
+                if f.is_file():
+                    os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    write_text(out / SETTINGS_FILE, json.dumps(settings, indent=2, sort_keys=True, default=_json_default))
     return out
 
 
