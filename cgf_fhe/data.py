@@ -48,6 +48,8 @@ def read_glue_tsv(path: str | Path) -> datasets.Dataset:
             rows["sentence1"].append(row[1])
             rows["sentence2"].append(row[2])
             rows["idx"].append(idx)
+    if not rows["label"]:
+        raise DataError(f"{path}: no examples (only the header line); MRPC {path.stem} needs at least one row")
     return datasets.Dataset.from_dict(rows)
 
 

@@ -29,3 +29,7 @@ class GraphError(CgfFheError, ValueError):
 class OutputError(UserError):
     """An output path cannot be written (a directory where a file is wanted, no permission, disk full, locked by
     another run, or it would overwrite an input); the message names the path."""
+
+
+class ModelNameError(UserError):
+    """``--model`` names neither a built-in model, a model folder, a checkpoint nor a loadable hub model."""

@@ -134,3 +134,38 @@ def test_finetune_over_a_finished_run_needs_overwrite(tmp_path, capsys, mrpc_dir
     assert main(argv + ["--overwrite"]) == 0
     st = json.loads((out / "cgf_fhe.json").read_text())
     assert st["dev"]["n"] == 8 and st["recipe"]["epochs"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs: empty data, models that are not models
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_header_only_split_is_a_data_error(tmp_path, mrpc_dir, capsys, split):
+    d = tmp_path / "mrpc"
+    d.mkdir()
+    for s in ("train", "validation"):
+        src = (mrpc_dir / f"{s}.tsv").read_text().splitlines(keepends=True)
+        (d / f"{s}.tsv").write_text("".join(src[:1] if s == split else src[:40]))
+    out = tmp_path / "ck"
+    assert main(["finetune", "--model", "tiny", "--data-dir", str(d), "--epochs", "1", "--max-length", "32",
+                 "--no-progress", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{split}.tsv: no examples (only the header line)" in err
+    assert not (out / "cgf_fhe.json").exists()
+
+
+def test_model_names_that_are_not_models(tmp_path, capsys, mrpc_dir):
+    from cgf_fhe.errors import ModelNameError
+    from cgf_fhe.models import build_model
+
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("hello")
+    with pytest.raises(ModelNameError, match="the folder holds no model"):
+        build_model(str(empty))
+    with pytest.raises(ModelNameError, match="not a local folder and not loadable from the hub"):
+        build_model("surely-not-a-model-name-xyz")
+    assert issubclass(ModelNameError, UserError)
+    rc = main(["finetune", "--model", "foo", "--data-dir", str(mrpc_dir), "--no-progress", "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--model foo" in err and "tiny" in err and "minilm" in err
