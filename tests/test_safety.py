@@ -169,3 +169,71 @@ def test_model_names_that_are_not_models(tmp_path, capsys, mrpc_dir):
     rc = main(["finetune", "--model", "foo", "--data-dir", str(mrpc_dir), "--no-progress", "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--model foo" in err and "tiny" in err and "minilm" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# simulate: what the graph and the parameters decide fails before any encryption
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory, mrpc_dir, tiny_tokenizer):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from cgf_fhe import surgery
+    from cgf_fhe.data import load_mrpc, make_loader, tokenize_split
+    from cgf_fhe.export.onnx_export import export_checkpoint
+    from cgf_fhe.models import save_checkpoint
+    from cgf_fhe.softmax import set_softmax
+
+    d = tmp_path_factory.mktemp("safety_micro")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tiny_tokenizer.vocab_size, num_labels=2, hidden_size=8, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=16)
+    model = BertForSequenceClassification(cfg)
+    set_softmax(model, "cgf", None)
+    model.eval()
+    ds = tokenize_split(load_mrpc(mrpc_dir)["train"], tiny_tokenizer, max_length=6, max_samples=16)
+    ranges = surgery.calibrate(model, make_loader(ds, tiny_tokenizer, 16, False), progress=False)
+    fhe = surgery.polynomialize(model, surgery.FheOptions(poly="all", ln="newton"), ranges)
+    save_checkpoint(model, tiny_tokenizer, d / "ckpt", {"softmax": "cgf", "coeff": 0.5, "fhe": fhe, "max_length": 6})
+    export_checkpoint(d / "ckpt", d / "student.onnx")
+    return d
+
+
+def _simulate(micro, out, *extra):
+    return main(["simulate", str(micro / "student.onnx"), "--no-progress", "--limit", "4", "-o", str(out), *extra])
+
+
+def test_simulate_refuses_too_few_levels_without_refreshes_before_encrypting(micro, tmp_path, capsys, monkeypatch):
+    from cgf_fhe.simulate import runner
+
+    def no_work(*a, **k):
+        raise AssertionError("encryption started")
+
+    monkeypatch.setattr(runner, "client_batches", no_work)
+    assert _simulate(micro, tmp_path / "o", "--backend", "tenseal", "--refresh", "none", "--poly-modulus", "8192",
+                     "--coeff-bits", "60,40,40,60") == 2
+    err = capsys.readouterr().err
+    assert "--refresh none: the graph's multiplicative depth is" in err and "gives 2 levels" not in err
+    assert "parameters give 2 levels" in err
+
+
+def test_simulate_insecure_tenseal_is_explained(micro, tmp_path, capsys):
+    assert _simulate(micro, tmp_path / "o", "--backend", "tenseal", "--insecure", "--poly-modulus", "8192",
+                     "--levels", "5") == 2
+    err = capsys.readouterr().err
+    assert "--insecure does not work with --backend tenseal" in err and "SEAL" in err and "Traceback" not in err
+
+
+def test_simulate_without_metadata_does_not_suggest_a_missing_flag(micro, tmp_path, capsys):
+    import onnx
+
+    m = onnx.load(str(micro / "student.onnx"))
+    del m.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(m, str(bare))
+    rc = main(["simulate", str(bare), "--checkpoint", str(micro / "ckpt"), "--no-progress", "--limit", "4",
+               "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "declares no encrypted input" in err and "cgf-fhe export" in err
+    assert "--encrypted" not in err  # simulate has no such flag

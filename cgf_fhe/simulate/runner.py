@@ -501,8 +501,11 @@ def simulate(onnx_path: str | os.PathLike, cfg: SimConfig, out_dir: str | os.Pat
     t0 = time.perf_counter()
     if cfg.backend not in ("plain", "emulate", "tenseal"):
         raise SimulationError(f"unknown backend {cfg.backend!r}: choose plain, emulate or tenseal")
-    cfg.ckks_params()  # validate (security) before any work
+    params = cfg.ckks_params()  # validate (security) before any work
     model = load(onnx_path)
+    from .preflight import preflight
+
+    preflight(model, cfg, params, onnx_path)  # what the graph and parameters decide: before encrypting (#26)
     batches, client_info = client_batches(model, cfg)
     results, info = run_batches(str(onnx_path), batches, cfg)
     summary = summarize(results, cfg, info, time.perf_counter() - t0,
