@@ -165,8 +165,8 @@ def validate_config(cfg: dict) -> None:
     if not isinstance(cfg["model"], str) or not cfg["model"]:
         raise UserError(f"config: model must be a model name or folder, got {cfg['model']!r}")
     ml = cfg["max_length"]
-    if not isinstance(ml, int) or isinstance(ml, bool) or ml < 8:
-        raise UserError(f"config: max_length must be an integer >= 8, got {ml!r}")
+    if not isinstance(ml, int) or isinstance(ml, bool) or ml < 5:
+        raise UserError(f"config: max_length must be an integer >= 5 (a sentence pair), got {ml!r}")
     levels = cfg["levels"]
     if (not isinstance(levels, list) or not levels
             or any(not isinstance(lv, int) or isinstance(lv, bool) or lv < 1 for lv in levels)):

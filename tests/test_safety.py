@@ -237,3 +237,22 @@ def test_simulate_without_metadata_does_not_suggest_a_missing_flag(micro, tmp_pa
     err = capsys.readouterr().err
     assert rc == 2 and "declares no encrypted input" in err and "cgf-fhe export" in err
     assert "--encrypted" not in err  # simulate has no such flag
+
+
+def test_nonsense_values_are_refused_and_odd_ones_warned(tmp_path, capsys, mrpc_dir):
+    base = ["finetune", "--model", "tiny", "--data-dir", str(mrpc_dir), "--no-progress", "-o", str(tmp_path / "o")]
+    assert main([*base, "--softmax", "cgf", "--coeff", "-1"]) == 2
+    assert "--coeff must be > 0" in capsys.readouterr().err
+    assert main([*base, "--max-length", "2"]) == 2
+    assert "--max-length 2 is too short for a sentence pair" in capsys.readouterr().err
+    assert main(["distill", "--model", "tiny", "--coeff", "-1", "-o", str(tmp_path / "d")]) == 2
+    assert "--coeff must be > 0" in capsys.readouterr().err
+    assert main(["simulate", str(tmp_path / "x.onnx"), "--max-length", "2", "-o", str(tmp_path / "s")]) == 2
+    assert "too short" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+    # legal but odd: a warning, and the run goes on
+    from cgf_fhe.data import check_max_length
+
+    assert check_max_length(8) == 8 and "truncates most MRPC pairs" in capsys.readouterr().err
+    assert check_max_length(1024) == 1024 and "exceeds the 512 positions" in capsys.readouterr().err
+    assert check_max_length(128) == 128 and capsys.readouterr().err == ""

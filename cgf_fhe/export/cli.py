@@ -8,6 +8,10 @@ def _export(args) -> int:
     from ..io import check_output_file
 
     check_output_file(args.output, "export output")  # before loading anything: -o naming a folder is an error
+    if args.verify:
+        from ..data import check_max_length
+
+        check_max_length(args.max_length)
     from .onnx_export import run_export
 
     return run_export(args)

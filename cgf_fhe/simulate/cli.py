@@ -75,6 +75,9 @@ def _simulate(args) -> int:
     from .report import plural
     from .runner import simulate
 
+    from ..data import check_max_length
+
+    check_max_length(args.max_length)
     cfg = config_from_args(args)
     params = cfg.ckks_params()
     for w in params.warnings:

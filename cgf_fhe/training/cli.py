@@ -131,6 +131,18 @@ def _check_positive(args, *names):
         v = getattr(args, n, None)
         if v is not None and v <= 0:
             raise UserError(f"--{n.replace('_', '-')} must be > 0, got {v}")
+    from ..data import check_max_length
+
+    check_max_length(getattr(args, "max_length", None))
+    c = getattr(args, "coeff", None)
+    if c is not None:  # CGF: exp(s - mean - c*var); c <= 0 drops the variance term or inverts it
+        if c <= 0:
+            raise UserError(f"--coeff must be > 0 (the CGF variance weight; 0.5 is the Gaussian value), got {c}")
+        if not 0.1 <= c <= 4:
+            import sys
+
+            print(f"warning: --coeff {c} is far from the Gaussian value 0.5 (the per-head grid spans 0.25-4)",
+                  file=sys.stderr)
 
 
 def cmd_finetune(args) -> int:
