@@ -30,11 +30,11 @@ def _common(p: argparse.ArgumentParser, seeds: bool = True, default_seed: int = 
     r.add_argument("--preset", default="reference", choices=sorted(PRESETS),
                    help="hyper-parameter preset (reference: lr 5e-5, batch 16, 5 epochs, frozen embeddings, "
                         "linear decay no warmup; minilm: lr 1e-4, embeddings trained, 10%% warmup)")
-    r.add_argument("--epochs", type=int)
-    r.add_argument("--lr", type=float)
-    r.add_argument("--batch-size", type=int)
-    r.add_argument("--weight-decay", type=float)
-    r.add_argument("--warmup-ratio", type=float)
+    r.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
+    r.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    r.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
+    r.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: the preset's)")
+    r.add_argument("--warmup-ratio", type=float, help="fraction of steps with linear warm-up (default: the preset's)")
     r.add_argument("--unfreeze-embeddings", action="store_true", help="train the embeddings too")
     r.add_argument("--layer-lr-decay", type=float, metavar="D",
                    help="layer-wise learning-rate decay in (0, 1]: encoder layer i of L at lr*D^(L-i), embeddings "
@@ -262,11 +262,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="CE fine-tune a classifier on MRPC with the exact or CGF softmax",
                               description="Fine-tune --model (tiny | minilm | hub name | local path | checkpoint) "
                                           "on MRPC; writes the best-on-dev checkpoint to -o.")
-    p.add_argument("--model", required=True)
-    p.add_argument("--softmax", choices=["exact", "cgf"], default="exact")
+    p.add_argument("--model", required=True,
+                   help="backbone: tiny (random-init test model), minilm (offline all-MiniLM-L6-v2), a hub name such as "
+                        "bert-base-uncased, a local model folder, or a cgf-fhe checkpoint folder")
+    p.add_argument("--softmax", choices=["exact", "cgf"], default="exact",
+                   help="attention normalisation: exact softmax (default) or CGF (division-free)")
     p.add_argument("--coeff", type=float, help="CGF coefficient c (default 0.5)")
     p.add_argument("--reference", help="multi-seed run folder (or checkpoint) to report the paired difference against")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="checkpoint folder to write (with --seeds: seed<S>/ each)")
     _common(p)
     p.set_defaults(func=cmd_finetune)
 
@@ -308,11 +311,12 @@ def register(subparsers) -> None:
                    help="LayerNorm: Newton inverse sqrt, frozen statistics, or frozen-attn (frozen after attention, "
                         "Newton after the FFN: MiniLM's FFN-output LayerNorms cannot be frozen; see "
                         "benchmarks/frozen_ln_probe.py) (unset options: FheOptions defaults)")
-    f.add_argument("--exp-degree", type=int)
-    f.add_argument("--gelu-degree", type=int)
-    f.add_argument("--tanh-degree", type=int)
-    f.add_argument("--invsqrt-degree", type=int)
-    f.add_argument("--newton-steps", type=int)
+    f.add_argument("--exp-degree", type=int, help="degree of the exp polynomial (default: FheOptions')")
+    f.add_argument("--gelu-degree", type=int, help="degree of the GELU polynomial (default: FheOptions')")
+    f.add_argument("--tanh-degree", type=int, help="degree of the pooler's tanh polynomial (default: FheOptions')")
+    f.add_argument("--invsqrt-degree", type=int,
+                   help="degree of LayerNorm's 1/sqrt starting polynomial (default: FheOptions')")
+    f.add_argument("--newton-steps", type=int, help="Newton steps refining LayerNorm's 1/sqrt (default: FheOptions')")
     f.add_argument("--margin", type=float, help="relative widening of the calibrated intervals")
     f.add_argument("--calib-batches", type=int, help="calibrate on this many training batches (default: all)")
     f.add_argument("--student-layers", type=int, metavar="K", help="keep K encoder layers of the teacher")
@@ -346,23 +350,25 @@ def register(subparsers) -> None:
                         "inputs left (like `cgf-fhe cover`, from the counters training keeps anyway), so the "
                         "best-checkpoint choice scores what `cover` + export will run; the best epoch's "
                         "polynomials are saved with its weights")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="student checkpoint folder to write (with --seeds: seed<S>/ "
+                                                          "each and summary.json)")
     _common(p)
     p.set_defaults(func=cmd_distill)
 
     p = subparsers.add_parser("evaluate", help="score a checkpoint on MRPC; prints one JSON object",
                               description='Prints {"accuracy", "f1", "n", ...}; polynomial students add '
                                           'out-of-interval counts; --probe scores the same weights with both softmaxes.')
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="checkpoint folder (written by finetune/distill/cover)")
     p.add_argument("--softmax", choices=["exact", "cgf"], help="override the checkpoint's softmax")
     p.add_argument("--coeff", type=float, help="override the CGF coefficient")
-    p.add_argument("--split", default="validation", choices=["train", "validation"])
+    p.add_argument("--split", default="validation", choices=["train", "validation"],
+                   help="MRPC split to score (default validation, the dev set)")
     p.add_argument("--probe", action="store_true", help="also score with each softmax (exact vs CGF probe)")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="folder with GLUE MRPC train.tsv/validation.tsv (default: $CGF_FHE_DATA_DIR, else the datasets hub)")
     p.add_argument("--max-length", type=int, help="default: the checkpoint's training max length")
-    p.add_argument("--max-eval-samples", type=int)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device")
+    p.add_argument("--max-eval-samples", type=int, help="use only the first N dev examples")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
+    p.add_argument("--device", help="cpu | cuda | mps (default: the best available)")
     p.set_defaults(func=cmd_evaluate, max_train_samples=None)
 
     p = subparsers.add_parser(
@@ -374,19 +380,21 @@ def register(subparsers) -> None:
                     "diverges and the exported form gives NaN logits. CHECKPOINT may be a --seeds folder.")
     p.add_argument("checkpoint", help="a polynomial student (distill --poly all), or a --seeds folder of them")
     p.add_argument("-o", "--output", required=True, help="folder for the covered student (seed*/ for a seed set)")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="folder with GLUE MRPC train.tsv/validation.tsv (default: $CGF_FHE_DATA_DIR, else the datasets hub)")
     p.add_argument("--max-train-samples", type=int, help="measure on the first N training pairs (default: all)")
-    p.add_argument("--max-eval-samples", type=int)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device")
+    p.add_argument("--max-eval-samples", type=int, help="use only the first N dev examples")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
+    p.add_argument("--device", help="cpu | cuda | mps (default: the best available)")
     p.add_argument("--resume", action="store_true", help="skip outputs already covered from the same checkpoint")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_cover, max_length=None)
 
     p = subparsers.add_parser("sweep", help="CE-only CGF fine-tunes for several coefficients (table + sweep.json)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--coeffs", type=float, nargs="+", required=True)
+    p.add_argument("--model", required=True, help="backbone: tiny (random-init test model), minilm (offline all-MiniLM-L6-v2), a hub name such as "
+                        "bert-base-uncased, a local model folder, or a cgf-fhe checkpoint folder")
+    p.add_argument("--coeffs", type=float, nargs="+", required=True, metavar="C",
+                   help="CGF coefficients to fine-tune one model each with, e.g. 0.5 0.65 0.8")
     p.add_argument("--with-exact", action="store_true", help="also fine-tune exact on the same seeds (paired diffs)")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="folder for one checkpoint per coefficient and sweep.json")
     _common(p)
     p.set_defaults(func=cmd_sweep)
