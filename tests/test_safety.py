@@ -325,3 +325,26 @@ def test_no_progress_silences_the_datasets_bars(micro, tmp_path, capsys, mrpc_di
     assert main([*argv, "--no-progress", "-o", str(tmp_path / "b")]) == 0
     assert "Map" not in capsys.readouterr().err  # ...and --no-progress silences it
     datasets.enable_progress_bars()
+
+
+def test_disk_full_during_simulate_and_training_state_is_named_with_no_partial_file(micro, tmp_path, capsys,
+                                                                                   monkeypatch, mrpc_dir):
+    monkeypatch.setattr(io.os, "fsync", _enospc)
+    out = tmp_path / "sim"
+    assert main(["simulate", str(micro / "student.onnx"), "--backend", "plain", "--limit", "4", "--no-progress",
+                 "--data-dir", str(mrpc_dir), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "disk full: " in err and str(out) in err and "Traceback" not in err
+    assert not (out / "simulation.json").exists() and _leftovers(out) == []
+    from cgf_fhe.training.engine import _atomic_save
+
+    def torch_save_enospc(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("torch.save", torch_save_enospc)
+    state = tmp_path / "best_model.pt"
+    with pytest.raises(OutputError, match=f"disk full: {state}"):
+        _atomic_save({"x": 1}, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sim"]  # no best_model.pt, no best_model.pt.tmp
