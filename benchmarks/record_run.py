@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -111,9 +112,20 @@ def training_record(kind: str, run_dir: Path, teacher_dir: Path | None) -> dict:
     return rec
 
 
-def build(kind: str, run_dir: Path, teacher_dir: Path | None) -> dict:
+def seed_order(command: str, seeds: list[int]) -> list[int]:
+    """The order of --seeds in the command line (how the page lists them), else ascending."""
+    m = re.search(r"--seeds((?: \d+)+)", command)
+    given = [int(x) for x in m.group(1).split()] if m else []
+    return [s for s in given if s in seeds] + sorted(s for s in seeds if s not in given)
+
+
+def build(kind: str, run_dir: Path, teacher_dir: Path | None, command: str = "") -> dict:
     if kind in ("teacher", "search", "student"):
-        return training_record(kind, run_dir, teacher_dir)
+        rec = training_record(kind, run_dir, teacher_dir)
+        order = seed_order(command, rec["seeds"])
+        rec["runs"].sort(key=lambda r: order.index(r["seed"]))
+        rec["seeds"] = order
+        return rec
     if kind == "simulate":
         s = _json(run_dir if run_dir.suffix == ".json" else run_dir / "simulation.json")
         m = {k: s.get(k) for k in SIM_KEYS if s.get(k) is not None}
@@ -166,7 +178,7 @@ def main(argv=None) -> int:
                "machine": machine(), "packages": package_versions()}
         if a.teacher:
             rec["teacher"] = a.teacher
-        rec.update(build(a.kind, a.run_dir, a.teacher_dir))
+        rec.update(build(a.kind, a.run_dir, a.teacher_dir, a.command))
         rec["notes"] = a.note
         write_record(a.output, rec)
     except CgfFheError as e:

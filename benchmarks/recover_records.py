@@ -103,7 +103,7 @@ def seconds(s: str):
     m = re.match(r"^([\d.]+) (s|min|h)$", s.strip())
     if not m:
         return None
-    return round(float(m.group(1)) * {"s": 1, "min": 60, "h": 3600}[m.group(2)], 1)
+    return round(float(m.group(1)) * {"s": 1, "min": 60, "h": 3600}[m.group(2)], 3)
 
 
 def col(header: list[str], *starts: str) -> int | None:
@@ -154,7 +154,7 @@ def seed_runs(header, rows, name, teacher_kind=False):
         if c["read"] is not None:
             read = r[c["read"]].split(" ")[0]
         run = {"seed": seed, "status": "finished" if read == "cgf_fhe.json" else "stopped", "read_from": read,
-               "points": pts,
+               "n_dev": 408, "points": pts,
                "chosen": {"at": num(r[c["best"]]), "accuracy": num(r[c["acc"]]), "f1": num(r[c["f1"]])}}
         if not complete or "lower bound" in (r[c["diff"]] if c["diff"] is not None else ""):
             run["lower_bound"] = True
@@ -179,7 +179,8 @@ GENERATED = (re.compile(r"^- depth per layer \(seed (\d+)\): (\[.*\])$"),
              re.compile(r"^- seed (\d+), dev accuracy at every evaluation point \(epochs trained: accuracy\) (.*?); "
                         r"best at"),
              re.compile(r"^Paired difference to the teacher \(accuracy\):"),
-             re.compile(r"^- seeds [\d, ]+( \(missing [\d, ]+\))?$"))
+             re.compile(r"^- seeds [\d, ]+( \(missing [\d, ]+\))?$"),
+             re.compile(r"^Pooled with `poly6-newton-ecover-heads-clr` \(the same flags"))  # the page pools itself
 
 
 def base(name, kind, title, section, command, notes):
@@ -209,7 +210,7 @@ def student(head, body, name=None, title=None):
             by[int(g[1].group(1))]["points"] = [{"at": float(a), "accuracy": float(v), "f1": None} for a, v in
                                                 (x.split(": ") for x in g[1].group(2).split(", "))]
             continue
-        if g[2] or g[3]:
+        if g[2] or g[3] or g[4]:
             continue
         wm = re.match(r"^- seed (\d+), epoch cover: intervals widened per epoch ([\d / ]+);", b)
         if wm:
@@ -256,7 +257,7 @@ def search(head, body):
             continue
         cmd = next(c for c in cmds if c.endswith("/" + cand))
         pts, _ = parse_points(r[2], True)
-        run = {"seed": 42, "status": "finished", "read_from": "cgf_fhe.json", "points": pts,
+        run = {"seed": 42, "status": "finished", "read_from": "cgf_fhe.json", "n_dev": 408, "points": pts,
                "chosen": {"at": float(r[5]), "accuracy": num(r[3]), "f1": num(r[4])},
                "seconds_per_epoch": seconds(r[6])}
         rec = base(f"search-{cand}", "search", r[1], head, cmd, [n for n in notes if f"`{cand}`" in n])
@@ -320,7 +321,8 @@ def recover(root: Path) -> list[dict]:
                                 recs[-1]["command"],
                                 [t for t in texts if False]),
                          "seeds": [42, 7, 123],
-                         "runs": [{"seed": s, "status": "finished", "read_from": "cgf_fhe.json", "points": [],
+                         "runs": [{"seed": s, "status": "finished", "read_from": "cgf_fhe.json", "n_dev": 408,
+                                   "points": [],
                                    "chosen": {"at": None, "accuracy": a, "f1": None}}
                                   for s, a in ((42, 0.8186), (7, 0.8039), (123, 0.8137))]})
             recs[-1]["recovered_from"]["section"] = "`poly6-newton-ecover-e4` (its second paragraph)"

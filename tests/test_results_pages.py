@@ -1,0 +1,142 @@
+"""docs/results.md and docs/recipes.md are generated from records/ only, byte for byte."""
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchlib import REPO, load_benchmark
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from pagegen import students  # noqa: E402
+from pagegen.build import build  # noqa: E402
+from pagegen.records import check_record, load_records  # noqa: E402
+from cgf_fhe.errors import DataError  # noqa: E402
+
+RECORDS, DOCS = REPO / "records", REPO / "docs"
+
+
+@pytest.fixture(scope="module")
+def built():
+    return build(RECORDS)
+
+
+def test_pages_regenerate_byte_exact_from_records(built, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no runs folder anywhere near
+    texts, _, _, _ = built
+    assert set(texts) == {"results.md", "recipes.md"}
+    for name, text in texts.items():
+        assert (DOCS / name).read_text() == text, f"docs/{name} differs: run python benchmarks/make_results.py"
+    mr = load_benchmark("make_results")
+    assert mr.main(["--check", "--records", str(RECORDS), "--docs", str(DOCS)]) == 0
+
+
+def test_a_hand_edit_is_caught(tmp_path, capsys):
+    docs = tmp_path / "docs"
+    shutil.copytree(DOCS, docs)
+    page = docs / "results.md"
+    text = page.read_text()
+    assert "-0.98 ± 1.30" in text
+    page.write_text(text.replace("-0.98 ± 1.30", "-0.58 ± 1.30", 1))
+    mr = load_benchmark("make_results")
+    assert mr.main(["--check", "--records", str(RECORDS), "--docs", str(docs)]) == 1
+    assert "-0.58 ± 1.30" in capsys.readouterr().out
+
+
+def test_answer_first(built):
+    text = built[0]["results.md"]
+    first = text[text.index("## The answer"):text.index("## Targets")]
+    for q in ("dev accuracy", "paired difference to the teacher", "depth per encoder layer", "L = 14",
+              "emulated CKKS", "real CKKS", "wall times"):
+        assert q in first, q
+    assert "0.8023 ± 0.0102" in first and "-0.69 ± 1.08 pp" in first and "[-1.83, +0.44]" in first
+    assert text.index("## The answer") < text.index("## 1. Training")
+
+
+def test_every_image_comes_from_records_and_exists(built, tmp_path):
+    texts, images, _, _ = built
+    refs = {m for t in texts.values() for m in re.findall(r"\]\(img/([^)]+)\)", t)}
+    assert refs == set(images)
+    assert {p.name for p in (DOCS / "img").glob("*.png")} == refs  # no stale image left behind
+    for name in sorted(refs)[:2]:
+        draw, args = images[name]
+        draw(*args, tmp_path / name)
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_record_is_on_a_page_and_recovered_ones_say_where_from(built):
+    texts, _, used, recs = built
+    assert set(recs) - used == set()
+    assert len(recs) >= 50
+    for rec in recs.values():
+        if rec["source"] == "recovered-from-page":
+            assert rec["recovered_from"]["commit"] and rec["recovered_from"]["section"]
+        assert len(json.dumps(rec)) < 16_000  # a few KB, never checkpoints
+
+
+def test_paired_differences_use_exact_counts():
+    rec = load_records(RECORDS)["cgf-kd"]
+    d = students.diffs_pp(rec)
+    # 0.7966 / 0.8186 are 325/408 and 334/408: -2.21 pp (not -2.20 from the rounded figures)
+    assert round(d[42], 2) == -2.21
+
+
+def _fake_seed(folder: Path, seed: int, acc: float, teacher: float):
+    folder.mkdir(parents=True)
+    (folder / "cgf_fhe.json").write_text(json.dumps({
+        "status": "done", "seed": seed, "best_epoch": 1, "best_at": 0.5, "seconds_per_epoch": 600.0,
+        "dev": {"accuracy": acc, "f1": 0.85, "n": 408, "n_nonfinite": 0},
+        "teacher_dev": {"accuracy": teacher, "f1": 0.87},
+        "history": [{"epoch": 1, "dev": {"accuracy": acc - 0.01, "f1": 0.84},
+                     "mid_evals": [{"at": 0.5, "dev": {"accuracy": acc, "f1": 0.85}}]}],
+        "fhe": {"depth": {"total": 250, "per_layer": [40, 40, 40, 40, 40, 40]}},
+        "interval_report": {"frac_out": 0.0}}))
+
+
+def test_record_run_then_page_shows_the_new_student(tmp_path):
+    run = tmp_path / "runs" / "lean"
+    _fake_seed(run / "seed42", 42, 330 / 408, 334 / 408)
+    _fake_seed(run / "seed7", 7, 328 / 408, 328 / 408)
+    (run / "seed123" / "train_state").mkdir(parents=True)
+    (run / "seed123" / "train_state" / "diverged.json").write_text(json.dumps(
+        {"seed": 123, "step": 60, "at": 0.26, "blend": 0.5, "loss": "nan", "parts": {"kl": "nan"}}))
+    recs = tmp_path / "records"
+    shutil.copytree(RECORDS, recs)
+    rr = load_benchmark("record_run")
+    assert rr.main(["student", str(run), "--name", "lean", "--command", "cgf-fhe distill ... --seeds 42 7 123 -o runs/lean",
+                    "--teacher", "teacher-retrained", "-o", str(recs / "lean.json")]) == 0
+    rec = check_record(json.loads((recs / "lean.json").read_text()))
+    assert [r["seed"] for r in rec["runs"]] == [42, 7, 123]
+    assert rec["runs"][2]["status"] == "diverged" and rec["runs"][0]["depth"]["total"] == 250
+    assert rec["packages"]["numpy"] and rec["machine"]["cpus"]
+    pages = json.loads((recs / "pages.json").read_text())
+    pages["students"].append({"record": "lean", "target_pp": 1.0, "issue": "#3"})
+    pages["pages"][1]["sections"][3]["items"].append({"type": "student", "record": "lean"})
+    (recs / "pages.json").write_text(json.dumps(pages))
+    texts, _, used, _ = build(recs)
+    assert "lean" in used
+    row = next(ln for ln in texts["results.md"].splitlines() if ln.startswith("| `lean` |"))
+    assert "-0.49 (n = 1" not in row and "-0.49 ± 0.69" in row  # (-0.98 + 0.00) / 2, sample std 0.69
+    assert "diverged on seed(s) 123" in row
+    assert "### `lean`" in texts["recipes.md"]
+
+
+def test_record_run_bad_input_is_one_line(tmp_path, capsys):
+    rr = load_benchmark("record_run")
+    assert rr.main(["student", str(tmp_path / "nope"), "--name", "x", "--command", "c", "-o",
+                    str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no cgf_fhe.json" in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_a_bad_record_names_its_problem(tmp_path):
+    shutil.copytree(RECORDS, tmp_path / "r")
+    p = tmp_path / "r" / "teacher.json"
+    rec = json.loads(p.read_text())
+    rec["schema"] = 2
+    p.write_text(json.dumps(rec))
+    with pytest.raises(DataError, match="teacher.json: schema version 2"):
+        load_records(tmp_path / "r")
