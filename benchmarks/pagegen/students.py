@@ -62,6 +62,15 @@ def status(rec: dict, spec: dict) -> str:
     return word + (f" ({'; '.join(extra)})" if extra else "")
 
 
+def ends_only(r: dict) -> float | None:
+    """The accuracy selection among epoch ends alone would have chosen (None without mid-epoch points)."""
+    pts = [p for p in r.get("points") or [] if p.get("accuracy") is not None and p.get("eligible", True)]
+    if all(float(p["at"]).is_integer() for p in pts):
+        return None
+    ends = [p["accuracy"] for p in pts if float(p["at"]).is_integer()]
+    return max(ends) if ends else None
+
+
 def _points(r: dict) -> str:
     pts = " / ".join(f"{p['at']:g}: {num(p['accuracy'])}" + (" (not eligible)" if p.get("eligible") is False else "")
                      for p in r.get("points") or [])
@@ -76,11 +85,13 @@ def section(rec: dict, spec: dict | None, level: str = "###") -> list[str]:
            + f" Paired with the teacher record `{rec.get('teacher', 'n/a')}` seed by seed.", ""]
     runs = finished(rec)
     d = diffs_pp(rec)
+    ends_d = {r["seed"]: 100 * (exact(ends_only(r), r.get("n_dev")) - exact(r["teacher"]["accuracy"], r.get("n_dev")))
+              for r in runs if ends_only(r) is not None and (r.get("teacher") or {}).get("accuracy") is not None}
     if runs:
         cols = {"seed": [], "dev accuracy": [], "F1": [], "teacher accuracy": [], "difference (pp)": [],
                 "chosen at (epochs)": [], "dev accuracy at every evaluation point (epochs: accuracy)": [],
                 "time per epoch": [], "total depth": [], "out-of-interval inputs (dev)": [],
-                "non-finite dev logits": [], "read from": []}
+                "non-finite dev logits": [], "epoch ends only (difference, pp)": [], "read from": []}
         for r in runs:
             c = r["chosen"]
             vals = [str(r["seed"]), num(c.get("accuracy")), num(c.get("f1")),
@@ -90,7 +101,9 @@ def section(rec: dict, spec: dict | None, level: str = "###") -> list[str]:
                     secs(r.get("seconds_per_epoch")) if r.get("seconds_per_epoch") else None,
                     str(r["depth"]["total"]) if r.get("depth") else None,
                     sci(r.get("frac_out")) if "frac_out" in r else None,
-                    f"{r['nonfinite']}/{r['n_dev']}" if "nonfinite" in r else None, r.get("read_from")]
+                    f"{r['nonfinite']}/{r['n_dev']}" if "nonfinite" in r else None,
+                    (f"{num(ends_only(r))} ({signed(ends_d[r['seed']])})" if r["seed"] in ends_d else None),
+                    r.get("read_from")]
             for k, v in zip(cols, vals):
                 cols[k].append(v)
         keep = [k for k, v in cols.items() if any(x is not None for x in v)]
@@ -100,7 +113,8 @@ def section(rec: dict, spec: dict | None, level: str = "###") -> list[str]:
                 "F1": pm([r["chosen"].get("f1") for r in runs]),
                 "difference (pp)": f"**{pm(d.values(), 2, sign=True)}**",
                 "time per epoch": pm([r.get("seconds_per_epoch") for r in runs], 0) + " s"
-                if any(r.get("seconds_per_epoch") for r in runs) else ""}
+                if any(r.get("seconds_per_epoch") for r in runs) else "",
+                "epoch ends only (difference, pp)": pm(ends_d.values(), 2, sign=True) if ends_d else ""}
         rows.append([mean.get(k, "") for k in keep])
         out += [*table(keep, rows), ""]
     div = [r for r in rec["runs"] if r.get("status") == "diverged"]
