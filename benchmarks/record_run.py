@@ -31,7 +31,7 @@ from pagegen.records import SCHEMA, machine, package_versions, write_record  # n
 SIM_KEYS = ("n_examples", "batches", "seq_lens", "accuracy", "f1", "plain_accuracy", "agreement", "max_logit_error",
             "mean_logit_error", "refresh_label", "refreshes", "refresh_operations", "seconds", "backend_seconds",
             "plain_seconds", "ratio_to_plain", "seconds_per_example", "n_level_mismatches", "backend", "max_length")
-REPORT_KEYS = ("total_depth", "bootstraps_total", "latency_seconds", "latency_per_example_seconds", "level_budget",
+REPORT_KEYS = ("total_depth", "bootstraps_total", "bootstraps_lower_bound", "latency_seconds", "latency_per_example_seconds", "level_budget",
                "seq_len")
 
 
@@ -61,7 +61,8 @@ def seed_run(s: dict, teacher: dict | None) -> dict:
     dev = s.get("dev") or {}
     depth = (s.get("fhe") or {}).get("depth") or {}
     ec = (s.get("fhe") or {}).get("epoch_cover")
-    run = {"seed": int(s["seed"]), "status": "finished", "read_from": "cgf_fhe.json", "points": points,
+    run = {"seed": int(s["seed"]), "status": "finished" if s.get("status") == "done" else "stopped",
+           "read_from": "cgf_fhe.json", "points": points,
            "chosen": ({"at": float(at) if at is not None else None, **_metric(dev)} if _metric(dev) else None),
            "teacher": _metric(s.get("teacher_dev")) or teacher,
            "seconds_per_epoch": s.get("seconds_per_epoch"),
@@ -138,8 +139,8 @@ def build(kind: str, run_dir: Path, teacher_dir: Path | None, command: str = "")
     if kind == "report":
         r = _json(run_dir if run_dir.suffix == ".json" else run_dir / "report.json")
         m = {k: r.get(k) for k in REPORT_KEYS if r.get(k) is not None}
-        m["levels_per_group"] = {**{f"layer {x['index']}": x.get("levels") for x in r.get("layers") or []},
-                                 **{g["name"]: g.get("levels") for g in r.get("head") or [] if g.get("encrypted_nodes")}}
+        m["levels_per_group"] = {**{f"layer {x['index']}": x.get("depth") for x in r.get("layers") or []},
+                                 **{g["name"]: g.get("depth") for g in r.get("head") or [] if g.get("encrypted_nodes")}}
         m["bootstraps_per_group"] = {**{f"layer {x['index']}": x.get("bootstraps") for x in r.get("layers") or []},
                                      **{g["name"]: g.get("bootstraps") for g in r.get("head") or []
                                         if g.get("encrypted_nodes")}}

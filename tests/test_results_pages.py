@@ -140,3 +140,39 @@ def test_a_bad_record_names_its_problem(tmp_path):
     p.write_text(json.dumps(rec))
     with pytest.raises(DataError, match="teacher.json: schema version 2"):
         load_records(tmp_path / "r")
+
+
+def test_report_and_simulation_records_reach_the_headline(tmp_path):
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "report.json").write_text(json.dumps({
+        "total_depth": 289, "bootstraps_total": 21, "bootstraps_lower_bound": 20, "level_budget": 14, "seq_len": 128,
+        "latency_seconds": 1e8, "latency_per_example_seconds": 6000.0,
+        "layers": [{"index": 0, "depth": 49, "bootstraps": 3, "encrypted_nodes": 10}],
+        "head": [{"name": "pooler", "depth": 5, "bootstraps": 1, "encrypted_nodes": 3}]}))
+    sim = tmp_path / "sim"
+    sim.mkdir()
+    (sim / "simulation.json").write_text(json.dumps({
+        "n_examples": 408, "batches": 13, "seq_lens": [71], "accuracy": 0.8137, "f1": 0.8685, "plain_accuracy": 0.8137,
+        "agreement": 407 / 408, "max_logit_error": 0.0155, "mean_logit_error": 0.00126, "refreshes": 61,
+        "refresh_operations": 793, "refresh_label": "client-aided refresh", "seconds": 810.0, "backend_seconds": 342.0,
+        "plain_seconds": 444.0, "ratio_to_plain": 0.77, "seconds_per_example": 0.835, "n_level_mismatches": 0,
+        "params": {"poly_modulus": 16384, "coeff_bits": [60, 40, 60], "level_budget": 7, "scale_bits": 40,
+                   "security": "128-bit"}, "diagnostics": {"overflows": 0},
+        "error_per_layer": [{"layer": "0", "max_abs_error": 1e-3, "mean_abs_error": 1e-4}]}))
+    recs = tmp_path / "records"
+    shutil.copytree(RECORDS, recs)
+    rr = load_benchmark("record_run")
+    assert rr.main(["report", str(rep), "--name", "report-poly6-clr-L14", "--command", "cgf-fhe report ...",
+                    "-o", str(recs / "report-poly6-clr-L14.json")]) == 0
+    assert rr.main(["simulate", str(sim), "--name", "emulate-poly6-clr", "--command", "cgf-fhe simulate ...",
+                    "--title", "Emulated CKKS: `poly6-clr`", "-o", str(recs / "emulate-poly6-clr.json")]) == 0
+    pages = json.loads((recs / "pages.json").read_text())
+    pages["pages"][0]["sections"][4]["items"].append({"type": "report", "record": "report-poly6-clr-L14"})
+    (recs / "pages.json").write_text(json.dumps(pages))
+    texts, images, used, _ = build(recs)
+    head = texts["results.md"].split("## Targets")[0]
+    assert "21 bootstraps per pass at L = 14" in head
+    assert "99.75% (407/408)" in head  # the agreement now comes from the new simulation record
+    assert "report-poly6-clr-L14" in used and "emulate-poly6-clr_error_per_layer.png" in images
+    assert "| levels per group | layer 0 49, pooler 5 |" in texts["results.md"]
