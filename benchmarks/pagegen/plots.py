@@ -19,14 +19,15 @@ def _plt():
 def accuracy_vs_depth(recs: list[dict], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for rec in recs:
+    cmap = plt.get_cmap("tab20")
+    for k, rec in enumerate(recs):
         pts = [(r["depth"]["total"], r["chosen"]["accuracy"]) for r in students.finished(rec)
                if (r.get("depth") or {}).get("total") and r["chosen"].get("accuracy") is not None]
         if not pts:
             continue
         xs, ys = zip(*pts)
-        ax.scatter(xs, ys, s=10, alpha=0.3)
-        ax.scatter([sum(xs) / len(xs)], [sum(ys) / len(ys)], s=30, label=rec["name"])
+        ax.scatter(xs, ys, s=10, alpha=0.3, color=cmap(k % 20))
+        ax.scatter([sum(xs) / len(xs)], [sum(ys) / len(ys)], s=30, label=rec["name"], color=cmap(k % 20))
     ax.set_xlabel("total multiplicative depth")
     ax.set_ylabel("dev accuracy (MRPC)")
     ax.legend(fontsize=6, loc="lower right")
@@ -39,11 +40,18 @@ def accuracy_vs_depth(recs: list[dict], path: Path) -> None:
 def paired_differences(recs: list[dict], target_pp: float, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 0.32 * len(recs) + 1.2))
+    lo = -6.0  # the band that matters; seeds further below are drawn at the edge with their value
     for i, rec in enumerate(recs):
-        d = students.diffs_pp(rec)
-        ax.scatter(list(d.values()), [i] * len(d), s=14)
-        if d:
-            ax.plot([sum(d.values()) / len(d)], [i], "k|", markersize=12)
+        d = list(students.diffs_pp(rec).values())
+        ax.scatter([max(v, lo) for v in d], [i] * len(d), s=14, marker="o")
+        far = [v for v in d if v < lo]
+        if far:
+            ax.text(lo + 0.15, i, f"< {', '.join(f'{v:.0f}' for v in far)} pp", va="center", fontsize=6)
+        if d and sum(d) / len(d) >= lo:
+            ax.plot([sum(d) / len(d)], [i], "k|", markersize=12)
+        if not d:
+            ax.text(lo + 0.15, i, "no finished seed", va="center", fontsize=6)
+    ax.set_xlim(lo - 0.3, 2.0)
     ax.axvline(-target_pp, color="red", lw=0.8, ls="--")
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_yticks(range(len(recs)), [r["name"] for r in recs], fontsize=6)
