@@ -61,10 +61,12 @@ def section(recs: dict, pages: dict) -> list[str]:
                      f"{num(100 * pa['agreement'], 2)}% ({pa['n_agree']}/{pa['n']}) of the predictions "
                      f"({m['max_length']} tokens, N = {m['params']['poly_modulus']}); "
                      f"{secs(m['seconds_per_example'])} per example in TenSEAL", _src(tn)])
-    times = [f"training {secs(stats.mean_std([r['seconds_per_epoch'] for r in runs]).mean)} per epoch "
-             f"(1 epoch, 2 shared cores)"]
+    epochs = max((p["at"] for r in runs for p in r.get("points") or []), default=None)
+    times = [f"training {secs(stats.mean_std([r['seconds_per_epoch'] for r in runs]).mean)} per epoch"
+             + (f" ({epochs:g} epoch{'s' if epochs != 1 else ''})" if epochs else "")]
     if exp:
-        times.append(f"export with a 408-example parity check {secs(exp['metrics']['seconds'])}")
+        times.append(f"export with a {exp['metrics']['n_examples']}-example parity check "
+                     f"{secs(exp['metrics']['seconds'])}")
     if em:
         times.append(f"emulated dev set {secs(em['metrics']['seconds'])} "
                      f"({secs(em['metrics']['seconds_per_example'])} per example)")
