@@ -127,8 +127,9 @@ def poly_inputs(model: onnx.ModelProto, analysis: fhe_ops.Analysis, groups: list
     when the exporter states it, else the single encrypted value entering the group's nodes. ``scale``: the graph
     value equals ``scale * x`` for the interval's ``x`` (``alpha`` of a prescaled group folded upstream: the group's
     ``"alpha"`` or ``fhe.modules[key].approx.alpha`` of the metadata).
-    Groups whose argument cannot be identified (e.g. a LayerNorm whose interval is on the variance computed inside
-    the group) get ``value = None``."""
+    For a LayerNorm group (``ln_*``) the interval is on the variance ``var + eps``, so the value is the variance
+    computed inside the group (:func:`_ln_variance`), never the hidden state entering it. Groups whose argument
+    cannot be identified get ``value = None``."""
     meta = read_metadata(model)
     if groups is None:
         groups = meta.get("poly") or []
@@ -146,19 +147,21 @@ def poly_inputs(model: onnx.ModelProto, analysis: fhe_ops.Analysis, groups: list
         if not isinstance(g, dict):
             continue
         nodes = [x for x in g.get("nodes") or [] if x in names]
-        value = g.get("input")
-        if value is None and nodes:
+        op = str(g.get("op") or g.get("kind") or "")
+        # a LayerNorm group's interval is on the variance ``var + eps`` computed inside the group, not on the
+        # hidden state entering it (the exporter's "input")
+        value = _ln_variance(names, nodes, enc) if op.startswith("ln") else g.get("input")
+        if value is None and nodes and not op.startswith("ln"):
             inside = set(nodes)
             ext = []
             for nm in nodes:
                 for x in names[nm].input:
                     if x in enc and produced.get(x) not in inside and x not in ext:
                         ext.append(x)
-            op = str(g.get("op") or g.get("kind") or "")
-            value = ext[0] if len(ext) == 1 and not op.startswith("ln") else None
+            value = ext[0] if len(ext) == 1 else None
         interval = g.get("interval")
         scale = 1.0
-        if g.get("prescaled"):
+        if g.get("prescaled") or op == "ln_newton":  # a Newton LN's reduction holds alpha * var
             alpha = g.get("alpha")
             if alpha is None:  # the exporter's settings copy: fhe.modules[key].approx.alpha
                 alpha = ((modules.get(g.get("key")) or {}).get("approx") or {}).get("alpha")
@@ -171,6 +174,16 @@ def poly_inputs(model: onnx.ModelProto, analysis: fhe_ops.Analysis, groups: list
                     "interval": list(interval) if interval else None, "value": value if value in enc else None,
                     "scale": scale})
     return out
+
+
+def _ln_variance(names: dict, nodes: list[str], enc: set) -> str | None:
+    """The encrypted value holding a Newton LayerNorm group's variance: the output of the group's first reduction,
+    ``sum((x @ P sqrt(alpha/H))^2) = alpha * var`` (:class:`cgf_fhe.poly.NewtonLayerNorm`; the interval is on
+    ``var + eps``, and ``eps`` ~ 1e-12 is below any interval's precision). The constant added next (``alpha*eps``,
+    often folded with the polynomial's ``beta`` by the exporter) is left out on purpose. None when the group has
+    no reduction (a frozen LayerNorm)."""
+    red = next((names[nm] for nm in nodes if names[nm].op_type in ("ReduceMean", "ReduceSum")), None)
+    return red.output[0] if red is not None and red.output[0] in enc else None
 
 
 class Interpreter:
