@@ -149,8 +149,25 @@ def _div_check(ctx: NodeCtx) -> str | None:
     return None
 
 
-def _gather_check(ctx: NodeCtx) -> str | None:
+def _gemm_check(ctx: NodeCtx) -> str | None:
+    enc = ctx.enc + [False] * 3
+    if enc[1]:
+        return ("Gemm with an encrypted B operand: B's axis 0 (the batch of examples) would be contracted; "
+                "use MatMul with a [batch, ..., K, N] right operand")
+    if enc[0] and ctx.attr("transA", 0):
+        return "Gemm with transA on an encrypted A would move the batch axis (examples must stay on axis 0)"
+    if enc[2] and float(ctx.attr("beta", 1.0)) != 1.0:
+        return (f"Gemm with an encrypted C and beta = {ctx.attr('beta', 1.0)} != 1 would cost an extra level "
+                "(fold beta into C before encryption, or into the graph)")
     return None
+
+
+def _where_check(ctx: NodeCtx) -> str | None:
+    if ctx.enc and ctx.enc[0]:
+        return ("Where with an encrypted condition: selecting by a secret condition needs a comparison, which "
+                "CKKS cannot evaluate on ciphertexts")
+    return ("Where selects between encrypted values by a plaintext condition, which the FHE op table does not "
+            "implement: rewrite it as cond * x + (1 - cond) * y (Mul/Add/Sub are allowed)")
 
 
 def _cast_check(ctx: NodeCtx) -> str | None:
@@ -160,10 +177,7 @@ def _cast_check(ctx: NodeCtx) -> str | None:
     return None
 
 
-def _mul_levels(ctx: NodeCtx) -> int:
-    return 1
-
-
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Sum", "Pow"})
 _MOVE = dict(ct_allowed=True, ct_inputs=(0,), levels=0, cost=FREE)
 _NONPOLY = "is not a polynomial: replace it by a polynomial approximation over a calibrated interval"
 _COMPARE = "needs a comparison, which CKKS cannot evaluate on ciphertexts"
@@ -183,7 +197,8 @@ _add(OpSpec("Mul", True, "multiplication (ct-ct or ct-pt)", levels=1, cost=MUL_C
 _add(OpSpec("Div", True, "division by a plaintext = multiplication by its reciprocal", ct_inputs=(0,),
             check=_div_check, levels=1, cost=MUL_PT, counts=_elementwise_counts("mul")))
 _add(OpSpec("MatMul", True, "matrix product (ct-pt or ct-ct)", levels=1, cost=MUL_CT, counts=_matmul_counts))
-_add(OpSpec("Gemm", True, "matrix product plus bias", levels=1, cost=MUL_CT, counts=_matmul_counts))
+_add(OpSpec("Gemm", True, "matrix product plus bias", check=_gemm_check, levels=1, cost=MUL_CT,
+            counts=_matmul_counts))
 _add(OpSpec("Pow", True, "power by a constant natural exponent (repeated squaring)", ct_inputs=(0,),
             check=_pow_check, levels=_pow_levels, cost=MUL_CT, counts=_pow_counts))
 _add(OpSpec("ReduceSum", True, "sum over axes", ct_inputs=(0,), levels=0, cost=ADD, counts=_reduce_counts))
@@ -203,9 +218,11 @@ for _op in ("Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Tanh", "Sigmoid", "Softm
             "InstanceNormalization", "BatchNormalization", "GroupNormalization", "RMSNormalization", "Rsqrt"):
     _add(OpSpec(_op, False, f"{_op} {_NONPOLY}", cost=REJECT))
 for _op in ("Max", "Min", "ArgMax", "ArgMin", "ReduceMax", "ReduceMin", "Relu", "LeakyRelu", "PRelu", "Abs",
-            "Sign", "Clip", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Where", "Not", "And",
+            "Sign", "Clip", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Not", "And",
             "Or", "Xor", "Round", "Floor", "Ceil", "TopK", "IsNaN", "IsInf", "Mod"):
     _add(OpSpec(_op, False, f"{_op} {_COMPARE}", cost=REJECT))
+_add(OpSpec("Where", False, "Where needs its condition in plaintext and is not implemented on ciphertexts",
+            check=_where_check, cost=REJECT))
 for _op in ("If", "Loop", "Scan"):
     _add(OpSpec(_op, False, f"{_op} is data-dependent control flow, impossible on ciphertexts", cost=REJECT))
 
@@ -316,6 +333,8 @@ def _shapes(model: onnx.ModelProto, input_dims: dict[str, tuple] | None) -> dict
             if inp.name in input_dims:
                 dims = inp.type.tensor_type.shape.dim
                 for d, v in zip(dims, input_dims[inp.name]):
+                    if v is None:
+                        continue
                     d.ClearField("dim_param")
                     d.dim_value = int(v)
     try:
@@ -328,6 +347,77 @@ def _shapes(model: onnx.ModelProto, input_dims: dict[str, tuple] | None) -> dict
         if t.HasField("shape"):
             out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
     return out
+
+
+# Slot batching keeps the examples of a batch on axis 0 of every encrypted tensor (TenSEAL puts them in the slots,
+# so it cannot move them; the plain and emulated backends could, and would silently mix examples). To see where
+# the batch axis goes, shapes are inferred with a symbolic batch dimension set to this prime, which no weight
+# dimension equals: an encrypted value whose axis 0 is not this size has had its batch moved, merged or reduced.
+BATCH_PROBE = 9973
+
+
+def infer_shapes(model: onnx.ModelProto, input_dims: dict[str, tuple] | None = None) -> dict[str, tuple]:
+    """Static shape of every value (``None`` for an unknown dim; values whose shape cannot be inferred are absent),
+    after fixing the graph inputs' dims with ``input_dims`` (``{"embeddings": (1, 16, 64)}``; ``None`` entries
+    stay symbolic). Public: the backends and the report read it."""
+    return _shapes(model, input_dims)
+
+
+def _probe_dims(model: onnx.ModelProto, input_dims: dict[str, tuple] | None) -> tuple[dict, dict[str, int]]:
+    """Input dims for the batch-axis probe: each non-constant input's axis 0 set to :data:`BATCH_PROBE` when it
+    is symbolic (kept when static), its other dims from ``input_dims``. Returns ``(dims, batch size per input)``."""
+    inits = {i.name for i in model.graph.initializer}
+    dims, batch = {}, {}
+    for inp in model.graph.input:
+        if inp.name in inits or not inp.type.tensor_type.HasField("shape"):
+            continue
+        shape = inp.type.tensor_type.shape.dim
+        given = list((input_dims or {}).get(inp.name) or [None] * len(shape))
+        given += [None] * (len(shape) - len(given))
+        out = [d.dim_value if d.HasField("dim_value") else g for d, g in zip(shape, given)]
+        if shape:
+            out[0] = shape[0].dim_value if shape[0].HasField("dim_value") else BATCH_PROBE
+            batch[inp.name] = out[0]
+        dims[inp.name] = tuple(out)
+    return dims, batch
+
+
+def _unprobe(shape):
+    """A probe shape as the user sees it: the batch dim as 1 (counts are per slot vector)."""
+    if shape is None:
+        return None
+    return tuple(1 if d == BATCH_PROBE else d for d in shape)
+
+
+def _batch_check(ctx: NodeCtx, batch: set[int]) -> str | None:
+    """Refuse a node that moves, merges, reduces or grows the batch axis of an encrypted value (axis 0)."""
+    op = ctx.node.op_type
+    shown = lambda sh: "[" + ", ".join("B" if d == BATCH_PROBE else str(d) for d in sh) + "]"  # noqa: E731
+    ranks = [len(sh) if sh is not None else None for sh in ctx.in_shapes]
+    out = ctx.out_shapes[0] if ctx.out_shapes else None
+    ct_ranks = [r for r, e in zip(ranks, ctx.enc) if e and r is not None]
+    if op in ("MatMul",) and out is not None:
+        a_ct, b_ct = (ctx.enc + [False, False])[:2]
+        ra, rb = (ranks + [None, None])[:2]
+        if a_ct and ra is not None and ra < 2:
+            return "MatMul of a rank-1 encrypted left operand would contract its batch axis"
+        if b_ct and rb is not None and rb < 3:
+            return ("MatMul with an encrypted right operand of rank < 3: its batch axis 0 would be contracted (it "
+                    "needs [batch, ..., K, N])")
+        if a_ct and b_ct and ra != rb:
+            return f"MatMul of encrypted operands of ranks {ra} and {rb}: the batch axes would not line up"
+    elif op in _ELEMENTWISE and out is not None and any(r != len(out) for r in ct_ranks):
+        return (f"{op} broadcasts an encrypted operand of rank {min(ct_ranks)} to rank {len(out)}: its batch axis "
+                "would move off axis 0 (unsqueeze the operand first)")
+    elif op == "Expand" and out is not None and ranks and ranks[0] is not None and ranks[0] != len(out):
+        return f"Expand raises the rank of an encrypted tensor from {ranks[0]} to {len(out)}: the batch axis would move"
+    for o, sh in zip(ctx.node.output, ctx.out_shapes):
+        if not o or sh is None:
+            continue
+        if not sh or sh[0] not in batch:
+            return (f"{op} moves or mixes the batch axis: its encrypted output {o!r} has shape {shown(sh)}, the "
+                    "examples (B) must stay on axis 0 of every ciphertext tensor")
+    return None
 
 
 def _implicit_inputs(node: onnx.NodeProto) -> list[str]:
@@ -362,8 +452,12 @@ def analyze(model: onnx.ModelProto, encrypted: list[str] | None = None, input_di
     if unknown:
         raise GraphError(f"--encrypted names {unknown} that are not graph inputs (graph inputs: {names})")
     consts = _constants(graph)
-    shapes = _shapes(model, input_dims)
+    probe_dims, batch_of = _probe_dims(model, input_dims)
+    pshapes = _shapes(model, probe_dims)  # batch dims = BATCH_PROBE
+    shapes = {k: _unprobe(v) for k, v in pshapes.items()}
+    batch_sizes = {batch_of[x] for x in enc_names if x in batch_of} or {BATCH_PROBE}
     depth: dict[str, int] = {n: 0 for n in enc_names}
+    batch_lost: set[str] = set()
     results = []
     for i, node in enumerate(graph.node):
         enc = [bool(x) and x in depth for x in node.input]
@@ -383,7 +477,7 @@ def analyze(model: onnx.ModelProto, encrypted: list[str] | None = None, input_di
             dom = f"{node.domain}::" if node.domain not in ("", "ai.onnx") else ""
             violation = f"unknown op {dom}{node.op_type} (not in the FHE op table), refused on ciphertexts"
         elif not spec.ct_allowed:
-            violation = spec.why
+            violation = (spec.check(ctx) if spec.check is not None else None) or spec.why
         elif captured:
             violation = f"{node.op_type} reads ciphertexts {captured} inside a subgraph, which is not analysed"
         else:
@@ -393,6 +487,13 @@ def analyze(model: onnx.ModelProto, encrypted: list[str] | None = None, input_di
                     violation = f"{node.op_type} input(s) {bad} must be plaintext but are encrypted"
             if violation is None and spec.check is not None:
                 violation = spec.check(ctx)
+            if any(x in batch_lost for x in enc_in):  # downstream of a refused batch move: reported once
+                batch_lost.update(o for o in node.output if o)
+            elif violation is None and node.op_type not in PUBLIC_OUTPUT_OPS:
+                violation = _batch_check(NodeCtx(node, enc, ctx.consts, [pshapes.get(x) for x in node.input],
+                                                 [pshapes.get(x) for x in node.output]), batch_sizes)
+                if violation is not None:
+                    batch_lost.update(o for o in node.output if o)
         levels = 0
         counts = Counter()
         if violation is None:

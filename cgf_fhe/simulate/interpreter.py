@@ -445,6 +445,9 @@ class Interpreter:
             raise SimulationError("Gemm with an encrypted B operand contracts the batch axis of B")
         W = np.asarray(W, dtype=np.float64)
         W = (W.T if _attr(node, "transB", 0) else W) * alpha
+        if not B.is_ct(A):  # only C is encrypted: the product is plaintext
+            y = A @ W
+            return B.add(C, y)
         y = B.matmul(A, W)
         if C is not None:
             if B.is_ct(C):
