@@ -510,3 +510,22 @@ def test_layernorm_interval_is_checked_on_the_variance_not_on_the_hidden_state(m
     for p in lns:
         lo, hi = p["interval"]
         assert out[p["name"]]["n_out"] == 0 and lo <= out[p["name"]]["min"] <= out[p["name"]]["max"] <= hi
+
+
+def test_ckks_parameters_are_built_once_per_run(micro_student, mrpc_dir, monkeypatch):
+    from cgf_fhe.ckks import CKKSParams as Params
+    from cgf_fhe.simulate.runner import SimConfig, simulate
+
+    built = []
+    original = Params.from_options.__func__
+
+    def counting(cls, *a, **k):
+        built.append(a)
+        return original(cls, *a, **k)
+
+    monkeypatch.setattr(Params, "from_options", classmethod(counting))
+    cfg = SimConfig(backend="emulate", poly_modulus=8192, coeff_bits=(60, 40, 40, 60), emulate_refresh="client",
+                    limit=8, batch_size=4, max_length=6, data_dir=str(mrpc_dir), progress=False)
+    s = simulate(str(micro_student / "student.onnx"), cfg)
+    assert s["batches"] == 2 and s["params"]["poly_modulus"] == 8192
+    assert len(built) == 1

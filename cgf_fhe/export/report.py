@@ -1,8 +1,8 @@
-"""``cgf-fhe report``: multiplicative depth, op counts, bootstrap placement and a latency estimate.
+"""``cgf-fhe report``: multiplicative depth, op counts, refresh placement and a latency estimate.
 
 Everything about individual ops (allowed?, levels, slot-model counts) comes from :func:`cgf_fhe.fhe_ops.analyze`;
 this module aggregates it per encoder layer and stage (:mod:`cgf_fhe.export.graphinfo`), places refreshes with
-:func:`cgf_fhe.bootstrap.plan_bootstraps`, and prices it with a cost table (:mod:`cgf_fhe.export.costs`).
+:func:`cgf_fhe.bootstrap.plan_bootstraps`, and prices it with a cost table (:mod:`cgf_fhe.ckks`).
 
 Packing models (``--packing``)
 ------------------------------
@@ -31,31 +31,39 @@ one ciphertext, a row of attention scores is one ciphertext), every other index 
 It is a deliberately simple, documented model (not an optimised layout such as those of dedicated HE transformer
 compilers); use it to compare graphs, not as an absolute prediction.
 
-Levels, depth and bootstraps
-----------------------------
+Levels, depth and refreshes
+---------------------------
 ``depth`` of a node = multiplicative depth of its encrypted output from the encrypted inputs; per layer/stage
 ``depth`` = the longest chain of levels inside that group (its "levels per layer"), ``depth_in``/``depth_out`` the
-absolute depth entering/leaving it. Refreshes (bootstraps, or TenSEAL's client-aided decrypt + re-encrypt) are
-placed for the budget ``--levels L`` by greedy lazy refresh (see :mod:`cgf_fhe.bootstrap`); each refresh point
-refreshes every ciphertext of that tensor (``refreshed_ciphertexts``).
+absolute depth entering/leaving it. Refresh points are placed for the budget ``--levels L`` by greedy lazy refresh
+(see :mod:`cgf_fhe.bootstrap`); each refresh point refreshes every ciphertext of that tensor
+(``refreshed_ciphertexts``). A refresh is either a **client-aided refresh** (the ciphertext goes back to the key
+holder, who decrypts and re-encrypts it: a round trip per point, what TenSEAL does) or a **bootstrap** (on the
+server, under encryption); ``refresh_kind`` says which the cost table prices (``bootstrap`` when the table has a
+``bootstrap`` figure, else ``client-aided``). The counts are the same for both; cost and leakage are not.
 
 JSON schema (``cgf-fhe-report/1``; ``--format json`` prints it, ``-o DIR`` writes ``DIR/report.json``)
 ---------------------------------------------------------------------------------------------------
 Top level: ``file``, ``encrypted_inputs``, ``seq_len``, ``input_dims``, ``packing``, ``total_depth``,
-``min_level_budget_no_bootstrap`` (= total depth), ``min_level_budget_feasible`` (largest single-node need),
-``level_budget``, ``bootstraps_total``, ``bootstraps_lower_bound`` (``ceil(depth/L) - 1``),
-``refreshed_ciphertexts``, ``bootstrap_kind``, ``bootstrap_nodes`` / ``bootstrap_values`` (ordered refresh
-positions: producing node, refreshed value), ``levels_per_layer``, ``bootstraps_per_layer``, ``ckks``
-(``poly_modulus``, ``slots``, ``coeff_bits``, ``log_q``, ``scale_bits``, ``secure_128``), ``costs`` (``ms`` per op,
-``note``, ``source``), ``latency_seconds`` (one encrypted pass on the server), ``examples_per_pass``,
-``latency_per_example_seconds``, ``client_seconds`` (encrypt inputs + decrypt outputs), ``totals`` (op counts),
-``layers`` (list), ``head`` (list of non-layer groups: ``name`` in embeddings/pooler/classifier/input/other),
-``stages`` (per stage summed over layers, with ``depth_per_layer``), ``critical_path`` (nodes consuming levels,
-input to output), ``nodes`` (list), ``poly`` (the export metadata's polynomial groups, when present).
+``min_level_budget_no_bootstrap`` (= total depth: the smallest budget with no refresh), ``min_level_budget_feasible``
+(largest single-node need), ``level_budget``, ``refreshes_total``, ``refreshes_lower_bound`` (``ceil(depth/L) - 1``),
+``refresh_kind`` (``client-aided`` | ``bootstrap``), ``refresh_description``, ``refreshed_ciphertexts``,
+``refresh_nodes`` / ``refresh_values`` (ordered refresh positions: producing node, refreshed value),
+``levels_per_layer``, ``refreshes_per_layer``, ``ckks`` (``poly_modulus``, ``slots``, ``coeff_bits``, ``log_q``,
+``scale_bits``, ``secure_128``; the ring and chain ``simulate`` uses for the same ``--levels``, :mod:`cgf_fhe.ckks`),
+``costs`` (``ms`` per op, ``note``, ``source``), ``latency_seconds`` (one encrypted pass on the server),
+``examples_per_pass``, ``latency_per_example_seconds``, ``client_seconds`` (encrypt inputs + decrypt outputs),
+``totals`` (op counts), ``layers`` (list), ``head`` (list of non-layer groups: ``name`` in
+embeddings/pooler/classifier/input/other), ``stages`` (per stage summed over layers, with ``depth_per_layer``),
+``critical_path`` (nodes consuming levels, input to output), ``nodes`` (list), ``poly`` (the export metadata's
+polynomial groups, when present). Older names kept as aliases (they counted client-aided refreshes as
+"bootstraps"): ``bootstraps_total``, ``bootstraps_lower_bound``, ``bootstrap_kind`` (its old wording),
+``bootstrap_nodes``, ``bootstrap_values``, ``bootstraps_per_layer``, and per group ``bootstraps`` /
+``bootstrap_nodes``.
 
 Each layer/group: ``index`` (layers) or ``name`` (head), ``depth`` (levels consumed inside it), ``depth_in``,
 ``depth_out``, ``ct_ct_mults``, ``ct_pt_mults``, ``additions``, ``rotations``, ``ciphertexts`` (largest encrypted
-tensor, in ciphertexts), ``nodes``, ``encrypted_nodes``, ``bootstraps``, ``bootstrap_nodes``,
+tensor, in ciphertexts), ``nodes``, ``encrypted_nodes``, ``refreshes``, ``refresh_nodes``,
 ``refreshed_ciphertexts``, ``latency_seconds``; layers also carry ``stages`` (same fields per stage).
 Each node: ``name``, ``op_type``, ``layer``, ``stage``, ``encrypted``, ``depth``, ``levels``, ``operands``
 (ct-ct / ct-pt / ct / pt), the four op counts, ``ciphertexts``, ``levels_left`` (after the node, before any
@@ -71,17 +79,20 @@ from pathlib import Path
 
 import onnx
 
-from .. import fhe_ops
+from .. import ckks, fhe_ops
 from ..bootstrap import plan_bootstraps
 from ..errors import UserError
 from ..fmt import fmt_seconds as _fmt_s
-from . import costs as costs_mod
 from .graphinfo import HEAD_STAGES, STAGES, classify
 
 SCHEMA = "cgf-fhe-report/1"
 COUNT_KEYS = ("ct_ct_mults", "ct_pt_mults", "additions", "rotations")
 OP_MS = {"ct_ct_mults": "ct_ct_mult", "ct_pt_mults": "ct_pt_mult", "additions": "add", "rotations": "rotation"}
 DEFAULT_SEQ_LEN = 128
+# what a refresh point costs and leaks depends on its kind: a bootstrap runs on the server under encryption; a
+# client-aided refresh sends the ciphertext to the key holder, who decrypts and re-encrypts it (a round trip)
+REFRESH_WHAT = {"client-aided": "client-aided refresh (decrypt + re-encrypt by the key holder)",
+                "bootstrap": "bootstrap (on the server, under encryption)"}
 
 
 # --- row packing model -------------------------------------------------------------------------------------------
@@ -331,16 +342,15 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
             "outputs": outs,
         })
 
-    # CKKS parameters and costs
-    chain = costs_mod.chain_for(L, scale_bits)
-    n_ring = costs_mod.ring_for(chain)
-    secure = n_ring is not None
-    n_ring = n_ring or 65536
-    table = cost_table if isinstance(cost_table, dict) else costs_mod.load_cost_table(cost_table)
-    cst = costs_mod.costs_for(table, n_ring, chain)
+    # CKKS parameters (the ring and chain simulate would use, cgf_fhe.ckks) and costs
+    params = ckks.CKKSParams.from_options(None, None, scale_bits, L, insecure=True)
+    chain, n_ring, secure = list(params.coeff_bits), params.poly_modulus, not params.warnings
+    table = cost_table if isinstance(cost_table, dict) else ckks.load_cost_table(cost_table)
+    cst = ckks.costs_for(table, n_ring, chain)
     ms = cst["ms"]
     refresh_ms = ms["bootstrap"] if ms.get("bootstrap") is not None else ms.get("refresh")
-    refresh_kind = "bootstrap" if ms.get("bootstrap") is not None else "client-aided refresh (decrypt + re-encrypt)"
+    refresh_kind = "bootstrap" if ms.get("bootstrap") is not None else "client-aided"
+    refresh_what = REFRESH_WHAT[refresh_kind]
     slots = n_ring // 2
 
     def latency(stats: dict, refreshed_cts: int) -> float:
@@ -361,8 +371,9 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
 
     def refresh_info(idx):
         vals = [v for i in idx for v in rows[i]["refreshed"]]
-        return {"bootstraps": len(vals), "bootstrap_nodes": [rows[i]["name"] for i in idx if rows[i]["refreshed"]],
-                "refreshed_ciphertexts": int(sum(cts_of(v) for v in vals))}
+        nodes = [rows[i]["name"] for i in idx if rows[i]["refreshed"]]
+        return {"refreshes": len(vals), "refresh_nodes": nodes, "refreshed_ciphertexts": int(sum(cts_of(v) for v in vals)),
+                "bootstraps": len(vals), "bootstrap_nodes": nodes}  # old names, kept as aliases
 
     def group(idx):
         st = _group_stats(idx, rows, results, producer, depth_of)
@@ -384,9 +395,10 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
             agg = Counter()
             for lay in layers:
                 if s in lay["stages"]:
-                    for k in COUNT_KEYS + ("bootstraps", "refreshed_ciphertexts"):
+                    for k in COUNT_KEYS + ("refreshes", "refreshed_ciphertexts"):
                         agg[k] += lay["stages"][s][k]
-            stage_totals[s] = {**{k: int(agg[k]) for k in COUNT_KEYS + ("bootstraps", "refreshed_ciphertexts")},
+            stage_totals[s] = {**{k: int(agg[k]) for k in COUNT_KEYS + ("refreshes", "refreshed_ciphertexts")},
+                               "bootstraps": int(agg["refreshes"]),
                                "depth_per_layer": [lay["stages"][s]["depth"] if s in lay["stages"] else 0
                                                    for lay in layers]}
     all_idx = list(range(len(rows)))
@@ -424,18 +436,27 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
         "min_level_budget_no_bootstrap": analysis.total_depth,
         "min_level_budget_feasible": min_feasible,
         "level_budget": L,
+        "refreshes_total": plan.count,
+        "refreshes_lower_bound": max(math.ceil(analysis.total_depth / L) - 1, 0) if L > 0 else None,
+        "refresh_kind": refresh_kind,
+        "refresh_description": refresh_what,
+        "refreshed_ciphertexts": totals["refreshed_ciphertexts"],
+        "refresh_nodes": list(plan.refresh_nodes),
+        "refresh_values": list(plan.refresh),
+        "levels_per_layer": [lay["depth"] for lay in layers],
+        "refreshes_per_layer": [lay["refreshes"] for lay in layers],
+        # old names (they counted client-aided refreshes too), kept as aliases for readers of older reports
         "bootstraps_total": plan.count,
         "bootstraps_lower_bound": max(math.ceil(analysis.total_depth / L) - 1, 0) if L > 0 else None,
-        "refreshed_ciphertexts": totals["refreshed_ciphertexts"],
-        "bootstrap_kind": refresh_kind,
+        "bootstrap_kind": "bootstrap" if refresh_kind == "bootstrap" else "client-aided refresh (decrypt + re-encrypt)",
         "bootstrap_nodes": list(plan.refresh_nodes),
         "bootstrap_values": list(plan.refresh),
-        "levels_per_layer": [lay["depth"] for lay in layers],
-        "bootstraps_per_layer": [lay["bootstraps"] for lay in layers],
+        "bootstraps_per_layer": [lay["refreshes"] for lay in layers],
         "ckks": {"poly_modulus": n_ring, "slots": slots, "coeff_bits": chain, "log_q": sum(chain),
                  "scale_bits": scale_bits, "secure_128": secure,
-                 "note": "" if secure else f"log Q = {sum(chain)} exceeds the 128-bit bound of every N <= 65536: "
-                                           "use a smaller --levels (more bootstraps)"},
+                 "note": "" if secure else (f"log Q = {sum(chain)} exceeds the HE standard's 128-bit bound of every "
+                                            f"ring size (max {ckks.HE_STANDARD_128[n_ring]} at N={n_ring}); simulate "
+                                            "refuses it without --insecure: use a smaller --levels (more refreshes)")},
         "costs": {"ms": ms, "note": cst["note"], "source": cst["source"]},
         "latency_seconds": totals["latency_seconds"],
         "examples_per_pass": slots if packing == "slots" else 1,
@@ -463,23 +484,23 @@ def _layer_rows(rep: dict) -> list[list[str]]:
     for lay in rep["layers"]:
         out.append([f"layer {lay['index']}", str(lay["depth"]), str(lay["depth_out"]), _fmt_int(lay["ct_ct_mults"]),
                     _fmt_int(lay["ct_pt_mults"]), _fmt_int(lay["additions"]), _fmt_int(lay["rotations"]),
-                    _fmt_int(lay["ciphertexts"]), str(lay["bootstraps"]), _fmt_s(lay["latency_seconds"])])
+                    _fmt_int(lay["ciphertexts"]), str(lay["refreshes"]), _fmt_s(lay["latency_seconds"])])
     for g in rep["head"]:
         if g["encrypted_nodes"]:
             out.append([g["name"], str(g["depth"]), str(g["depth_out"]), _fmt_int(g["ct_ct_mults"]),
                         _fmt_int(g["ct_pt_mults"]), _fmt_int(g["additions"]), _fmt_int(g["rotations"]),
-                        _fmt_int(g["ciphertexts"]), str(g["bootstraps"]), _fmt_s(g["latency_seconds"])])
+                        _fmt_int(g["ciphertexts"]), str(g["refreshes"]), _fmt_s(g["latency_seconds"])])
     return out
 
 
-LAYER_COLS = ["group", "levels", "depth out", "ct x ct", "ct x pt", "adds", "rotations", "max cts", "bootstraps",
+LAYER_COLS = ["group", "levels", "depth out", "ct x ct", "ct x pt", "adds", "rotations", "max cts", "refreshes",
               "est. time"]
-STAGE_COLS = ["stage", "levels / layer", "ct x ct", "ct x pt", "adds", "rotations", "bootstraps"]
+STAGE_COLS = ["stage", "levels / layer", "ct x ct", "ct x pt", "adds", "rotations", "refreshes"]
 
 
 def _stage_rows(rep: dict) -> list[list[str]]:
     return [[s, ",".join(map(str, v["depth_per_layer"])), _fmt_int(v["ct_ct_mults"]), _fmt_int(v["ct_pt_mults"]),
-             _fmt_int(v["additions"]), _fmt_int(v["rotations"]), str(v["bootstraps"])] for s, v in rep["stages"].items()]
+             _fmt_int(v["additions"]), _fmt_int(v["rotations"]), str(v["refreshes"])] for s, v in rep["stages"].items()]
 
 
 def _summary_lines(rep: dict) -> list[str]:
@@ -487,11 +508,11 @@ def _summary_lines(rep: dict) -> list[str]:
     lines = [
         f"file: {rep['file']}  (encrypted: {', '.join(rep['encrypted_inputs'])}; seq len {rep['seq_len']}; "
         f"packing: {rep['packing']})",
-        f"total multiplicative depth: {rep['total_depth']}  -> smallest level budget with no bootstrap: "
+        f"total multiplicative depth: {rep['total_depth']}  -> smallest level budget with no refresh: "
         f"{rep['min_level_budget_no_bootstrap']}",
-        f"level budget L = {rep['level_budget']}: {rep['bootstraps_total']} refresh point(s) "
-        f"({_fmt_int(rep['refreshed_ciphertexts'])} ciphertexts; {rep['bootstrap_kind']})",
-        f"levels per layer: {rep['levels_per_layer']}; bootstraps per layer: {rep['bootstraps_per_layer']}",
+        f"level budget L = {rep['level_budget']}: {rep['refreshes_total']} refresh point(s) "
+        f"({_fmt_int(rep['refreshed_ciphertexts'])} ciphertexts; each a {rep['refresh_description']})",
+        f"levels per layer: {rep['levels_per_layer']}; refreshes per layer: {rep['refreshes_per_layer']}",
         f"CKKS: N = {ck['poly_modulus']} ({ck['slots']} slots), chain {len(ck['coeff_bits'])} primes, "
         f"log Q = {ck['log_q']}{'' if ck['secure_128'] else '  (NOT 128-bit secure: ' + ck['note'] + ')'}",
         f"estimated server latency: {_fmt_s(rep['latency_seconds'])} per pass "
@@ -499,8 +520,8 @@ def _summary_lines(rep: dict) -> list[str]:
         f"per example); client encrypt+decrypt {_fmt_s(rep['client_seconds'])}",
         f"costs: {rep['costs']['note']}; source: {rep['costs']['source']}",
     ]
-    if rep["bootstrap_nodes"]:
-        shown = ", ".join(rep["bootstrap_nodes"][:12]) + (" ..." if len(rep["bootstrap_nodes"]) > 12 else "")
+    if rep["refresh_nodes"]:
+        shown = ", ".join(rep["refresh_nodes"][:12]) + (" ..." if len(rep["refresh_nodes"]) > 12 else "")
         lines.append(f"refresh after: {shown}")
     if rep["critical_path"]:
         seq = []
@@ -535,11 +556,11 @@ def compare_rows(reps: list[dict]) -> tuple[list[str], list[list[str]]]:
     cols = ["metric"] + [Path(r["file"]).name for r in reps]
     metrics = [
         ("total depth", lambda r: str(r["total_depth"])),
-        ("min L without bootstrap", lambda r: str(r["min_level_budget_no_bootstrap"])),
+        ("min L without refresh", lambda r: str(r["min_level_budget_no_bootstrap"])),
         ("level budget L", lambda r: str(r["level_budget"])),
-        ("bootstraps at L", lambda r: str(r["bootstraps_total"])),
+        ("refreshes at L", lambda r: f"{r['refreshes_total']} ({r['refresh_kind']})"),
         ("levels per layer", lambda r: ",".join(map(str, r["levels_per_layer"]))),
-        ("bootstraps per layer", lambda r: ",".join(map(str, r["bootstraps_per_layer"]))),
+        ("refreshes per layer", lambda r: ",".join(map(str, r["refreshes_per_layer"]))),
         ("ct x ct mults", lambda r: _fmt_int(r["totals"]["ct_ct_mults"])),
         ("ct x pt mults", lambda r: _fmt_int(r["totals"]["ct_pt_mults"])),
         ("additions", lambda r: _fmt_int(r["totals"]["additions"])),

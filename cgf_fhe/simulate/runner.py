@@ -21,7 +21,7 @@ from ..errors import UserError
 from .backends import make_backend
 from .backends.base import ModulusOverflowError, SimulationError
 from .interpreter import Interpreter, layer_outputs, load, poly_inputs, read_metadata
-from .params import CKKSParams
+from ..ckks import CKKSParams
 
 EMB, MASK, LOGITS = "embeddings", "attention_mask", "logits"
 
@@ -55,7 +55,12 @@ class SimConfig:
     device: str | None = None
 
     def ckks_params(self) -> CKKSParams:
-        return CKKSParams.from_options(self.poly_modulus, self.coeff_bits, self.scale_bits, self.levels, self.insecure)
+        """The run's CKKS parameters, built once (again only if a parameter field changes)."""
+        key = (self.poly_modulus, self.coeff_bits, self.scale_bits, self.levels, self.insecure)
+        cached = self.__dict__.get("_ckks")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_ckks"] = (key, CKKSParams.from_options(*key))
+        return cached[1]
 
     def backend_options(self) -> dict:
         return {"refresh_kind": self.emulate_refresh, "bootstrap_bits": self.bootstrap_bits,

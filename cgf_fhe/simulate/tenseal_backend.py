@@ -27,7 +27,7 @@ import numpy as np
 
 from .backends.base import (Backend, LevelError, SimulationError, batch_varying, check_matmul,
                             logical_broadcast)
-from .params import CKKSParams
+from ..ckks import CKKSParams
 
 try:
     import tenseal as ts
