@@ -34,6 +34,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .graph import attr as graph_attr
+from .graph import input_names, numel, output_names
+
 # cost classes
 FREE, ADD, MUL_PT, MUL_CT, REJECT = "free", "add", "mul_pt", "mul_ct", "reject"
 
@@ -47,10 +50,7 @@ class NodeCtx:
     out_shapes: list[tuple | None]
 
     def attr(self, name, default=None):
-        for a in self.node.attribute:
-            if a.name == name:
-                return onnx.helper.get_attribute_value(a)
-        return default
+        return graph_attr(self.node, name, default)
 
 
 @dataclass(frozen=True)
@@ -66,20 +66,14 @@ class OpSpec:
     counts: Callable[[NodeCtx], Counter] | None = None
 
 
-def _numel(shape) -> int | None:
-    if shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
-        return None
-    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
-
-
-def _out_numel(ctx: NodeCtx) -> int:
-    n = _numel(ctx.out_shapes[0] if ctx.out_shapes else None)
+def _outnumel(ctx: NodeCtx) -> int:
+    n = numel(ctx.out_shapes[0] if ctx.out_shapes else None)
     return n if n is not None else 1
 
 
 def _elementwise_counts(kind: str):
     def f(ctx: NodeCtx) -> Counter:
-        n = _out_numel(ctx)
+        n = _outnumel(ctx)
         if kind == "mul":
             both = sum(ctx.enc[:2]) == 2
             return Counter({"ct_ct_mults" if both else "ct_pt_mults": n})
@@ -90,7 +84,7 @@ def _elementwise_counts(kind: str):
 
 def _matmul_counts(ctx: NodeCtx) -> Counter:
     a, b = (ctx.in_shapes + [None, None])[:2]
-    out = _out_numel(ctx)
+    out = _outnumel(ctx)
     k = None
     if a is not None and len(a) >= 1 and isinstance(a[-1], int):
         k = a[-1]
@@ -105,8 +99,8 @@ def _matmul_counts(ctx: NodeCtx) -> Counter:
 
 
 def _reduce_counts(ctx: NodeCtx) -> Counter:
-    nin = _numel(ctx.in_shapes[0]) or 1
-    nout = _out_numel(ctx)
+    nin = numel(ctx.in_shapes[0]) or 1
+    nout = _outnumel(ctx)
     c = Counter({"additions": max(nin - nout, 0)})
     if ctx.node.op_type == "ReduceMean":
         c["ct_pt_mults"] = nout
@@ -140,7 +134,7 @@ def _pow_levels(ctx: NodeCtx) -> int:
 def _pow_counts(ctx: NodeCtx) -> Counter:
     k = _pow_exponent(ctx) or 1
     mults = (k.bit_length() - 1) + (bin(k).count("1") - 1)  # square-and-multiply
-    return Counter({"ct_ct_mults": mults * _out_numel(ctx)})
+    return Counter({"ct_ct_mults": mults * _outnumel(ctx)})
 
 
 def _div_check(ctx: NodeCtx) -> str | None:
@@ -443,7 +437,7 @@ def analyze(model: onnx.ModelProto, encrypted: list[str] | None = None, input_di
     ``input_dims``: concrete dims for the inputs (for op counts), e.g. ``{"embeddings": (1, 16, 64)}``.
     """
     graph = model.graph
-    names = [i.name for i in graph.input]
+    names = input_names(model)
     enc_names = list(encrypted) if encrypted else declared_encrypted(model)
     if not enc_names:
         raise GraphError("no encrypted input declared: pass --encrypted NAME or export with cgf-fhe export "
@@ -509,7 +503,7 @@ def analyze(model: onnx.ModelProto, encrypted: list[str] | None = None, input_di
         results.append(r)
         if node_depth_hook:
             node_depth_hook(r)
-    outs = {o.name: depth[o.name] for o in graph.output if o.name in depth}
+    outs = {o: depth[o] for o in output_names(model) if o in depth}
     return Analysis(results, enc_names, depth, outs)
 
 
@@ -522,7 +516,7 @@ def peak_live_elements(model: onnx.ModelProto, analysis: Analysis,
     slots, so pass a batch dimension of 1 in ``input_dims``) this is the peak number of ciphertexts in memory."""
     shapes = _shapes(model, input_dims)
     nodes = list(model.graph.node)
-    keep = {o.name for o in model.graph.output}
+    keep = set(output_names(model))
     last: dict[str, int] = {}
     for i, n in enumerate(nodes):
         for x in n.input:
@@ -530,10 +524,7 @@ def peak_live_elements(model: onnx.ModelProto, analysis: Analysis,
                 last[x] = i
 
     def size(v: str) -> int:
-        s = shapes.get(v)
-        if not s or any(d is None for d in s):
-            return 0
-        return int(np.prod(s)) if s else 1
+        return numel(shapes.get(v)) or 0
 
     live = {v: size(v) for v in analysis.encrypted_inputs}
     total = sum(live.values())

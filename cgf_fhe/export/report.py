@@ -83,6 +83,7 @@ from .. import ckks, fhe_ops
 from ..bootstrap import plan_bootstraps
 from ..errors import UserError
 from ..fmt import fmt_seconds as _fmt_s
+from ..graph import attr, numel, output_names, read_metadata
 from .graphinfo import HEAD_STAGES, STAGES, classify
 
 SCHEMA = "cgf-fhe-report/1"
@@ -97,14 +98,8 @@ REFRESH_WHAT = {"client-aided": "client-aided refresh (decrypt + re-encrypt by t
 
 # --- row packing model -------------------------------------------------------------------------------------------
 
-def _numel(shape):
-    if shape is None or any(not isinstance(d, int) or d is None or d < 0 for d in shape):
-        return None
-    return int(math.prod(shape)) if shape else 1
-
-
 def _cts_row(shape):
-    n = _numel(shape)
+    n = numel(shape)
     if n is None:
         return None
     return n // shape[-1] if shape and shape[-1] else 1
@@ -114,21 +109,14 @@ def _log2(d) -> int:
     return max(math.ceil(math.log2(d)), 0) if d and d > 1 else 0
 
 
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def _axes(node, consts, rank):
     axes = None
     if len(node.input) > 1 and node.input[1] and node.input[1] in consts:
         axes = [int(a) for a in consts[node.input[1]].reshape(-1)]
-    elif _attr(node, "axes") is not None:
-        axes = list(_attr(node, "axes"))
+    elif attr(node, "axes") is not None:
+        axes = list(attr(node, "axes"))
     if axes is None:
-        return list(range(rank)) if not _attr(node, "noop_with_empty_axes", 0) else []
+        return list(range(rank)) if not attr(node, "noop_with_empty_axes", 0) else []
     return [a % rank for a in axes] if rank else axes
 
 
@@ -162,11 +150,11 @@ def row_counts(node: onnx.NodeProto, res: fhe_ops.NodeResult, enc: list[bool], s
         if a is None or b is None:
             return c
         if op == "Gemm":
-            a = a[::-1] if _attr(node, "transA", 0) else a
-            b = b[::-1] if _attr(node, "transB", 0) else b
+            a = a[::-1] if attr(node, "transA", 0) else a
+            b = b[::-1] if attr(node, "transB", 0) else b
         k_dim, n_dim = a[-1], b[-1]
         if sum(enc[:2]) == 2:  # ct x ct
-            lead = _numel(out[:-2]) if out is not None and len(out) > 2 else 1
+            lead = numel(out[:-2]) if out is not None and len(out) > 2 else 1
             m_dim = a[-2] if len(a) >= 2 else 1
             pairs = (lead or 1) * m_dim * k_dim
             c["ct_pt_mults"] += pairs
@@ -199,9 +187,9 @@ def row_counts(node: onnx.NodeProto, res: fhe_ops.NodeResult, enc: list[bool], s
             c["ct_pt_mults"] += n_out
     elif op == "Transpose":
         s = ins[0]
-        perm = _attr(node, "perm") or (list(range(len(s)))[::-1] if s is not None else None)
+        perm = attr(node, "perm") or (list(range(len(s)))[::-1] if s is not None else None)
         if s is not None and perm is not None and len(s) and perm[-1] != len(s) - 1:
-            n = _numel(s) or 0
+            n = numel(s) or 0
             c["rotations"] += n
             c["ct_pt_mults"] += n
             c["additions"] += n
@@ -218,7 +206,7 @@ def row_counts(node: onnx.NodeProto, res: fhe_ops.NodeResult, enc: list[bool], s
             ax = [int(a) % rank for a in consts[node.input[3]].reshape(-1)] if len(node.input) > 3 and \
                 node.input[3] in consts and rank else list(range(rank))
         else:
-            ax = [int(_attr(node, "axis", 0)) % rank] if rank else []
+            ax = [int(attr(node, "axis", 0)) % rank] if rank else []
         if rank and (rank - 1) in ax:
             c["rotations"] += n_out
             c["ct_pt_mults"] += n_out
@@ -239,17 +227,6 @@ def _input_dims(model: onnx.ModelProto, seq_len: int) -> dict:
         dims[inp.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (1 if i == 0 else seq_len)
                                for i, d in enumerate(shape))
     return dims
-
-
-def _meta(model) -> dict:
-    out = {}
-    for p in model.metadata_props:
-        if p.key.startswith("cgf_fhe."):
-            try:
-                out[p.key[8:]] = json.loads(p.value)
-            except json.JSONDecodeError:
-                out[p.key[8:]] = p.value
-    return out
 
 
 def _group_stats(idx: list[int], nodes_out: list[dict], results, producer_of_input, depth_of) -> dict:
@@ -295,7 +272,7 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
     if packing not in ("slots", "row"):
         raise UserError(f"unknown packing model {packing!r} (slots|row)")
     model, path = fhe_ops.resolve_model(model_or_path)
-    meta = _meta(model)
+    meta = read_metadata(model)
     seq = int(seq_len or meta.get("seq_len") or meta.get("max_length") or DEFAULT_SEQ_LEN)
     dims = _input_dims(model, seq)
     analysis = fhe_ops.analyze(model, encrypted or None, dims)
@@ -320,7 +297,7 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
 
     def cts_of(value):
         s = shapes.get(value)
-        return (_numel(s) if packing == "slots" else _cts_row(s)) or 1
+        return (numel(s) if packing == "slots" else _cts_row(s)) or 1
 
     rows = []
     for i, (n, r) in enumerate(zip(gnodes, results)):
@@ -407,7 +384,7 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
     # critical path: from the deepest encrypted output back to an encrypted input through the deepest operand
     crit = []
     if analysis.depth:
-        outs = [o.name for o in model.graph.output if o.name in analysis.depth]
+        outs = [o for o in output_names(model) if o in analysis.depth]
         cur = max(outs or analysis.depth, key=lambda v: analysis.depth[v])
         seen = set()
         while cur in producer and cur not in seen:
@@ -422,7 +399,7 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
         crit.reverse()
 
     enc_inputs = list(analysis.encrypted_inputs)
-    out_enc = [o.name for o in model.graph.output if o.name in analysis.depth]
+    out_enc = [o for o in output_names(model) if o in analysis.depth]
     client_ms = (sum(cts_of(x) for x in enc_inputs) * (ms.get("encrypt") or 0.0)
                  + sum(cts_of(x) for x in out_enc) * (ms.get("decrypt") or 0.0))
     report = {

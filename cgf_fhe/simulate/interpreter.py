@@ -20,8 +20,6 @@ agree).
 from __future__ import annotations
 
 import heapq
-import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from .. import fhe_ops
+from ..graph import attr, input_names, layer_index, output_names, read_metadata
 from ..fhe_ops import GraphError
 from .backends.base import Backend, LevelError, SimulationError
 
@@ -61,27 +60,6 @@ class RunResult:
     seconds: float = 0.0
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def read_metadata(model: onnx.ModelProto) -> dict:
-    out = {}
-    for p in model.metadata_props:
-        if p.key.startswith("cgf_fhe."):
-            try:
-                out[p.key[len("cgf_fhe."):]] = json.loads(p.value)
-            except json.JSONDecodeError:
-                out[p.key[len("cgf_fhe."):]] = p.value
-    return out
-
-
-_LAYER_NAME_RE = re.compile(r"(?:^|[./_])(?:layer|layers)[._/](\d+)(?=$|[./_])")
-
-
 def node_layers(model: onnx.ModelProto) -> list[int | None]:
     """Encoder layer index of every node (node metadata scopes via cgf_fhe.export.graphinfo, else node names)."""
     try:
@@ -89,11 +67,7 @@ def node_layers(model: onnx.ModelProto) -> list[int | None]:
 
         return [layer for layer, _stage in classify(model)]
     except Exception:  # graphinfo missing or a graph it cannot read: fall back to names
-        out = []
-        for n in model.graph.node:
-            m = _LAYER_NAME_RE.search(n.name or "")
-            out.append(int(m.group(1)) if m else None)
-        return out
+        return [layer_index(n.name) for n in model.graph.node]
 
 
 def layer_outputs(model: onnx.ModelProto, analysis: fhe_ops.Analysis) -> dict[int, str]:
@@ -108,7 +82,7 @@ def layer_outputs(model: onnx.ModelProto, analysis: fhe_ops.Analysis) -> dict[in
                 order[o] = i
     enc = set(analysis.depth)
     leaving: dict[int, list[str]] = {}
-    graph_outs = {o.name for o in model.graph.output}
+    graph_outs = set(output_names(model))
     for i, n in enumerate(model.graph.node):
         for x in n.input:
             lay = producer_layer.get(x)
@@ -234,7 +208,7 @@ class Interpreter:
         self.trace_names = set(trace or ())
         self.record_maxabs = record_maxabs
         # liveness: free a value after its last consumer
-        keep = {o.name for o in self.graph.output} | set(self.consts)
+        keep = set(output_names(self.model)) | set(self.consts)
         self.last_use: dict[int, list[str]] = {}
         last: dict[str, int] = {}
         for i, n in enumerate(self.nodes):
@@ -260,8 +234,7 @@ class Interpreter:
             if inp.name in self.consts and inp.name not in feeds:
                 continue
             if inp.name not in feeds:
-                names = [i.name for i in self.graph.input]
-                raise SimulationError(f"missing graph input {inp.name!r} (inputs: {names})")
+                raise SimulationError(f"missing graph input {inp.name!r} (inputs: {input_names(self.model)})")
             x = np.asarray(feeds[inp.name])
             if inp.name in self.encrypted:
                 v = B.encrypt(np.asarray(x, dtype=np.float64))
@@ -415,9 +388,9 @@ class Interpreter:
     def _reduce(self, node, args):
         B = self.backend
         x = args[0]
-        axes = args[1] if len(args) > 1 and args[1] is not None else _attr(node, "axes")
-        keepdims = bool(_attr(node, "keepdims", 1))
-        noop = bool(_attr(node, "noop_with_empty_axes", 0))
+        axes = args[1] if len(args) > 1 and args[1] is not None else attr(node, "axes")
+        keepdims = bool(attr(node, "keepdims", 1))
+        noop = bool(attr(node, "noop_with_empty_axes", 0))
         rank = len(B.shape(x))
         axes = [] if axes is None else [int(v) for v in np.asarray(axes).reshape(-1)]
         if not axes:
@@ -435,16 +408,16 @@ class Interpreter:
         B = self.backend
         A, W = args[0], args[1]
         C = args[2] if len(args) > 2 else None
-        alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-        if _attr(node, "transA", 0) and B.is_ct(A):
+        alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
+        if attr(node, "transA", 0) and B.is_ct(A):
             raise SimulationError("Gemm with transA on an encrypted A would move the batch axis")
         if not B.is_ct(A):
             A = np.asarray(A, dtype=np.float64)
-            A = A.T if _attr(node, "transA", 0) else A
+            A = A.T if attr(node, "transA", 0) else A
         if B.is_ct(W):
             raise SimulationError("Gemm with an encrypted B operand contracts the batch axis of B")
         W = np.asarray(W, dtype=np.float64)
-        W = (W.T if _attr(node, "transB", 0) else W) * alpha
+        W = (W.T if attr(node, "transB", 0) else W) * alpha
         if not B.is_ct(A):  # only C is encrypted: the product is plaintext
             y = A @ W
             return B.add(C, y)

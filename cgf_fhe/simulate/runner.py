@@ -96,7 +96,7 @@ class BatchRunner:
         if cfg.backend != "plain":
             opts = cfg.backend_options()
             if cfg.backend == "tenseal":
-                from .tenseal_backend import TenSEALClient
+                from .backends.tenseal import TenSEALClient
 
                 client = TenSEALClient(self.params, secret_context=secret_context)
                 opts = {"client": client}
@@ -323,7 +323,7 @@ def run_batches(onnx_path: str, batches: list, cfg: SimConfig) -> tuple[list[dic
     secret = None
     info = {}
     if cfg.backend == "tenseal":
-        from .tenseal_backend import TenSEALClient
+        from .backends.tenseal import TenSEALClient
 
         client = TenSEALClient(cfg.ckks_params())
         secret = client.secret_context()

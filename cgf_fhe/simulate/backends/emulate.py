@@ -45,9 +45,9 @@ from typing import Sequence
 
 import torch
 
-from .backends.base import BootstrapRangeError, LevelError, ModulusOverflowError, SimulationError
-from .backends.plain import TorchBackend, TorchCT
-from ..ckks import CKKSParams
+from .base import BootstrapRangeError, LevelError, ModulusOverflowError, SimulationError
+from .plain import TorchBackend, TorchCT
+from ...ckks import CKKSParams
 
 
 class EmulateBackend(TorchBackend):
