@@ -262,8 +262,3 @@ def plan_bootstraps(model: onnx.ModelProto, analysis: Analysis, level_budget: in
         nodes=plans,
         min_budget=analysis.total_depth,
     )
-
-
-def min_budget_without_refresh(analysis: Analysis) -> int:
-    """Smallest level budget for which :func:`plan_bootstraps` places no refresh: the total depth."""
-    return analysis.total_depth

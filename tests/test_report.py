@@ -1,4 +1,5 @@
 """Depth report, bootstrap placement, cost model, plots (`cgf-fhe report`, `cgf-fhe calibrate-costs`)."""
+import dataclasses
 import json
 import math
 import warnings
@@ -367,3 +368,36 @@ def test_refresh_counts_are_named_for_what_they_count():
     rep_b = build_report(m, level_budget=3, cost_table=table)
     assert rep_b["refresh_kind"] == "bootstrap" and rep_b["refreshes_total"] == 2
     assert "bootstrap (on the server" in to_markdown(rep_b)
+
+
+def test_packing_names_and_their_former_aliases():
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    m = make([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [vi("x", (2, 4))], [vi("y", (2, 3))], [w])
+    for new, old in (("element", "slots"), ("packed", "row")):
+        a, b = build_report(m, packing=new), build_report(m, packing=old)
+        assert a["packing"] == b["packing"] == new and a["nodes"] == b["nodes"]
+    assert build_report(m, packing="packed")["examples_per_pass"] == 1
+    with pytest.raises(Exception, match="element, packed"):
+        build_report(m, packing="diagonal")
+
+
+def test_report_and_interpreter_read_only_the_op_table(monkeypatch):
+    """The op table is the executable spec: change an entry's cost formula or exec and report / simulate follow."""
+    from collections import Counter
+
+    from cgf_fhe.simulate import Interpreter, make_backend
+
+    assert all(spec.exec is not None for spec in fhe_ops.OP_TABLE.values() if spec.ct_allowed)
+    for op in ("Add", "Sub", "Sum", "Mul", "Div", "MatMul", "Gemm", "Pow", "ReduceSum", "ReduceMean"):
+        assert set(fhe_ops.OP_TABLE[op].costs) == set(fhe_ops.PACKINGS), op
+    m = make([h.make_node("Neg", ["x"], ["n"], name="neg"), h.make_node("Mul", ["n", "n"], ["y"], name="sq")],
+             [vi("x", ("batch", 4))], [vi("y", ("batch", 4))])
+    x = np.arange(8, dtype=np.float64).reshape(2, 4)
+    assert build_report(m)["nodes"][0]["rotations"] == 0
+    np.testing.assert_allclose(Interpreter(m, make_backend("plain")).run({"x": x}).outputs["y"], x * x)
+    spec = fhe_ops.OP_TABLE["Neg"]
+    changed = dataclasses.replace(spec, exec=lambda e: [e.backend.add(e.args[0], np.array(1.0))],
+                                  costs={"element": lambda ctx: Counter(rotations=7)})
+    monkeypatch.setitem(fhe_ops.OP_TABLE, "Neg", changed)
+    assert build_report(m)["nodes"][0]["rotations"] == 7
+    np.testing.assert_allclose(Interpreter(m, make_backend("plain")).run({"x": x}).outputs["y"], (x + 1) ** 2)

@@ -1,35 +1,17 @@
 """``cgf-fhe report``: multiplicative depth, op counts, refresh placement and a latency estimate.
 
-Everything about individual ops (allowed?, levels, slot-model counts) comes from :func:`cgf_fhe.fhe_ops.analyze`;
+Everything about individual ops (allowed?, levels, costs per packing) comes from :func:`cgf_fhe.fhe_ops.analyze`;
 this module aggregates it per encoder layer and stage (:mod:`cgf_fhe.export.graphinfo`), places refreshes with
 :func:`cgf_fhe.bootstrap.plan_bootstraps`, and prices it with a cost table (:mod:`cgf_fhe.ckks`).
 
-Packing models (``--packing``)
-------------------------------
-``slots`` (default; what the simulator runs): every tensor element is one ciphertext, the examples of a batch sit
-in its slots (up to N/2 examples per pass). Element-wise ops cost one ciphertext op per element, a MatMul
-``[M,K] x [K,N]`` costs ``M*N*K`` multiplications and ``M*N*(K-1)`` additions, and **no rotation** is ever needed.
-Counts are per pass; the per-example latency is the pass latency divided by the slot count.
-
-``row``: one example per pass; the **last axis of every tensor is packed in the slots** (a token's hidden vector is
-one ciphertext, a row of attention scores is one ciphertext), every other index is a separate ciphertext:
-
-* element-wise op: one ciphertext op per output ciphertext; an encrypted operand broadcast along the last axis
-  (last dim 1) is first replicated by rotate-and-add: ``ceil(log2 d)`` rotations + additions per ciphertext;
-* reduction over the last axis (ReduceSum/ReduceMean): rotate-and-sum, ``ceil(log2 d)`` rotations and additions
-  per input ciphertext; reductions over other axes are ciphertext additions; ReduceMean adds one ct-pt mult;
-* MatMul/Gemm ciphertext x plaintext matrix ``[K, N]``: diagonal method with baby-step/giant-step per input
-  ciphertext: ``d = max(K, N)`` diagonals, ``n1 = ceil(sqrt d)``, ``n2 = ceil(d/n1)``: ``(n1-1)+(n2-1)`` rotations,
-  ``d`` ct-pt mults, ``d-1`` additions;
-* MatMul ciphertext x ciphertext ``[.., M, K] x [.., K, N]`` (Q K^T, P V): for each output row and each ``k`` the
-  scalar ``a[m,k]`` is isolated (one ct-pt mask) and replicated (``ceil(log2 N)`` rotations + additions), then
-  multiplied with row ``k`` of the second operand (one ct-ct mult) and accumulated;
-* data movement that changes the packed axis (a Transpose moving the last axis, a Reshape changing the last dim,
-  Gather/Slice/Concat/Split on the last axis): one mask (ct-pt) and one rotation per element moved for a
-  Transpose, per output (or input, whichever is larger) ciphertext otherwise; other data movement is free.
-
-It is a deliberately simple, documented model (not an optimised layout such as those of dedicated HE transformer
-compilers); use it to compare graphs, not as an absolute prediction.
+Packings (``--packing``)
+------------------------
+The op counts of every node come from the op table's per-packing cost formulas (:data:`cgf_fhe.fhe_ops.PACKINGS`,
+described in :mod:`cgf_fhe.fhe_ops`): ``element`` (default; what the simulator runs: one ciphertext per tensor
+element, the examples of a batch in the slots, up to N/2 examples per pass, no rotation ever) and ``packed``
+(one example per pass, the last axis of every tensor in the slots; diagonal method with baby-step/giant-step
+for plaintext matrices, rotate-and-sum for reductions). ``slots`` and ``row`` are accepted as the former names.
+Counts are per pass; the per-example latency is the pass latency divided by the examples per pass.
 
 Levels, depth and refreshes
 ---------------------------
@@ -81,138 +63,18 @@ import onnx
 
 from .. import ckks, fhe_ops
 from ..bootstrap import plan_bootstraps
-from ..errors import UserError
 from ..fmt import fmt_seconds as _fmt_s
-from ..graph import attr, numel, output_names, read_metadata
+from ..graph import output_names, read_metadata
 from .graphinfo import HEAD_STAGES, STAGES, classify
 
 SCHEMA = "cgf-fhe-report/1"
-COUNT_KEYS = ("ct_ct_mults", "ct_pt_mults", "additions", "rotations")
+COUNT_KEYS = fhe_ops.COUNT_KEYS
 OP_MS = {"ct_ct_mults": "ct_ct_mult", "ct_pt_mults": "ct_pt_mult", "additions": "add", "rotations": "rotation"}
 DEFAULT_SEQ_LEN = 128
 # what a refresh point costs and leaks depends on its kind: a bootstrap runs on the server under encryption; a
 # client-aided refresh sends the ciphertext to the key holder, who decrypts and re-encrypts it (a round trip)
 REFRESH_WHAT = {"client-aided": "client-aided refresh (decrypt + re-encrypt by the key holder)",
                 "bootstrap": "bootstrap (on the server, under encryption)"}
-
-
-# --- row packing model -------------------------------------------------------------------------------------------
-
-def _cts_row(shape):
-    n = numel(shape)
-    if n is None:
-        return None
-    return n // shape[-1] if shape and shape[-1] else 1
-
-
-def _log2(d) -> int:
-    return max(math.ceil(math.log2(d)), 0) if d and d > 1 else 0
-
-
-def _axes(node, consts, rank):
-    axes = None
-    if len(node.input) > 1 and node.input[1] and node.input[1] in consts:
-        axes = [int(a) for a in consts[node.input[1]].reshape(-1)]
-    elif attr(node, "axes") is not None:
-        axes = list(attr(node, "axes"))
-    if axes is None:
-        return list(range(rank)) if not attr(node, "noop_with_empty_axes", 0) else []
-    return [a % rank for a in axes] if rank else axes
-
-
-def row_counts(node: onnx.NodeProto, res: fhe_ops.NodeResult, enc: list[bool], shapes: dict, consts: dict) -> Counter:
-    """Op counts of one encrypted node under the row packing model (see module doc)."""
-    op = node.op_type
-    ins = [shapes.get(x) or (tuple(consts[x].shape) if x in consts else None) for x in node.input]
-    out = shapes.get(node.output[0]) if node.output else None
-    n_out = _cts_row(out) or 1
-    d_out = out[-1] if out else 1
-    c = Counter()
-
-    def replicate():
-        for x, s, e in zip(node.input, ins, enc):
-            if e and s is not None and len(s) and s[-1] == 1 and isinstance(d_out, int) and d_out > 1:
-                k = (_cts_row(s) or 1) * _log2(d_out)
-                c["rotations"] += k
-                c["additions"] += k
-
-    if op in ("Add", "Sub", "Sum"):
-        c["additions"] += n_out
-        replicate()
-    elif op in ("Mul", "Div"):
-        c["ct_ct_mults" if sum(enc[:2]) == 2 else "ct_pt_mults"] += n_out
-        replicate()
-    elif op == "Pow":
-        k = fhe_ops._pow_exponent(fhe_ops.NodeCtx(node, enc, [consts.get(x) for x in node.input], ins, [out])) or 1
-        c["ct_ct_mults"] += ((k.bit_length() - 1) + (bin(k).count("1") - 1)) * n_out
-    elif op in ("MatMul", "Gemm"):
-        a, b = (ins + [None, None])[:2]
-        if a is None or b is None:
-            return c
-        if op == "Gemm":
-            a = a[::-1] if attr(node, "transA", 0) else a
-            b = b[::-1] if attr(node, "transB", 0) else b
-        k_dim, n_dim = a[-1], b[-1]
-        if sum(enc[:2]) == 2:  # ct x ct
-            lead = numel(out[:-2]) if out is not None and len(out) > 2 else 1
-            m_dim = a[-2] if len(a) >= 2 else 1
-            pairs = (lead or 1) * m_dim * k_dim
-            c["ct_pt_mults"] += pairs
-            c["rotations"] += pairs * _log2(n_dim)
-            c["additions"] += pairs * _log2(n_dim) + (lead or 1) * m_dim * (k_dim - 1)
-            c["ct_ct_mults"] += pairs
-        else:  # ct x pt: BSGS diagonal method per input ciphertext
-            ct_shape = a if enc[0] else b[::-1]
-            n_in = _cts_row(ct_shape) or 1
-            d = max(k_dim, n_dim)
-            n1 = math.ceil(math.sqrt(d))
-            n2 = math.ceil(d / n1)
-            c["rotations"] += n_in * ((n1 - 1) + (n2 - 1))
-            c["ct_pt_mults"] += n_in * d
-            c["additions"] += n_in * (d - 1 + (1 if op == "Gemm" and len(node.input) > 2 else 0))
-    elif op in ("ReduceSum", "ReduceMean"):
-        s = ins[0]
-        if s is None:
-            return c
-        rank = len(s)
-        axes = _axes(node, consts, rank)
-        n_in = _cts_row(s) or 1
-        if rank and (rank - 1) in axes:
-            k = n_in * _log2(s[-1])
-            c["rotations"] += k
-            c["additions"] += k
-        n_in_after = n_in if not rank or (rank - 1) not in axes else n_in
-        c["additions"] += max(n_in_after - n_out, 0)
-        if op == "ReduceMean":
-            c["ct_pt_mults"] += n_out
-    elif op == "Transpose":
-        s = ins[0]
-        perm = attr(node, "perm") or (list(range(len(s)))[::-1] if s is not None else None)
-        if s is not None and perm is not None and len(s) and perm[-1] != len(s) - 1:
-            n = numel(s) or 0
-            c["rotations"] += n
-            c["ct_pt_mults"] += n
-            c["additions"] += n
-    elif op in ("Reshape", "Flatten"):
-        s = ins[0]
-        if s is not None and out is not None and (s[-1] if s else 1) != d_out:
-            k = max(_cts_row(s) or 1, n_out)
-            c["rotations"] += k
-            c["ct_pt_mults"] += k
-    elif op in ("Gather", "Slice", "Concat", "Split", "GatherElements"):
-        s = ins[0]
-        rank = len(s) if s is not None else 0
-        if op == "Slice":
-            ax = [int(a) % rank for a in consts[node.input[3]].reshape(-1)] if len(node.input) > 3 and \
-                node.input[3] in consts and rank else list(range(rank))
-        else:
-            ax = [int(attr(node, "axis", 0)) % rank] if rank else []
-        if rank and (rank - 1) in ax:
-            c["rotations"] += n_out
-            c["ct_pt_mults"] += n_out
-    elif op in ("Expand", "Tile"):
-        replicate()
-    return c
 
 
 # --- aggregation -------------------------------------------------------------------------------------------------
@@ -267,10 +129,9 @@ def _group_stats(idx: list[int], nodes_out: list[dict], results, producer_of_inp
 
 def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: int = 40,
                  cost_table: str | Path | dict | None = None, encrypted: list[str] | None = None,
-                 seq_len: int | None = None, packing: str = "slots") -> dict:
+                 seq_len: int | None = None, packing: str = "element") -> dict:
     """The report as a JSON-serialisable dict (schema in the module doc and docs/)."""
-    if packing not in ("slots", "row"):
-        raise UserError(f"unknown packing model {packing!r} (slots|row)")
+    packing = fhe_ops.packing_name(packing)
     model, path = fhe_ops.resolve_model(model_or_path)
     meta = read_metadata(model)
     seq = int(seq_len or meta.get("seq_len") or meta.get("max_length") or DEFAULT_SEQ_LEN)
@@ -280,8 +141,7 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
         v = analysis.violations
         raise fhe_ops.GraphError(f"{path}: {len(v)} operation(s) on ciphertexts are not FHE-evaluable (first: node "
                                  f"{v[0].name} ({v[0].op_type}): {v[0].violation}); run `cgf-fhe check` for the list")
-    shapes = fhe_ops._shapes(model, dims)
-    consts = fhe_ops._constants(model.graph)
+    shapes = analysis.shapes
     where = classify(model)
     gnodes = list(model.graph.node)
     results = analysis.nodes
@@ -296,17 +156,12 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
             refreshed_by_node[producer[v]].append(v)
 
     def cts_of(value):
-        s = shapes.get(value)
-        return (numel(s) if packing == "slots" else _cts_row(s)) or 1
+        return fhe_ops.ciphertexts(shapes.get(value), packing) or 1
 
     rows = []
     for i, (n, r) in enumerate(zip(gnodes, results)):
         layer, stage = where[i]
-        enc_flags = [bool(x) and x in analysis.depth for x in n.input]
-        if r.encrypted:
-            cnt = Counter(r.counts) if packing == "slots" else row_counts(n, r, enc_flags, shapes, consts)
-        else:
-            cnt = Counter()
+        cnt = r.costs.get(packing, Counter())
         outs = [o for o in n.output if o]
         rp = plan.nodes.get(r.name)
         rows.append({
@@ -436,8 +291,8 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
                                             "refuses it without --insecure: use a smaller --levels (more refreshes)")},
         "costs": {"ms": ms, "note": cst["note"], "source": cst["source"]},
         "latency_seconds": totals["latency_seconds"],
-        "examples_per_pass": slots if packing == "slots" else 1,
-        "latency_per_example_seconds": totals["latency_seconds"] / (slots if packing == "slots" else 1),
+        "examples_per_pass": slots if packing == "element" else 1,
+        "latency_per_example_seconds": totals["latency_seconds"] / (slots if packing == "element" else 1),
         "client_seconds": client_ms / 1e3,
         "totals": {k: totals[k] for k in COUNT_KEYS + ("ciphertexts", "nodes", "encrypted_nodes")},
         "layers": layers,

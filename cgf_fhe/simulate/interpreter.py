@@ -6,9 +6,10 @@ semantics:
 
 * **plaintext nodes** (mask pre-processing, constants, shapes) run with the ONNX reference implementation of
   the node (:mod:`onnx.reference`, one ``OpRun`` per node);
-* **encrypted nodes** go to the backend (:mod:`cgf_fhe.simulate.backends.base`): arithmetic through its small
-  interface, data movement by running the same ONNX reference ``OpRun`` on the backend's data or on element
-  indices (TenSEAL), so reshape/transpose/gather/... semantics come from ONNX itself.
+* **encrypted nodes** run the op table's ``exec`` (:data:`cgf_fhe.fhe_ops.OP_TABLE`) on the backend
+  (:mod:`cgf_fhe.simulate.backends.base`): arithmetic through its small interface, data movement by running the
+  same ONNX reference ``OpRun`` on the backend's data or on element indices (TenSEAL), so
+  reshape/transpose/gather/... semantics come from ONNX itself.
 
 Levels: with a leveled backend (emulate, tenseal) a refresh plan is applied -- by default
 :func:`cgf_fhe.bootstrap.plan_bootstraps` for the backend's level budget, or an explicit list of value names.
@@ -19,7 +20,6 @@ agree).
 """
 from __future__ import annotations
 
-import heapq
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,21 +30,14 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from .. import fhe_ops
-from ..graph import attr, input_names, layer_index, output_names, read_metadata
-from ..fhe_ops import GraphError
+from ..errors import GraphError
+from ..graph import input_names, layer_index, output_names, read_metadata
 from .backends.base import Backend, LevelError, SimulationError
-
-MOVE_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Slice", "Split",
-                      "Gather", "GatherElements", "Tile", "Concat"})
-PASS_OPS = frozenset({"Identity", "Dropout", "Cast"})
-SHAPE_OPS = frozenset({"Shape", "Size"})
-ARITH_OPS = frozenset({"Add", "Sub", "Neg", "Sum", "Mul", "Div", "MatMul", "Gemm", "Pow", "ReduceSum", "ReduceMean"})
-HANDLED_OPS = MOVE_OPS | PASS_OPS | SHAPE_OPS | ARITH_OPS
 
 
 def unhandled_ct_ops() -> list[str]:
-    """Ops the FHE op table allows on ciphertexts but the interpreter cannot execute (should be empty)."""
-    return sorted(op for op, spec in fhe_ops.OP_TABLE.items() if spec.ct_allowed and op not in HANDLED_OPS)
+    """Ops the FHE op table allows on ciphertexts but gives no ``exec`` for (should be empty)."""
+    return sorted(op for op, spec in fhe_ops.OP_TABLE.items() if spec.ct_allowed and spec.exec is None)
 
 
 @dataclass
@@ -176,7 +169,8 @@ class Interpreter:
             more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
             raise GraphError(f"the graph is not FHE-evaluable: {len(bad)} violation(s): {lines}{more}; "
                              "run `cgf-fhe check` for the full list")
-        missing = sorted({r.op_type for r in self.analysis.nodes if r.encrypted and r.op_type not in HANDLED_OPS})
+        missing = sorted({r.op_type for r in self.analysis.nodes
+                          if r.encrypted and fhe_ops.OP_TABLE[r.op_type].exec is None})
         if missing:
             raise SimulationError(f"no simulator handler for encrypted op(s) {missing} (allowed by fhe_ops.OP_TABLE)")
         self.encrypted = list(self.analysis.encrypted_inputs)
@@ -339,117 +333,12 @@ class Interpreter:
                     f"bootstraps (refresh='plan', cgf_fhe.bootstrap) or use a longer chain (--levels/--coeff-bits)")
 
     def _exec(self, i, node, r, args) -> list:
-        B = self.backend
-        op = node.op_type
-        ct = [a is not None and B.is_ct(a) for a in args]
-        if op in PASS_OPS:
-            return [args[0]] + [None] * (len(node.output) - 1)
-        if op in SHAPE_OPS:
-            fake = np.broadcast_to(np.zeros((), dtype=np.float32), B.shape(args[0]))
-            return list(self.ref.rt_nodes_[i].run(fake, *args[1:]))
-        if op in MOVE_OPS:
-            rt = self.ref.rt_nodes_[i]
-            args = list(args)
-            if op == "Concat" and not all(ct):
-                args = [a if c else B.encrypt_public(np.asarray(a, dtype=np.float64)) for a, c in zip(args, ct)]
-                ct = [True] * len(args)
-            pos = [j for j, c in enumerate(ct) if c]
-            return B.rearrange(lambda *a: rt.run(*a), args, pos)
-        a = args[0]
-        b = args[1] if len(args) > 1 else None
-        if op == "Add":
-            return [B.add(a, b)]
-        if op == "Sub":
-            return [B.sub(a, b)]
-        if op == "Neg":
-            return [B.neg(a)]
-        if op == "Sum":
-            acc = a
-            for x in args[1:]:
-                acc = B.add(acc, x) if B.is_ct(acc) else B.add(x, acc)
-            return [acc]
-        if op == "Mul":
-            return [B.mul(a, b)]
-        if op == "Div":
-            den = np.asarray(b, dtype=np.float64)
-            if np.any(den == 0):
-                raise SimulationError("division of a ciphertext by a plaintext containing 0")
-            return [B.mul(a, 1.0 / den)]
-        if op == "MatMul":
-            return [B.matmul(a, b)]
-        if op == "Gemm":
-            return [self._gemm(node, args)]
-        if op == "Pow":
-            return [self._pow(a, int(np.asarray(b).reshape(-1)[0]))]
-        if op in ("ReduceSum", "ReduceMean"):
-            return [self._reduce(node, args)]
-        raise SimulationError(f"no handler for encrypted op {op}")  # guarded in __init__
-
-    def _reduce(self, node, args):
-        B = self.backend
-        x = args[0]
-        axes = args[1] if len(args) > 1 and args[1] is not None else attr(node, "axes")
-        keepdims = bool(attr(node, "keepdims", 1))
-        noop = bool(attr(node, "noop_with_empty_axes", 0))
-        rank = len(B.shape(x))
-        axes = [] if axes is None else [int(v) for v in np.asarray(axes).reshape(-1)]
-        if not axes:
-            if noop:
-                return x
-            axes = list(range(rank))
-        axes = sorted({ax % rank for ax in axes})
-        if 0 in axes:
-            raise SimulationError(f"{node.op_type} over axis 0 would mix the examples of the batch")
-        if node.op_type == "ReduceSum":
-            return B.reduce_sum(x, axes, keepdims)
-        return B.reduce_mean(x, axes, keepdims)
-
-    def _gemm(self, node, args):
-        B = self.backend
-        A, W = args[0], args[1]
-        C = args[2] if len(args) > 2 else None
-        alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
-        if attr(node, "transA", 0) and B.is_ct(A):
-            raise SimulationError("Gemm with transA on an encrypted A would move the batch axis")
-        if not B.is_ct(A):
-            A = np.asarray(A, dtype=np.float64)
-            A = A.T if attr(node, "transA", 0) else A
-        if B.is_ct(W):
-            raise SimulationError("Gemm with an encrypted B operand contracts the batch axis of B")
-        W = np.asarray(W, dtype=np.float64)
-        W = (W.T if attr(node, "transB", 0) else W) * alpha
-        if not B.is_ct(A):  # only C is encrypted: the product is plaintext
-            y = A @ W
-            return B.add(C, y)
-        y = B.matmul(A, W)
-        if C is not None:
-            if B.is_ct(C):
-                if beta != 1.0:
-                    raise SimulationError("Gemm with beta != 1 on an encrypted C would cost an extra level")
-                y = B.add(y, C)
-            else:
-                y = B.add(y, beta * np.asarray(C, dtype=np.float64))
-        return y
-
-    def _pow(self, x, k: int):
-        """x^k by repeated squaring, combining the needed powers shallowest-first: depth ceil(log2 k)."""
-        B = self.backend
-        parts, cur, d, n = [], x, 0, 0
-        while k:
-            if k & 1:
-                parts.append((d, n, cur))
-                n += 1
-            k >>= 1
-            if k:
-                cur = B.mul(cur, cur)
-                d += 1
-        heapq.heapify(parts)
-        while len(parts) > 1:
-            d1, _, p1 = heapq.heappop(parts)
-            d2, _, p2 = heapq.heappop(parts)
-            heapq.heappush(parts, (max(d1, d2) + 1, n, B.mul(p1, p2)))
-            n += 1
-        return parts[0][2]
+        """Run an encrypted node: what the op table's ``exec`` says (nothing here restates op semantics)."""
+        x = fhe_ops.Exec(self.backend, node, args, self.ref.rt_nodes_[i].run)
+        try:
+            return fhe_ops.OP_TABLE[node.op_type].exec(x)
+        except fhe_ops.OpExecError as exc:
+            raise SimulationError(str(exc)) from exc
 
 
 def load(path_or_model) -> onnx.ModelProto:
@@ -462,4 +351,4 @@ def load(path_or_model) -> onnx.ModelProto:
 
 
 __all__ = ["Interpreter", "RunResult", "layer_outputs", "poly_inputs", "node_layers", "read_metadata",
-           "unhandled_ct_ops", "load", "HANDLED_OPS"]
+           "unhandled_ct_ops", "load"]
