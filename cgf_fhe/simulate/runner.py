@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..ckks import CKKSParams
 from ..errors import UserError
 from .backends import make_backend
 from .backends.base import ModulusOverflowError, SimulationError
 from .interpreter import Interpreter, layer_outputs, load, poly_inputs, read_metadata
-from ..ckks import CKKSParams
 
 EMB, MASK, LOGITS = "embeddings", "attention_mask", "logits"
 
