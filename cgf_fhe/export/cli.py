@@ -82,8 +82,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="encrypted graph input (repeatable; overrides the metadata)")
     p.add_argument("--seq-len", type=int, default=None, metavar="S",
                    help="sequence length for op counts (default: metadata cgf_fhe.seq_len or 128)")
-    p.add_argument("--packing", choices=("slots", "row"), default="slots",
-                   help="packing model for rotations/ciphertext counts (see docs)")
+    p.add_argument("--packing", choices=("element", "packed", "slots", "row"), default="element",
+                   help="packing whose op costs are counted: element (one ciphertext per tensor element, examples "
+                        "in the slots; what simulate runs) or packed (a token's vector per ciphertext, rotations); "
+                        "slots/row are the former names")
     p.add_argument("--format", choices=("table", "json", "md"), default="table",
                    help="what is printed: table (rich tables, default), json, or md (markdown)")
     p.add_argument("--nodes", action="store_true", help="also print the per-node table")

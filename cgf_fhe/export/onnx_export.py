@@ -36,9 +36,10 @@ import onnx
 import torch
 
 from ..errors import UserError
+from ..graph import METADATA_PREFIX, read_metadata  # noqa: F401  (read_metadata re-exported: the one reader)
 
 EMB, MASK, LOGITS = "embeddings", "attention_mask", "logits"
-PREFIX = "cgf_fhe."
+PREFIX = METADATA_PREFIX
 
 
 def _jsonable(obj):
@@ -165,20 +166,6 @@ def set_metadata(proto: onnx.ModelProto, meta: dict) -> None:
         p = proto.metadata_props.add()
         p.key = PREFIX + k
         p.value = v if isinstance(v, str) else json.dumps(_jsonable(v), sort_keys=True)
-
-
-def read_metadata(model_or_path) -> dict:
-    """``{key without the cgf_fhe. prefix: decoded JSON value}`` from an exported model or file."""
-    proto = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(str(model_or_path),
-                                                                                         load_external_data=False)
-    out = {}
-    for p in proto.metadata_props:
-        if p.key.startswith(PREFIX):
-            try:
-                out[p.key[len(PREFIX):]] = json.loads(p.value)
-            except json.JSONDecodeError:
-                out[p.key[len(PREFIX):]] = p.value
-    return out
 
 
 def parity(onnx_path: str | Path, model, tokenizer, n: int = 32, data_dir=None, max_length: int = 128,

@@ -2,7 +2,7 @@
 
 Every encrypted value is a float64 tensor of the *decoded* values (error included) plus its level. What CKKS
 does to those values is reproduced operation by operation, with the magnitudes measured against TenSEAL
-(``benchmarks/emulator_calibration.py``; constants in :class:`cgf_fhe.simulate.params.CKKSParams`):
+(``benchmarks/emulator_calibration.py``; constants in :class:`cgf_fhe.ckks.CKKSParams`):
 
 =====================  ========================================================================================
 encryption / encoding  fresh error ~ N(0, s_r^2), ``s_r = N / (6 * scale)`` (rounding with a ternary secret;
@@ -45,9 +45,9 @@ from typing import Sequence
 
 import torch
 
-from .backends.base import BootstrapRangeError, LevelError, ModulusOverflowError, SimulationError
-from .backends.plain import TorchBackend, TorchCT
-from .params import CKKSParams
+from .base import BootstrapRangeError, LevelError, ModulusOverflowError, SimulationError
+from .plain import TorchBackend, TorchCT
+from ...ckks import CKKSParams
 
 
 class EmulateBackend(TorchBackend):
