@@ -566,3 +566,34 @@ def test_cover_ranges_refits_only_the_op_whose_inputs_drift(ranges, data):
     again = calibrate(model, data, progress=False)
     set_guard(model, False)
     assert cover_ranges(model, again) == {}
+
+
+def test_lean_profile_depth_band_and_errors(ranges, data):
+    """Issue #22: the lean profile's exported depth per layer is 32 (9 + exp 5 + GELU 4 + 2 x LN 7), measured on
+    the ONNX graph; each Newton LayerNorm's interval top is the calibrated 99.9% quantile (plus margin), not the
+    maximum; unknown profiles and band quantiles are refused."""
+    lean = FheOptions.from_profile("lean")
+    assert depth_table(lean)["current"]["layer_depth"] == 32
+    model, _ = build_model("tiny", "cgf", 0.5, seed=0)
+    model.eval()
+    settings = polynomialize(model, lean, ranges)
+    batch = next(iter(data))
+    emb = client_embed(model, batch["input_ids"], batch["token_type_ids"]).detach()
+    an = fhe_ops.analyze(_onnx(model, emb, batch["attention_mask"].float()), ["embeddings"])
+    assert an.violations == []
+    stated = model_depth(model)
+    assert stated["per_layer"] == [32, 32] and an.total_depth == stated["total"] == settings["depth"]["total"]
+    default_model, _, _ = _poly_model(ranges)
+    assert model_depth(default_model)["per_layer"][0] > 32
+    mods = dict(named_approx_modules(model))
+    for i in range(2):
+        for k in ("ln_attn", "ln_ffn"):
+            st = ranges["layers"][i][k]
+            q = st["quantiles"]["0.999"]
+            lo, hi = mods[f"layers.{i}.{k}"].interval
+            assert hi == pytest.approx(min(st["max"], q) * (1 + lean.margin) + 1e-9)
+            assert mods[f"layers.{i}.{k}"].newton_steps == 0
+    with pytest.raises(ValueError, match="unknown FHE profile"):
+        FheOptions.from_profile("leaner")
+    with pytest.raises(ValueError, match="ln_band"):
+        FheOptions(poly="all", ln_band=0.95)

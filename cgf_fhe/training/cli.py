@@ -126,6 +126,9 @@ def cmd_finetune(args) -> int:
 
 
 def _fhe_from_args(args):
+    profile = getattr(args, "fhe_profile", None)
+    if profile is not None and args.poly == "none":
+        args.poly = "all"  # a profile is a choice of polynomials
     if args.poly == "none":
         ignored = [f for f in ("ln", "exp_degree", "gelu_degree", "tanh_degree", "invsqrt_degree", "newton_steps",
                                "margin") if getattr(args, f) is not None]
@@ -144,7 +147,7 @@ def _fhe_from_args(args):
         if v is not None:
             kw[f] = v
     try:
-        return surgery.FheOptions(**kw)
+        return surgery.FheOptions.from_profile(profile or "default", **kw)
     except ValueError as exc:
         from ..errors import UserError
 
@@ -262,6 +265,11 @@ def register(subparsers) -> None:
                    help="LayerNorm: Newton inverse sqrt, frozen statistics, or frozen-attn (frozen after attention, "
                         "Newton after the FFN: MiniLM's FFN-output LayerNorms cannot be frozen; see "
                         "benchmarks/frozen_ln_probe.py) (unset options: FheOptions defaults)")
+    f.add_argument("--fhe-profile", choices=["default", "lean"],  # surgery.PROFILES (torch-free here)
+                   help="a named set of approximation choices (implies --poly all; explicit degree flags override "
+                        "it): default = FheOptions' defaults (~52 levels per MiniLM layer); lean = exp degree 15 with "
+                        "one squaring, GELU degree 15, LayerNorm 1/sqrt degree 15 without Newton steps on the 99.9%% "
+                        "variance quantile (32 levels per layer; train with --interval-penalty and --epoch-cover)")
     f.add_argument("--exp-degree", type=int)
     f.add_argument("--gelu-degree", type=int)
     f.add_argument("--tanh-degree", type=int)
