@@ -42,6 +42,9 @@ SETTINGS_VERSION = 1
 # Q/K/V projection 1, scores Q@K^T 1, CGF statistics 2, (exp E), probs*w 1, probs@V 1, output dense 1,
 # (LN L), FFN in 1, (GELU G), FFN out 1, (LN L). Residual additions are free.
 LAYER_LINEAR_DEPTH = 9
+# Export folds (cgf_fhe.fold, all-Newton students): per layer, each LayerNorm's centring rides on the preceding
+# dense layer and its output product on the next linear map (2 x 2 levels), and CGF's keep/n weights on V (1).
+FOLD_SAVING = 5
 # Pooler: dense 1, (tanh T), classifier 1.
 HEAD_LINEAR_DEPTH = 2
 
@@ -58,7 +61,8 @@ _BAND_QUANTILES = (0.99, 0.999, 0.9999)  # upper calibration quantiles _Stats ke
 # exp degree 15 with one squaring (5 levels; max rel. error 5.6e-3 on [-30, 8] where exp >= 1e-3, against
 # 7.5e-2 for degree 7 with two squarings at the same depth), GELU degree 15 (4 levels), LayerNorm 1/sqrt as
 # a degree-15 relative-error fit with no Newton step (7 levels per LayerNorm; 4.4e-3 max rel. error on a
-# variance range of ratio 30) on the 99.9% calibration quantile, tanh 15. 9 + 5 + 4 + 7 + 7 = 32 per layer.
+# variance range of ratio 30) on the 99.9% calibration quantile, tanh 15. 9 + 5 + 4 + 7 + 7 = 32 per layer as
+# trained, 27 as exported (the folds of cgf_fhe.fold save 5).
 PROFILES: dict[str, dict] = {
     "default": {"poly": "all"},
     "lean": {"poly": "all", "exp_degree": 15, "exp_squarings": 1, "gelu_degree": 15, "invsqrt_degree": 15,
@@ -723,9 +727,10 @@ def depth_table(options: FheOptions | dict | None = None,
     for ln, n, La, Lf in lns:
         for e in exps:
             for g, G in gelus:
+                L = layer_depth(e["exp_depth"], G, La, Lf)
                 rows.append({"ln": ln, "newton_steps": n, "ln_depth": La if La == Lf else None,
                              "ln_attn_depth": La, "ln_ffn_depth": Lf, **e, "gelu_degree": g, "gelu_depth": G,
-                             "layer_depth": layer_depth(e["exp_depth"], G, La, Lf)})
+                             "layer_depth": L, "layer_depth_exported": L - FOLD_SAVING if ln == "newton" else L})
     cur = {}
     if options.exp_form == "square":
         cur["exp_depth"] = poly_depth("square", 0, r=options.exp_r)
@@ -741,9 +746,11 @@ def depth_table(options: FheOptions | dict | None = None,
     if "exp_depth" in cur and "ln_attn_depth" in cur:
         cur["layer_depth"] = layer_depth(cur["exp_depth"], cur["gelu_depth"], cur["ln_attn_depth"],
                                          cur["ln_ffn_depth"])
+        cur["layer_depth_exported"] = cur["layer_depth"] - (FOLD_SAVING if options.ln == "newton" else 0)
     return {
         "formula": "layer = 9 + exp + gelu + ln_attn + ln_ffn (QKV 1, QK^T 1, CGF stats 2, *w 1, @V 1, dense 1, "
-                   "FFN 2); head = 2 + tanh; frozen ln = 1; newton ln = 3 + P + 2*steps",
+                   "FFN 2); head = 2 + tanh; frozen ln = 1; newton ln = 3 + P + 2*steps; exported all-Newton "
+                   f"layers save {FOLD_SAVING} (cgf_fhe.fold: LN centring and output products, *w on V)",
         "linear_depth": LAYER_LINEAR_DEPTH,
         "components": {"ln": components,
                        "exp": exps, "gelu": [{"degree": g, "depth": G} for g, G in gelus]},
@@ -769,7 +776,8 @@ def ln_cells(row: dict) -> tuple[str, str]:
 
 def model_depth(model) -> dict:
     """Stated depth of ``model`` as exported (fold_for_export): per layer, head, total. Layers without
-    polynomial modules count their exact ops as 0 (not FHE-evaluable)."""
+    polynomial modules count their exact ops as 0 (not FHE-evaluable). When every LayerNorm is a Newton one,
+    the export folds save :data:`FOLD_SAVING` levels per layer (:mod:`cgf_fhe.fold`)."""
     mods = dict(named_approx_modules(model))
 
     def d(key, kind):
@@ -780,9 +788,13 @@ def model_depth(model) -> dict:
             return m.approx.depth(prescaled=True)
         return m.depth
 
+    from .fold import foldable
+
+    folded = foldable(encoder_layers(model))
     per = []
     for i in range(len(encoder_layers(model))):
         per.append(layer_depth(d(f"layers.{i}.exp", "exp"), d(f"layers.{i}.gelu", "gelu"),
-                               d(f"layers.{i}.ln_attn", "ln"), d(f"layers.{i}.ln_ffn", "ln")))
+                               d(f"layers.{i}.ln_attn", "ln"), d(f"layers.{i}.ln_ffn", "ln"))
+                   - (FOLD_SAVING if folded and isinstance(mods.get(f"layers.{i}.exp"), P.PolyExp) else 0))
     head = HEAD_LINEAR_DEPTH + d("pooler.tanh", "tanh")
     return {"per_layer": per, "head": head, "total": sum(per) + head}
