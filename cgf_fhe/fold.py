@@ -35,7 +35,7 @@ import types
 import torch
 from torch import nn
 
-from .poly import NewtonLayerNorm, centred_scaled
+from .poly import IntervalTracker, NewtonLayerNorm, centred_scaled
 
 
 class LNForm:
@@ -102,13 +102,17 @@ class CentringDense(nn.Module):
         return x @ self.w + self.b
 
 
-class FoldedNewtonLN(nn.Module):
+class FoldedNewtonLN(IntervalTracker):
     """The Newton LayerNorm fed by :class:`CentringDense`: adds the centred residual, computes ``y`` and returns
     :class:`LNForm` ``(ds, y, gamma/s, beta)``. ``t = sum(ds^2) + alpha*eps = alpha*v``; the Newton steps' ``v/2``
     is the plaintext multiple ``(t - alpha*eps) * 0.5/alpha + 0.5*eps`` (one level, in parallel with the guess)."""
 
+    kind = NewtonLayerNorm.kind
+
     def __init__(self, ln: NewtonLayerNorm, s: float):
-        super().__init__()
+        super().__init__(ln.interval)
+        self.track = False  # an export copy: nothing to count
+        object.__setattr__(self, "unfolded", ln)  # its settings (a reference, not a submodule)
         self.approx, self.newton_steps, self.eps, self.hidden = ln.approx, ln.newton_steps, ln.eps, ln.hidden
         self.s = float(s)
         self.weight, self.bias = ln.weight, ln.bias
@@ -116,6 +120,9 @@ class FoldedNewtonLN(nn.Module):
     @property
     def depth(self) -> int:
         return 1 + self.approx.depth(prescaled=True) + 2 * self.newton_steps
+
+    def to_settings(self) -> dict:
+        return {**self.unfolded.to_settings(), "depth_folded": self.depth}
 
     def forward(self, ds_lin, residual):
         ds = ds_lin + centred_scaled(materialize(residual), self.s)

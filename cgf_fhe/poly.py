@@ -662,6 +662,8 @@ class _LNBase(IntervalTracker):
                 a, b = self.interval
                 lv = torch.log(v.float().clamp_min(1e-30))
                 ex = torch.relu(lv - math.log(b)) + torch.relu(math.log(max(a, 1e-30)) - lv)
+                # bounded and finite even when an upstream polynomial has blown up
+                ex = torch.nan_to_num(ex, nan=PENALTY_CAP, posinf=PENALTY_CAP).clamp(max=PENALTY_CAP)
                 self.last_penalty = (ex * ex).mean()
 
 
