@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 
-def measure(profile: str, data_dir: str | None, batches: int, levels: int, seq: int) -> dict:
+def measure(profile: str, data_dir: str | None, batches: int, levels: int, seq: int, overrides: dict) -> dict:
     from cgf_fhe import surgery
     from cgf_fhe.data import load_mrpc, make_loader, tokenize_split
     from cgf_fhe.export.onnx_export import export_model
@@ -34,11 +34,11 @@ def measure(profile: str, data_dir: str | None, batches: int, levels: int, seq: 
     ds = tokenize_split(load_mrpc(data_dir)["train"], tok, max_length=seq, max_samples=8 * batches)
     ranges = surgery.calibrate(model, make_loader(ds, tok, 8, False), max_batches=batches, progress=False)
     if hasattr(surgery.FheOptions, "from_profile"):
-        opts = surgery.FheOptions.from_profile(profile)
+        opts = surgery.FheOptions.from_profile(profile, **overrides)
     else:  # code from before issue #22: only the default choices exist
         if profile != "default":
             raise SystemExit(f"this checkout has no profile {profile!r}")
-        opts = surgery.FheOptions(poly="all")
+        opts = surgery.FheOptions(poly="all", **overrides)
     fhe = surgery.polynomialize(model, opts, ranges)
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "student.onnx"
@@ -62,11 +62,15 @@ def main(argv=None) -> int:
     ap.add_argument("--levels", type=int, default=14)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--label", default="", help="a label stored with the rows (e.g. the commit measured)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
+                    help="override profile options (integers), e.g. gelu_degree=7 invsqrt_degree=7")
     ap.add_argument("-o", "--output")
     a = ap.parse_args(argv)
     rows = []
     for p in a.profiles:
-        r = measure(p, a.data_dir, a.batches, a.levels, a.seq)
+        overrides = {k: int(v) for k, v in (s.split("=", 1) for s in a.set)}
+        r = measure(p, a.data_dir, a.batches, a.levels, a.seq, overrides)
+        r["overrides"] = overrides
         r["label"] = a.label
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "options"}), flush=True)
