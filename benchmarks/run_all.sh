@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every command behind docs/results.md, in order, each writing its JSON into the runs folder R; then
-# benchmarks/make_results.py regenerates the page (and docs/img/*.png) from those files.
+# benchmarks/record_run.py turns each run into a committed record and make_results.py builds the pages from them.
 #
 #   CGF_FHE_DATA_DIR=../shared/data/mrpc bash benchmarks/run_all.sh [R]      # default R = runs
 #
@@ -160,4 +160,5 @@ run python benchmarks/depth_table.py --json "$R/depth_table.json"
 run python benchmarks/poly_grad_memory.py "$R/minilm/poly6-newton/seed42" --steps 4 --json benchmarks/results/poly_grad_memory.json
 
 # 8. the page
-python benchmarks/make_results.py "$R" -o docs/results.md
+# the pages are built from committed records, not from $R: add a record per run with benchmarks/record_run.py
+# and an entry in records/pages.json (records/README.md), then run python benchmarks/make_results.py

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from .fhe_ops import Analysis, GraphError, NodeResult
+from .graph import input_names
 
 
 class LevelBudgetError(GraphError):
@@ -250,7 +251,7 @@ def plan_bootstraps(model: onnx.ModelProto, analysis: Analysis, level_budget: in
             if o:
                 producer[o] = r.name
                 order.append(o)
-    inputs = [i.name for i in model.graph.input]
+    inputs = input_names(model)
     ordered = [v for v in inputs + order if v in refresh]
     return BootstrapPlan(
         level_budget=level_budget,
@@ -261,8 +262,3 @@ def plan_bootstraps(model: onnx.ModelProto, analysis: Analysis, level_budget: in
         nodes=plans,
         min_budget=analysis.total_depth,
     )
-
-
-def min_budget_without_refresh(analysis: Analysis) -> int:
-    """Smallest level budget for which :func:`plan_bootstraps` places no refresh: the total depth."""
-    return analysis.total_depth

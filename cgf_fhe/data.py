@@ -48,7 +48,33 @@ def read_glue_tsv(path: str | Path) -> datasets.Dataset:
             rows["sentence1"].append(row[1])
             rows["sentence2"].append(row[2])
             rows["idx"].append(idx)
+    if not rows["label"]:
+        raise DataError(f"{path}: no examples (only the header line); MRPC {path.stem} needs at least one row")
     return datasets.Dataset.from_dict(rows)
+
+
+MIN_PAIR_LENGTH = 5  # [CLS] s1 [SEP] s2 [SEP] with at least one token of each sentence
+MAX_POSITIONS = 512  # BERT-family position embeddings
+
+
+def check_max_length(value: int | None, flag: str = "--max-length") -> int | None:
+    """Refuse a tokenizer length that cannot hold a sentence pair; warn (stderr) on legal but odd ones."""
+    import sys
+
+    from .errors import UserError
+
+    if value is None:
+        return None
+    if value < MIN_PAIR_LENGTH:
+        raise UserError(f"{flag} {value} is too short for a sentence pair ([CLS] s1 [SEP] s2 [SEP] needs a few "
+                        f"tokens of each sentence): use at least {MIN_PAIR_LENGTH} (MRPC pairs average ~50 tokens)")
+    if value > MAX_POSITIONS:
+        print(f"warning: {flag} {value} exceeds the {MAX_POSITIONS} positions BERT-family models have; pairs are "
+              "cut there anyway", file=sys.stderr)
+    elif value < 16:
+        print(f"warning: {flag} {value} truncates most MRPC pairs (they average ~50 tokens); accuracy will suffer",
+              file=sys.stderr)
+    return value
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:

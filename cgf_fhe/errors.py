@@ -24,3 +24,12 @@ class CheckpointError(CgfFheError, RuntimeError):
 
 class GraphError(CgfFheError, ValueError):
     """The file is not a readable ONNX model, or names inputs that do not exist."""
+
+
+class OutputError(UserError):
+    """An output path cannot be written (a directory where a file is wanted, no permission, disk full, locked by
+    another run, or it would overwrite an input); the message names the path."""
+
+
+class ModelNameError(UserError):
+    """``--model`` names neither a built-in model, a model folder, a checkpoint nor a loadable hub model."""

@@ -23,7 +23,32 @@ SETTINGS_FILE = "cgf_fhe.json"
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 
 
-from .errors import CheckpointError  # noqa: E402  (re-exported)
+from .errors import CheckpointError, ModelNameError  # noqa: E402  (re-exported)
+
+MODEL_FORMS = ("tiny (random-init test model), minilm (offline all-MiniLM-L6-v2), a Hugging Face hub name such as "
+               "bert-base-uncased (downloaded or cached), a local model folder with config.json, or a cgf-fhe "
+               "checkpoint folder")
+
+
+def check_model_name(name: str) -> str:
+    """Refuse early what cannot be a model: an empty name, a file, or a folder that holds no model."""
+    if not name or not str(name).strip():
+        raise ModelNameError(f"--model is empty; accepted: {MODEL_FORMS}")
+    if name in ("tiny", "minilm"):
+        return name
+    p = Path(name)
+    if p.is_file():
+        raise ModelNameError(f"--model {name} is a file, not a model; accepted: {MODEL_FORMS}")
+    if p.is_dir() and not (p / "config.json").is_file() and not (p / SETTINGS_FILE).is_file():
+        raise ModelNameError(f"--model {name}: the folder holds no model (no config.json); accepted: {MODEL_FORMS}")
+    return name
+
+
+def _hub_failure(name: str, exc: Exception) -> ModelNameError:
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    where = "model folder" if Path(name).is_dir() else "name: not a local folder and not loadable from the hub"
+    return ModelNameError(f"--model {name}: cannot load this {where} ({type(exc).__name__}: {first}); "
+                          f"accepted: {MODEL_FORMS}")
 
 
 def minilm_path() -> str:
@@ -56,7 +81,11 @@ def read_settings(ckpt: str | os.PathLike) -> dict:
 def load_tokenizer(name: str):
     if name == "tiny" or name == "minilm":
         return AutoTokenizer.from_pretrained(minilm_path())
-    return AutoTokenizer.from_pretrained(name)
+    check_model_name(name)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # hub offline / unknown id / not a tokenizer folder (sentencepiece, ...)
+        raise _hub_failure(name, exc) from exc
 
 
 def build_model(name: str, softmax: str = "exact", coeff: float | None = None, seed: int = 0, num_labels: int = 2):
@@ -69,20 +98,38 @@ def build_model(name: str, softmax: str = "exact", coeff: float | None = None, s
     else:
         path = minilm_path() if name == "minilm" else name
         torch.manual_seed(seed)  # classifier head init
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, use_safetensors=None)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                       use_safetensors=None)
+        except Exception as exc:
+            raise _hub_failure(name, exc) from exc
     model.config.cgf_backbone = name
     set_softmax(model, softmax, coeff)
     return model, tokenizer
 
 
 def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, settings: dict) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    tmp = out / (SETTINGS_FILE + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True, default=_json_default))
-    tmp.replace(out / SETTINGS_FILE)
+    """Write a checkpoint folder so that no file under its final name is ever partial: everything is saved into
+    a temporary folder beside the files, each file then replaces its final name in one step, and
+    ``cgf_fhe.json`` (what marks the folder as a checkpoint) comes last. A full disk is ``disk full: PATH``."""
+    import shutil
+    import tempfile
+
+    from .io import TMP_PREFIX, check_output_dir, disk_full_as_error, write_text
+
+    out = check_output_dir(out_dir, "checkpoint folder")
+    stage = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "save-", dir=out))
+    try:
+        with disk_full_as_error(out):
+            model.save_pretrained(stage, safe_serialization=True)
+            tokenizer.save_pretrained(stage)
+            (out / SETTINGS_FILE).unlink(missing_ok=True)  # not a checkpoint while its files are being replaced
+            for f in sorted(stage.iterdir()):
+                if f.is_file():
+                    os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    write_text(out / SETTINGS_FILE, json.dumps(settings, indent=2, sort_keys=True, default=_json_default))
     return out
 
 

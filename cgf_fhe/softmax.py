@@ -34,6 +34,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .bert import encoder_layers
+
 CGF = "cgf"
 EXACT = "cgf_exact"
 SOFTMAX_TO_ATTN = {"cgf": CGF, "exact": EXACT}
@@ -159,8 +161,6 @@ def set_softmax(model, softmax: str, coeff: float | None = None) -> None:
 
 
 def _self_attentions(model) -> list[nn.Module]:
-    from .split import encoder_layers
-
     return [layer.attention.self for layer in encoder_layers(model)]
 
 

@@ -38,27 +38,10 @@ import copy
 import torch
 from torch import nn
 
+from .bert import base_model, encoder_layers  # noqa: F401  (re-exported: BERT structure lives in cgf_fhe.bert)
 from .softmax import CGF, EXACT
 
 __all__ = ["client_embed", "ServerModel", "fold_for_export", "base_model", "encoder_layers"]
-
-
-def base_model(model) -> nn.Module:
-    """The backbone (``model.bert`` for BERT) of a ``*ForSequenceClassification`` model."""
-    base = getattr(model, "base_model", None)
-    if base is None or not hasattr(base, "embeddings") or not hasattr(base, "encoder"):
-        raise TypeError(
-            f"{type(model).__name__} is not a BERT-family *ForSequenceClassification model "
-            "(needs .base_model.embeddings and .base_model.encoder)"
-        )
-    return base
-
-
-def encoder_layers(model) -> nn.ModuleList:
-    layers = getattr(base_model(model).encoder, "layer", None)
-    if layers is None:
-        raise TypeError(f"{type(model).__name__}: encoder has no .layer list")
-    return layers
 
 
 def client_embed(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

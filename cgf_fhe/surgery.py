@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import poly as P
-from .split import base_model, encoder_layers
+from .bert import base_model, encoder_layers
 
 SETTINGS_VERSION = 1
 

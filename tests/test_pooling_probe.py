@@ -1,6 +1,8 @@
 """benchmarks/pooling_probe.py: the mean-pooling head reads the mean over valid tokens, so padding changes nothing."""
 import torch
-from benchlib import load_benchmark
+import json
+
+from benchlib import REPO, load_benchmark
 
 
 def test_mean_pooling_head_ignores_padding_and_pools_the_mean():
@@ -26,9 +28,8 @@ def test_mean_pooling_head_ignores_padding_and_pools_the_mean():
     assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= set(net.state_dict())
 
 
-def test_search_page_prints_the_probe_command_and_head(tmp_path):
-    mr = load_benchmark("make_results")
-    cmd = mr.commands("R")["search/meanpool-lr1e-4-unfrz-wu"]
-    assert cmd == "python benchmarks/pooling_probe.py --seed 42 --resume -o R/minilm/search/meanpool-lr1e-4-unfrz-wu"
-    text = mr.recipe_text({"recipe": {"lr": 1e-4, "epochs": 5}, "probe": "mean head"})
-    assert text.startswith("lr 1e-4, 5 epochs") and "mean head" in text
+def test_search_page_prints_the_probe_command_and_head():
+    rec = json.loads((REPO / "records" / "search-meanpool-lr1e-4-unfrz-wu.json").read_text())
+    cmd = "python benchmarks/pooling_probe.py --seed 42 --resume -o runs/minilm/search/meanpool-lr1e-4-unfrz-wu"
+    assert rec["command"] == cmd and "mean pooling head" in rec["title"]
+    assert cmd in (REPO / "docs" / "recipes.md").read_text()

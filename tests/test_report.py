@@ -1,4 +1,5 @@
 """Depth report, bootstrap placement, cost model, plots (`cgf-fhe report`, `cgf-fhe calibrate-costs`)."""
+import dataclasses
 import json
 import math
 import warnings
@@ -15,7 +16,7 @@ from cgf_fhe import fhe_ops
 from cgf_fhe.bootstrap import LevelBudgetError, plan_bootstraps
 from cgf_fhe.cli import main
 from cgf_fhe.export import costs
-from cgf_fhe.export.report import build_report
+from cgf_fhe.export.report import build_report, to_markdown
 
 
 def vi(name, shape):
@@ -330,3 +331,73 @@ def test_fmt_seconds_units_and_thresholds():
     assert fmt_seconds(90, minutes_from=120) == "90.0 s"  # the results page at 120 s
     assert fmt_seconds(5400) == "1.5 h"
     assert fmt_seconds(3 * 86400, day_unit="days") == "3.0 days"
+
+
+def test_report_and_simulate_share_one_security_table():
+    """At L = 20 (log Q = 920 bits) no ring size of the HE standard is 128-bit secure: report says so and names
+    the ring simulate would use with --insecure; simulate refuses without --insecure (report used to call
+    N = 65536 secure)."""
+    from cgf_fhe import ckks
+    from cgf_fhe.simulate import InsecureParamsError
+
+    m = chain(30)
+    rep = build_report(m, level_budget=20)
+    assert rep["ckks"]["log_q"] == 920 and rep["ckks"]["secure_128"] is False
+    with pytest.raises(InsecureParamsError):
+        ckks.CKKSParams.from_options(levels=20)
+    forced = ckks.CKKSParams.from_options(levels=20, insecure=True)
+    assert rep["ckks"]["poly_modulus"] == forced.poly_modulus == 32768 and forced.security == "INSECURE"
+    for L in (2, 7, 9, 16):  # where both call it secure, they pick the same ring and chain
+        rep = build_report(m, level_budget=L)
+        p = ckks.CKKSParams.from_options(levels=L)
+        assert rep["ckks"]["secure_128"] and (rep["ckks"]["poly_modulus"], rep["ckks"]["coeff_bits"]) == \
+            (p.poly_modulus, list(p.coeff_bits))
+
+
+def test_refresh_counts_are_named_for_what_they_count():
+    m = chain(8)
+    rep = build_report(m, level_budget=3)
+    assert rep["refreshes_total"] == rep["bootstraps_total"] == 2  # old key kept as an alias
+    assert rep["refresh_kind"] == "client-aided" and "decrypt + re-encrypt" in rep["refresh_description"]
+    assert rep["refreshes_per_layer"] == rep["bootstraps_per_layer"]
+    md = to_markdown(rep)
+    assert "bootstrap" not in md.lower() and "client-aided refresh" in md and "refreshes" in md
+    table = json.loads(json.dumps(costs.DEFAULT_TABLE))
+    for e in table["entries"]:
+        e["ms"]["bootstrap"] = 500.0
+    rep_b = build_report(m, level_budget=3, cost_table=table)
+    assert rep_b["refresh_kind"] == "bootstrap" and rep_b["refreshes_total"] == 2
+    assert "bootstrap (on the server" in to_markdown(rep_b)
+
+
+def test_packing_names_and_their_former_aliases():
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    m = make([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [vi("x", (2, 4))], [vi("y", (2, 3))], [w])
+    for new, old in (("element", "slots"), ("packed", "row")):
+        a, b = build_report(m, packing=new), build_report(m, packing=old)
+        assert a["packing"] == b["packing"] == new and a["nodes"] == b["nodes"]
+    assert build_report(m, packing="packed")["examples_per_pass"] == 1
+    with pytest.raises(Exception, match="element, packed"):
+        build_report(m, packing="diagonal")
+
+
+def test_report_and_interpreter_read_only_the_op_table(monkeypatch):
+    """The op table is the executable spec: change an entry's cost formula or exec and report / simulate follow."""
+    from collections import Counter
+
+    from cgf_fhe.simulate import Interpreter, make_backend
+
+    assert all(spec.exec is not None for spec in fhe_ops.OP_TABLE.values() if spec.ct_allowed)
+    for op in ("Add", "Sub", "Sum", "Mul", "Div", "MatMul", "Gemm", "Pow", "ReduceSum", "ReduceMean"):
+        assert set(fhe_ops.OP_TABLE[op].costs) == set(fhe_ops.PACKINGS), op
+    m = make([h.make_node("Neg", ["x"], ["n"], name="neg"), h.make_node("Mul", ["n", "n"], ["y"], name="sq")],
+             [vi("x", ("batch", 4))], [vi("y", ("batch", 4))])
+    x = np.arange(8, dtype=np.float64).reshape(2, 4)
+    assert build_report(m)["nodes"][0]["rotations"] == 0
+    np.testing.assert_allclose(Interpreter(m, make_backend("plain")).run({"x": x}).outputs["y"], x * x)
+    spec = fhe_ops.OP_TABLE["Neg"]
+    changed = dataclasses.replace(spec, exec=lambda e: [e.backend.add(e.args[0], np.array(1.0))],
+                                  costs={"element": lambda ctx: Counter(rotations=7)})
+    monkeypatch.setitem(fhe_ops.OP_TABLE, "Neg", changed)
+    assert build_report(m)["nodes"][0]["rotations"] == 7
+    np.testing.assert_allclose(Interpreter(m, make_backend("plain")).run({"x": x}).outputs["y"], (x + 1) ** 2)

@@ -482,3 +482,50 @@ def test_tenseal_refuses_a_batch_that_cannot_fit_in_memory(micro_student, mrpc_d
     Tight.available = int(need * 2)
     out = runner.run(0, feeds, labels)
     assert out["memory"]["peak_ciphertexts"] == peak and out["memory"]["estimated_peak_bytes"] == int(need)
+
+
+def test_layernorm_interval_is_checked_on_the_variance_not_on_the_hidden_state(micro_student, mrpc_dir):
+    """A Newton LayerNorm's interval is on ``var + eps``: the simulator must watch the variance computed inside the
+    group (it used to compare the hidden state entering the LN with the variance interval: ~90% "out")."""
+    from cgf_fhe.simulate.runner import BatchRunner, SimConfig, client_batches
+
+    path = str(micro_student / "student.onnx")
+    m = onnx.load(path)
+    cfg = SimConfig(backend="plain", limit=16, max_length=6, batch_size=16, data_dir=str(mrpc_dir), progress=False)
+    (feeds, labels), = client_batches(m, cfg)[0]
+    runner = BatchRunner(path, cfg)
+    groups = {g["module"]: g for g in json.loads({p.key: p.value for p in m.metadata_props}["cgf_fhe.poly"])}
+    lns = [p for p in runner.polys if p["op"] == "ln_newton"]
+    assert len(lns) == 2
+    trace_names = {p["value"] for p in lns} | {groups[p["name"]]["input"] for p in lns}
+    tr = Interpreter(m, make_backend("plain"), trace=trace_names).run(feeds).trace
+    for p in lns:
+        assert p["value"] != groups[p["name"]]["input"]
+        x = tr[p["value"]] / p["scale"]  # what the interval is compared with
+        hidden = tr[groups[p["name"]]["input"]]  # the LN's input [B, S, H]
+        tokens = x.reshape(len(x), -1).shape[1]
+        var = hidden[:, :tokens, :].var(axis=-1)
+        np.testing.assert_allclose(x.reshape(len(x), -1), var, rtol=1e-6, atol=1e-9)
+    out = runner.run(0, feeds, labels)["poly_plain"]
+    for p in lns:
+        lo, hi = p["interval"]
+        assert out[p["name"]]["n_out"] == 0 and lo <= out[p["name"]]["min"] <= out[p["name"]]["max"] <= hi
+
+
+def test_ckks_parameters_are_built_once_per_run(micro_student, mrpc_dir, monkeypatch):
+    from cgf_fhe.ckks import CKKSParams as Params
+    from cgf_fhe.simulate.runner import SimConfig, simulate
+
+    built = []
+    original = Params.from_options.__func__
+
+    def counting(cls, *a, **k):
+        built.append(a)
+        return original(cls, *a, **k)
+
+    monkeypatch.setattr(Params, "from_options", classmethod(counting))
+    cfg = SimConfig(backend="emulate", poly_modulus=8192, coeff_bits=(60, 40, 40, 60), emulate_refresh="client",
+                    limit=8, batch_size=4, max_length=6, data_dir=str(mrpc_dir), progress=False)
+    s = simulate(str(micro_student / "student.onnx"), cfg)
+    assert s["batches"] == 2 and s["params"]["poly_modulus"] == 8192
+    assert len(built) == 1

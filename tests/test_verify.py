@@ -247,3 +247,94 @@ def test_stock_bert_fails_with_readable_list(impl, tmp_path, capsys):
     assert {"Softmax", "Erf", "Tanh"} <= kinds
     # the public mask alone is harmless: the mask preprocessing is plaintext
     assert all("attention_mask" not in v["encrypted_inputs"] for v in res.violations())
+
+
+# --- the batch (slot) axis, Gemm operand rules, Where messages --------------------------------------------------
+
+def _plain_interpreter_error(m):
+    from cgf_fhe.simulate import Interpreter, make_backend
+
+    with pytest.raises(GraphError) as exc:
+        Interpreter(m, make_backend("plain"))
+    return str(exc.value)
+
+
+def test_moving_the_batch_axis_is_refused_naming_the_node():
+    """Transpose -> ReduceSum(axis 1) -> Transpose sums across the examples of a batch: refused by check at the
+    first Transpose (it used to pass with depth 0 and the plain/emulate backends mixed examples)."""
+    nodes = [h.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2], name="move_batch"),
+             h.make_node("ReduceSum", ["t", "ax"], ["s"], keepdims=1, name="sum_examples"),
+             h.make_node("Transpose", ["s"], ["y"], perm=[1, 0, 2], name="move_back")]
+    ax = numpy_helper.from_array(np.array([1], dtype=np.int64), "ax")
+    m = make(nodes, [vi("x", ("batch", 3, 4))], [vi("y", ("batch", 3, 4))], [ax], encrypted=["x"])
+    v = check(m).violations()
+    assert [x["node"] for x in v] == ["move_batch"]
+    assert "batch" in v[0]["reason"] and "[3, B, 4]" in v[0]["reason"]
+    msg = _plain_interpreter_error(m)
+    assert "move_batch" in msg and "sum_examples" not in msg
+
+
+RANK = {"flatten0": 2, "reshape_merge": 2, "concat0": 3, "slice0": 3, "unsqueeze0": 4, "broadcast_up": 4}
+
+
+@pytest.mark.parametrize("case", sorted(RANK))
+def test_other_batch_axis_moves_are_refused(case):
+    i64 = lambda n, v: numpy_helper.from_array(np.asarray(v, dtype=np.int64), n)  # noqa: E731
+    inits = [i64("shape", [-1, 4]), i64("s0", [0]), i64("s1", [1]), i64("ax0", [0])]
+    node = {"flatten0": h.make_node("Flatten", ["x"], ["y"], axis=0, name="bad"),
+            "reshape_merge": h.make_node("Reshape", ["x", "shape"], ["y"], name="bad"),
+            "concat0": h.make_node("Concat", ["x", "x"], ["y"], axis=0, name="bad"),
+            "slice0": h.make_node("Slice", ["x", "s0", "s1", "ax0"], ["y"], name="bad"),
+            "unsqueeze0": h.make_node("Unsqueeze", ["x", "ax0"], ["y"], name="bad"),
+            "broadcast_up": h.make_node("Add", ["x", "p"], ["y"], name="bad")}[case]
+    inits.append(const("p", np.ones((2, 1, 3, 4))))
+    m = make([node], [vi("x", ("batch", 3, 4))], [h.make_tensor_value_info("y", T.FLOAT, ["d0", "d1", "d2", "d3"][:RANK[case]])], inits,
+             encrypted=["x"])
+    assert [x["node"] for x in check(m).violations()] == ["bad"]
+    assert "bad" in _plain_interpreter_error(m)
+
+
+GEMM_CASES = {  # name: (inputs, attributes, encrypted inputs)
+    "encrypted_B": (["w", "x2", "c"], {}, ["x2"]),
+    "transA_on_ct": (["x2", "w", "c"], {"transA": 1}, ["x2"]),
+    "encrypted_C_beta": (["p", "w", "x2"], {"beta": 2.0}, ["x2"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GEMM_CASES))
+def test_gemm_operands_simulate_cannot_run_are_refused_by_check(case):
+    ins, attrs, enc = GEMM_CASES[case]
+    node = h.make_node("Gemm", ins, ["y"], name="the_gemm", **attrs)
+    m = make([node], [vi("x2", (4, 4)), vi("p", (4, 4))], [vi("y", (4, 4))],
+             [const("w", np.eye(4)), const("c", np.ones(4))], encrypted=enc)
+    v = check(m).violations()
+    assert [x["node"] for x in v] == ["the_gemm"]
+    assert {"encrypted_B": "encrypted B", "transA_on_ct": "transA", "encrypted_C_beta": "beta"}[case] in v[0]["reason"]
+    assert "the_gemm" in _plain_interpreter_error(m)
+
+
+def test_gemm_with_an_encrypted_bias_and_beta_1_runs():
+    from cgf_fhe.simulate import Interpreter, make_backend
+
+    rng = np.random.default_rng(0)
+    w, p = rng.normal(size=(4, 3)), rng.normal(size=(2, 4))
+    node = h.make_node("Gemm", ["p", "w", "x"], ["y"], name="the_gemm", alpha=0.5)
+    m = make([node], [vi("x", ("batch", 3)), vi("p", ("batch", 4))], [vi("y", ("batch", 3))], [const("w", w)],
+             encrypted=["x"])
+    assert check(m).ok
+    x, pv = rng.normal(size=(2, 3)), p.astype(np.float32)
+    out = Interpreter(m, make_backend("plain")).run({"x": x, "p": pv}).outputs["y"]
+    np.testing.assert_allclose(out, 0.5 * pv @ w.astype(np.float32) + x, rtol=1e-5)
+
+
+def test_where_messages_name_what_is_really_refused():
+    nodes = [h.make_node("Greater", ["p", "zero"], ["cond"], name="cmp_plain"),
+             h.make_node("Where", ["cond", "x", "p"], ["y"], name="select_plain_cond")]
+    m = make(nodes, [vi("x"), vi("p")], [vi("y")], [const("zero", 0.0)], encrypted=["x"])
+    reason = check(m).violations()[0]["reason"]
+    assert "comparison" not in reason and "plaintext condition" in reason and "cond * x" in reason
+    nodes = [h.make_node("Greater", ["x", "zero"], ["cond"], name="cmp_ct"),
+             h.make_node("Where", ["cond", "p", "p"], ["y"], name="select_ct_cond")]
+    m = make(nodes, [vi("x"), vi("p")], [vi("y")], [const("zero", 0.0)], encrypted=["x"])
+    v = {x["node"]: x["reason"] for x in check(m).violations()}
+    assert "comparison" in v["cmp_ct"] and "encrypted condition" in v["select_ct_cond"]

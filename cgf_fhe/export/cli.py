@@ -5,6 +5,13 @@ import argparse
 
 
 def _export(args) -> int:
+    from ..io import check_output_file
+
+    check_output_file(args.output, "export output")  # before loading anything: -o naming a folder is an error
+    if args.verify:
+        from ..data import check_max_length
+
+        check_max_length(args.max_length)
     from .onnx_export import run_export
 
     return run_export(args)
@@ -17,12 +24,19 @@ def _check(args) -> int:
 
 
 def _report(args) -> int:
+    if args.output_dir:
+        from ..io import check_output_dir
+
+        check_output_dir(args.output_dir, "report output directory")
     from .report import run_report
 
     return run_report(args)
 
 
 def _calibrate(args) -> int:
+    from ..io import check_output_file
+
+    check_output_file(args.output, "cost table output")
     from .costs import run_calibrate
 
     return run_calibrate(args)
@@ -51,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="any .onnx file")
     p.add_argument("--encrypted", action="append", default=None, metavar="NAME",
                    help="graph input that is encrypted (repeatable; overrides the metadata)")
-    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--format", choices=("text", "json"), default="text",
+                   help="text: a readable verdict and violations (default); json: one machine-readable object")
     p.set_defaults(func=_check)
 
     p = sub.add_parser("report", help="depth, op counts, bootstrap placement and latency estimate per layer/stage",
@@ -67,11 +82,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="encrypted graph input (repeatable; overrides the metadata)")
     p.add_argument("--seq-len", type=int, default=None, metavar="S",
                    help="sequence length for op counts (default: metadata cgf_fhe.seq_len or 128)")
-    p.add_argument("--packing", choices=("slots", "row"), default="slots",
-                   help="packing model for rotations/ciphertext counts (see docs)")
-    p.add_argument("--format", choices=("table", "json", "md"), default="table")
+    p.add_argument("--packing", choices=("element", "packed", "slots", "row"), default="element",
+                   help="packing whose op costs are counted: element (one ciphertext per tensor element, examples "
+                        "in the slots; what simulate runs) or packed (a token's vector per ciphertext, rotations); "
+                        "slots/row are the former names")
+    p.add_argument("--format", choices=("table", "json", "md"), default="table",
+                   help="what is printed: table (rich tables, default), json, or md (markdown)")
     p.add_argument("--nodes", action="store_true", help="also print the per-node table")
-    p.add_argument("-o", "--output-dir", default=None, metavar="DIR",
+    p.add_argument("-o", "--output", "--output-dir", dest="output_dir", default=None, metavar="DIR",
                    help="write report.json, report.md and PNG plots here")
     p.set_defaults(func=_report)
 
@@ -81,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--poly-modulus", type=int, default=16384, help="ring size N (default 16384)")
     p.add_argument("--coeff-bits", type=int, nargs="+", default=None,
                    help="coefficient modulus bit sizes (default: 60, scale-bits x L, 60 fitting N)")
-    p.add_argument("--scale-bits", type=int, default=40)
+    p.add_argument("--scale-bits", type=int, default=40, help="log2 of the CKKS scale (default 40)")
     p.add_argument("--reps", type=int, default=5, help="repetitions per op (median is stored)")
     p.add_argument("-o", "--output", required=True, help="output JSON")
     p.set_defaults(func=_calibrate)

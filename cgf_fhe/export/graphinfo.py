@@ -23,26 +23,21 @@ Outside the layers: ``embeddings``, ``pooler``, ``classifier``, ``input`` (mask 
 """
 from __future__ import annotations
 
-from .. import fhe_ops
-
 import ast
-import re
 from collections import defaultdict
 
 import onnx
 
+from .. import fhe_ops
+from ..graph import LAYER_RE, layer_index, node_metadata  # noqa: F401  (layer_index re-exported)
+
 STAGES = ("projections", "scores", "cgf_stats", "exp", "attn_v", "residual", "layernorm", "gelu", "ffn")
 HEAD_STAGES = ("embeddings", "pooler", "classifier", "input", "other")
-_LAYER_RE = re.compile(r"(?:^|[./])(?:layer|layers|h|block|blocks)[._/](\d+)(?=$|[./])")
-
-
-def _meta(node: onnx.NodeProto) -> dict[str, str]:
-    return {p.key: p.value for p in node.metadata_props}
 
 
 def module_path(node: onnx.NodeProto) -> str:
     """Dotted module path of the node (``m.bert.encoder.layer.0.attention.self.query``), '' when unknown."""
-    raw = _meta(node).get("pkg.torch.onnx.name_scopes")
+    raw = node_metadata(node).get("pkg.torch.onnx.name_scopes")
     if raw:
         try:
             scopes = ast.literal_eval(raw)
@@ -63,11 +58,6 @@ def node_scope(node: onnx.NodeProto) -> str:
     return module_path(node)
 
 
-def layer_index(path: str) -> int | None:
-    m = _LAYER_RE.search(path)
-    return int(m.group(1)) if m else None
-
-
 def _static_stage(path: str) -> str | None:
     """Stage from the module path alone; None = inside the attention core (decided structurally)."""
     p = path.lower()
@@ -80,7 +70,7 @@ def _static_stage(path: str) -> str | None:
         if "embeddings" in comps:
             return "embeddings"
         return "other" if p else "input"
-    m = _LAYER_RE.search(p)
+    m = LAYER_RE.search(p)
     rel = [c for c in p[m.end():].split(".") if c]
     last = rel[-1] if rel else ""
     if "layernorm" in last or last in ("ln", "norm", "ln_1", "ln_2") or "layer_norm" in last:

@@ -36,9 +36,10 @@ import onnx
 import torch
 
 from ..errors import UserError
+from ..graph import METADATA_PREFIX, read_metadata  # noqa: F401  (read_metadata re-exported: the one reader)
 
 EMB, MASK, LOGITS = "embeddings", "attention_mask", "logits"
-PREFIX = "cgf_fhe."
+PREFIX = METADATA_PREFIX
 
 
 def _jsonable(obj):
@@ -146,9 +147,10 @@ def export_model(model, out_path: str | Path, *, settings: dict | None = None, c
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise UserError(f"onnx.checker rejects the exported graph: {exc}") from exc
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(out))
+    from ..io import atomic_write, check_output_file
+
+    out = check_output_file(out_path)
+    atomic_write(out, lambda tmp: onnx.save(proto, str(tmp)))
     return proto
 
 
@@ -164,20 +166,6 @@ def set_metadata(proto: onnx.ModelProto, meta: dict) -> None:
         p = proto.metadata_props.add()
         p.key = PREFIX + k
         p.value = v if isinstance(v, str) else json.dumps(_jsonable(v), sort_keys=True)
-
-
-def read_metadata(model_or_path) -> dict:
-    """``{key without the cgf_fhe. prefix: decoded JSON value}`` from an exported model or file."""
-    proto = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(str(model_or_path),
-                                                                                         load_external_data=False)
-    out = {}
-    for p in proto.metadata_props:
-        if p.key.startswith(PREFIX):
-            try:
-                out[p.key[len(PREFIX):]] = json.loads(p.value)
-            except json.JSONDecodeError:
-                out[p.key[len(PREFIX):]] = p.value
-    return out
 
 
 def parity(onnx_path: str | Path, model, tokenizer, n: int = 32, data_dir=None, max_length: int = 128,
@@ -240,8 +228,10 @@ def export_checkpoint(ckpt: str | Path, out_path: str | Path, *, opset: int = 18
         par = parity(out_path, model, tok, n=verify, data_dir=data_dir, max_length=max_length, batch_size=batch_size)
         result["parity"] = par
         set_metadata(proto, {"parity": par})
-        onnx.save(proto, str(out_path))
-        Path(out_path).with_suffix(".parity.json").write_text(json.dumps(par, indent=2))
+        from ..io import atomic_write, write_json
+
+        atomic_write(out_path, lambda tmp: onnx.save(proto, str(tmp)))
+        write_json(Path(out_path).with_suffix(".parity.json"), par)
     result["seconds"] = time.perf_counter() - t0
     return result
 

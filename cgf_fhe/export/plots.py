@@ -1,4 +1,4 @@
-"""PNG plots of a report: levels per layer with bootstrap marks, op counts per stage."""
+"""PNG plots of a report: levels per layer with refresh marks, op counts per stage."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,7 +23,7 @@ def plot_levels(rep: dict, path: str | Path) -> Path:
     ax = axes[0]
     names = [n for n, _ in groups]
     depth = [g["depth"] for _, g in groups]
-    boots = [g["bootstraps"] for _, g in groups]
+    boots = [g["refreshes"] for _, g in groups]
     ax.bar(names, depth, color="#4C72B0", label="levels consumed")
     for i, b in enumerate(boots):
         if b:
@@ -32,7 +32,7 @@ def plot_levels(rep: dict, path: str | Path) -> Path:
                         ha="center", color="#C44E52", fontsize=8)
     ax.axhline(rep["level_budget"], color="gray", ls="--", lw=1, label=f"budget L={rep['level_budget']}")
     ax.set_ylabel("levels")
-    ax.set_title(f"levels per layer (total depth {rep['total_depth']}, {rep['bootstraps_total']} refreshes)")
+    ax.set_title(f"levels per layer (total depth {rep['total_depth']}, {rep['refreshes_total']} {rep['refresh_kind']} refreshes)")
     ax.legend(fontsize=8)
     ax.tick_params(axis="x", rotation=45)
 
@@ -53,8 +53,9 @@ def plot_levels(rep: dict, path: str | Path) -> Path:
     ax.set_ylabel("levels left")
     ax.set_title("levels along the critical path (red: refresh)")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    from ..io import atomic_write
+
+    path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return path
 
@@ -76,7 +77,8 @@ def plot_stage_ops(rep: dict, path: str | Path) -> Path:
     ax.set_title("op counts per stage (all layers)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    from ..io import atomic_write
+
+    path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return path

@@ -1,61 +1,51 @@
-"""``cgf-fhe report``: multiplicative depth, op counts, bootstrap placement and a latency estimate.
+"""``cgf-fhe report``: multiplicative depth, op counts, refresh placement and a latency estimate.
 
-Everything about individual ops (allowed?, levels, slot-model counts) comes from :func:`cgf_fhe.fhe_ops.analyze`;
+Everything about individual ops (allowed?, levels, costs per packing) comes from :func:`cgf_fhe.fhe_ops.analyze`;
 this module aggregates it per encoder layer and stage (:mod:`cgf_fhe.export.graphinfo`), places refreshes with
-:func:`cgf_fhe.bootstrap.plan_bootstraps`, and prices it with a cost table (:mod:`cgf_fhe.export.costs`).
+:func:`cgf_fhe.bootstrap.plan_bootstraps`, and prices it with a cost table (:mod:`cgf_fhe.ckks`).
 
-Packing models (``--packing``)
-------------------------------
-``slots`` (default; what the simulator runs): every tensor element is one ciphertext, the examples of a batch sit
-in its slots (up to N/2 examples per pass). Element-wise ops cost one ciphertext op per element, a MatMul
-``[M,K] x [K,N]`` costs ``M*N*K`` multiplications and ``M*N*(K-1)`` additions, and **no rotation** is ever needed.
-Counts are per pass; the per-example latency is the pass latency divided by the slot count.
+Packings (``--packing``)
+------------------------
+The op counts of every node come from the op table's per-packing cost formulas (:data:`cgf_fhe.fhe_ops.PACKINGS`,
+described in :mod:`cgf_fhe.fhe_ops`): ``element`` (default; what the simulator runs: one ciphertext per tensor
+element, the examples of a batch in the slots, up to N/2 examples per pass, no rotation ever) and ``packed``
+(one example per pass, the last axis of every tensor in the slots; diagonal method with baby-step/giant-step
+for plaintext matrices, rotate-and-sum for reductions). ``slots`` and ``row`` are accepted as the former names.
+Counts are per pass; the per-example latency is the pass latency divided by the examples per pass.
 
-``row``: one example per pass; the **last axis of every tensor is packed in the slots** (a token's hidden vector is
-one ciphertext, a row of attention scores is one ciphertext), every other index is a separate ciphertext:
-
-* element-wise op: one ciphertext op per output ciphertext; an encrypted operand broadcast along the last axis
-  (last dim 1) is first replicated by rotate-and-add: ``ceil(log2 d)`` rotations + additions per ciphertext;
-* reduction over the last axis (ReduceSum/ReduceMean): rotate-and-sum, ``ceil(log2 d)`` rotations and additions
-  per input ciphertext; reductions over other axes are ciphertext additions; ReduceMean adds one ct-pt mult;
-* MatMul/Gemm ciphertext x plaintext matrix ``[K, N]``: diagonal method with baby-step/giant-step per input
-  ciphertext: ``d = max(K, N)`` diagonals, ``n1 = ceil(sqrt d)``, ``n2 = ceil(d/n1)``: ``(n1-1)+(n2-1)`` rotations,
-  ``d`` ct-pt mults, ``d-1`` additions;
-* MatMul ciphertext x ciphertext ``[.., M, K] x [.., K, N]`` (Q K^T, P V): for each output row and each ``k`` the
-  scalar ``a[m,k]`` is isolated (one ct-pt mask) and replicated (``ceil(log2 N)`` rotations + additions), then
-  multiplied with row ``k`` of the second operand (one ct-ct mult) and accumulated;
-* data movement that changes the packed axis (a Transpose moving the last axis, a Reshape changing the last dim,
-  Gather/Slice/Concat/Split on the last axis): one mask (ct-pt) and one rotation per element moved for a
-  Transpose, per output (or input, whichever is larger) ciphertext otherwise; other data movement is free.
-
-It is a deliberately simple, documented model (not an optimised layout such as those of dedicated HE transformer
-compilers); use it to compare graphs, not as an absolute prediction.
-
-Levels, depth and bootstraps
-----------------------------
+Levels, depth and refreshes
+---------------------------
 ``depth`` of a node = multiplicative depth of its encrypted output from the encrypted inputs; per layer/stage
 ``depth`` = the longest chain of levels inside that group (its "levels per layer"), ``depth_in``/``depth_out`` the
-absolute depth entering/leaving it. Refreshes (bootstraps, or TenSEAL's client-aided decrypt + re-encrypt) are
-placed for the budget ``--levels L`` by greedy lazy refresh (see :mod:`cgf_fhe.bootstrap`); each refresh point
-refreshes every ciphertext of that tensor (``refreshed_ciphertexts``).
+absolute depth entering/leaving it. Refresh points are placed for the budget ``--levels L`` by greedy lazy refresh
+(see :mod:`cgf_fhe.bootstrap`); each refresh point refreshes every ciphertext of that tensor
+(``refreshed_ciphertexts``). A refresh is either a **client-aided refresh** (the ciphertext goes back to the key
+holder, who decrypts and re-encrypts it: a round trip per point, what TenSEAL does) or a **bootstrap** (on the
+server, under encryption); ``refresh_kind`` says which the cost table prices (``bootstrap`` when the table has a
+``bootstrap`` figure, else ``client-aided``). The counts are the same for both; cost and leakage are not.
 
 JSON schema (``cgf-fhe-report/1``; ``--format json`` prints it, ``-o DIR`` writes ``DIR/report.json``)
 ---------------------------------------------------------------------------------------------------
 Top level: ``file``, ``encrypted_inputs``, ``seq_len``, ``input_dims``, ``packing``, ``total_depth``,
-``min_level_budget_no_bootstrap`` (= total depth), ``min_level_budget_feasible`` (largest single-node need),
-``level_budget``, ``bootstraps_total``, ``bootstraps_lower_bound`` (``ceil(depth/L) - 1``),
-``refreshed_ciphertexts``, ``bootstrap_kind``, ``bootstrap_nodes`` / ``bootstrap_values`` (ordered refresh
-positions: producing node, refreshed value), ``levels_per_layer``, ``bootstraps_per_layer``, ``ckks``
-(``poly_modulus``, ``slots``, ``coeff_bits``, ``log_q``, ``scale_bits``, ``secure_128``), ``costs`` (``ms`` per op,
-``note``, ``source``), ``latency_seconds`` (one encrypted pass on the server), ``examples_per_pass``,
-``latency_per_example_seconds``, ``client_seconds`` (encrypt inputs + decrypt outputs), ``totals`` (op counts),
-``layers`` (list), ``head`` (list of non-layer groups: ``name`` in embeddings/pooler/classifier/input/other),
-``stages`` (per stage summed over layers, with ``depth_per_layer``), ``critical_path`` (nodes consuming levels,
-input to output), ``nodes`` (list), ``poly`` (the export metadata's polynomial groups, when present).
+``min_level_budget_no_bootstrap`` (= total depth: the smallest budget with no refresh), ``min_level_budget_feasible``
+(largest single-node need), ``level_budget``, ``refreshes_total``, ``refreshes_lower_bound`` (``ceil(depth/L) - 1``),
+``refresh_kind`` (``client-aided`` | ``bootstrap``), ``refresh_description``, ``refreshed_ciphertexts``,
+``refresh_nodes`` / ``refresh_values`` (ordered refresh positions: producing node, refreshed value),
+``levels_per_layer``, ``refreshes_per_layer``, ``ckks`` (``poly_modulus``, ``slots``, ``coeff_bits``, ``log_q``,
+``scale_bits``, ``secure_128``; the ring and chain ``simulate`` uses for the same ``--levels``, :mod:`cgf_fhe.ckks`),
+``costs`` (``ms`` per op, ``note``, ``source``), ``latency_seconds`` (one encrypted pass on the server),
+``examples_per_pass``, ``latency_per_example_seconds``, ``client_seconds`` (encrypt inputs + decrypt outputs),
+``totals`` (op counts), ``layers`` (list), ``head`` (list of non-layer groups: ``name`` in
+embeddings/pooler/classifier/input/other), ``stages`` (per stage summed over layers, with ``depth_per_layer``),
+``critical_path`` (nodes consuming levels, input to output), ``nodes`` (list), ``poly`` (the export metadata's
+polynomial groups, when present). Older names kept as aliases (they counted client-aided refreshes as
+"bootstraps"): ``bootstraps_total``, ``bootstraps_lower_bound``, ``bootstrap_kind`` (its old wording),
+``bootstrap_nodes``, ``bootstrap_values``, ``bootstraps_per_layer``, and per group ``bootstraps`` /
+``bootstrap_nodes``.
 
 Each layer/group: ``index`` (layers) or ``name`` (head), ``depth`` (levels consumed inside it), ``depth_in``,
 ``depth_out``, ``ct_ct_mults``, ``ct_pt_mults``, ``additions``, ``rotations``, ``ciphertexts`` (largest encrypted
-tensor, in ciphertexts), ``nodes``, ``encrypted_nodes``, ``bootstraps``, ``bootstrap_nodes``,
+tensor, in ciphertexts), ``nodes``, ``encrypted_nodes``, ``refreshes``, ``refresh_nodes``,
 ``refreshed_ciphertexts``, ``latency_seconds``; layers also carry ``stages`` (same fields per stage).
 Each node: ``name``, ``op_type``, ``layer``, ``stage``, ``encrypted``, ``depth``, ``levels``, ``operands``
 (ct-ct / ct-pt / ct / pt), the four op counts, ``ciphertexts``, ``levels_left`` (after the node, before any
@@ -71,149 +61,20 @@ from pathlib import Path
 
 import onnx
 
-from .. import fhe_ops
+from .. import ckks, fhe_ops
 from ..bootstrap import plan_bootstraps
-from ..errors import UserError
 from ..fmt import fmt_seconds as _fmt_s
-from . import costs as costs_mod
+from ..graph import output_names, read_metadata
 from .graphinfo import HEAD_STAGES, STAGES, classify
 
 SCHEMA = "cgf-fhe-report/1"
-COUNT_KEYS = ("ct_ct_mults", "ct_pt_mults", "additions", "rotations")
+COUNT_KEYS = fhe_ops.COUNT_KEYS
 OP_MS = {"ct_ct_mults": "ct_ct_mult", "ct_pt_mults": "ct_pt_mult", "additions": "add", "rotations": "rotation"}
 DEFAULT_SEQ_LEN = 128
-
-
-# --- row packing model -------------------------------------------------------------------------------------------
-
-def _numel(shape):
-    if shape is None or any(not isinstance(d, int) or d is None or d < 0 for d in shape):
-        return None
-    return int(math.prod(shape)) if shape else 1
-
-
-def _cts_row(shape):
-    n = _numel(shape)
-    if n is None:
-        return None
-    return n // shape[-1] if shape and shape[-1] else 1
-
-
-def _log2(d) -> int:
-    return max(math.ceil(math.log2(d)), 0) if d and d > 1 else 0
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _axes(node, consts, rank):
-    axes = None
-    if len(node.input) > 1 and node.input[1] and node.input[1] in consts:
-        axes = [int(a) for a in consts[node.input[1]].reshape(-1)]
-    elif _attr(node, "axes") is not None:
-        axes = list(_attr(node, "axes"))
-    if axes is None:
-        return list(range(rank)) if not _attr(node, "noop_with_empty_axes", 0) else []
-    return [a % rank for a in axes] if rank else axes
-
-
-def row_counts(node: onnx.NodeProto, res: fhe_ops.NodeResult, enc: list[bool], shapes: dict, consts: dict) -> Counter:
-    """Op counts of one encrypted node under the row packing model (see module doc)."""
-    op = node.op_type
-    ins = [shapes.get(x) or (tuple(consts[x].shape) if x in consts else None) for x in node.input]
-    out = shapes.get(node.output[0]) if node.output else None
-    n_out = _cts_row(out) or 1
-    d_out = out[-1] if out else 1
-    c = Counter()
-
-    def replicate():
-        for x, s, e in zip(node.input, ins, enc):
-            if e and s is not None and len(s) and s[-1] == 1 and isinstance(d_out, int) and d_out > 1:
-                k = (_cts_row(s) or 1) * _log2(d_out)
-                c["rotations"] += k
-                c["additions"] += k
-
-    if op in ("Add", "Sub", "Sum"):
-        c["additions"] += n_out
-        replicate()
-    elif op in ("Mul", "Div"):
-        c["ct_ct_mults" if sum(enc[:2]) == 2 else "ct_pt_mults"] += n_out
-        replicate()
-    elif op == "Pow":
-        k = fhe_ops._pow_exponent(fhe_ops.NodeCtx(node, enc, [consts.get(x) for x in node.input], ins, [out])) or 1
-        c["ct_ct_mults"] += ((k.bit_length() - 1) + (bin(k).count("1") - 1)) * n_out
-    elif op in ("MatMul", "Gemm"):
-        a, b = (ins + [None, None])[:2]
-        if a is None or b is None:
-            return c
-        if op == "Gemm":
-            a = a[::-1] if _attr(node, "transA", 0) else a
-            b = b[::-1] if _attr(node, "transB", 0) else b
-        k_dim, n_dim = a[-1], b[-1]
-        if sum(enc[:2]) == 2:  # ct x ct
-            lead = _numel(out[:-2]) if out is not None and len(out) > 2 else 1
-            m_dim = a[-2] if len(a) >= 2 else 1
-            pairs = (lead or 1) * m_dim * k_dim
-            c["ct_pt_mults"] += pairs
-            c["rotations"] += pairs * _log2(n_dim)
-            c["additions"] += pairs * _log2(n_dim) + (lead or 1) * m_dim * (k_dim - 1)
-            c["ct_ct_mults"] += pairs
-        else:  # ct x pt: BSGS diagonal method per input ciphertext
-            ct_shape = a if enc[0] else b[::-1]
-            n_in = _cts_row(ct_shape) or 1
-            d = max(k_dim, n_dim)
-            n1 = math.ceil(math.sqrt(d))
-            n2 = math.ceil(d / n1)
-            c["rotations"] += n_in * ((n1 - 1) + (n2 - 1))
-            c["ct_pt_mults"] += n_in * d
-            c["additions"] += n_in * (d - 1 + (1 if op == "Gemm" and len(node.input) > 2 else 0))
-    elif op in ("ReduceSum", "ReduceMean"):
-        s = ins[0]
-        if s is None:
-            return c
-        rank = len(s)
-        axes = _axes(node, consts, rank)
-        n_in = _cts_row(s) or 1
-        if rank and (rank - 1) in axes:
-            k = n_in * _log2(s[-1])
-            c["rotations"] += k
-            c["additions"] += k
-        n_in_after = n_in if not rank or (rank - 1) not in axes else n_in
-        c["additions"] += max(n_in_after - n_out, 0)
-        if op == "ReduceMean":
-            c["ct_pt_mults"] += n_out
-    elif op == "Transpose":
-        s = ins[0]
-        perm = _attr(node, "perm") or (list(range(len(s)))[::-1] if s is not None else None)
-        if s is not None and perm is not None and len(s) and perm[-1] != len(s) - 1:
-            n = _numel(s) or 0
-            c["rotations"] += n
-            c["ct_pt_mults"] += n
-            c["additions"] += n
-    elif op in ("Reshape", "Flatten"):
-        s = ins[0]
-        if s is not None and out is not None and (s[-1] if s else 1) != d_out:
-            k = max(_cts_row(s) or 1, n_out)
-            c["rotations"] += k
-            c["ct_pt_mults"] += k
-    elif op in ("Gather", "Slice", "Concat", "Split", "GatherElements"):
-        s = ins[0]
-        rank = len(s) if s is not None else 0
-        if op == "Slice":
-            ax = [int(a) % rank for a in consts[node.input[3]].reshape(-1)] if len(node.input) > 3 and \
-                node.input[3] in consts and rank else list(range(rank))
-        else:
-            ax = [int(_attr(node, "axis", 0)) % rank] if rank else []
-        if rank and (rank - 1) in ax:
-            c["rotations"] += n_out
-            c["ct_pt_mults"] += n_out
-    elif op in ("Expand", "Tile"):
-        replicate()
-    return c
+# what a refresh point costs and leaks depends on its kind: a bootstrap runs on the server under encryption; a
+# client-aided refresh sends the ciphertext to the key holder, who decrypts and re-encrypts it (a round trip)
+REFRESH_WHAT = {"client-aided": "client-aided refresh (decrypt + re-encrypt by the key holder)",
+                "bootstrap": "bootstrap (on the server, under encryption)"}
 
 
 # --- aggregation -------------------------------------------------------------------------------------------------
@@ -228,17 +89,6 @@ def _input_dims(model: onnx.ModelProto, seq_len: int) -> dict:
         dims[inp.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (1 if i == 0 else seq_len)
                                for i, d in enumerate(shape))
     return dims
-
-
-def _meta(model) -> dict:
-    out = {}
-    for p in model.metadata_props:
-        if p.key.startswith("cgf_fhe."):
-            try:
-                out[p.key[8:]] = json.loads(p.value)
-            except json.JSONDecodeError:
-                out[p.key[8:]] = p.value
-    return out
 
 
 def _group_stats(idx: list[int], nodes_out: list[dict], results, producer_of_input, depth_of) -> dict:
@@ -279,12 +129,11 @@ def _group_stats(idx: list[int], nodes_out: list[dict], results, producer_of_inp
 
 def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: int = 40,
                  cost_table: str | Path | dict | None = None, encrypted: list[str] | None = None,
-                 seq_len: int | None = None, packing: str = "slots") -> dict:
+                 seq_len: int | None = None, packing: str = "element") -> dict:
     """The report as a JSON-serialisable dict (schema in the module doc and docs/)."""
-    if packing not in ("slots", "row"):
-        raise UserError(f"unknown packing model {packing!r} (slots|row)")
+    packing = fhe_ops.packing_name(packing)
     model, path = fhe_ops.resolve_model(model_or_path)
-    meta = _meta(model)
+    meta = read_metadata(model)
     seq = int(seq_len or meta.get("seq_len") or meta.get("max_length") or DEFAULT_SEQ_LEN)
     dims = _input_dims(model, seq)
     analysis = fhe_ops.analyze(model, encrypted or None, dims)
@@ -292,8 +141,7 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
         v = analysis.violations
         raise fhe_ops.GraphError(f"{path}: {len(v)} operation(s) on ciphertexts are not FHE-evaluable (first: node "
                                  f"{v[0].name} ({v[0].op_type}): {v[0].violation}); run `cgf-fhe check` for the list")
-    shapes = fhe_ops._shapes(model, dims)
-    consts = fhe_ops._constants(model.graph)
+    shapes = analysis.shapes
     where = classify(model)
     gnodes = list(model.graph.node)
     results = analysis.nodes
@@ -308,17 +156,12 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
             refreshed_by_node[producer[v]].append(v)
 
     def cts_of(value):
-        s = shapes.get(value)
-        return (_numel(s) if packing == "slots" else _cts_row(s)) or 1
+        return fhe_ops.ciphertexts(shapes.get(value), packing) or 1
 
     rows = []
     for i, (n, r) in enumerate(zip(gnodes, results)):
         layer, stage = where[i]
-        enc_flags = [bool(x) and x in analysis.depth for x in n.input]
-        if r.encrypted:
-            cnt = Counter(r.counts) if packing == "slots" else row_counts(n, r, enc_flags, shapes, consts)
-        else:
-            cnt = Counter()
+        cnt = r.costs.get(packing, Counter())
         outs = [o for o in n.output if o]
         rp = plan.nodes.get(r.name)
         rows.append({
@@ -331,16 +174,15 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
             "outputs": outs,
         })
 
-    # CKKS parameters and costs
-    chain = costs_mod.chain_for(L, scale_bits)
-    n_ring = costs_mod.ring_for(chain)
-    secure = n_ring is not None
-    n_ring = n_ring or 65536
-    table = cost_table if isinstance(cost_table, dict) else costs_mod.load_cost_table(cost_table)
-    cst = costs_mod.costs_for(table, n_ring, chain)
+    # CKKS parameters (the ring and chain simulate would use, cgf_fhe.ckks) and costs
+    params = ckks.CKKSParams.from_options(None, None, scale_bits, L, insecure=True)
+    chain, n_ring, secure = list(params.coeff_bits), params.poly_modulus, not params.warnings
+    table = cost_table if isinstance(cost_table, dict) else ckks.load_cost_table(cost_table)
+    cst = ckks.costs_for(table, n_ring, chain)
     ms = cst["ms"]
     refresh_ms = ms["bootstrap"] if ms.get("bootstrap") is not None else ms.get("refresh")
-    refresh_kind = "bootstrap" if ms.get("bootstrap") is not None else "client-aided refresh (decrypt + re-encrypt)"
+    refresh_kind = "bootstrap" if ms.get("bootstrap") is not None else "client-aided"
+    refresh_what = REFRESH_WHAT[refresh_kind]
     slots = n_ring // 2
 
     def latency(stats: dict, refreshed_cts: int) -> float:
@@ -361,8 +203,9 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
 
     def refresh_info(idx):
         vals = [v for i in idx for v in rows[i]["refreshed"]]
-        return {"bootstraps": len(vals), "bootstrap_nodes": [rows[i]["name"] for i in idx if rows[i]["refreshed"]],
-                "refreshed_ciphertexts": int(sum(cts_of(v) for v in vals))}
+        nodes = [rows[i]["name"] for i in idx if rows[i]["refreshed"]]
+        return {"refreshes": len(vals), "refresh_nodes": nodes, "refreshed_ciphertexts": int(sum(cts_of(v) for v in vals)),
+                "bootstraps": len(vals), "bootstrap_nodes": nodes}  # old names, kept as aliases
 
     def group(idx):
         st = _group_stats(idx, rows, results, producer, depth_of)
@@ -384,9 +227,10 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
             agg = Counter()
             for lay in layers:
                 if s in lay["stages"]:
-                    for k in COUNT_KEYS + ("bootstraps", "refreshed_ciphertexts"):
+                    for k in COUNT_KEYS + ("refreshes", "refreshed_ciphertexts"):
                         agg[k] += lay["stages"][s][k]
-            stage_totals[s] = {**{k: int(agg[k]) for k in COUNT_KEYS + ("bootstraps", "refreshed_ciphertexts")},
+            stage_totals[s] = {**{k: int(agg[k]) for k in COUNT_KEYS + ("refreshes", "refreshed_ciphertexts")},
+                               "bootstraps": int(agg["refreshes"]),
                                "depth_per_layer": [lay["stages"][s]["depth"] if s in lay["stages"] else 0
                                                    for lay in layers]}
     all_idx = list(range(len(rows)))
@@ -395,7 +239,7 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
     # critical path: from the deepest encrypted output back to an encrypted input through the deepest operand
     crit = []
     if analysis.depth:
-        outs = [o.name for o in model.graph.output if o.name in analysis.depth]
+        outs = [o for o in output_names(model) if o in analysis.depth]
         cur = max(outs or analysis.depth, key=lambda v: analysis.depth[v])
         seen = set()
         while cur in producer and cur not in seen:
@@ -410,7 +254,7 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
         crit.reverse()
 
     enc_inputs = list(analysis.encrypted_inputs)
-    out_enc = [o.name for o in model.graph.output if o.name in analysis.depth]
+    out_enc = [o for o in output_names(model) if o in analysis.depth]
     client_ms = (sum(cts_of(x) for x in enc_inputs) * (ms.get("encrypt") or 0.0)
                  + sum(cts_of(x) for x in out_enc) * (ms.get("decrypt") or 0.0))
     report = {
@@ -424,22 +268,31 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
         "min_level_budget_no_bootstrap": analysis.total_depth,
         "min_level_budget_feasible": min_feasible,
         "level_budget": L,
+        "refreshes_total": plan.count,
+        "refreshes_lower_bound": max(math.ceil(analysis.total_depth / L) - 1, 0) if L > 0 else None,
+        "refresh_kind": refresh_kind,
+        "refresh_description": refresh_what,
+        "refreshed_ciphertexts": totals["refreshed_ciphertexts"],
+        "refresh_nodes": list(plan.refresh_nodes),
+        "refresh_values": list(plan.refresh),
+        "levels_per_layer": [lay["depth"] for lay in layers],
+        "refreshes_per_layer": [lay["refreshes"] for lay in layers],
+        # old names (they counted client-aided refreshes too), kept as aliases for readers of older reports
         "bootstraps_total": plan.count,
         "bootstraps_lower_bound": max(math.ceil(analysis.total_depth / L) - 1, 0) if L > 0 else None,
-        "refreshed_ciphertexts": totals["refreshed_ciphertexts"],
-        "bootstrap_kind": refresh_kind,
+        "bootstrap_kind": "bootstrap" if refresh_kind == "bootstrap" else "client-aided refresh (decrypt + re-encrypt)",
         "bootstrap_nodes": list(plan.refresh_nodes),
         "bootstrap_values": list(plan.refresh),
-        "levels_per_layer": [lay["depth"] for lay in layers],
-        "bootstraps_per_layer": [lay["bootstraps"] for lay in layers],
+        "bootstraps_per_layer": [lay["refreshes"] for lay in layers],
         "ckks": {"poly_modulus": n_ring, "slots": slots, "coeff_bits": chain, "log_q": sum(chain),
                  "scale_bits": scale_bits, "secure_128": secure,
-                 "note": "" if secure else f"log Q = {sum(chain)} exceeds the 128-bit bound of every N <= 65536: "
-                                           "use a smaller --levels (more bootstraps)"},
+                 "note": "" if secure else (f"log Q = {sum(chain)} exceeds the HE standard's 128-bit bound of every "
+                                            f"ring size (max {ckks.HE_STANDARD_128[n_ring]} at N={n_ring}); simulate "
+                                            "refuses it without --insecure: use a smaller --levels (more refreshes)")},
         "costs": {"ms": ms, "note": cst["note"], "source": cst["source"]},
         "latency_seconds": totals["latency_seconds"],
-        "examples_per_pass": slots if packing == "slots" else 1,
-        "latency_per_example_seconds": totals["latency_seconds"] / (slots if packing == "slots" else 1),
+        "examples_per_pass": slots if packing == "element" else 1,
+        "latency_per_example_seconds": totals["latency_seconds"] / (slots if packing == "element" else 1),
         "client_seconds": client_ms / 1e3,
         "totals": {k: totals[k] for k in COUNT_KEYS + ("ciphertexts", "nodes", "encrypted_nodes")},
         "layers": layers,
@@ -463,23 +316,23 @@ def _layer_rows(rep: dict) -> list[list[str]]:
     for lay in rep["layers"]:
         out.append([f"layer {lay['index']}", str(lay["depth"]), str(lay["depth_out"]), _fmt_int(lay["ct_ct_mults"]),
                     _fmt_int(lay["ct_pt_mults"]), _fmt_int(lay["additions"]), _fmt_int(lay["rotations"]),
-                    _fmt_int(lay["ciphertexts"]), str(lay["bootstraps"]), _fmt_s(lay["latency_seconds"])])
+                    _fmt_int(lay["ciphertexts"]), str(lay["refreshes"]), _fmt_s(lay["latency_seconds"])])
     for g in rep["head"]:
         if g["encrypted_nodes"]:
             out.append([g["name"], str(g["depth"]), str(g["depth_out"]), _fmt_int(g["ct_ct_mults"]),
                         _fmt_int(g["ct_pt_mults"]), _fmt_int(g["additions"]), _fmt_int(g["rotations"]),
-                        _fmt_int(g["ciphertexts"]), str(g["bootstraps"]), _fmt_s(g["latency_seconds"])])
+                        _fmt_int(g["ciphertexts"]), str(g["refreshes"]), _fmt_s(g["latency_seconds"])])
     return out
 
 
-LAYER_COLS = ["group", "levels", "depth out", "ct x ct", "ct x pt", "adds", "rotations", "max cts", "bootstraps",
+LAYER_COLS = ["group", "levels", "depth out", "ct x ct", "ct x pt", "adds", "rotations", "max cts", "refreshes",
               "est. time"]
-STAGE_COLS = ["stage", "levels / layer", "ct x ct", "ct x pt", "adds", "rotations", "bootstraps"]
+STAGE_COLS = ["stage", "levels / layer", "ct x ct", "ct x pt", "adds", "rotations", "refreshes"]
 
 
 def _stage_rows(rep: dict) -> list[list[str]]:
     return [[s, ",".join(map(str, v["depth_per_layer"])), _fmt_int(v["ct_ct_mults"]), _fmt_int(v["ct_pt_mults"]),
-             _fmt_int(v["additions"]), _fmt_int(v["rotations"]), str(v["bootstraps"])] for s, v in rep["stages"].items()]
+             _fmt_int(v["additions"]), _fmt_int(v["rotations"]), str(v["refreshes"])] for s, v in rep["stages"].items()]
 
 
 def _summary_lines(rep: dict) -> list[str]:
@@ -487,11 +340,11 @@ def _summary_lines(rep: dict) -> list[str]:
     lines = [
         f"file: {rep['file']}  (encrypted: {', '.join(rep['encrypted_inputs'])}; seq len {rep['seq_len']}; "
         f"packing: {rep['packing']})",
-        f"total multiplicative depth: {rep['total_depth']}  -> smallest level budget with no bootstrap: "
+        f"total multiplicative depth: {rep['total_depth']}  -> smallest level budget with no refresh: "
         f"{rep['min_level_budget_no_bootstrap']}",
-        f"level budget L = {rep['level_budget']}: {rep['bootstraps_total']} refresh point(s) "
-        f"({_fmt_int(rep['refreshed_ciphertexts'])} ciphertexts; {rep['bootstrap_kind']})",
-        f"levels per layer: {rep['levels_per_layer']}; bootstraps per layer: {rep['bootstraps_per_layer']}",
+        f"level budget L = {rep['level_budget']}: {rep['refreshes_total']} refresh point(s) "
+        f"({_fmt_int(rep['refreshed_ciphertexts'])} ciphertexts; each a {rep['refresh_description']})",
+        f"levels per layer: {rep['levels_per_layer']}; refreshes per layer: {rep['refreshes_per_layer']}",
         f"CKKS: N = {ck['poly_modulus']} ({ck['slots']} slots), chain {len(ck['coeff_bits'])} primes, "
         f"log Q = {ck['log_q']}{'' if ck['secure_128'] else '  (NOT 128-bit secure: ' + ck['note'] + ')'}",
         f"estimated server latency: {_fmt_s(rep['latency_seconds'])} per pass "
@@ -499,8 +352,8 @@ def _summary_lines(rep: dict) -> list[str]:
         f"per example); client encrypt+decrypt {_fmt_s(rep['client_seconds'])}",
         f"costs: {rep['costs']['note']}; source: {rep['costs']['source']}",
     ]
-    if rep["bootstrap_nodes"]:
-        shown = ", ".join(rep["bootstrap_nodes"][:12]) + (" ..." if len(rep["bootstrap_nodes"]) > 12 else "")
+    if rep["refresh_nodes"]:
+        shown = ", ".join(rep["refresh_nodes"][:12]) + (" ..." if len(rep["refresh_nodes"]) > 12 else "")
         lines.append(f"refresh after: {shown}")
     if rep["critical_path"]:
         seq = []
@@ -535,11 +388,11 @@ def compare_rows(reps: list[dict]) -> tuple[list[str], list[list[str]]]:
     cols = ["metric"] + [Path(r["file"]).name for r in reps]
     metrics = [
         ("total depth", lambda r: str(r["total_depth"])),
-        ("min L without bootstrap", lambda r: str(r["min_level_budget_no_bootstrap"])),
+        ("min L without refresh", lambda r: str(r["min_level_budget_no_bootstrap"])),
         ("level budget L", lambda r: str(r["level_budget"])),
-        ("bootstraps at L", lambda r: str(r["bootstraps_total"])),
+        ("refreshes at L", lambda r: f"{r['refreshes_total']} ({r['refresh_kind']})"),
         ("levels per layer", lambda r: ",".join(map(str, r["levels_per_layer"]))),
-        ("bootstraps per layer", lambda r: ",".join(map(str, r["bootstraps_per_layer"]))),
+        ("refreshes per layer", lambda r: ",".join(map(str, r["refreshes_per_layer"]))),
         ("ct x ct mults", lambda r: _fmt_int(r["totals"]["ct_ct_mults"])),
         ("ct x pt mults", lambda r: _fmt_int(r["totals"]["ct_pt_mults"])),
         ("additions", lambda r: _fmt_int(r["totals"]["additions"])),
@@ -598,24 +451,25 @@ def run_report(args) -> int:
     if args.output_dir:
         from .plots import plot_levels, plot_stage_ops
 
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        from ..io import check_output_dir, write_json, write_text
+
+        out = check_output_dir(args.output_dir)
         if single:
-            (out / "report.json").write_text(json.dumps(reps[0], indent=2))
-            (out / "report.md").write_text(to_markdown(reps[0]))
+            write_json(out / "report.json", reps[0])
+            write_text(out / "report.md", to_markdown(reps[0]))
             plot_levels(reps[0], out / "levels_per_layer.png")
             plot_stage_ops(reps[0], out / "ops_per_stage.png")
         else:
             cols, rows = compare_rows(reps)
             md = ["# Comparison", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
             md += ["| " + " | ".join(r) + " |" for r in rows]
-            (out / "comparison.md").write_text("\n".join(md) + "\n")
-            (out / "comparison.json").write_text(json.dumps(payload, indent=2))
+            write_text(out / "comparison.md", "\n".join(md) + "\n")
+            write_json(out / "comparison.json", payload)
             for r, m in zip(reps, args.models):
                 sub = out / Path(m).stem
                 sub.mkdir(exist_ok=True)
-                (sub / "report.json").write_text(json.dumps(r, indent=2))
-                (sub / "report.md").write_text(to_markdown(r))
+                write_json(sub / "report.json", r)
+                write_text(sub / "report.md", to_markdown(r))
                 plot_levels(r, sub / "levels_per_layer.png")
                 plot_stage_ops(r, sub / "ops_per_stage.png")
     if args.format == "json":

@@ -13,7 +13,9 @@ def register(sub) -> None:
     p.add_argument("--backend", choices=("plain", "emulate", "tenseal"), default="emulate",
                    help="plain: float64 reference; emulate: CKKS emulation (fast); tenseal: real CKKS "
                         "(default emulate)")
-    p.add_argument("-o", "--output-dir", required=True, metavar="DIR")
+    p.add_argument("-o", "--output", "--output-dir", dest="output_dir", required=True, metavar="DIR",
+                   help="folder for simulation.json, simulation.md and error_per_layer.png (created; locked while "
+                        "writing)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N dev examples (default: all)")
     p.add_argument("--data-dir", default=None, metavar="D", help="MRPC folder (train.tsv, validation.tsv)")
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
@@ -51,7 +53,7 @@ def register(sub) -> None:
     e.add_argument("--unpinned-scale", action="store_true",
                    help="emulate exact scale tracking instead of TenSEAL's pinned scale (no scale/q_i bias)")
     e.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (also the datasets library's)")
     p.set_defaults(func=_simulate)
 
 
@@ -75,13 +77,19 @@ def _simulate(args) -> int:
     from .report import plural
     from .runner import simulate
 
+    from ..data import check_max_length
+
+    check_max_length(args.max_length)
     cfg = config_from_args(args)
     params = cfg.ckks_params()
     for w in params.warnings:
         print(f"WARNING: {w}")
     if cfg.backend != "plain":
         print(f"CKKS: {params}")
-    s = simulate(args.model, cfg, args.output_dir)
+    from ..io import output_lock
+
+    with output_lock(args.output_dir):  # checked, created and locked before any work; one writer at a time
+        s = simulate(args.model, cfg, args.output_dir)
     label = s["refresh_label"]
     ratio = f" (x{s['ratio_to_plain']:.2f} plain)" if s.get("ratio_to_plain") else ""
     print(f"{s['backend']}: {s['n_examples']} examples, accuracy {s['accuracy']:.4f} "

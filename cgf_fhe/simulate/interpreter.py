@@ -6,9 +6,10 @@ semantics:
 
 * **plaintext nodes** (mask pre-processing, constants, shapes) run with the ONNX reference implementation of
   the node (:mod:`onnx.reference`, one ``OpRun`` per node);
-* **encrypted nodes** go to the backend (:mod:`cgf_fhe.simulate.backends.base`): arithmetic through its small
-  interface, data movement by running the same ONNX reference ``OpRun`` on the backend's data or on element
-  indices (TenSEAL), so reshape/transpose/gather/... semantics come from ONNX itself.
+* **encrypted nodes** run the op table's ``exec`` (:data:`cgf_fhe.fhe_ops.OP_TABLE`) on the backend
+  (:mod:`cgf_fhe.simulate.backends.base`): arithmetic through its small interface, data movement by running the
+  same ONNX reference ``OpRun`` on the backend's data or on element indices (TenSEAL), so
+  reshape/transpose/gather/... semantics come from ONNX itself.
 
 Levels: with a leveled backend (emulate, tenseal) a refresh plan is applied -- by default
 :func:`cgf_fhe.bootstrap.plan_bootstraps` for the backend's level budget, or an explicit list of value names.
@@ -19,9 +20,6 @@ agree).
 """
 from __future__ import annotations
 
-import heapq
-import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,20 +30,14 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from .. import fhe_ops
-from ..fhe_ops import GraphError
+from ..errors import GraphError
+from ..graph import input_names, layer_index, output_names, read_metadata
 from .backends.base import Backend, LevelError, SimulationError
-
-MOVE_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Slice", "Split",
-                      "Gather", "GatherElements", "Tile", "Concat"})
-PASS_OPS = frozenset({"Identity", "Dropout", "Cast"})
-SHAPE_OPS = frozenset({"Shape", "Size"})
-ARITH_OPS = frozenset({"Add", "Sub", "Neg", "Sum", "Mul", "Div", "MatMul", "Gemm", "Pow", "ReduceSum", "ReduceMean"})
-HANDLED_OPS = MOVE_OPS | PASS_OPS | SHAPE_OPS | ARITH_OPS
 
 
 def unhandled_ct_ops() -> list[str]:
-    """Ops the FHE op table allows on ciphertexts but the interpreter cannot execute (should be empty)."""
-    return sorted(op for op, spec in fhe_ops.OP_TABLE.items() if spec.ct_allowed and op not in HANDLED_OPS)
+    """Ops the FHE op table allows on ciphertexts but gives no ``exec`` for (should be empty)."""
+    return sorted(op for op, spec in fhe_ops.OP_TABLE.items() if spec.ct_allowed and spec.exec is None)
 
 
 @dataclass
@@ -61,27 +53,6 @@ class RunResult:
     seconds: float = 0.0
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def read_metadata(model: onnx.ModelProto) -> dict:
-    out = {}
-    for p in model.metadata_props:
-        if p.key.startswith("cgf_fhe."):
-            try:
-                out[p.key[len("cgf_fhe."):]] = json.loads(p.value)
-            except json.JSONDecodeError:
-                out[p.key[len("cgf_fhe."):]] = p.value
-    return out
-
-
-_LAYER_NAME_RE = re.compile(r"(?:^|[./_])(?:layer|layers)[._/](\d+)(?=$|[./_])")
-
-
 def node_layers(model: onnx.ModelProto) -> list[int | None]:
     """Encoder layer index of every node (node metadata scopes via cgf_fhe.export.graphinfo, else node names)."""
     try:
@@ -89,11 +60,7 @@ def node_layers(model: onnx.ModelProto) -> list[int | None]:
 
         return [layer for layer, _stage in classify(model)]
     except Exception:  # graphinfo missing or a graph it cannot read: fall back to names
-        out = []
-        for n in model.graph.node:
-            m = _LAYER_NAME_RE.search(n.name or "")
-            out.append(int(m.group(1)) if m else None)
-        return out
+        return [layer_index(n.name) for n in model.graph.node]
 
 
 def layer_outputs(model: onnx.ModelProto, analysis: fhe_ops.Analysis) -> dict[int, str]:
@@ -108,7 +75,7 @@ def layer_outputs(model: onnx.ModelProto, analysis: fhe_ops.Analysis) -> dict[in
                 order[o] = i
     enc = set(analysis.depth)
     leaving: dict[int, list[str]] = {}
-    graph_outs = {o.name for o in model.graph.output}
+    graph_outs = set(output_names(model))
     for i, n in enumerate(model.graph.node):
         for x in n.input:
             lay = producer_layer.get(x)
@@ -127,8 +94,9 @@ def poly_inputs(model: onnx.ModelProto, analysis: fhe_ops.Analysis, groups: list
     when the exporter states it, else the single encrypted value entering the group's nodes. ``scale``: the graph
     value equals ``scale * x`` for the interval's ``x`` (``alpha`` of a prescaled group folded upstream: the group's
     ``"alpha"`` or ``fhe.modules[key].approx.alpha`` of the metadata).
-    Groups whose argument cannot be identified (e.g. a LayerNorm whose interval is on the variance computed inside
-    the group) get ``value = None``."""
+    For a LayerNorm group (``ln_*``) the interval is on the variance ``var + eps``, so the value is the variance
+    computed inside the group (:func:`_ln_variance`), never the hidden state entering it. Groups whose argument
+    cannot be identified get ``value = None``."""
     meta = read_metadata(model)
     if groups is None:
         groups = meta.get("poly") or []
@@ -146,19 +114,21 @@ def poly_inputs(model: onnx.ModelProto, analysis: fhe_ops.Analysis, groups: list
         if not isinstance(g, dict):
             continue
         nodes = [x for x in g.get("nodes") or [] if x in names]
-        value = g.get("input")
-        if value is None and nodes:
+        op = str(g.get("op") or g.get("kind") or "")
+        # a LayerNorm group's interval is on the variance ``var + eps`` computed inside the group, not on the
+        # hidden state entering it (the exporter's "input")
+        value = _ln_variance(names, nodes, enc) if op.startswith("ln") else g.get("input")
+        if value is None and nodes and not op.startswith("ln"):
             inside = set(nodes)
             ext = []
             for nm in nodes:
                 for x in names[nm].input:
                     if x in enc and produced.get(x) not in inside and x not in ext:
                         ext.append(x)
-            op = str(g.get("op") or g.get("kind") or "")
-            value = ext[0] if len(ext) == 1 and not op.startswith("ln") else None
+            value = ext[0] if len(ext) == 1 else None
         interval = g.get("interval")
         scale = 1.0
-        if g.get("prescaled"):
+        if g.get("prescaled") or op == "ln_newton":  # a Newton LN's reduction holds alpha * var
             alpha = g.get("alpha")
             if alpha is None:  # the exporter's settings copy: fhe.modules[key].approx.alpha
                 alpha = ((modules.get(g.get("key")) or {}).get("approx") or {}).get("alpha")
@@ -171,6 +141,16 @@ def poly_inputs(model: onnx.ModelProto, analysis: fhe_ops.Analysis, groups: list
                     "interval": list(interval) if interval else None, "value": value if value in enc else None,
                     "scale": scale})
     return out
+
+
+def _ln_variance(names: dict, nodes: list[str], enc: set) -> str | None:
+    """The encrypted value holding a Newton LayerNorm group's variance: the output of the group's first reduction,
+    ``sum((x @ P sqrt(alpha/H))^2) = alpha * var`` (:class:`cgf_fhe.poly.NewtonLayerNorm`; the interval is on
+    ``var + eps``, and ``eps`` ~ 1e-12 is below any interval's precision). The constant added next (``alpha*eps``,
+    often folded with the polynomial's ``beta`` by the exporter) is left out on purpose. None when the group has
+    no reduction (a frozen LayerNorm)."""
+    red = next((names[nm] for nm in nodes if names[nm].op_type in ("ReduceMean", "ReduceSum")), None)
+    return red.output[0] if red is not None and red.output[0] in enc else None
 
 
 class Interpreter:
@@ -189,7 +169,8 @@ class Interpreter:
             more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
             raise GraphError(f"the graph is not FHE-evaluable: {len(bad)} violation(s): {lines}{more}; "
                              "run `cgf-fhe check` for the full list")
-        missing = sorted({r.op_type for r in self.analysis.nodes if r.encrypted and r.op_type not in HANDLED_OPS})
+        missing = sorted({r.op_type for r in self.analysis.nodes
+                          if r.encrypted and fhe_ops.OP_TABLE[r.op_type].exec is None})
         if missing:
             raise SimulationError(f"no simulator handler for encrypted op(s) {missing} (allowed by fhe_ops.OP_TABLE)")
         self.encrypted = list(self.analysis.encrypted_inputs)
@@ -221,7 +202,7 @@ class Interpreter:
         self.trace_names = set(trace or ())
         self.record_maxabs = record_maxabs
         # liveness: free a value after its last consumer
-        keep = {o.name for o in self.graph.output} | set(self.consts)
+        keep = set(output_names(self.model)) | set(self.consts)
         self.last_use: dict[int, list[str]] = {}
         last: dict[str, int] = {}
         for i, n in enumerate(self.nodes):
@@ -247,8 +228,7 @@ class Interpreter:
             if inp.name in self.consts and inp.name not in feeds:
                 continue
             if inp.name not in feeds:
-                names = [i.name for i in self.graph.input]
-                raise SimulationError(f"missing graph input {inp.name!r} (inputs: {names})")
+                raise SimulationError(f"missing graph input {inp.name!r} (inputs: {input_names(self.model)})")
             x = np.asarray(feeds[inp.name])
             if inp.name in self.encrypted:
                 v = B.encrypt(np.asarray(x, dtype=np.float64))
@@ -353,114 +333,12 @@ class Interpreter:
                     f"bootstraps (refresh='plan', cgf_fhe.bootstrap) or use a longer chain (--levels/--coeff-bits)")
 
     def _exec(self, i, node, r, args) -> list:
-        B = self.backend
-        op = node.op_type
-        ct = [a is not None and B.is_ct(a) for a in args]
-        if op in PASS_OPS:
-            return [args[0]] + [None] * (len(node.output) - 1)
-        if op in SHAPE_OPS:
-            fake = np.broadcast_to(np.zeros((), dtype=np.float32), B.shape(args[0]))
-            return list(self.ref.rt_nodes_[i].run(fake, *args[1:]))
-        if op in MOVE_OPS:
-            rt = self.ref.rt_nodes_[i]
-            args = list(args)
-            if op == "Concat" and not all(ct):
-                args = [a if c else B.encrypt_public(np.asarray(a, dtype=np.float64)) for a, c in zip(args, ct)]
-                ct = [True] * len(args)
-            pos = [j for j, c in enumerate(ct) if c]
-            return B.rearrange(lambda *a: rt.run(*a), args, pos)
-        a = args[0]
-        b = args[1] if len(args) > 1 else None
-        if op == "Add":
-            return [B.add(a, b)]
-        if op == "Sub":
-            return [B.sub(a, b)]
-        if op == "Neg":
-            return [B.neg(a)]
-        if op == "Sum":
-            acc = a
-            for x in args[1:]:
-                acc = B.add(acc, x) if B.is_ct(acc) else B.add(x, acc)
-            return [acc]
-        if op == "Mul":
-            return [B.mul(a, b)]
-        if op == "Div":
-            den = np.asarray(b, dtype=np.float64)
-            if np.any(den == 0):
-                raise SimulationError("division of a ciphertext by a plaintext containing 0")
-            return [B.mul(a, 1.0 / den)]
-        if op == "MatMul":
-            return [B.matmul(a, b)]
-        if op == "Gemm":
-            return [self._gemm(node, args)]
-        if op == "Pow":
-            return [self._pow(a, int(np.asarray(b).reshape(-1)[0]))]
-        if op in ("ReduceSum", "ReduceMean"):
-            return [self._reduce(node, args)]
-        raise SimulationError(f"no handler for encrypted op {op}")  # guarded in __init__
-
-    def _reduce(self, node, args):
-        B = self.backend
-        x = args[0]
-        axes = args[1] if len(args) > 1 and args[1] is not None else _attr(node, "axes")
-        keepdims = bool(_attr(node, "keepdims", 1))
-        noop = bool(_attr(node, "noop_with_empty_axes", 0))
-        rank = len(B.shape(x))
-        axes = [] if axes is None else [int(v) for v in np.asarray(axes).reshape(-1)]
-        if not axes:
-            if noop:
-                return x
-            axes = list(range(rank))
-        axes = sorted({ax % rank for ax in axes})
-        if 0 in axes:
-            raise SimulationError(f"{node.op_type} over axis 0 would mix the examples of the batch")
-        if node.op_type == "ReduceSum":
-            return B.reduce_sum(x, axes, keepdims)
-        return B.reduce_mean(x, axes, keepdims)
-
-    def _gemm(self, node, args):
-        B = self.backend
-        A, W = args[0], args[1]
-        C = args[2] if len(args) > 2 else None
-        alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-        if _attr(node, "transA", 0) and B.is_ct(A):
-            raise SimulationError("Gemm with transA on an encrypted A would move the batch axis")
-        if not B.is_ct(A):
-            A = np.asarray(A, dtype=np.float64)
-            A = A.T if _attr(node, "transA", 0) else A
-        if B.is_ct(W):
-            raise SimulationError("Gemm with an encrypted B operand contracts the batch axis of B")
-        W = np.asarray(W, dtype=np.float64)
-        W = (W.T if _attr(node, "transB", 0) else W) * alpha
-        y = B.matmul(A, W)
-        if C is not None:
-            if B.is_ct(C):
-                if beta != 1.0:
-                    raise SimulationError("Gemm with beta != 1 on an encrypted C would cost an extra level")
-                y = B.add(y, C)
-            else:
-                y = B.add(y, beta * np.asarray(C, dtype=np.float64))
-        return y
-
-    def _pow(self, x, k: int):
-        """x^k by repeated squaring, combining the needed powers shallowest-first: depth ceil(log2 k)."""
-        B = self.backend
-        parts, cur, d, n = [], x, 0, 0
-        while k:
-            if k & 1:
-                parts.append((d, n, cur))
-                n += 1
-            k >>= 1
-            if k:
-                cur = B.mul(cur, cur)
-                d += 1
-        heapq.heapify(parts)
-        while len(parts) > 1:
-            d1, _, p1 = heapq.heappop(parts)
-            d2, _, p2 = heapq.heappop(parts)
-            heapq.heappush(parts, (max(d1, d2) + 1, n, B.mul(p1, p2)))
-            n += 1
-        return parts[0][2]
+        """Run an encrypted node: what the op table's ``exec`` says (nothing here restates op semantics)."""
+        x = fhe_ops.Exec(self.backend, node, args, self.ref.rt_nodes_[i].run)
+        try:
+            return fhe_ops.OP_TABLE[node.op_type].exec(x)
+        except fhe_ops.OpExecError as exc:
+            raise SimulationError(str(exc)) from exc
 
 
 def load(path_or_model) -> onnx.ModelProto:
@@ -473,4 +351,4 @@ def load(path_or_model) -> onnx.ModelProto:
 
 
 __all__ = ["Interpreter", "RunResult", "layer_outputs", "poly_inputs", "node_layers", "read_metadata",
-           "unhandled_ct_ops", "load", "HANDLED_OPS"]
+           "unhandled_ct_ops", "load"]

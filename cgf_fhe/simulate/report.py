@@ -134,12 +134,14 @@ def plot_layers(s: dict, path: Path) -> None:
 
 
 def write_report(summary: dict, out_dir) -> dict[str, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from ..io import atomic_write, check_output_dir, write_json, write_text
+
+    out = check_output_dir(out_dir)
     paths = {"json": out / "simulation.json", "md": out / "simulation.md", "png": out / "error_per_layer.png"}
-    paths["json"].write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=False))
-    paths["md"].write_text(markdown(summary))
-    plot_layers(summary, paths["png"])
+    # the figure and the markdown first, simulation.json (what marks the run as done) last
+    atomic_write(paths["png"], lambda tmp: plot_layers(summary, tmp))
+    write_text(paths["md"], markdown(summary))
+    write_json(paths["json"], _jsonable(summary), sort_keys=False)
     return paths
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..ckks import CKKSParams
 from ..errors import UserError
 from .backends import make_backend
 from .backends.base import ModulusOverflowError, SimulationError
 from .interpreter import Interpreter, layer_outputs, load, poly_inputs, read_metadata
-from .params import CKKSParams
 
 EMB, MASK, LOGITS = "embeddings", "attention_mask", "logits"
 
@@ -55,7 +55,12 @@ class SimConfig:
     device: str | None = None
 
     def ckks_params(self) -> CKKSParams:
-        return CKKSParams.from_options(self.poly_modulus, self.coeff_bits, self.scale_bits, self.levels, self.insecure)
+        """The run's CKKS parameters, built once (again only if a parameter field changes)."""
+        key = (self.poly_modulus, self.coeff_bits, self.scale_bits, self.levels, self.insecure)
+        cached = self.__dict__.get("_ckks")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_ckks"] = (key, CKKSParams.from_options(*key))
+        return cached[1]
 
     def backend_options(self) -> dict:
         return {"refresh_kind": self.emulate_refresh, "bootstrap_bits": self.bootstrap_bits,
@@ -91,7 +96,7 @@ class BatchRunner:
         if cfg.backend != "plain":
             opts = cfg.backend_options()
             if cfg.backend == "tenseal":
-                from .tenseal_backend import TenSEALClient
+                from .backends.tenseal import TenSEALClient
 
                 client = TenSEALClient(self.params, secret_context=secret_context)
                 opts = {"client": client}
@@ -318,7 +323,7 @@ def run_batches(onnx_path: str, batches: list, cfg: SimConfig) -> tuple[list[dic
     secret = None
     info = {}
     if cfg.backend == "tenseal":
-        from .tenseal_backend import TenSEALClient
+        from .backends.tenseal import TenSEALClient
 
         client = TenSEALClient(cfg.ckks_params())
         secret = client.secret_context()
@@ -501,8 +506,11 @@ def simulate(onnx_path: str | os.PathLike, cfg: SimConfig, out_dir: str | os.Pat
     t0 = time.perf_counter()
     if cfg.backend not in ("plain", "emulate", "tenseal"):
         raise SimulationError(f"unknown backend {cfg.backend!r}: choose plain, emulate or tenseal")
-    cfg.ckks_params()  # validate (security) before any work
+    params = cfg.ckks_params()  # validate (security) before any work
     model = load(onnx_path)
+    from .preflight import preflight
+
+    preflight(model, cfg, params, onnx_path)  # what the graph and parameters decide: before encrypting (#26)
     batches, client_info = client_batches(model, cfg)
     results, info = run_batches(str(onnx_path), batches, cfg)
     summary = summarize(results, cfg, info, time.perf_counter() - t0,

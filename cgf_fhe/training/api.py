@@ -201,7 +201,7 @@ def _backbone_of(model) -> str | None:
 def _update_settings(ckpt: Path, extra: dict) -> dict:
     s = read_settings(ckpt)
     s.update(extra)
-    (ckpt / SETTINGS_FILE).write_text(json.dumps(s, indent=2, sort_keys=True))
+    _write_json(ckpt / SETTINGS_FILE, s)  # atomic: a kill never leaves a truncated settings file
     return s
 
 

@@ -24,15 +24,17 @@ def _common(p: argparse.ArgumentParser, seeds: bool = True, default_seed: int = 
     g.add_argument("--stop-after-epochs", type=int, metavar="N",
                    help="stop after N epochs in total (time-boxing); continue later with --resume")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run already in --output (default: refuse; --resume keeps it)")
     r = p.add_argument_group("recipe (defaults: --preset)")
     r.add_argument("--preset", default="reference", choices=sorted(PRESETS),
                    help="hyper-parameter preset (reference: lr 5e-5, batch 16, 5 epochs, frozen embeddings, "
                         "linear decay no warmup; minilm: lr 1e-4, embeddings trained, 10%% warmup)")
-    r.add_argument("--epochs", type=int)
-    r.add_argument("--lr", type=float)
-    r.add_argument("--batch-size", type=int)
-    r.add_argument("--weight-decay", type=float)
-    r.add_argument("--warmup-ratio", type=float)
+    r.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
+    r.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    r.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
+    r.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: the preset's)")
+    r.add_argument("--warmup-ratio", type=float, help="fraction of steps with linear warm-up (default: the preset's)")
     r.add_argument("--unfreeze-embeddings", action="store_true", help="train the embeddings too")
     r.add_argument("--layer-lr-decay", type=float, metavar="D",
                    help="layer-wise learning-rate decay in (0, 1]: encoder layer i of L at lr*D^(L-i), embeddings "
@@ -92,6 +94,36 @@ def _recipe(args, **extra):
     return get_recipe(args.preset, **kw)
 
 
+def _guard_output(args, kind: str) -> None:
+    """Refuse an --output that is one of the run's inputs, or that holds a finished run (unless --overwrite or
+    --resume): both would be replaced silently by the new checkpoint."""
+    from pathlib import Path
+
+    from ..errors import OutputError
+
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output {out} is a file; {kind} writes a checkpoint folder")
+    targets = [out] + [out / f"seed{s}" for s in (getattr(args, "seeds", None) or [])]
+    for flag in ("teacher", "student_init", "model", "reference"):
+        src = getattr(args, flag, None)
+        if src and Path(src).exists() and any(Path(src).resolve() == t.resolve() for t in targets):
+            raise OutputError(f"--output {out} is the --{flag.replace('_', '-')} input {src}: {kind} would replace "
+                              "it; write to another folder")
+    if getattr(args, "resume", False) or getattr(args, "overwrite", False):
+        return
+    for t in targets:
+        try:
+            s = json.loads((t / "cgf_fhe.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(s, dict) and s.get("status") == "done":
+            acc = (s.get("dev") or {}).get("accuracy")
+            raise OutputError(f"{t} already holds a finished {s.get('kind', kind)} run"
+                              + (f" (dev accuracy {acc:.4f})" if isinstance(acc, float) else "")
+                              + "; pass --overwrite to replace it, --resume to keep it, or choose another --output")
+
+
 def _check_positive(args, *names):
     from ..errors import UserError
 
@@ -99,6 +131,18 @@ def _check_positive(args, *names):
         v = getattr(args, n, None)
         if v is not None and v <= 0:
             raise UserError(f"--{n.replace('_', '-')} must be > 0, got {v}")
+    from ..data import check_max_length
+
+    check_max_length(getattr(args, "max_length", None))
+    c = getattr(args, "coeff", None)
+    if c is not None:  # CGF: exp(s - mean - c*var); c <= 0 drops the variance term or inverts it
+        if c <= 0:
+            raise UserError(f"--coeff must be > 0 (the CGF variance weight; 0.5 is the Gaussian value), got {c}")
+        if not 0.1 <= c <= 4:
+            import sys
+
+            print(f"warning: --coeff {c} is far from the Gaussian value 0.5 (the per-head grid spans 0.25-4)",
+                  file=sys.stderr)
 
 
 def cmd_finetune(args) -> int:
@@ -112,6 +156,7 @@ def cmd_finetune(args) -> int:
 
         raise UserError("--coeff only applies to --softmax cgf")
     recipe, opts = _recipe(args), _opts(args)
+    _guard_output(args, "finetune")
     if args.seeds:
         api.finetune_seeds(args.model, args.output, args.seeds, args.softmax, args.coeff, recipe, opts, args.reference)
     else:
@@ -179,6 +224,7 @@ def cmd_distill(args) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.blend_epochs is not None and args.blend_epochs < 0:
         raise UserError(f"--blend-epochs must be >= 0, got {args.blend_epochs}")
+    _guard_output(args, "distill")
     api.distill(args.model, args.output, args.teacher, args.coeff, args.seeds, args.seed, recipe, _opts(args),
                 fhe=fhe, student_layers=args.student_layers, interval_penalty=args.interval_penalty,
                 guard=not args.no_guard, blend_epochs=args.blend_epochs, refit=args.refit,
@@ -219,11 +265,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="CE fine-tune a classifier on MRPC with the exact or CGF softmax",
                               description="Fine-tune --model (tiny | minilm | hub name | local path | checkpoint) "
                                           "on MRPC; writes the best-on-dev checkpoint to -o.")
-    p.add_argument("--model", required=True)
-    p.add_argument("--softmax", choices=["exact", "cgf"], default="exact")
+    p.add_argument("--model", required=True,
+                   help="backbone: tiny (random-init test model), minilm (offline all-MiniLM-L6-v2), a hub name such as "
+                        "bert-base-uncased, a local model folder, or a cgf-fhe checkpoint folder")
+    p.add_argument("--softmax", choices=["exact", "cgf"], default="exact",
+                   help="attention normalisation: exact softmax (default) or CGF (division-free)")
     p.add_argument("--coeff", type=float, help="CGF coefficient c (default 0.5)")
     p.add_argument("--reference", help="multi-seed run folder (or checkpoint) to report the paired difference against")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="checkpoint folder to write (with --seeds: seed<S>/ each)")
     _common(p)
     p.set_defaults(func=cmd_finetune)
 
@@ -267,14 +316,17 @@ def register(subparsers) -> None:
                         "benchmarks/frozen_ln_probe.py) (unset options: FheOptions defaults)")
     f.add_argument("--fhe-profile", choices=["default", "lean"],  # surgery.PROFILES (torch-free here)
                    help="a named set of approximation choices (implies --poly all; explicit degree flags override "
-                        "it): default = FheOptions' defaults (~52 levels per MiniLM layer); lean = exp degree 15 with "
-                        "one squaring, GELU degree 15, LayerNorm 1/sqrt degree 15 without Newton steps on the 99.9%% "
-                        "variance quantile (32 levels per layer; train with --interval-penalty and --epoch-cover)")
-    f.add_argument("--exp-degree", type=int)
-    f.add_argument("--gelu-degree", type=int)
-    f.add_argument("--tanh-degree", type=int)
-    f.add_argument("--invsqrt-degree", type=int)
-    f.add_argument("--newton-steps", type=int)
+                        "it): default = FheOptions' defaults (~52 levels per MiniLM layer as trained, 5 fewer exported); "
+                        "lean = exp degree 15 with one squaring, GELU degree 15, LayerNorm 1/sqrt degree 15 without "
+                        "Newton steps on the 99.9%% variance quantile (27 levels per exported layer; train with "
+                        "--interval-penalty and --epoch-cover)")
+    f.add_argument("--exp-degree", type=int, help="degree of the exp polynomial (default: the profile's)")
+    f.add_argument("--gelu-degree", type=int, help="degree of the GELU polynomial (default: the profile's)")
+    f.add_argument("--tanh-degree", type=int, help="degree of the pooler's tanh polynomial (default: the profile's)")
+    f.add_argument("--invsqrt-degree", type=int,
+                   help="degree of LayerNorm's 1/sqrt starting polynomial (default: the profile's)")
+    f.add_argument("--newton-steps", type=int,
+                   help="Newton steps refining LayerNorm's 1/sqrt (default: the profile's)")
     f.add_argument("--margin", type=float, help="relative widening of the calibrated intervals")
     f.add_argument("--calib-batches", type=int, help="calibrate on this many training batches (default: all)")
     f.add_argument("--student-layers", type=int, metavar="K", help="keep K encoder layers of the teacher")
@@ -308,23 +360,25 @@ def register(subparsers) -> None:
                         "inputs left (like `cgf-fhe cover`, from the counters training keeps anyway), so the "
                         "best-checkpoint choice scores what `cover` + export will run; the best epoch's "
                         "polynomials are saved with its weights")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="student checkpoint folder to write (with --seeds: seed<S>/ "
+                                                          "each and summary.json)")
     _common(p)
     p.set_defaults(func=cmd_distill)
 
     p = subparsers.add_parser("evaluate", help="score a checkpoint on MRPC; prints one JSON object",
                               description='Prints {"accuracy", "f1", "n", ...}; polynomial students add '
                                           'out-of-interval counts; --probe scores the same weights with both softmaxes.')
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="checkpoint folder (written by finetune/distill/cover)")
     p.add_argument("--softmax", choices=["exact", "cgf"], help="override the checkpoint's softmax")
     p.add_argument("--coeff", type=float, help="override the CGF coefficient")
-    p.add_argument("--split", default="validation", choices=["train", "validation"])
+    p.add_argument("--split", default="validation", choices=["train", "validation"],
+                   help="MRPC split to score (default validation, the dev set)")
     p.add_argument("--probe", action="store_true", help="also score with each softmax (exact vs CGF probe)")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="folder with GLUE MRPC train.tsv/validation.tsv (default: $CGF_FHE_DATA_DIR, else the datasets hub)")
     p.add_argument("--max-length", type=int, help="default: the checkpoint's training max length")
-    p.add_argument("--max-eval-samples", type=int)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device")
+    p.add_argument("--max-eval-samples", type=int, help="use only the first N dev examples")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
+    p.add_argument("--device", help="cpu | cuda | mps (default: the best available)")
     p.set_defaults(func=cmd_evaluate, max_train_samples=None)
 
     p = subparsers.add_parser(
@@ -336,19 +390,21 @@ def register(subparsers) -> None:
                     "diverges and the exported form gives NaN logits. CHECKPOINT may be a --seeds folder.")
     p.add_argument("checkpoint", help="a polynomial student (distill --poly all), or a --seeds folder of them")
     p.add_argument("-o", "--output", required=True, help="folder for the covered student (seed*/ for a seed set)")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="folder with GLUE MRPC train.tsv/validation.tsv (default: $CGF_FHE_DATA_DIR, else the datasets hub)")
     p.add_argument("--max-train-samples", type=int, help="measure on the first N training pairs (default: all)")
-    p.add_argument("--max-eval-samples", type=int)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device")
+    p.add_argument("--max-eval-samples", type=int, help="use only the first N dev examples")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
+    p.add_argument("--device", help="cpu | cuda | mps (default: the best available)")
     p.add_argument("--resume", action="store_true", help="skip outputs already covered from the same checkpoint")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_cover, max_length=None)
 
     p = subparsers.add_parser("sweep", help="CE-only CGF fine-tunes for several coefficients (table + sweep.json)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--coeffs", type=float, nargs="+", required=True)
+    p.add_argument("--model", required=True, help="backbone: tiny (random-init test model), minilm (offline all-MiniLM-L6-v2), a hub name such as "
+                        "bert-base-uncased, a local model folder, or a cgf-fhe checkpoint folder")
+    p.add_argument("--coeffs", type=float, nargs="+", required=True, metavar="C",
+                   help="CGF coefficients to fine-tune one model each with, e.g. 0.5 0.65 0.8")
     p.add_argument("--with-exact", action="store_true", help="also fine-tune exact on the same seeds (paired diffs)")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="folder for one checkpoint per coefficient and sweep.json")
     _common(p)
     p.set_defaults(func=cmd_sweep)

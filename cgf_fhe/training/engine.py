@@ -312,9 +312,9 @@ def _diverged(desc: str, loss: float, parts: dict, *, epoch: int, step: int, at:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from ..io import atomic_write  # temp file removed on any failure; a full disk is "disk full: PATH"
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_state(path: str | os.PathLike) -> dict:

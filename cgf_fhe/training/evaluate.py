@@ -6,6 +6,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .. import stats as _stats
 from ..softmax import set_softmax
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
@@ -83,13 +84,8 @@ def probe_softmax(model, loader, coeff: float | None = None, device=None, softma
 # ---------------------------------------------------------------- seed sets
 
 def mean_std(values: Sequence[float]) -> dict:
-    """Mean and sample standard deviation (ddof=1; 0.0 for a single value)."""
-    vals = [float(v) for v in values]
-    if not vals:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return {"mean": mean, "std": std, "n": len(vals)}
+    """Mean and sample standard deviation as a dict (the one definition is ``cgf_fhe.stats.mean_std``)."""
+    return _stats.mean_std(values).as_dict()
 
 
 def summarize_seeds(runs: Mapping, reference: Mapping | None = None, keys=("accuracy", "f1")) -> dict:

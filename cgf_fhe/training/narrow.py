@@ -33,7 +33,7 @@ PROJ_METHOD = "pca-uncentered"
 
 
 def _bert(model) -> nn.Module:
-    from ..split import base_model
+    from ..bert import base_model
 
     return base_model(model)
 

@@ -1,4 +1,5 @@
-"""Simulation backends behind one switch: ``plain`` | ``emulate`` | ``tenseal`` (see :mod:`.base`)."""
+"""Simulation backends behind one switch: ``plain`` | ``emulate`` | ``tenseal`` (see :mod:`.base`); every backend
+lives in this package (:mod:`.plain`, :mod:`.emulate`, :mod:`.tenseal`)."""
 from __future__ import annotations
 
 from .base import (Backend, BootstrapRangeError, LevelError, ModulusOverflowError, SimulationError)
@@ -7,7 +8,7 @@ BACKENDS = ("plain", "emulate", "tenseal")
 
 
 def make_backend(name: str, params=None, **options) -> Backend:
-    """Build a backend. ``params``: :class:`cgf_fhe.simulate.params.CKKSParams` (needed by emulate/tenseal).
+    """Build a backend. ``params``: :class:`cgf_fhe.ckks.CKKSParams` (needed by emulate/tenseal).
 
     emulate options: refresh_kind, bootstrap_bits, bootstrap_bound, on_overflow, on_exhausted, pinned_scale,
     noise, seed, device, noise_pool. tenseal options: client, public_context, n_threads. plain options: device."""
@@ -16,17 +17,17 @@ def make_backend(name: str, params=None, **options) -> Backend:
 
         return PlainBackend(params, device=options.get("device"))
     if params is None:
-        from ..params import CKKSParams
+        from ...ckks import CKKSParams
 
         params = CKKSParams()
     if name == "emulate":
-        from ..emulate import EmulateBackend
+        from .emulate import EmulateBackend
 
         keys = ("refresh_kind", "bootstrap_bits", "bootstrap_bound", "on_overflow", "on_exhausted", "pinned_scale",
                 "noise", "seed", "device", "noise_pool")
         return EmulateBackend(params, **{k: v for k, v in options.items() if k in keys and v is not None})
     if name == "tenseal":
-        from ..tenseal_backend import TenSEALBackend
+        from .tenseal import TenSEALBackend
 
         keys = ("client", "public_context", "n_threads")
         return TenSEALBackend(params, **{k: v for k, v in options.items() if k in keys and v is not None})

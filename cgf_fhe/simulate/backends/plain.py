@@ -1,6 +1,6 @@
 """``plain`` backend: float64 reference evaluation in torch (GPU when available) -- the plaintext baseline.
 
-:class:`TorchBackend` holds the op semantics shared with the emulator (:mod:`cgf_fhe.simulate.emulate`), which
+:class:`TorchBackend` holds the op semantics shared with the emulator (:mod:`cgf_fhe.simulate.backends.emulate`), which
 only overrides the two hooks that wrap a result (:meth:`TorchBackend._linear` for level-free operations,
 :meth:`TorchBackend._product` for rescaled multiplications).
 """

@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Write a run record (records/README.md) from a finished run folder, atomically.
+
+    python benchmarks/record_run.py student runs/minilm/lean --name lean \\
+        --command "cgf-fhe distill ... -o runs/minilm/lean" --teacher teacher -o records/lean.json
+
+KIND and what RUN_DIR holds:
+  teacher, search, student   seed<S>/cgf_fhe.json per seed (or RUN_DIR/cgf_fhe.json for one seed);
+                             a seed that stopped at a non-finite loss has seed<S>/train_state/diverged.json
+  simulate                   simulation.json (RUN_DIR may also be the file)
+  report                     report.json
+  export                     <stem>.check.json and <stem>.parity.json (RUN_DIR = <stem>, the .onnx path
+                             without its suffix)
+  calibration                an emulator_calibration_*.json file
+Only figures go into the record (a few KB); checkpoints, ONNX files and per-node reports stay in the runs folder.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cgf_fhe.errors import CgfFheError, DataError, UserError  # noqa: E402
+from pagegen.records import SCHEMA, machine, package_versions, write_record  # noqa: E402
+
+SIM_KEYS = ("n_examples", "batches", "seq_lens", "accuracy", "f1", "plain_accuracy", "agreement", "max_logit_error",
+            "mean_logit_error", "refresh_label", "refreshes", "refresh_operations", "seconds", "backend_seconds",
+            "plain_seconds", "ratio_to_plain", "seconds_per_example", "n_level_mismatches", "backend", "max_length")
+REPORT_KEYS = ("total_depth", "bootstraps_total", "bootstraps_lower_bound", "latency_seconds", "latency_per_example_seconds", "level_budget",
+               "seq_len")
+
+
+def _json(p: Path) -> dict:
+    if not p.is_file():
+        raise DataError(f"{p} not found")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def _metric(d: dict | None) -> dict | None:
+    if not isinstance(d, dict) or d.get("accuracy") is None:
+        return None
+    return {"accuracy": d.get("accuracy"), "f1": d.get("f1")}
+
+
+def seed_run(s: dict, teacher: dict | None) -> dict:
+    """One seed's entry from its cgf_fhe.json."""
+    points = []
+    for h in s.get("history") or []:
+        for m in h.get("mid_evals") or []:
+            points.append({"at": float(m["at"]), **(_metric(m.get("dev")) or {"accuracy": None, "f1": None})})
+        points.append({"at": float(h["epoch"]), **(_metric(h.get("dev")) or {"accuracy": None, "f1": None})})
+    at = s.get("best_at", s.get("best_epoch"))
+    dev = s.get("dev") or {}
+    depth = (s.get("fhe") or {}).get("depth") or {}
+    ec = (s.get("fhe") or {}).get("epoch_cover")
+    run = {"seed": int(s["seed"]), "status": "finished" if s.get("status") == "done" else "stopped",
+           "read_from": "cgf_fhe.json", "points": points,
+           "chosen": ({"at": float(at) if at is not None else None, **_metric(dev)} if _metric(dev) else None),
+           "teacher": _metric(s.get("teacher_dev")) or teacher,
+           "seconds_per_epoch": s.get("seconds_per_epoch"),
+           "depth": ({"total": depth.get("total"), "per_layer": depth.get("per_layer")} if depth else None),
+           "frac_out": (s.get("interval_report") or {}).get("frac_out"),
+           "nonfinite": (s.get("dev_final") or dev).get("n_nonfinite"), "n_dev": dev.get("n")}
+    if ec:
+        run["epoch_cover_widened"] = [len(e.get("widened") or []) for e in ec]
+    return run
+
+
+def diverged_run(seed: int, d: dict) -> dict:
+    return {"seed": seed, "status": "diverged", "read_from": "train_state/diverged.json", "points": [],
+            "chosen": None, "diverged": {k: d.get(k) for k in ("step", "at", "blend", "loss", "parts")}}
+
+
+def seed_dirs(run_dir: Path) -> list[Path]:
+    if (run_dir / "cgf_fhe.json").is_file():
+        return [run_dir]
+    dirs = sorted(p for p in run_dir.glob("seed*") if p.is_dir())
+    if not dirs:
+        raise DataError(f"{run_dir}: no cgf_fhe.json and no seed<S>/ folders")
+    return dirs
+
+
+def training_record(kind: str, run_dir: Path, teacher_dir: Path | None) -> dict:
+    runs, first = [], None
+    for d in seed_dirs(run_dir):
+        f, dv = d / "cgf_fhe.json", d / "train_state" / "diverged.json"
+        if f.is_file():
+            s = _json(f)
+            first = first or s
+            teacher = None
+            if teacher_dir is not None:
+                tdirs = {p.name: p for p in seed_dirs(teacher_dir)}
+                tf = tdirs.get(f"seed{s['seed']}", teacher_dir) / "cgf_fhe.json"
+                teacher = _metric(_json(tf).get("dev")) if tf.is_file() else None
+            runs.append(seed_run(s, None if kind == "teacher" else teacher))
+        elif dv.is_file():
+            seed = int(d.name[4:]) if d.name.startswith("seed") else int(_json(dv).get("seed"))
+            runs.append(diverged_run(seed, _json(dv)))
+        else:
+            raise DataError(f"{d}: neither cgf_fhe.json nor train_state/diverged.json (run not finished?)")
+    rec = {"seeds": [r["seed"] for r in runs], "runs": runs}
+    if first:
+        rec["settings"] = {k: first.get(k) for k in ("recipe", "kd", "coeff", "softmax", "fhe_options", "layer_map")
+                           if first.get(k) is not None}
+    return rec
+
+
+def seed_order(command: str, seeds: list[int]) -> list[int]:
+    """The order of --seeds in the command line (how the page lists them), else ascending."""
+    m = re.search(r"--seeds((?: \d+)+)", command)
+    given = [int(x) for x in m.group(1).split()] if m else []
+    return [s for s in given if s in seeds] + sorted(s for s in seeds if s not in given)
+
+
+def build(kind: str, run_dir: Path, teacher_dir: Path | None, command: str = "") -> dict:
+    if kind in ("teacher", "search", "student"):
+        rec = training_record(kind, run_dir, teacher_dir)
+        order = seed_order(command, rec["seeds"])
+        rec["runs"].sort(key=lambda r: order.index(r["seed"]))
+        rec["seeds"] = order
+        return rec
+    if kind == "simulate":
+        s = _json(run_dir if run_dir.suffix == ".json" else run_dir / "simulation.json")
+        m = {k: s.get(k) for k in SIM_KEYS if s.get(k) is not None}
+        m["params"] = {k: (s.get("params") or {}).get(k) for k in
+                       ("poly_modulus", "coeff_bits", "level_budget", "scale_bits", "security")}
+        m["overflows"] = (s.get("diagnostics") or {}).get("overflows")
+        m["error_per_layer"] = [{k: e.get(k) for k in ("layer", "max_abs_error", "mean_abs_error")}
+                                for e in s.get("error_per_layer") or []]
+        return {"metrics": m}
+    if kind == "report":
+        r = _json(run_dir if run_dir.suffix == ".json" else run_dir / "report.json")
+        m = {k: r.get(k) for k in REPORT_KEYS if r.get(k) is not None}
+        m["levels_per_group"] = {**{f"layer {x['index']}": x.get("depth") for x in r.get("layers") or []},
+                                 **{g["name"]: g.get("depth") for g in r.get("head") or [] if g.get("encrypted_nodes")}}
+        m["bootstraps_per_group"] = {**{f"layer {x['index']}": x.get("bootstraps") for x in r.get("layers") or []},
+                                     **{g["name"]: g.get("bootstraps") for g in r.get("head") or []
+                                        if g.get("encrypted_nodes")}}
+        return {"metrics": m}
+    if kind == "export":
+        chk, par = _json(Path(f"{run_dir}.check.json")), _json(Path(f"{run_dir}.parity.json"))
+        m = {k: chk.get(k) for k in ("nodes", "encrypted_nodes", "depth", "ok", "encrypted_op_types")}
+        m.update({k: par.get(k) for k in ("n_examples", "max_length", "max_abs_logit_diff", "mean_abs_logit_diff",
+                                          "agreement", "torch_accuracy", "onnx_accuracy", "seconds")})
+        return {"metrics": m}
+    if kind == "calibration":
+        d = _json(run_dir)
+        return {"metrics": {"params": d.get("params"), "rows": d.get("rows")}}
+    raise UserError(f"unknown kind '{kind}'")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("kind", choices=("teacher", "search", "student", "simulate", "report", "export", "calibration"))
+    ap.add_argument("run_dir", type=Path, help="the run folder (or file) the figures are read from")
+    ap.add_argument("--name", required=True, help="record name = file name without .json (e.g. lean)")
+    ap.add_argument("--command", required=True, help="the command line that made the run, as it should be shown")
+    ap.add_argument("--title", help="one-line description shown on the page (default: the name)")
+    ap.add_argument("--teacher", help="student records: name of the teacher record its seeds pair with")
+    ap.add_argument("--teacher-dir", type=Path, help="teacher seed folders, for students whose cgf_fhe.json "
+                    "lacks teacher_dev")
+    ap.add_argument("--note", action="append", default=[], help="a sentence shown under the figures (repeatable)")
+    ap.add_argument("-o", "--output", type=Path, required=True, help="records/<name>.json")
+    a = ap.parse_args(argv)
+    try:
+        if a.output.stem != a.name:
+            raise UserError(f"-o {a.output}: the file name must be the record name ({a.name}.json)")
+        rec = {"schema": SCHEMA, "name": a.name, "kind": a.kind, "title": a.title or a.name, "source": "run",
+               "command": a.command, "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "machine": machine(), "packages": package_versions()}
+        if a.teacher:
+            rec["teacher"] = a.teacher
+        rec.update(build(a.kind, a.run_dir, a.teacher_dir, a.command))
+        rec["notes"] = a.note
+        write_record(a.output, rec)
+    except CgfFheError as e:
+        print(f"record_run: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""`python -m cgf_fhe ...` is the `cgf-fhe` command."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
