@@ -316,8 +316,8 @@ def register(subparsers) -> None:
                         "benchmarks/frozen_ln_probe.py) (unset options: FheOptions defaults)")
     f.add_argument("--fhe-profile", choices=["default", "lean"],  # surgery.PROFILES (torch-free here)
                    help="a named set of approximation choices (implies --poly all; explicit degree flags override "
-                        "it): default = FheOptions' defaults (~52 levels per MiniLM layer as trained, 5 fewer exported); "
-                        "lean = exp degree 15 with one squaring, GELU degree 15, LayerNorm 1/sqrt degree 15 without "
+                        "it): default = FheOptions' defaults (~52 levels per MiniLM layer as trained, 5 fewer "
+                        "exported); lean = exp degree 15 with one squaring, GELU degree 15, LayerNorm 1/sqrt degree 15 without "
                         "Newton steps on the 99.9%% variance quantile (27 levels per exported layer; train with "
                         "--interval-penalty and --epoch-cover)")
     f.add_argument("--exp-degree", type=int, help="degree of the exp polynomial (default: the profile's)")
