@@ -34,7 +34,7 @@ PRESETS: dict[str, dict] = {
         # level budgets (levels of a fresh ciphertext): one depth report and one emulation per budget
         "levels": [7, 14],
         "teacher": {"epochs": 3, "max_train_samples": 512, "max_eval_samples": 128, "seed": 42, "lr": 1e-3},
-        # the lean FHE profile (issue #22: 32 levels per layer instead of ~52), its LayerNorm variance penalty on
+        # the lean FHE profile (issue #22: 27 levels per exported layer instead of ~47), its LayerNorm variance penalty on
         "student": {"epochs": 3, "coeff": 0.5, "beta": 10.0, "fhe_profile": "lean", "interval_penalty": 0.1,
                     "student_layers": 1, "max_train_samples": 512, "max_eval_samples": 128, "seed": 42,
                     "margin": 0.5, "epoch_cover": True},

@@ -44,7 +44,9 @@ SETTINGS_VERSION = 1
 LAYER_LINEAR_DEPTH = 9
 # Export folds (cgf_fhe.fold, all-Newton students): per layer, each LayerNorm's centring rides on the preceding
 # dense layer and its output product on the next linear map (2 x 2 levels), and CGF's keep/n weights on V (1).
-FOLD_SAVING = 5
+LN_FOLD_SAVING = 4  # all-Newton students only
+V_FOLD_SAVING = 1  # every CGF student with a polynomial exp
+FOLD_SAVING = LN_FOLD_SAVING + V_FOLD_SAVING
 # Pooler: dense 1, (tanh T), classifier 1.
 HEAD_LINEAR_DEPTH = 2
 
@@ -730,7 +732,7 @@ def depth_table(options: FheOptions | dict | None = None,
                 L = layer_depth(e["exp_depth"], G, La, Lf)
                 rows.append({"ln": ln, "newton_steps": n, "ln_depth": La if La == Lf else None,
                              "ln_attn_depth": La, "ln_ffn_depth": Lf, **e, "gelu_degree": g, "gelu_depth": G,
-                             "layer_depth": L, "layer_depth_exported": L - FOLD_SAVING if ln == "newton" else L})
+                             "layer_depth": L, "layer_depth_exported": L - (FOLD_SAVING if ln == "newton" else V_FOLD_SAVING)})
     cur = {}
     if options.exp_form == "square":
         cur["exp_depth"] = poly_depth("square", 0, r=options.exp_r)
@@ -746,7 +748,7 @@ def depth_table(options: FheOptions | dict | None = None,
     if "exp_depth" in cur and "ln_attn_depth" in cur:
         cur["layer_depth"] = layer_depth(cur["exp_depth"], cur["gelu_depth"], cur["ln_attn_depth"],
                                          cur["ln_ffn_depth"])
-        cur["layer_depth_exported"] = cur["layer_depth"] - (FOLD_SAVING if options.ln == "newton" else 0)
+        cur["layer_depth_exported"] = cur["layer_depth"] - (FOLD_SAVING if options.ln == "newton" else V_FOLD_SAVING)
     return {
         "formula": "layer = 9 + exp + gelu + ln_attn + ln_ffn (QKV 1, QK^T 1, CGF stats 2, *w 1, @V 1, dense 1, "
                    "FFN 2); head = 2 + tanh; frozen ln = 1; newton ln = 3 + P + 2*steps; exported all-Newton "
@@ -795,6 +797,7 @@ def model_depth(model) -> dict:
     for i in range(len(encoder_layers(model))):
         per.append(layer_depth(d(f"layers.{i}.exp", "exp"), d(f"layers.{i}.gelu", "gelu"),
                                d(f"layers.{i}.ln_attn", "ln"), d(f"layers.{i}.ln_ffn", "ln"))
-                   - (FOLD_SAVING if folded and isinstance(mods.get(f"layers.{i}.exp"), P.PolyExp) else 0))
+                   - ((LN_FOLD_SAVING if folded else 0) + V_FOLD_SAVING
+                      if isinstance(mods.get(f"layers.{i}.exp"), P.PolyExp) else 0))
     head = HEAD_LINEAR_DEPTH + d("pooler.tanh", "tanh")
     return {"per_layer": per, "head": head, "total": sum(per) + head}

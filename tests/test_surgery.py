@@ -296,7 +296,7 @@ def test_onnx_export_passes_verifier_with_stated_depth(ranges, data, ln):
         g = mods[f"layers.{i}.gelu"].approx.depth(prescaled=True)
         assert stated["per_layer"][i] == layer_depth(e, g, mods[f"layers.{i}.ln_attn"].depth,
                                                      mods[f"layers.{i}.ln_ffn"].depth) - (
-            surgery.FOLD_SAVING if ln == "newton" else 0)  # the export folds of cgf_fhe.fold (all-Newton only)
+            surgery.FOLD_SAVING if ln == "newton" else surgery.V_FOLD_SAVING)  # export folds (cgf_fhe.fold)
 
 
 def test_frozen_attn_freezes_only_the_attention_output_layernorms(ranges, data):
@@ -317,7 +317,7 @@ def test_frozen_attn_freezes_only_the_attention_output_layernorms(ranges, data):
     dm, dn = model_depth(mixed), model_depth(newton)
     for i in range(2):
         # (the all-Newton student's export folds save FOLD_SAVING levels a layer; the mixed one is not folded)
-        assert dn["per_layer"][i] - dm["per_layer"][i] == n[f"layers.{i}.ln_attn"].depth - 1 - surgery.FOLD_SAVING
+        assert dn["per_layer"][i] - dm["per_layer"][i] == n[f"layers.{i}.ln_attn"].depth - 1 - surgery.LN_FOLD_SAVING
     assert settings["options"]["ln"] == "frozen-attn"
     assert set_frozen_blend(mixed, 0.0) == 2 and set_frozen_blend(newton, 0.0) == 0
     batch = next(iter(data))
