@@ -624,8 +624,13 @@ class PolyTanh(PolyModule):
     kind = "tanh"
 
 
-def _centering(h: int, dtype, device) -> torch.Tensor:
-    return torch.eye(h, dtype=dtype, device=device) - torch.full((h, h), 1.0 / h, dtype=dtype, device=device)
+def centred_scaled(x: torch.Tensor, scale) -> torch.Tensor:
+    """``(x - mean(x)) * scale`` over the last axis, as ``x*scale - ReduceSum(x)*(scale/H)``: two elementwise
+    plaintext multiplications and one rotate-and-sum (one level, like the centring matrix ``(I - 11^T/H)
+    diag(scale)`` it replaces, but H ct x pt per row instead of H^2). ``scale``: a scalar or an ``[H]`` vector."""
+    h = x.shape[-1]
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    return x * scale - x.sum(-1, keepdim=True) * (scale / h)
 
 
 class _LNBase(IntervalTracker):
@@ -644,14 +649,27 @@ class _LNBase(IntervalTracker):
         self.normalized_shape = (self.hidden,)
 
     def _observe_var(self, x):
+        """Count ``var + eps`` against the interval; while training, ``last_penalty`` is the differentiable
+        mean squared log-excess of the variance over the interval (``log(v/b)`` above it, ``log(a/v)`` below),
+        so that :func:`cgf_fhe.surgery.interval_penalty` pulls each LayerNorm's variance into its interval:
+        the massive-activation tokens are the ones that pay."""
         if (self.track or self.calibrating) and not _exporting():
-            with torch.no_grad():
-                v = x.detach().var(-1, unbiased=False) + self.eps
-            self._observe(v)
+            grad = self.training and torch.is_grad_enabled() and self.interval is not None
+            with torch.set_grad_enabled(grad):
+                v = x.var(-1, unbiased=False) + self.eps
+            self._observe(v.detach())
+            if grad and v.numel():
+                a, b = self.interval
+                lv = torch.log(v.float().clamp_min(1e-30))
+                ex = torch.relu(lv - math.log(b)) + torch.relu(math.log(max(a, 1e-30)) - lv)
+                # bounded and finite even when an upstream polynomial has blown up
+                ex = torch.nan_to_num(ex, nan=PENALTY_CAP, posinf=PENALTY_CAP).clamp(max=PENALTY_CAP)
+                self.last_penalty = (ex * ex).mean()
 
 
 class FrozenLayerNorm(_LNBase):
-    """``y = x @ ((I - 11^T/H) diag(gamma * inv_sigma)) + beta``: one plaintext matmul (depth 1).
+    """``y = (x - mean(x)) * gamma * inv_sigma + beta`` computed as ``x*g - ReduceSum(x)*(g/H) + beta``
+    (:func:`centred_scaled`, depth 1, no H x H matrix).
 
     ``interval`` (optional, informational): the calibrated range of ``var + eps``; tokens outside it are
     counted like the other modules' out-of-interval inputs (the frozen constant fits them worst).
@@ -670,14 +688,10 @@ class FrozenLayerNorm(_LNBase):
         self.inv_sigma = float(inv_sigma)
         self.blend = 1.0
 
-    def matrix(self) -> torch.Tensor:
-        P = _centering(self.hidden, self.weight.dtype, self.weight.device)
-        return P * (self.weight * self.inv_sigma)[None, :]
-
     def forward(self, x):
         self._observe_var(x)
         if self.blend >= 1.0:
-            return x @ self.matrix() + self.bias
+            return centred_scaled(x, self.weight * self.inv_sigma) + self.bias
         d = x - x.mean(-1, keepdim=True)
         inv = self.blend * self.inv_sigma + (1.0 - self.blend) * torch.rsqrt(
             (d * d).mean(-1, keepdim=True) + self.eps)
@@ -695,9 +709,9 @@ class FrozenLayerNorm(_LNBase):
 class NewtonLayerNorm(_LNBase):
     """LayerNorm with ``1/sqrt(v)`` (``v = var + eps``) = polynomial guess on ``[vlo, vhi]`` + Newton steps.
 
-    Encrypted schedule (``P`` = centring matrix ``I - 11^T/H``; every matrix is plaintext):
-    ``ds = x @ (P*sqrt(alpha/H))``, ``dh = x @ (P*sqrt(0.5/H))``, ``dg = x @ (P diag(gamma))`` (1 level each,
-    in parallel); ``t = sum(ds*ds) + alpha*eps`` = ``alpha*v`` (2); ``y = poly(t)`` prescaled (2 + P);
+    Encrypted schedule (centring as ``x*s - ReduceSum(x)*(s/H)``, :func:`centred_scaled`; every constant is
+    plaintext): ``ds`` with ``s = sqrt(alpha/H)``, ``dh`` with ``s = sqrt(0.5/H)``, ``dg`` with ``s = gamma``
+    (1 level each, in parallel, H ct x pt per row each instead of an H x H centring matrix); ``t = sum(ds*ds) + alpha*eps`` = ``alpha*v`` (2); ``y = poly(t)`` prescaled (2 + P);
     ``hv = sum(dh*dh) + 0.5*eps`` = ``v/2``; Newton ``y <- y*1.5 - (y*hv)*(y*y)`` (2 levels each);
     output ``dg * y + beta`` (1). Depth ``3 + P + 2*steps``."""
 
@@ -729,11 +743,10 @@ class NewtonLayerNorm(_LNBase):
             v = ((d * d).mean(-1, keepdim=True) + self.eps).clamp(*self.interval)
             return d * self.invsqrt(v) * self.weight + self.bias
         H = self.hidden
-        P = _centering(H, x.dtype, x.device)
         a = self.approx.alpha
-        ds = x @ (P * math.sqrt(a / H))
-        dh = x @ (P * math.sqrt(0.5 / H))
-        dg = x @ (P * self.weight[None, :])
+        ds = centred_scaled(x, math.sqrt(a / H))
+        dh = centred_scaled(x, math.sqrt(0.5 / H))
+        dg = centred_scaled(x, self.weight)
         t = (ds * ds).sum(-1, keepdim=True) + a * self.eps
         y = self.approx.evaluate(t, prescaled=True)
         hv = (dh * dh).sum(-1, keepdim=True) + 0.5 * self.eps

@@ -51,15 +51,29 @@ def keep_mask(attention_mask: torch.Tensor | None, scores: torch.Tensor) -> torc
     return attention_mask.to(scores.dtype)
 
 
-def cgf_probs(scores: torch.Tensor, keep: torch.Tensor, coeff: float = DEFAULT_COEFF, exp_fn=torch.exp, valid=None):
-    """CGF attention weights. ``scores`` [..., K]; ``keep`` 0/1 broadcastable; masked keys get exactly 0."""
-    n = keep.sum(-1, keepdim=True)
-    w = keep / n  # plaintext: depends only on the public mask
+def _cgf_argument(scores: torch.Tensor, keep: torch.Tensor, coeff) -> torch.Tensor:
+    """``s - mean(s) - c*var(s)`` over the valid keys, in the encrypted evaluator's order (see the module doc)."""
+    w = keep / keep.sum(-1, keepdim=True)  # plaintext: depends only on the public mask
     cw = w * coeff
     mu = (scores * w).sum(-1, keepdim=True)
-    x = scores - mu - (scores * scores * cw).sum(-1, keepdim=True) + mu * (scores * cw).sum(-1, keepdim=True)
+    return scores - mu - (scores * scores * cw).sum(-1, keepdim=True) + mu * (scores * cw).sum(-1, keepdim=True)
+
+
+def cgf_probs(scores: torch.Tensor, keep: torch.Tensor, coeff: float = DEFAULT_COEFF, exp_fn=torch.exp, valid=None):
+    """CGF attention weights. ``scores`` [..., K]; ``keep`` 0/1 broadcastable; masked keys get exactly 0."""
+    w = keep / keep.sum(-1, keepdim=True)
+    x = _cgf_argument(scores, keep, coeff)
     e = exp_fn(x) if valid is None else exp_fn(x, valid=valid)
     return e * w
+
+
+def _weights_ride_on_v(module, keep: torch.Tensor, dropout: float) -> bool:
+    """While exporting an eval-mode CGF student whose mask has one row for every query (the server model's
+    ``[B, 1, 1, K]`` keep-mask), with no exact-softmax blend: the ``keep/n`` weights can multiply V instead."""
+    from .poly import _exporting
+
+    return (_exporting() and not module.training and not dropout and keep.dim() == 4 and keep.shape[-2] == 1
+            and getattr(module, "cgf_blend", 1.0) >= 1.0)
 
 
 def exact_probs(scores: torch.Tensor, keep: torch.Tensor):
@@ -88,6 +102,13 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout, kind: s
         else:
             coeff = float(getattr(module.config, "cgf_coeff", DEFAULT_COEFF))
         exp_fn = getattr(module, "cgf_exp", None)
+        if exp_fn is not None and _weights_ride_on_v(module, keep, dropout):
+            # export (issue #22): (e * w) @ V == e @ (V * w^T) when w = keep/n is the same for every query row;
+            # the plaintext w then multiplies V (a low-level ciphertext) instead of e (the deepest one): -1 level
+            w = keep / keep.sum(-1, keepdim=True)
+            e = exp_fn(_cgf_argument(scores, keep, coeff), valid=keep.expand_as(scores) > 0)
+            out = torch.matmul(e, value * w.transpose(-1, -2)).transpose(1, 2).contiguous()
+            return out, None
         if exp_fn is None:
             probs = cgf_probs(scores, keep, coeff)
         else:

@@ -114,7 +114,7 @@ class ServerModel(nn.Module):
                 pooled = dropout(pooled)
             return model.classifier(pooled)
         # heads that pool themselves (e.g. RoBERTa's classification head takes the sequence output)
-        return model.classifier(h)
+        return model.classifier(h.materialize() if hasattr(h, "materialize") else h)
 
 
 class FirstTokenAttention(nn.Module):
@@ -171,7 +171,7 @@ def _foldable(mod) -> bool:
     return bool(getattr(mod, "foldable", False)) and not getattr(mod, "prescaled", False)
 
 
-def fold_for_export(model) -> nn.Module:
+def fold_for_export(model, fold_layernorms: bool = True) -> nn.Module:
     """Deep copy of ``model`` with constant scales folded into plaintext weights (same logits).
 
     * attention ``scaling`` (1/sqrt(head_dim)) -> query weight and bias; ``.scaling = 1.0``;
@@ -183,6 +183,9 @@ def fold_for_export(model) -> nn.Module:
     * polynomial GELU: ``alpha``, ``beta`` into ``intermediate.dense``; polynomial tanh: into ``pooler.dense``.
 
     Each folded polynomial module is switched to ``prescaled`` mode, which saves one level on it.
+    ``fold_layernorms`` (default): when every encoder LayerNorm is a Newton LayerNorm, the LayerNorms' centring
+    rides on the preceding dense layer and their output product on the next linear map (:mod:`cgf_fhe.fold`;
+    two levels less per LayerNorm, logits unchanged); ``m.cgf_folded_layernorms`` says whether it applied.
     The copy is in eval mode; interval counting and the training-only input guard are off on it.
     """
     m = copy.deepcopy(model)
@@ -219,4 +222,8 @@ def fold_for_export(model) -> nn.Module:
             mod.track = False
         if hasattr(mod, "guard"):
             mod.guard = False
+    if fold_layernorms:
+        from .fold import fold_layernorms as _fold
+
+        m.cgf_folded_layernorms = _fold(encoder_layers(m), pooler)
     return m

@@ -42,12 +42,34 @@ SETTINGS_VERSION = 1
 # Q/K/V projection 1, scores Q@K^T 1, CGF statistics 2, (exp E), probs*w 1, probs@V 1, output dense 1,
 # (LN L), FFN in 1, (GELU G), FFN out 1, (LN L). Residual additions are free.
 LAYER_LINEAR_DEPTH = 9
+# Export folds (cgf_fhe.fold, all-Newton students): per layer, each LayerNorm's centring rides on the preceding
+# dense layer and its output product on the next linear map (2 x 2 levels), and CGF's keep/n weights on V (1).
+LN_FOLD_SAVING = 4  # all-Newton students only
+V_FOLD_SAVING = 1  # every CGF student with a polynomial exp
+FOLD_SAVING = LN_FOLD_SAVING + V_FOLD_SAVING
 # Pooler: dense 1, (tanh T), classifier 1.
 HEAD_LINEAR_DEPTH = 2
 
 
 KINDS = ("exp", "gelu", "ln", "tanh")
 LN_CHOICES = ("newton", "frozen", "frozen-attn")  # --ln: every LayerNorm Newton / frozen / frozen after attention only
+
+
+_BAND_QUANTILES = (0.99, 0.999, 0.9999)  # upper calibration quantiles _Stats keeps (see _Stats.QUANTILES)
+
+# Named choices of approximations (``--fhe-profile``). "default": FheOptions' own defaults (the poly6 students
+# of docs/results.md, about 52 levels per encoder layer). "lean" (issue #22): each choice at the depth the
+# issue allows, picked by max error on MiniLM's calibrated intervals (benchmarks/depth_table.py --lean):
+# exp degree 15 with one squaring (5 levels; max rel. error 5.6e-3 on [-30, 8] where exp >= 1e-3, against
+# 7.5e-2 for degree 7 with two squarings at the same depth), GELU degree 15 (4 levels), LayerNorm 1/sqrt as
+# a degree-15 relative-error fit with no Newton step (7 levels per LayerNorm; 4.4e-3 max rel. error on a
+# variance range of ratio 30) on the 99.9% calibration quantile, tanh 15. 9 + 5 + 4 + 7 + 7 = 32 per layer as
+# trained, 27 as exported (the folds of cgf_fhe.fold save 5).
+PROFILES: dict[str, dict] = {
+    "default": {"poly": "all"},
+    "lean": {"poly": "all", "exp_degree": 15, "exp_squarings": 1, "gelu_degree": 15, "invsqrt_degree": 15,
+             "newton_steps": 0, "ln_band": 0.999, "tanh_degree": 15},
+}
 
 
 @dataclass
@@ -70,6 +92,11 @@ class FheOptions:
     lower end is at least ``-exp_floor`` (exp is ~0 below; inputs there count as out-of-interval).
     Newton LN: ``newton_steps`` None = per layer the fewest steps with max relative error of 1/sqrt
     <= ``ln_rel_target`` (at most ``max_newton_steps``).
+    ``ln_band`` (a calibration quantile, e.g. 0.999; None = the maximum): the top of each Newton LayerNorm's
+    variance interval is that quantile of the calibrated variances instead of their maximum, so the rare
+    massive-activation tokens fall outside a narrow interval; train with ``--interval-penalty`` (the LayerNorm
+    penalty is differentiable: it pulls those variances in) and ``--epoch-cover`` (what stays outside is covered
+    before each epoch is scored, so the exported interval is honest).
     Frozen LN constant ``frozen_stat``: "geo" (``1/sigma = exp(-E[log sqrt v])``, robust to the few
     massive-activation tokens) or "ls" (``E[sqrt v]/E[v]``, least-squares optimal output scale).
 
@@ -98,6 +125,7 @@ class FheOptions:
     ln_rel_target: float = 1e-3
     max_newton_steps: int = 8
     frozen_stat: str = "geo"
+    ln_band: float | None = None
     form: str = "ps"
     fit: str = "interp"
     kinds: tuple[str, ...] = KINDS  # ablations: replace only these kinds (the result is not FHE-ready)
@@ -120,6 +148,8 @@ class FheOptions:
         bad = [k for k in self.kinds if k not in KINDS]
         if bad:
             raise ValueError(f"unknown kinds {bad}; choose from {KINDS}")
+        if self.ln_band is not None and str(float(self.ln_band)) not in {str(q) for q in _BAND_QUANTILES}:
+            raise ValueError(f"ln_band must be one of the calibrated quantiles {_BAND_QUANTILES}, got {self.ln_band!r}")
         if self.frozen_stat not in ("geo", "ls"):
             raise ValueError(f"frozen_stat must be 'geo' or 'ls', got {self.frozen_stat!r}")
 
@@ -135,6 +165,14 @@ class FheOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_profile(cls, name: str, **overrides) -> "FheOptions":
+        """Options of the named profile (:data:`PROFILES`), then ``overrides`` (None values are ignored)."""
+        if name not in PROFILES:
+            raise ValueError(f"unknown FHE profile {name!r}; choose from {sorted(PROFILES)}")
+        kw = {**PROFILES[name], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(**kw)
 
     @classmethod
     def from_dict(cls, d: dict) -> "FheOptions":
@@ -367,6 +405,17 @@ def _range(ranges: dict, key: str) -> dict:
     return st
 
 
+def _banded(st: dict, q: float | None) -> dict:
+    """``st`` with its maximum lowered to its calibrated ``q`` quantile (``ln_band``); unchanged for None."""
+    if q is None:
+        return st
+    qs = st.get("quantiles") or {}
+    top = qs.get(str(float(q)))
+    if top is None:
+        raise ValueError(f"ln_band {q}: the calibration ranges keep no {q} quantile (recalibrate)")
+    return {**st, "max": min(float(st["max"]), float(top))}
+
+
 def _fit_invsqrt(lo: float, hi: float, options: FheOptions) -> P.PolyApprox:
     return P.fit("invsqrt", lo, hi, degree=options.invsqrt_degree, form=options.form, method="lsq", relative=True)
 
@@ -420,7 +469,7 @@ def build_modules(model, options: FheOptions, ranges: dict, keys=None) -> dict[s
                 inv = st.get(f"frozen_inv_sigma_{options.frozen_stat}") or 1.0 / math.sqrt(st["mean"])
                 mods[key] = P.FrozenLayerNorm(inv, ln=ln, interval=widen(st, options.margin, positive=True))
             else:
-                lo, hi = widen(st, options.margin, positive=True)
+                lo, hi = widen(_banded(st, options.ln_band), options.margin, positive=True)
                 mods[key] = newton_ln(_fit_invsqrt(lo, hi, options), options, ln)
     return mods
 
@@ -680,9 +729,10 @@ def depth_table(options: FheOptions | dict | None = None,
     for ln, n, La, Lf in lns:
         for e in exps:
             for g, G in gelus:
+                L = layer_depth(e["exp_depth"], G, La, Lf)
                 rows.append({"ln": ln, "newton_steps": n, "ln_depth": La if La == Lf else None,
                              "ln_attn_depth": La, "ln_ffn_depth": Lf, **e, "gelu_degree": g, "gelu_depth": G,
-                             "layer_depth": layer_depth(e["exp_depth"], G, La, Lf)})
+                             "layer_depth": L, "layer_depth_exported": L - (FOLD_SAVING if ln == "newton" else V_FOLD_SAVING)})
     cur = {}
     if options.exp_form == "square":
         cur["exp_depth"] = poly_depth("square", 0, r=options.exp_r)
@@ -698,9 +748,11 @@ def depth_table(options: FheOptions | dict | None = None,
     if "exp_depth" in cur and "ln_attn_depth" in cur:
         cur["layer_depth"] = layer_depth(cur["exp_depth"], cur["gelu_depth"], cur["ln_attn_depth"],
                                          cur["ln_ffn_depth"])
+        cur["layer_depth_exported"] = cur["layer_depth"] - (FOLD_SAVING if options.ln == "newton" else V_FOLD_SAVING)
     return {
         "formula": "layer = 9 + exp + gelu + ln_attn + ln_ffn (QKV 1, QK^T 1, CGF stats 2, *w 1, @V 1, dense 1, "
-                   "FFN 2); head = 2 + tanh; frozen ln = 1; newton ln = 3 + P + 2*steps",
+                   "FFN 2); head = 2 + tanh; frozen ln = 1; newton ln = 3 + P + 2*steps; exported all-Newton "
+                   f"layers save {FOLD_SAVING} (cgf_fhe.fold: LN centring and output products, *w on V)",
         "linear_depth": LAYER_LINEAR_DEPTH,
         "components": {"ln": components,
                        "exp": exps, "gelu": [{"degree": g, "depth": G} for g, G in gelus]},
@@ -726,7 +778,8 @@ def ln_cells(row: dict) -> tuple[str, str]:
 
 def model_depth(model) -> dict:
     """Stated depth of ``model`` as exported (fold_for_export): per layer, head, total. Layers without
-    polynomial modules count their exact ops as 0 (not FHE-evaluable)."""
+    polynomial modules count their exact ops as 0 (not FHE-evaluable). When every LayerNorm is a Newton one,
+    the export folds save :data:`FOLD_SAVING` levels per layer (:mod:`cgf_fhe.fold`)."""
     mods = dict(named_approx_modules(model))
 
     def d(key, kind):
@@ -737,9 +790,14 @@ def model_depth(model) -> dict:
             return m.approx.depth(prescaled=True)
         return m.depth
 
+    from .fold import foldable
+
+    folded = foldable(encoder_layers(model))
     per = []
     for i in range(len(encoder_layers(model))):
         per.append(layer_depth(d(f"layers.{i}.exp", "exp"), d(f"layers.{i}.gelu", "gelu"),
-                               d(f"layers.{i}.ln_attn", "ln"), d(f"layers.{i}.ln_ffn", "ln")))
+                               d(f"layers.{i}.ln_attn", "ln"), d(f"layers.{i}.ln_ffn", "ln"))
+                   - ((LN_FOLD_SAVING if folded else 0) + V_FOLD_SAVING
+                      if isinstance(mods.get(f"layers.{i}.exp"), P.PolyExp) else 0))
     head = HEAD_LINEAR_DEPTH + d("pooler.tanh", "tanh")
     return {"per_layer": per, "head": head, "total": sum(per) + head}

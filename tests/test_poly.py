@@ -153,9 +153,16 @@ def test_newton_layernorm_accuracy_and_depth():
     an, ops = _export_depth(mod.float(), x.float())
     assert not an.violations and an.total_depth == mod.depth
     assert "Sqrt" not in ops and "Div" not in ops
+    assert _no_centring_matrix(an, x.shape[-1])
 
 
-def test_frozen_layernorm_is_one_matmul():
+def _no_centring_matrix(an, h):
+    """No encrypted MatMul and no H x H constant: centring is x*s - ReduceSum(x)*(s/H) (issue #22, item 1)."""
+    assert not any(n.op_type in ("MatMul", "Gemm") for n in an.nodes if n.encrypted)
+    return True
+
+
+def test_frozen_layernorm_is_depth_one_without_matrix():
     h = 12
     ln = nn.LayerNorm(h, eps=0.0)
     with torch.no_grad():
@@ -168,7 +175,9 @@ def test_frozen_layernorm_is_one_matmul():
     assert mod.weight is ln.weight and set(dict(mod.named_parameters())) == {"weight", "bias"}
     an, ops = _export_depth(mod, x)
     assert not an.violations and an.total_depth == mod.depth == 1
-    assert sum(n.levels for n in an.nodes if n.encrypted) == 1  # exactly one level-consuming node
+    # x*g and ReduceSum(x)*(g/H): two level-consuming elementwise products in parallel, no H x H matrix
+    assert sum(n.levels for n in an.nodes if n.encrypted) == 2
+    assert _no_centring_matrix(an, h) and "ReduceSum" in ops
 
 
 def test_exp_counts_only_valid_positions_and_penalty():
@@ -248,3 +257,25 @@ def test_training_backward_uses_the_derivative_with_same_values_and_gradients(na
     assert float((g1 - g0).abs().max()) <= (1e-9 if dtype == torch.float64 else 2e-4) * scale
     # and autograd keeps at most t (+ the inner series) instead of every intermediate product
     assert sum(saved) <= 2 * 4001 and sum(recorded) >= 4 * sum(saved)
+
+
+def test_layernorm_variance_penalty_is_differentiable_and_pulls_outliers_in():
+    """The LayerNorm's interval penalty (issue #22) has a gradient that shrinks the variance of the tokens above
+    the interval and leaves tokens inside it alone."""
+    h = 16
+    approx = P.fit("invsqrt", 0.5, 4.0, degree=7, method="lsq", relative=True)
+    mod = P.NewtonLayerNorm(approx, 0, hidden=h)
+    mod.train()
+    x = torch.randn(2, 4, h)
+    x = (x - x.mean(-1, keepdim=True)) / x.std(-1, unbiased=False, keepdim=True)  # variance 1: inside
+    x[0, 1] *= 10.0  # variance 100: a massive-activation token, far above 4
+    x.requires_grad_(True)
+    mod(x)
+    pen = mod.last_penalty
+    assert pen is not None and pen.requires_grad
+    expected = math.log(100.0 / 4.0) ** 2 / 8  # one of 8 tokens, squared log-excess
+    assert abs(float(pen) - expected) < 1e-3 * expected
+    pen.backward()
+    g = x.grad
+    assert float(g[0, 1].norm()) > 0 and float(g[0, 0].abs().max()) == 0.0 and float(g[1].abs().max()) == 0.0
+    assert float((g[0, 1] * x[0, 1]).sum()) > 0  # descending the gradient shrinks that token's spread

@@ -14,6 +14,7 @@ from cgf_fhe.data import load_mrpc, make_loader, tokenize_split
 from cgf_fhe.models import build_model, load_checkpoint, save_checkpoint
 from cgf_fhe.softmax import set_softmax
 from cgf_fhe.split import ServerModel, client_embed, fold_for_export
+from cgf_fhe import surgery
 from cgf_fhe.surgery import (LN_CHOICES, FheOptions, apply_fhe_settings, calibrate, depth_table, fhe_settings,
                              interval_penalty, interval_report, layer_depth, model_depth, named_approx_modules, polynomialize,
                              ln_cells, reset_interval_counters, set_frozen_blend, set_guard, shrink_layers)
@@ -294,7 +295,8 @@ def test_onnx_export_passes_verifier_with_stated_depth(ranges, data, ln):
         e = mods[f"layers.{i}.exp"].approx.depth(prescaled=True)
         g = mods[f"layers.{i}.gelu"].approx.depth(prescaled=True)
         assert stated["per_layer"][i] == layer_depth(e, g, mods[f"layers.{i}.ln_attn"].depth,
-                                                     mods[f"layers.{i}.ln_ffn"].depth)
+                                                     mods[f"layers.{i}.ln_ffn"].depth) - (
+            surgery.FOLD_SAVING if ln == "newton" else surgery.V_FOLD_SAVING)  # export folds (cgf_fhe.fold)
 
 
 def test_frozen_attn_freezes_only_the_attention_output_layernorms(ranges, data):
@@ -314,7 +316,8 @@ def test_frozen_attn_freezes_only_the_attention_output_layernorms(ranges, data):
         assert b.to_settings() == n[f"layers.{i}.ln_ffn"].to_settings()
     dm, dn = model_depth(mixed), model_depth(newton)
     for i in range(2):
-        assert dn["per_layer"][i] - dm["per_layer"][i] == n[f"layers.{i}.ln_attn"].depth - 1
+        # (the all-Newton student's export folds save FOLD_SAVING levels a layer; the mixed one is not folded)
+        assert dn["per_layer"][i] - dm["per_layer"][i] == n[f"layers.{i}.ln_attn"].depth - 1 - surgery.LN_FOLD_SAVING
     assert settings["options"]["ln"] == "frozen-attn"
     assert set_frozen_blend(mixed, 0.0) == 2 and set_frozen_blend(newton, 0.0) == 0
     batch = next(iter(data))
@@ -566,3 +569,35 @@ def test_cover_ranges_refits_only_the_op_whose_inputs_drift(ranges, data):
     again = calibrate(model, data, progress=False)
     set_guard(model, False)
     assert cover_ranges(model, again) == {}
+
+
+def test_lean_profile_depth_band_and_errors(ranges, data):
+    """Issue #22: the lean profile's exported depth per layer is 27 (9 + exp 5 + GELU 4 + 2 x LN 7, less the 5
+    levels the export folds save), measured on the ONNX graph; each Newton LayerNorm's interval top is the calibrated 99.9% quantile (plus margin), not the
+    maximum; unknown profiles and band quantiles are refused."""
+    lean = FheOptions.from_profile("lean")
+    cur = depth_table(lean)["current"]
+    assert cur["layer_depth"] == 32 and cur["layer_depth_exported"] == 27
+    model, _ = build_model("tiny", "cgf", 0.5, seed=0)
+    model.eval()
+    settings = polynomialize(model, lean, ranges)
+    batch = next(iter(data))
+    emb = client_embed(model, batch["input_ids"], batch["token_type_ids"]).detach()
+    an = fhe_ops.analyze(_onnx(model, emb, batch["attention_mask"].float()), ["embeddings"])
+    assert an.violations == []
+    stated = model_depth(model)
+    assert stated["per_layer"] == [27, 27] and an.total_depth == stated["total"] == settings["depth"]["total"]
+    default_model, _, _ = _poly_model(ranges)
+    assert model_depth(default_model)["per_layer"][0] > 27
+    mods = dict(named_approx_modules(model))
+    for i in range(2):
+        for k in ("ln_attn", "ln_ffn"):
+            st = ranges["layers"][i][k]
+            q = st["quantiles"]["0.999"]
+            lo, hi = mods[f"layers.{i}.{k}"].interval
+            assert hi == pytest.approx(min(st["max"], q) * (1 + lean.margin) + 1e-9)
+            assert mods[f"layers.{i}.{k}"].newton_steps == 0
+    with pytest.raises(ValueError, match="unknown FHE profile"):
+        FheOptions.from_profile("leaner")
+    with pytest.raises(ValueError, match="ln_band"):
+        FheOptions(poly="all", ln_band=0.95)

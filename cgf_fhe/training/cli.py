@@ -171,6 +171,9 @@ def cmd_finetune(args) -> int:
 
 
 def _fhe_from_args(args):
+    profile = getattr(args, "fhe_profile", None)
+    if profile is not None and args.poly == "none":
+        args.poly = "all"  # a profile is a choice of polynomials
     if args.poly == "none":
         ignored = [f for f in ("ln", "exp_degree", "gelu_degree", "tanh_degree", "invsqrt_degree", "newton_steps",
                                "margin") if getattr(args, f) is not None]
@@ -189,7 +192,7 @@ def _fhe_from_args(args):
         if v is not None:
             kw[f] = v
     try:
-        return surgery.FheOptions(**kw)
+        return surgery.FheOptions.from_profile(profile or "default", **kw)
     except ValueError as exc:
         from ..errors import UserError
 
@@ -311,12 +314,19 @@ def register(subparsers) -> None:
                    help="LayerNorm: Newton inverse sqrt, frozen statistics, or frozen-attn (frozen after attention, "
                         "Newton after the FFN: MiniLM's FFN-output LayerNorms cannot be frozen; see "
                         "benchmarks/frozen_ln_probe.py) (unset options: FheOptions defaults)")
-    f.add_argument("--exp-degree", type=int, help="degree of the exp polynomial (default: FheOptions')")
-    f.add_argument("--gelu-degree", type=int, help="degree of the GELU polynomial (default: FheOptions')")
-    f.add_argument("--tanh-degree", type=int, help="degree of the pooler's tanh polynomial (default: FheOptions')")
+    f.add_argument("--fhe-profile", choices=["default", "lean"],  # surgery.PROFILES (torch-free here)
+                   help="a named set of approximation choices (implies --poly all; explicit degree flags override "
+                        "it): default = FheOptions' defaults (~52 levels per MiniLM layer as trained, 5 fewer "
+                        "exported); lean = exp degree 15 with one squaring, GELU degree 15, LayerNorm 1/sqrt degree 15 without "
+                        "Newton steps on the 99.9%% variance quantile (27 levels per exported layer; train with "
+                        "--interval-penalty and --epoch-cover)")
+    f.add_argument("--exp-degree", type=int, help="degree of the exp polynomial (default: the profile's)")
+    f.add_argument("--gelu-degree", type=int, help="degree of the GELU polynomial (default: the profile's)")
+    f.add_argument("--tanh-degree", type=int, help="degree of the pooler's tanh polynomial (default: the profile's)")
     f.add_argument("--invsqrt-degree", type=int,
-                   help="degree of LayerNorm's 1/sqrt starting polynomial (default: FheOptions')")
-    f.add_argument("--newton-steps", type=int, help="Newton steps refining LayerNorm's 1/sqrt (default: FheOptions')")
+                   help="degree of LayerNorm's 1/sqrt starting polynomial (default: the profile's)")
+    f.add_argument("--newton-steps", type=int,
+                   help="Newton steps refining LayerNorm's 1/sqrt (default: the profile's)")
     f.add_argument("--margin", type=float, help="relative widening of the calibrated intervals")
     f.add_argument("--calib-batches", type=int, help="calibrate on this many training batches (default: all)")
     f.add_argument("--student-layers", type=int, metavar="K", help="keep K encoder layers of the teacher")

@@ -1,0 +1,65 @@
+"""Export folds of issue #22 (cgf_fhe.fold, softmax's weights-on-V): same logits, fewer levels, each fold measured."""
+import warnings
+
+import pytest
+import torch
+
+from cgf_fhe import fhe_ops, softmax, surgery
+from cgf_fhe.data import load_mrpc, make_loader, tokenize_split
+from cgf_fhe.models import build_model
+from cgf_fhe.split import ServerModel, client_embed, fold_for_export
+
+
+@pytest.fixture(scope="module")
+def student(mrpc_dir):
+    model, tok = build_model("tiny", "cgf", 0.5, seed=0)
+    model.eval()
+    ds = tokenize_split(load_mrpc(mrpc_dir)["train"], tok, max_length=32, max_samples=16)
+    loader = make_loader(ds, tok, 8, False)
+    ranges = surgery.calibrate(model, loader, progress=False)
+    surgery.polynomialize(model, surgery.FheOptions.from_profile("lean", newton_steps=1), ranges)
+    batch = next(iter(loader))
+    emb = client_embed(model, batch["input_ids"], batch["token_type_ids"]).detach()
+    return model, emb, batch["attention_mask"].float()
+
+
+def _depth(server, emb, mask):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(server, (emb, mask), dynamo=True, opset_version=18,
+                                 input_names=["embeddings", "attention_mask"], output_names=["logits"], verbose=False)
+    an = fhe_ops.analyze(prog.model_proto, ["embeddings"])
+    assert an.violations == []
+    return an.total_depth
+
+
+def test_folds_keep_logits_and_save_five_levels_per_layer(student, monkeypatch):
+    model, emb, mask = student
+    with torch.no_grad():
+        ref = ServerModel(model.eval())(emb, mask)  # the trained form, unfolded
+        folded = fold_for_export(model)
+        plain = fold_for_export(model, fold_layernorms=False)
+        got = ServerModel(folded)(emb, mask)
+    assert folded.cgf_folded_layernorms and not getattr(plain, "cgf_folded_layernorms", False)
+    assert float((got - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))
+    n_layers = model.config.num_hidden_layers
+    d_all = _depth(ServerModel(folded), emb, mask)
+    d_no_ln = _depth(ServerModel(plain), emb, mask)
+    monkeypatch.setattr(softmax, "_weights_ride_on_v", lambda *a, **k: False)
+    d_none = _depth(ServerModel(fold_for_export(model, fold_layernorms=False)), emb, mask)
+    assert d_no_ln - d_all == 4 * n_layers  # two LayerNorms a layer, centring and output product each
+    assert d_none - d_no_ln == n_layers  # keep/n on V instead of on the exponentials
+    assert d_all == surgery.model_depth(model)["total"]
+
+
+def test_fold_refuses_frozen_layernorms(student):
+    from cgf_fhe.fold import fold_layernorms
+    from cgf_fhe.poly import FrozenLayerNorm
+    from cgf_fhe.split import encoder_layers
+
+    model, _, _ = student
+    m = fold_for_export(model, fold_layernorms=False)
+    layer = encoder_layers(m)[0]
+    layer.output.LayerNorm = FrozenLayerNorm(1.0, hidden=layer.output.dense.out_features)
+    assert fold_layernorms(encoder_layers(m)) is False
+    assert type(layer.attention.self.query) is torch.nn.Linear  # nothing changed
