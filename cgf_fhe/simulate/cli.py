@@ -10,9 +10,13 @@ def register(sub) -> None:
                     "ONNX metadata; server graph under --backend; the plain backend on the same examples as the "
                     "baseline. Writes DIR/simulation.json, DIR/simulation.md and DIR/error_per_layer.png.")
     p.add_argument("model", help="exported ONNX file (cgf-fhe export)")
-    p.add_argument("--backend", choices=("plain", "emulate", "tenseal"), default="emulate",
-                   help="plain: float64 reference; emulate: CKKS emulation (fast); tenseal: real CKKS "
+    p.add_argument("--backend", choices=("plain", "emulate", "tenseal", "seal"), default="emulate",
+                   help="plain: float64 reference; emulate: CKKS emulation (fast); tenseal: real CKKS, examples in "
+                        "the slots; seal: real CKKS packed (one example per pass, rotations; resumable) "
                         "(default emulate)")
+    p.add_argument("--compare-emulator", action="store_true",
+                   help="seal: also run the emulator's matching mode on each example; per-layer error mean/std "
+                        "of both against plain")
     p.add_argument("-o", "--output-dir", required=True, metavar="DIR")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N dev examples (default: all)")
     p.add_argument("--data-dir", default=None, metavar="D", help="MRPC folder (train.tsv, validation.tsv)")
@@ -66,7 +70,8 @@ def config_from_args(args):
         bootstrap_bound=args.bootstrap_bound, on_overflow=args.on_overflow, on_exhausted=args.on_exhausted,
         pinned_scale=not args.unpinned_scale, seed=args.seed, limit=args.limit, data_dir=args.data_dir,
         checkpoint=args.checkpoint, max_length=args.max_length, batch_size=args.batch_size,
-        workers=max(1, args.workers), progress=not args.no_progress)
+        workers=max(1, args.workers), progress=not args.no_progress,
+        compare_emulator=getattr(args, "compare_emulator", False))
 
 
 def _simulate(args) -> int:

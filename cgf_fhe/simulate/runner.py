@@ -53,6 +53,7 @@ class SimConfig:
     progress: bool = True
     trace_layers: bool = True
     device: str | None = None
+    compare_emulator: bool = False  # seal: also run the emulator's matching mode, per-layer errors side by side
 
     def ckks_params(self) -> CKKSParams:
         return CKKSParams.from_options(self.poly_modulus, self.coeff_bits, self.scale_bits, self.levels, self.insecure)
@@ -499,9 +500,13 @@ def simulate(onnx_path: str | os.PathLike, cfg: SimConfig, out_dir: str | os.Pat
     """Full simulation of an exported model on MRPC dev; writes DIR/simulation.{json,md} and error_per_layer.png
     when ``out_dir`` is given. Returns the summary dict."""
     t0 = time.perf_counter()
-    if cfg.backend not in ("plain", "emulate", "tenseal"):
-        raise SimulationError(f"unknown backend {cfg.backend!r}: choose plain, emulate or tenseal")
+    if cfg.backend not in ("plain", "emulate", "tenseal", "seal"):
+        raise SimulationError(f"unknown backend {cfg.backend!r}: choose plain, emulate, tenseal or seal")
     cfg.ckks_params()  # validate (security) before any work
+    if cfg.backend == "seal":  # packed real CKKS, one example per pass (cgf_fhe.simulate.packed_runner)
+        from .packed_runner import simulate_packed
+
+        return simulate_packed(onnx_path, cfg, out_dir)
     model = load(onnx_path)
     batches, client_info = client_batches(model, cfg)
     results, info = run_batches(str(onnx_path), batches, cfg)

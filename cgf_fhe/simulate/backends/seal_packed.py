@@ -124,6 +124,8 @@ class Engine:
         scale = self.pt_scale_mul(level) if kind == "mul" else self.s[level]
         with self._t("encode"):
             pt = self._encode(vec, level, scale)
+        if hasattr(self, "est_ms"):
+            self.est_ms["encode"] += op_ms("encode", self.N, level)
         nb = plaintext_bytes(self.N, level)
         if ck is not None and self.cache_bytes + nb <= self.cache_cap:
             self.cache[ck] = pt
@@ -149,6 +151,11 @@ class NumpyEngine(Engine):
         self.rng = np.random.default_rng(seed)
         self.live_bytes = 0
         self.peak_bytes = 0
+        self.est_ms: Counter = Counter()  # estimated SEAL time per operation kind (packing.op_ms at its level)
+
+    def _c(self, kind, level, n=1):
+        self.est_ms[kind] += n * op_ms(kind, self.N, level)
+        return self._t(kind, n)
 
     def _new(self, v, level):
         c = self.Ct(v, level)
@@ -174,15 +181,16 @@ class NumpyEngine(Engine):
 
     # client side
     def encrypt(self, vec):
-        with self._t("encrypt"):
+        with self._c("encrypt", self.top):
             return self._new(self._round(np.asarray(vec, dtype=np.float64).copy(), self.s[self.top]), self.top)
 
     def decrypt(self, c):
-        with self._t("decrypt"):
+        with self._c("decrypt", c.level):
             return c.v.copy()
 
     def refresh(self, c, keep):
         self.counts["refresh"] += 1
+        self.est_ms["refresh"] += op_ms("refresh", self.N, self.top)
         v = np.where(keep, c.v, 0.0)
         return self._new(self._round(v, self.s[self.top]), self.top)
 
@@ -192,42 +200,47 @@ class NumpyEngine(Engine):
 
     def add(self, a, b):
         self._same(a, b)
-        with self._t("add"):
+        with self._c("add", a.level):
             return self._new(a.v + b.v, a.level)
 
     def sub(self, a, b):
         self._same(a, b)
-        with self._t("add"):
+        with self._c("add", a.level):
             return self._new(a.v - b.v, a.level)
 
     def add_many(self, cts):
         for c in cts[1:]:
             self._same(cts[0], c)
-        with self._t("add", max(len(cts) - 1, 0)):
+        with self._c("add", cts[0].level, max(len(cts) - 1, 0)):
             return self._new(np.sum([c.v for c in cts], axis=0), cts[0].level)
 
     def neg(self, a):
-        with self._t("add"):
+        with self._c("add", a.level):
             return self._new(-a.v, a.level)
 
     def add_plain(self, a, pt):
-        with self._t("add"):
+        with self._c("add", a.level):
             return self._new(a.v + pt, a.level)
 
     def mul_plain_raw(self, a, pt):
         """Product without rescale (sum several, rescale once)."""
         self._need_level(a)
-        with self._t("mul_pt"):
+        with self._c("mul_pt", a.level):
             return self._new(a.v * pt, a.level)
 
+    def zeros(self, level):
+        """A fresh encryption of zero at ``level`` (a product with an all-zero plaintext)."""
+        with self._c("encrypt_zero", level):
+            return self._new(self._round(np.zeros(self.slots), self.s[level]), level)
+
     def rescale(self, a):
-        with self._t("rescale"):
+        with self._c("rescale", a.level):
             return self._new(self._round(a.v, self.s[a.level - 1]), a.level - 1)
 
     def mul(self, a, b):
         self._same(a, b)
         self._need_level(a)
-        with self._t("mul_ct"):
+        with self._c("mul_ct", a.level):
             return self._new(self._round(a.v * b.v, self.s[a.level - 1]), a.level - 1)
 
     def rotate(self, a, k):
@@ -235,7 +248,7 @@ class NumpyEngine(Engine):
         if k == 0:
             return a
         self.steps.add(k)
-        with self._t("rotate"):
+        with self._c("rotate", a.level):
             return self._new(self._round(np.roll(a.v, -k), self.s[a.level]), a.level)
 
     def level_down(self, a, level):
@@ -243,7 +256,7 @@ class NumpyEngine(Engine):
             return a
         if a.level < level:
             raise SimulationError(f"cannot raise a ciphertext from level {a.level} to {level}")
-        with self._t("level_match"):
+        with self._c("level_match", a.level):
             return self._new(self._round(a.v, self.s[level]), level)
 
     def _same(self, a, b):
@@ -356,6 +369,7 @@ class SealEngine(Engine):
                    if public.get("galois_keys") else None)
         self.key_steps = set(public.get("steps") or ())
         self.encoder = sealapi.CKKSEncoder(self.ctx)
+        self.encryptor = sealapi.Encryptor(self.ctx, self.pk)  # public-key encryption only
         self.ev = sealapi.Evaluator(self.ctx)
         self.parms_at = {}
         cd = self.ctx.first_context_data()
@@ -439,10 +453,27 @@ class SealEngine(Engine):
             return out
 
     def mul_plain_raw(self, a, pt):
+        if pt.is_zero():  # every multiplier rounded to 0 at this scale (e.g. a 1e-14 coefficient): SEAL refuses
+            with self._t("encrypt_zero"):  # the transparent product; an encryption of 0 at its scale instead
+                z = sealapi.Plaintext()
+                self.encoder.encode(0.0, a.parms_id(), a.scale * pt.scale, z)
+                out = sealapi.Ciphertext()
+                self.encryptor.encrypt(z, out)
+                return out
         with self._t("mul_pt"):
             out = sealapi.Ciphertext()
             self.ev.multiply_plain(a, pt, out)
             return out
+
+    def zeros(self, level):
+        """A fresh encryption of zero at ``level`` with the public key (a product with an all-zero plaintext:
+        SEAL refuses to produce a transparent ciphertext)."""
+        with self._t("encrypt_zero"):
+            pt = sealapi.Plaintext()
+            self.encoder.encode(0.0, self.parms_at[level], self.s[level], pt)
+            c = sealapi.Ciphertext()
+            self.encryptor.encrypt(pt, c)
+        return self._fix(c, level)
 
     def rescale(self, a):
         lv = self.level(a)
@@ -638,7 +669,7 @@ class PackedBackend(Backend):
             self._ensure(a)
             lv = self.level(a)
             cts = [e.rescale(e.mul_plain_raw(c, e.plain((key, i), lambda i=i: vec[i], lv, "mul")))
-                   for i, c in enumerate(a.cts)]
+                   if vec[i].any() else e.zeros(lv - 1) for i, c in enumerate(a.cts)]
             support = a.support & (vec != 0)
         else:
             cts = [e.add_plain(c, e.plain((key, i), lambda i=i: vec[i], e.level(c), "add"))
@@ -895,8 +926,8 @@ class PackedBackend(Backend):
                 y = e.rescale(e.add_many(terms))
                 y = e.rotate(y, g * n1 * S_blk) if g else y
                 acc = y if acc is None else e.add(acc, y)
-            if acc is None:  # an all-zero block of W: a product with zero keeps the level bookkeeping exact
-                acc = e.rescale(e.mul_plain_raw(a.cts[0], e.plain(None, lambda: np.zeros(self.slots), lv, "mul")))
+            if acc is None:  # an all-zero block of W
+                acc = e.zeros(lv - 1)
             outs.append(acc)
         self.counts["matmul_pt"] += 1
         res = PackedTensor(outs, L.hidden_major(tok, M), None)
