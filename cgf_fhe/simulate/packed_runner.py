@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from .backends.base import SimulationError
-from .backends.seal_packed import NumpyEngine, PackedBackend, SealClient, SealEngine
+from .backends.seal_packed import (NumpyEngine, PackedBackend, SealClient, SealEngine,
+                                   calibrate_rotation_noise)
 from .interpreter import Interpreter, node_layers
 from .packing import galois_key_bytes
 
@@ -136,7 +137,9 @@ class PackedRunner:
     def dry_run(self, feeds: dict, *, noise: bool = False, seed: int = 0) -> dict:
         """The packed schedule on float64 slot vectors (no encryption). Raises SimulationError naming the node
         that cannot be packed. ``noise``: the emulator's matching mode."""
-        eng = NumpyEngine(self.params, noise=noise, seed=seed, pt_cache_bytes=self.pt_cache_bytes)
+        rot = calibrate_rotation_noise(self.params) if noise else None
+        eng = NumpyEngine(self.params, noise=noise, seed=seed, pt_cache_bytes=self.pt_cache_bytes,
+                          rotation_std=rot)
         be = PackedBackend(self.params, eng)
         it = PackedInterpreter(self.model, be, trace=self.trace, analysis=self.analysis)
         t0 = time.perf_counter()

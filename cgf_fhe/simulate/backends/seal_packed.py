@@ -145,10 +145,13 @@ class NumpyEngine(Engine):
             self.v = v
             self.level = level
 
-    def __init__(self, params, noise: bool = False, seed: int = 0, pt_cache_bytes: int = 4 << 30):
+    def __init__(self, params, noise: bool = False, seed: int = 0, pt_cache_bytes: int = 4 << 30,
+                 rotation_std: dict | None = None):
         super().__init__(params, pt_cache_bytes)
         self.noise = noise
         self.rng = np.random.default_rng(seed)
+        # key-switching error of a rotation, per level (absolute, value units); see calibrate_rotation_noise
+        self.rotation_std = dict(rotation_std or {})
         self.live_bytes = 0
         self.peak_bytes = 0
         self.est_ms: Counter = Counter()  # estimated SEAL time per operation kind (packing.op_ms at its level)
@@ -249,7 +252,11 @@ class NumpyEngine(Engine):
             return a
         self.steps.add(k)
         with self._c("rotate", a.level):
-            return self._new(self._round(np.roll(a.v, -k), self.s[a.level]), a.level)
+            v = np.roll(a.v, -k)
+            if self.noise:
+                std = self.rotation_std.get(a.level, self.N / (6.0 * self.s[a.level]))
+                v = v + self.rng.normal(0.0, std, v.shape)
+            return self._new(v, a.level)
 
     def level_down(self, a, level):
         if a.level == level:
@@ -266,6 +273,33 @@ class NumpyEngine(Engine):
     def _need_level(self, a):
         if a.level < 1:
             raise SimulationError("internal: multiplication at level 0")
+
+
+_ROTATION_STD: dict = {}
+
+
+def calibrate_rotation_noise(params, reps: int = 2) -> dict:
+    """Std of the error one rotation adds at each level, measured once per parameter set on a throwaway SEAL
+    key (key switching divides the digits' key errors by the special prime: with a special prime no larger than
+    the top data prime this is several times a rescale's rounding, and it shrinks with the level)."""
+    key = (params.poly_modulus, tuple(params.coeff_bits), params.scale_bits)
+    if key in _ROTATION_STD:
+        return _ROTATION_STD[key]
+    cl = SealClient(params, [1])
+    eng = SealEngine(params, cl)
+    rng = np.random.default_rng(12345)
+    out = {}
+    for lv in range(params.level_budget, -1, -1):
+        var = []
+        for _ in range(reps):
+            x = rng.normal(size=params.slots)
+            c = eng.level_down(eng.encrypt(x), lv)
+            before = eng.decrypt(c) - x
+            after = eng.decrypt(eng.rotate(c, 1)) - np.roll(x, -1)
+            var.append(max(np.var(after) - np.var(before), 0.0))
+        out[lv] = float(math.sqrt(np.mean(var)))
+    _ROTATION_STD[key] = out
+    return out
 
 
 class SealClient:
