@@ -35,8 +35,15 @@ from .backends.seal_packed import (NumpyEngine, PackedBackend, SealClient, SealE
 from .interpreter import Interpreter, node_layers
 from .packing import galois_key_bytes
 
-MEMORY_OVERHEAD = 1.3  # SEAL's allocator and Python objects on top of the ciphertext/plaintext/key bytes
+# SEAL's memory pools keep freed buffers per size (one size per level) and Python adds its objects: measured on
+# the 2-layer hidden-64 student at 32 tokens, peak RSS 6.7-7.3 GiB for an estimate of 3.4 GiB of live ciphertexts,
+# cached plaintexts and keys (docs/seal_packed.md)
+MEMORY_OVERHEAD = 2.0
 BASE_BYTES = 600 << 20  # the process itself (torch, onnx, numpy)
+# plaintext weights are encoded once and reused across examples when all of them fit this budget; otherwise
+# (full-width MiniLM: ~300k diagonals) none is kept and each is encoded when used (a partial cache costs memory
+# and saves little: every diagonal is used once per example)
+PT_CACHE_BUDGET = 3 << 30
 COUNT_KINDS = ("mul_pt", "mul_ct", "rotate", "level_match", "refresh", "encode", "add", "rescale")
 
 
@@ -121,7 +128,7 @@ def _layers_table(stats: dict) -> list[dict]:
 class PackedRunner:
     """Plain baseline (reuses the dataset runner's tracing and error bookkeeping), dry run, SEAL run."""
 
-    def __init__(self, onnx_path: str, cfg, *, pt_cache_bytes: int = 4 << 30):
+    def __init__(self, onnx_path: str, cfg, *, pt_cache_budget: int = PT_CACHE_BUDGET):
         from .runner import EMB, BatchRunner
 
         self.cfg = cfg
@@ -129,7 +136,8 @@ class PackedRunner:
         self.model, self.analysis = self.base.model, self.base.analysis
         self.params = cfg.ckks_params()
         self.trace = set(self.base.layer_values.values()) | {EMB}
-        self.pt_cache_bytes = pt_cache_bytes
+        self.pt_cache_budget = pt_cache_budget
+        self.pt_cache_bytes = 0  # decided by the dry run (plan_cache)
         self.client: SealClient | None = None
         self.engine: SealEngine | None = None
 
@@ -138,8 +146,7 @@ class PackedRunner:
         """The packed schedule on float64 slot vectors (no encryption). Raises SimulationError naming the node
         that cannot be packed. ``noise``: the emulator's matching mode."""
         rot = calibrate_rotation_noise(self.params) if noise else None
-        eng = NumpyEngine(self.params, noise=noise, seed=seed, pt_cache_bytes=self.pt_cache_bytes,
-                          rotation_std=rot)
+        eng = NumpyEngine(self.params, noise=noise, seed=seed, pt_cache_bytes=0, rotation_std=rot)
         be = PackedBackend(self.params, eng)
         it = PackedInterpreter(self.model, be, trace=self.trace, analysis=self.analysis)
         t0 = time.perf_counter()
@@ -147,7 +154,8 @@ class PackedRunner:
         L = be.layout
         data_primes = len(self.params.coeff_bits) - 1
         keys = galois_key_bytes(self.params.poly_modulus, data_primes) * (len(eng.steps) + 1)
-        peak = int((eng.peak_bytes + keys) * MEMORY_OVERHEAD + BASE_BYTES)
+        cache = eng.pt_bytes_total if eng.pt_bytes_total <= self.pt_cache_budget else 0
+        peak = int((eng.peak_bytes + cache + keys) * MEMORY_OVERHEAD + BASE_BYTES)
         return {"outputs": res.outputs, "trace": res.trace, "seconds": time.perf_counter() - t0,
                 "counts": {k: int(v) for k, v in eng.counts.items()}, "steps": sorted(eng.steps),
                 "layers": _layers_table(it.layer_stats), "refreshes": be.n_refresh,
@@ -156,6 +164,7 @@ class PackedRunner:
                                                   "block": L.S_blk, "hidden_per_ct": L.hp},
                 "estimated_seconds": sum(eng.est_ms.values()) / 1e3,
                 "estimated_peak_bytes": peak, "ciphertext_peak_bytes": int(eng.peak_bytes),
+                "plaintext_bytes": int(eng.pt_bytes_total), "plaintext_cache_bytes": int(cache),
                 "galois_key_bytes": int(keys), "galois_keys": len(eng.steps)}
 
     def check_memory(self, dry: dict) -> None:
@@ -165,14 +174,18 @@ class PackedRunner:
         if dry["estimated_peak_bytes"] > avail:
             raise SimulationError(
                 f"not enough memory for the seal backend: the dry run needs about "
-                f"{dry['estimated_peak_bytes'] / 2**30:.1f} GiB (ciphertexts + cached plaintexts "
-                f"{dry['ciphertext_peak_bytes'] / 2**30:.1f} GiB, {dry['galois_keys']} Galois keys "
+                f"{dry['estimated_peak_bytes'] / 2**30:.1f} GiB (live ciphertexts "
+                f"{dry['ciphertext_peak_bytes'] / 2**30:.1f} GiB, cached plaintexts "
+                f"{dry['plaintext_cache_bytes'] / 2**30:.1f} GiB, {dry['galois_keys']} Galois keys "
                 f"{dry['galois_key_bytes'] / 2**30:.1f} GiB, x{MEMORY_OVERHEAD}) but {avail / 2**30:.1f} GiB is "
                 "available: lower --max-length or use a narrower student")
 
     # ---- keys and the encrypted run ------------------------------------------------------------------------------
-    def ensure_keys(self, steps) -> float:
+    def ensure_keys(self, steps, cache_bytes: int = 0) -> float:
         steps = set(steps)
+        self.pt_cache_bytes = max(self.pt_cache_bytes, int(cache_bytes))
+        if self.engine is not None:
+            self.engine.cache_cap = self.pt_cache_bytes
         if self.client is not None and steps <= set(self.client.steps):
             return 0.0
         if self.client is not None:
@@ -203,7 +216,7 @@ class PackedRunner:
         plain_tr = self.base.plain.run(feeds).trace
         dry = dry or self.dry_run(feeds)
         self.check_memory(dry)
-        keygen = self.ensure_keys(dry["steps"])
+        keygen = self.ensure_keys(dry["steps"], dry["plaintext_cache_bytes"])
         import resource
 
         sr = self.run_seal(feeds, progress=progress)
@@ -314,6 +327,8 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
     # dry runs first: refuse before anything is encrypted; one key set for every example's rotation steps
     dries, steps = {}, set()
     todo = []
+    if cfg.dry_run:
+        return _dry_run_only(runner, batches, out_dir, time.perf_counter() - t0)
     for i, (feeds, labels) in enumerate(batches):
         f = done_dir / f"{i:05d}.json" if done_dir else None
         if f is not None and f.is_file():
@@ -324,7 +339,8 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
         runner.check_memory(dries[i])
         steps |= set(dries[i]["steps"])
         todo.append(i)
-    keygen = runner.ensure_keys(steps) if todo else 0.0
+    cache = max((dries[i]["plaintext_cache_bytes"] for i in todo), default=0)
+    keygen = runner.ensure_keys(steps, cache) if todo else 0.0
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(batches), desc="simulate [seal]", unit="ex", disable=not cfg.progress,
@@ -363,6 +379,25 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
         write_report(summary, out_dir)
         (Path(out_dir) / "seal_packed.md").write_text(seal_markdown(summary))
     return summary
+
+
+def _dry_run_only(runner: PackedRunner, batches, out_dir, seconds) -> dict:
+    from .runner import LOGITS
+
+    rows = []
+    for i, (feeds, _labels) in enumerate(batches):
+        t0 = time.perf_counter()
+        d = runner.dry_run(feeds)
+        plain = runner.base.plain.run(feeds).outputs[LOGITS]
+        rows.append({"index": i, "tokens": int(feeds["embeddings"].shape[1]), "wall_seconds": time.perf_counter() - t0,
+                     "max_logit_diff_vs_plain": float(np.abs(d["outputs"][LOGITS] - plain).max()),
+                     **{k: v for k, v in d.items() if k not in ("outputs", "trace", "seconds")}})
+    out = {"dry_run_only": True, "examples": rows, "params": runner.params.describe(),
+           "memory_overhead": MEMORY_OVERHEAD, "base_bytes": BASE_BYTES, "seconds": seconds}
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        _atomic_json(Path(out_dir) / "seal_dry_run.json", out)
+    return out
 
 
 def seal_summary(results: list[dict]) -> dict:

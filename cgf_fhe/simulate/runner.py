@@ -54,6 +54,7 @@ class SimConfig:
     trace_layers: bool = True
     device: str | None = None
     compare_emulator: bool = False  # seal: also run the emulator's matching mode, per-layer errors side by side
+    dry_run: bool = False  # seal: only the packed dry run (packability, counts, time and memory estimates)
 
     def ckks_params(self) -> CKKSParams:
         return CKKSParams.from_options(self.poly_modulus, self.coeff_bits, self.scale_bits, self.levels, self.insecure)

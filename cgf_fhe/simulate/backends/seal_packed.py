@@ -97,6 +97,8 @@ class Engine:
         self.cache: dict = {}
         self.cache_bytes = 0
         self.cache_cap = int(pt_cache_bytes)
+        self.keys_seen: set = set()
+        self.pt_bytes_total = 0
 
     def _t(self, kind, n=1):
         eng = self
@@ -127,6 +129,9 @@ class Engine:
         if hasattr(self, "est_ms"):
             self.est_ms["encode"] += op_ms("encode", self.N, level)
         nb = plaintext_bytes(self.N, level)
+        if ck is not None and ck not in self.keys_seen:  # distinct reusable plaintexts of the schedule
+            self.keys_seen.add(ck)
+            self.pt_bytes_total += nb
         if ck is not None and self.cache_bytes + nb <= self.cache_cap:
             self.cache[ck] = pt
             self.cache_bytes += nb
