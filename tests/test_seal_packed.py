@@ -160,3 +160,23 @@ def test_cli_seal_agrees_with_plain_and_resumes(micro_student_packed, mrpc_dir, 
     assert files[0].stat().st_mtime_ns == stamp and files[1].is_file()
     s2 = json.loads((out / "simulation.json").read_text())
     assert s2["n_examples"] == 2 and s2["logits"][0] == s["logits"][0]
+
+
+def test_report_side_cost_estimate_matches_the_dry_run(micro_student_packed, mrpc_dir):
+    """Counts for report need no data: random embeddings of the same length give the dry run's counts."""
+    from cgf_fhe.simulate.packed_runner import cost_markdown, packed_cost_estimate
+    from cgf_fhe.simulate.runner import SimConfig
+
+    m, batches = _feeds(micro_student_packed, mrpc_dir)
+    feeds, _ = batches[0]
+    S = feeds["embeddings"].shape[1]
+    est = packed_cost_estimate(m, SMALL, S)
+    cfg = SimConfig(backend="seal", poly_modulus=8192, coeff_bits=(60, 40, 40, 60), progress=False)
+    dry = PackedRunner(str(micro_student_packed / "student.onnx"), cfg).dry_run(feeds)
+    assert [(r["layer"], r["rotate"], r["mul_pt"], r["mul_ct"]) for r in est["layers"]] == \
+        [(r["layer"], r["rotate"], r["mul_pt"], r["mul_ct"]) for r in dry["layers"]]
+    assert est["totals"]["rotate"] == dry["counts"]["rotate"] > 0 and est["galois_keys"] == dry["galois_keys"]
+    assert est["estimated_seconds"] == pytest.approx(dry["estimated_seconds"], rel=1e-3)  # + traced decrypts
+    assert "| layer | ct x pt | ct x ct | rotations |" in cost_markdown(est)
+    # more tokens: more shifts of the scores, more rotations
+    assert packed_cost_estimate(m, SMALL, S + 2)["totals"]["rotate"] > est["totals"]["rotate"]

@@ -448,3 +448,63 @@ def seal_markdown(s: dict) -> str:
 
 
 __all__ = ["PackedInterpreter", "PackedRunner", "simulate_packed", "layer_error_stats", "seal_markdown"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report side: this packing's operation counts and latency, without data
+# ---------------------------------------------------------------------------------------------------------------
+def _hidden_size(model) -> int:
+    from .interpreter import read_metadata
+
+    cfg = read_metadata(model).get("model_config") or {}
+    if isinstance(cfg, dict) and cfg.get("hidden_size"):
+        return int(cfg["hidden_size"])
+    for inp in model.graph.input:
+        if inp.name == "embeddings":
+            d = inp.type.tensor_type.shape.dim[-1]
+            if d.dim_value:
+                return int(d.dim_value)
+    raise SimulationError("cannot tell the hidden size: no cgf_fhe.model_config metadata and a symbolic "
+                          "embeddings width")
+
+
+def packed_cost_estimate(model, params, tokens: int, seed: int = 0) -> dict:
+    """Rotation / ct x pt / ct x ct / refresh counts per encoder layer of the packed (``seal``) schedule for one
+    example of ``tokens`` tokens, with the estimated latency (packing.op_ms at each operation's level) and peak
+    memory: the dry run on random embeddings (the counts do not depend on the values). For ``report``, next to
+    the element packing's estimates."""
+    from .interpreter import load
+
+    model = load(model)
+    H = _hidden_size(model)
+    rng = np.random.default_rng(seed)
+    feeds = {"embeddings": rng.normal(size=(1, int(tokens), H)),
+             "attention_mask": np.ones((1, int(tokens)), np.float32)}
+    eng = NumpyEngine(params, pt_cache_bytes=0)
+    be = PackedBackend(params, eng)
+    it = PackedInterpreter(model, be)
+    it.run(feeds)
+    data_primes = len(params.coeff_bits) - 1
+    keys = galois_key_bytes(params.poly_modulus, data_primes) * (len(eng.steps) + 1)
+    cache = eng.pt_bytes_total if eng.pt_bytes_total <= PT_CACHE_BUDGET else 0
+    return {"packing": "seal (tokens x hidden per ciphertext, one example per pass)", "tokens": int(tokens),
+            "params": params.describe(), "layers": _layers_table(it.layer_stats),
+            "totals": {k: int(eng.counts.get(k, 0)) for k in COUNT_KINDS},
+            "client_aided_refreshes": be.n_refresh, "galois_keys": len(eng.steps),
+            "estimated_seconds": sum(eng.est_ms.values()) / 1e3,
+            "estimated_peak_bytes": int((eng.peak_bytes + cache + keys) * MEMORY_OVERHEAD + BASE_BYTES)}
+
+
+def cost_markdown(est: dict) -> str:
+    lines = [f"Packed (seal) schedule at {est['tokens']} tokens: ~{est['estimated_seconds'] / 60:.1f} min and "
+             f"~{est['estimated_peak_bytes'] / 2**30:.1f} GiB per example, {est['galois_keys']} Galois keys, "
+             f"{est['client_aided_refreshes']} client-aided refreshes", "",
+             "| layer | ct x pt | ct x ct | rotations | level matches | refreshes | estimated s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in est["layers"]:
+        lines.append(f"| {r['layer']} | {r['mul_pt']} | {r['mul_ct']} | {r['rotate']} | {r['level_match']} | "
+                     f"{r['refreshes']} | {r.get('estimated_seconds', 0):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ += ["packed_cost_estimate", "cost_markdown"]
