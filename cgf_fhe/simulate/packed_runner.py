@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends.base import SimulationError
-from .backends.seal_packed import (NumpyEngine, PackedBackend, SealClient, SealEngine,
+from .backends.seal_packed import (NumpyEngine, PackedBackend, SealClient, SealEngine, calibrate_rotations,
                                    calibrate_rotation_noise)
 from .interpreter import Interpreter, node_layers
 from .packing import galois_key_bytes
@@ -142,10 +142,11 @@ class PackedRunner:
         self.engine: SealEngine | None = None
 
     # ---- dry run -----------------------------------------------------------------------------------------------
-    def dry_run(self, feeds: dict, *, noise: bool = False, seed: int = 0) -> dict:
+    def dry_run(self, feeds: dict, *, noise: bool = False, seed: int = 0, rotation_std: dict | None = None) -> dict:
         """The packed schedule on float64 slot vectors (no encryption). Raises SimulationError naming the node
-        that cannot be packed. ``noise``: the emulator's matching mode."""
-        rot = calibrate_rotation_noise(self.params) if noise else None
+        that cannot be packed. ``noise``: the emulator's matching mode (rotation errors from ``rotation_std``,
+        else measured per level on a throwaway key)."""
+        rot = (rotation_std or calibrate_rotation_noise(self.params)) if noise else None
         eng = NumpyEngine(self.params, noise=noise, seed=seed, pt_cache_bytes=0, rotation_std=rot)
         be = PackedBackend(self.params, eng)
         it = PackedInterpreter(self.model, be, trace=self.trace, analysis=self.analysis)
@@ -165,7 +166,8 @@ class PackedRunner:
                 "estimated_seconds": sum(eng.est_ms.values()) / 1e3,
                 "estimated_peak_bytes": peak, "ciphertext_peak_bytes": int(eng.peak_bytes),
                 "plaintext_bytes": int(eng.pt_bytes_total), "plaintext_cache_bytes": int(cache),
-                "galois_key_bytes": int(keys), "galois_keys": len(eng.steps)}
+                "galois_key_bytes": int(keys), "galois_keys": len(eng.steps),
+                "rotations_used": sorted(eng.rot_used)}
 
     def check_memory(self, dry: dict) -> None:
         import psutil
@@ -231,8 +233,11 @@ class PackedRunner:
                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                      "dry_run_max_logit_diff": float(np.abs(dry["outputs"][LOGITS]
                                                             - out["plain_logits"]).max())}
-        if compare_emulator:
-            emu = self.dry_run(feeds, noise=True, seed=index)
+        if compare_emulator:  # the emulator's rotation errors measured with this run's own keys and levels
+            t_cal = time.perf_counter()
+            rot = calibrate_rotations(self.engine, [tuple(p) for p in dry["rotations_used"]])
+            seal_info["rotation_calibration_seconds"] = time.perf_counter() - t_cal
+            emu = self.dry_run(feeds, noise=True, seed=index, rotation_std=rot)
             seal_info["compare_emulator"] = layer_error_stats(plain_tr, {"emulator": emu["trace"],
                                                                          "seal": sr["trace"]},
                                                               self.base.layer_values, mask)
