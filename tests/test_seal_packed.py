@@ -180,3 +180,20 @@ def test_report_side_cost_estimate_matches_the_dry_run(micro_student_packed, mrp
     assert "| layer | ct x pt | ct x ct | rotations |" in cost_markdown(est)
     # more tokens: more shifts of the scores, more rotations
     assert packed_cost_estimate(m, SMALL, S + 2)["totals"]["rotate"] > est["totals"]["rotate"]
+
+
+def test_python_api_seal_matches_plain():
+    """FHEModel.predict(fhe="seal"): each example packed and encrypted on SEAL; keys reused across calls."""
+    from cgf_fhe.simulate import FHEModel
+    from test_simulate import attention_graph
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(2, 4, 8))
+    mask = np.ones((2, 4), np.float32)
+    fm = FHEModel(attention_graph(H=8, heads=2), params=SMALL)
+    plain = fm.predict(emb, mask, fhe="plain")
+    got = fm.predict(emb, mask, fhe="seal")
+    assert got.shape == plain.shape and 0 < np.abs(got - plain).max() < 1e-4
+    client = fm._seal_state["client"]
+    fm.predict(emb[:1], mask[:1], fhe="seal")
+    assert fm._seal_state["client"] is client  # same keys: no new key generation

@@ -513,3 +513,32 @@ def cost_markdown(est: dict) -> str:
 
 
 __all__ += ["packed_cost_estimate", "cost_markdown"]
+
+
+def run_packed(model, params, feeds: dict, *, runner_state: dict | None = None, progress=False):
+    """One example through the seal backend (for the Python API): dry run (refusals, memory), keys for its
+    rotation steps, encrypted run. ``runner_state`` keeps the client/server between calls (keys reused)."""
+    import psutil
+
+    from .interpreter import load
+
+    model = load(model)
+    state = runner_state if runner_state is not None else {}
+    eng = NumpyEngine(params, pt_cache_bytes=0)
+    PackedInterpreter(model, PackedBackend(params, eng)).run(feeds)
+    data_primes = len(params.coeff_bits) - 1
+    need = int((eng.peak_bytes + galois_key_bytes(params.poly_modulus, data_primes) * (len(eng.steps) + 1))
+               * MEMORY_OVERHEAD + BASE_BYTES)
+    if need > psutil.virtual_memory().available:
+        raise SimulationError(f"not enough memory for the seal backend: about {need / 2**30:.1f} GiB needed")
+    client = state.get("client")
+    if client is None or not set(eng.steps) <= set(client.steps):
+        steps = set(eng.steps) | set(client.steps if client is not None else ())
+        client = SealClient(params, sorted(steps))
+        state["client"] = client
+        state["engine"] = SealEngine(params, client, client.public_blobs())
+    be = PackedBackend(params, state["engine"])
+    return PackedInterpreter(model, be).run(feeds, progress=progress)
+
+
+__all__ += ["run_packed"]
