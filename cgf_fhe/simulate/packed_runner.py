@@ -47,6 +47,22 @@ PT_CACHE_BUDGET = 3 << 30
 COUNT_KINDS = ("mul_pt", "mul_ct", "rotate", "level_match", "refresh", "encode", "add", "rescale")
 
 
+# ---- the only places this module uses other modules' private names (re-point them here if they move) --------
+# (plus PackedInterpreter overriding Interpreter._exec / _check_levels)
+def _op_stats(results: list[dict]) -> dict:
+    from .runner import _op_stats as op_stats
+
+    return op_stats(results)
+
+
+def _layer_errors(base, plain_trace, trace, mask) -> dict:
+    return base._layer_errors(plain_trace, trace, mask)  # BatchRunner's per-layer error bookkeeping
+
+
+def _poly_counts(base, trace, mask) -> dict:
+    return base._poly_counts(trace, mask)
+
+
 class PackedInterpreter(Interpreter):
     """The interpreter with levels left to the packed backend (it refreshes lazily, client-aided, when a
     multiplication finds no level left), per-layer statistics and a progress bar per layer."""
@@ -223,8 +239,8 @@ class PackedRunner:
 
         sr = self.run_seal(feeds, progress=progress)
         out.update(logits=sr["outputs"][LOGITS], seconds=sr["seconds"], refreshes=sr["refreshes"],
-                   layers=self.base._layer_errors(plain_tr, sr["trace"], mask),
-                   poly=self.base._poly_counts(sr["trace"], mask), level_mismatches=[], predicted=None,
+                   layers=_layer_errors(self.base, plain_tr, sr["trace"], mask),
+                   poly=_poly_counts(self.base, sr["trace"], mask), level_mismatches=[], predicted=None,
                    op_counts=sr["counts"], op_seconds={k: float(v) for k, v in self.engine.seconds.items()})
         seal_info = {"layers": _merge_layer_rows(sr["layers"], dry["layers"]), "keygen_seconds": keygen,
                      "galois_keys": len(self.client.steps), "dry_run": {k: v for k, v in dry.items()
@@ -317,7 +333,7 @@ def _from_json(d: dict) -> dict:
 def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
     """``simulate --backend seal``: examples one by one (batch size 1), resumable when ``out_dir`` is given."""
     from .interpreter import load
-    from .runner import _op_stats, client_batches, summarize
+    from .runner import client_batches, summarize
 
     t0 = time.perf_counter()
     cfg = replace(cfg, batch_size=1)

@@ -1103,4 +1103,5 @@ class PackedBackend(Backend):
         return d
 
 
-__all__ = ["PackedBackend", "NumpyEngine", "SealEngine", "SealClient", "galois_elt", "norm_step"]
+__all__ = ["PackedBackend", "NumpyEngine", "SealEngine", "SealClient", "galois_elt", "norm_step", "calibrate_rotations",
+           "calibrate_rotation_noise"]
