@@ -197,3 +197,17 @@ def test_python_api_seal_matches_plain():
     client = fm._seal_state["client"]
     fm.predict(emb[:1], mask[:1], fhe="seal")
     assert fm._seal_state["client"] is client  # same keys: no new key generation
+
+
+def test_dry_run_reports_modulus_headroom_and_refuses_overflow(micro_student_packed, mrpc_dir):
+    from cgf_fhe.simulate.runner import SimConfig
+
+    cfg = SimConfig(backend="seal", poly_modulus=8192, coeff_bits=(60, 40, 40, 60), progress=False)
+    runner = PackedRunner(str(micro_student_packed / "student.onnx"), cfg)
+    _, batches = _feeds(micro_student_packed, mrpc_dir)
+    feeds, _ = batches[0]
+    dry = runner.dry_run(feeds)
+    assert 0 < dry["min_headroom_bits"] < 60
+    big = {**feeds, "embeddings": feeds["embeddings"] * 2.0 ** 21}  # beyond 2^19 at level 0
+    with pytest.raises(SimulationError, match="exceeds the modulus at level"):
+        runner.check_memory(runner.dry_run(big))

@@ -183,10 +183,20 @@ class PackedRunner:
                 "estimated_peak_bytes": peak, "ciphertext_peak_bytes": int(eng.peak_bytes),
                 "plaintext_bytes": int(eng.pt_bytes_total), "plaintext_cache_bytes": int(cache),
                 "galois_key_bytes": int(keys), "galois_keys": len(eng.steps),
-                "rotations_used": sorted(eng.rot_used)}
+                "rotations_used": sorted(eng.rot_used),
+                "min_headroom_bits": None if eng.min_headroom_bits == float("inf") else eng.min_headroom_bits,
+                "min_headroom_level": eng.min_headroom_level}
 
     def check_memory(self, dry: dict) -> None:
+        """Refuse what cannot fit memory, or would overflow the modulus (a slot, garbage included, beyond
+        Q_l / (2 s_l) wraps the whole ciphertext)."""
         import psutil
+
+        head = dry.get("min_headroom_bits")
+        if head is not None and head < 0:
+            raise SimulationError(f"a slot of the packed schedule exceeds the modulus at level "
+                                  f"{dry['min_headroom_level']} by {-head:.1f} bits: the encrypted run would "
+                                  "decrypt garbage; use a longer first prime or smaller activations")
 
         avail = psutil.virtual_memory().available
         if dry["estimated_peak_bytes"] > avail:

@@ -159,6 +159,10 @@ class NumpyEngine(Engine):
         # calibrate_rotation_noise
         self.rotation_std = dict(rotation_std or {})
         self.rot_used: set = set()
+        self.log2_bound = [sum(math.log2(q) for q in self.primes[:lv + 1]) - 1 - math.log2(self.s[lv])
+                           for lv in range(self.top + 1)]
+        self.min_headroom_bits = math.inf
+        self.min_headroom_level = None
         self.live_bytes = 0
         self.peak_bytes = 0
         self.est_ms: Counter = Counter()  # estimated SEAL time per operation kind (packing.op_ms at its level)
@@ -168,6 +172,12 @@ class NumpyEngine(Engine):
         return self._t(kind, n)
 
     def _new(self, v, level):
+        m = float(np.max(np.abs(v))) if v.size else 0.0
+        if m > 0:  # every slot, garbage included, must stay below Q_l / (2 s_l) or the whole ciphertext wraps
+            head = self.log2_bound[level] - math.log2(m)
+            if head < self.min_headroom_bits:
+                self.min_headroom_bits = head
+                self.min_headroom_level = level
         c = self.Ct(v, level)
         nb = ciphertext_bytes(self.N, level)
         self.live_bytes += nb
