@@ -167,7 +167,8 @@ class PackedRunner:
         be = PackedBackend(self.params, eng)
         it = PackedInterpreter(self.model, be, trace=self.trace, analysis=self.analysis)
         t0 = time.perf_counter()
-        res = it.run(feeds)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported as negative headroom
+            res = it.run(feeds)
         L = be.layout
         data_primes = len(self.params.coeff_bits) - 1
         keys = galois_key_bytes(self.params.poly_modulus, data_primes) * (len(eng.steps) + 1)
@@ -195,7 +196,8 @@ class PackedRunner:
         head = dry.get("min_headroom_bits")
         if head is not None and head < 0:
             raise SimulationError(f"a slot of the packed schedule exceeds the modulus at level "
-                                  f"{dry['min_headroom_level']} by {-head:.1f} bits: the encrypted run would "
+                                  f"{dry['min_headroom_level']} by {-head:.1f} bits (inf: not finite): the encrypted "
+                                  "run would "
                                   "decrypt garbage; use a longer first prime or smaller activations")
 
         avail = psutil.virtual_memory().available

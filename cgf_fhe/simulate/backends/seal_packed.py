@@ -173,8 +173,8 @@ class NumpyEngine(Engine):
 
     def _new(self, v, level):
         m = float(np.max(np.abs(v))) if v.size else 0.0
-        if m > 0:  # every slot, garbage included, must stay below Q_l / (2 s_l) or the whole ciphertext wraps
-            head = self.log2_bound[level] - math.log2(m)
+        if m > 0 or not math.isfinite(m):  # every slot, garbage included, must stay below Q_l / (2 s_l)
+            head = self.log2_bound[level] - math.log2(m) if math.isfinite(m) else -math.inf
             if head < self.min_headroom_bits:
                 self.min_headroom_bits = head
                 self.min_headroom_level = level
