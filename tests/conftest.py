@@ -35,3 +35,37 @@ def tiny_tokenizer():
     from cgf_fhe.models import load_tokenizer
 
     return load_tokenizer("tiny")
+
+
+def build_student(out_dir, tokenizer, mrpc_dir, *, hidden=8, layers=1, heads=2, intermediate=16, max_length=6):
+    """A random-weight polynomial student (CGF softmax, Newton LayerNorm, degree-7 polynomials), saved and
+    exported to ``out_dir/student.onnx`` (its checkpoint in ``out_dir/ckpt``)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from cgf_fhe import surgery
+    from cgf_fhe.data import load_mrpc, make_loader, tokenize_split
+    from cgf_fhe.export.onnx_export import export_checkpoint
+    from cgf_fhe.models import save_checkpoint
+    from cgf_fhe.softmax import set_softmax
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tokenizer.vocab_size, num_labels=2, hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads, intermediate_size=intermediate)
+    model = BertForSequenceClassification(cfg)
+    set_softmax(model, "cgf", None)
+    model.eval()
+    ds = tokenize_split(load_mrpc(mrpc_dir)["train"], tokenizer, max_length=max_length, max_samples=32)
+    ranges = surgery.calibrate(model, make_loader(ds, tokenizer, 16, False), progress=False)
+    opts = surgery.FheOptions(poly="all", ln="newton", exp_degree=7, gelu_degree=7, tanh_degree=7,
+                              invsqrt_degree=7, newton_steps=2, margin=0.5)
+    fhe = surgery.polynomialize(model, opts, ranges)
+    save_checkpoint(model, tokenizer, Path(out_dir) / "ckpt",
+                    {"softmax": "cgf", "coeff": 0.5, "fhe": fhe, "max_length": max_length})
+    export_checkpoint(Path(out_dir) / "ckpt", Path(out_dir) / "student.onnx")
+    return Path(out_dir)
+
+
+@pytest.fixture(scope="session")
+def micro_student_packed(tmp_path_factory, mrpc_dir, tiny_tokenizer):
+    """Hidden 8, 1 layer, 2 heads, <= 6 tokens (the micro student of test_simulate, shared)."""
+    return build_student(tmp_path_factory.mktemp("packed_student"), tiny_tokenizer, mrpc_dir)

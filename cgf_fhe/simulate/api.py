@@ -7,6 +7,7 @@
     m.predict(emb, mask, fhe="plain")      # float64 reference
     m.predict(emb, mask, fhe="emulate")    # CKKS emulation (noise, levels, bootstraps)
     m.predict(emb, mask, fhe="tenseal")    # real CKKS; client-aided refreshes where the plan needs them
+    m.predict(emb, mask, fhe="seal")       # real CKKS packed (one example per pass, rotations)
     m.simulate(fhe="emulate", limit=100, out_dir="sim/")               # MRPC dev, report files
 """
 from __future__ import annotations
@@ -46,6 +47,14 @@ class FHEModel:
         if attention_mask is None:
             attention_mask = np.ones(emb.shape[:2], dtype=np.float32)
         feeds = {"embeddings": emb, "attention_mask": np.asarray(attention_mask, dtype=np.float32)}
+        if fhe == "seal":  # packed real CKKS, one example per pass (cgf_fhe.simulate.packed_runner)
+            from .packed_runner import run_packed
+
+            state = self.__dict__.setdefault("_seal_state", {})
+            outs = [run_packed(self.model, self.params, {k: v[i:i + 1] for k, v in feeds.items()},
+                               runner_state=state, progress=progress) for i in range(len(emb))]
+            return RunResult(outputs={k: np.concatenate([o.outputs[k] for o in outs]) for k in outs[0].outputs},
+                             seconds=sum(o.seconds for o in outs))
         return self.interpreter(fhe).run(feeds, progress=progress)
 
     def predict(self, embeddings, attention_mask=None, fhe: str = "plain") -> np.ndarray:

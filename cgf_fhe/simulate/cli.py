@@ -10,9 +10,16 @@ def register(sub) -> None:
                     "ONNX metadata; server graph under --backend; the plain backend on the same examples as the "
                     "baseline. Writes DIR/simulation.json, DIR/simulation.md and DIR/error_per_layer.png.")
     p.add_argument("model", help="exported ONNX file (cgf-fhe export)")
-    p.add_argument("--backend", choices=("plain", "emulate", "tenseal"), default="emulate",
-                   help="plain: float64 reference; emulate: CKKS emulation (fast); tenseal: real CKKS "
+    p.add_argument("--backend", choices=("plain", "emulate", "tenseal", "seal"), default="emulate",
+                   help="plain: float64 reference; emulate: CKKS emulation (fast); tenseal: real CKKS, examples in "
+                        "the slots; seal: real CKKS packed (one example per pass, rotations; resumable) "
                         "(default emulate)")
+    p.add_argument("--compare-emulator", action="store_true",
+                   help="seal: also run the emulator's matching mode on each example; per-layer error mean/std "
+                        "of both against plain")
+    p.add_argument("--dry-run", action="store_true",
+                   help="seal: only the packed dry run (no encryption): refuses unpackable nodes, writes operation "
+                        "counts per layer and time/memory estimates to DIR/seal_dry_run.json")
     p.add_argument("-o", "--output", "--output-dir", dest="output_dir", required=True, metavar="DIR",
                    help="folder for simulation.json, simulation.md and error_per_layer.png (created; locked while "
                         "writing)")
@@ -68,7 +75,8 @@ def config_from_args(args):
         bootstrap_bound=args.bootstrap_bound, on_overflow=args.on_overflow, on_exhausted=args.on_exhausted,
         pinned_scale=not args.unpinned_scale, seed=args.seed, limit=args.limit, data_dir=args.data_dir,
         checkpoint=args.checkpoint, max_length=args.max_length, batch_size=args.batch_size,
-        workers=max(1, args.workers), progress=not args.no_progress)
+        workers=max(1, args.workers), progress=not args.no_progress,
+        compare_emulator=getattr(args, "compare_emulator", False), dry_run=getattr(args, "dry_run", False))
 
 
 def _simulate(args) -> int:
@@ -90,6 +98,14 @@ def _simulate(args) -> int:
 
     with output_lock(args.output_dir):  # checked, created and locked before any work; one writer at a time
         s = simulate(args.model, cfg, args.output_dir)
+    if s.get("dry_run_only"):
+        for e in s["examples"]:
+            print(f"seal dry run, example {e['index']} ({e['tokens']} tokens): ~{e['estimated_seconds'] / 60:.1f} min, "
+                  f"~{e['estimated_peak_bytes'] / 2**30:.1f} GiB peak, {e['counts'].get('mul_pt', 0)} ct x pt, "
+                  f"{e['counts'].get('mul_ct', 0)} ct x ct, {e['counts'].get('rotate', 0)} rotations, "
+                  f"{e['refreshes']} client-aided refreshes, {e['galois_keys']} Galois keys")
+        print(f"wrote {Path(args.output_dir) / 'seal_dry_run.json'}")
+        return 0
     label = s["refresh_label"]
     ratio = f" (x{s['ratio_to_plain']:.2f} plain)" if s.get("ratio_to_plain") else ""
     print(f"{s['backend']}: {s['n_examples']} examples, accuracy {s['accuracy']:.4f} "

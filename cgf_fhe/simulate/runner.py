@@ -53,6 +53,8 @@ class SimConfig:
     progress: bool = True
     trace_layers: bool = True
     device: str | None = None
+    compare_emulator: bool = False  # seal: also run the emulator's matching mode, per-layer errors side by side
+    dry_run: bool = False  # seal: only the packed dry run (packability, counts, time and memory estimates)
 
     def ckks_params(self) -> CKKSParams:
         """The run's CKKS parameters, built once (again only if a parameter field changes)."""
@@ -504,9 +506,13 @@ def simulate(onnx_path: str | os.PathLike, cfg: SimConfig, out_dir: str | os.Pat
     """Full simulation of an exported model on MRPC dev; writes DIR/simulation.{json,md} and error_per_layer.png
     when ``out_dir`` is given. Returns the summary dict."""
     t0 = time.perf_counter()
-    if cfg.backend not in ("plain", "emulate", "tenseal"):
-        raise SimulationError(f"unknown backend {cfg.backend!r}: choose plain, emulate or tenseal")
+    if cfg.backend not in ("plain", "emulate", "tenseal", "seal"):
+        raise SimulationError(f"unknown backend {cfg.backend!r}: choose plain, emulate, tenseal or seal")
     params = cfg.ckks_params()  # validate (security) before any work
+    if cfg.backend == "seal":  # packed real CKKS, one example per pass (cgf_fhe.simulate.packed_runner)
+        from .packed_runner import simulate_packed
+
+        return simulate_packed(onnx_path, cfg, out_dir)
     model = load(onnx_path)
     from .preflight import preflight
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import (Backend, BootstrapRangeError, LevelError, ModulusOverflowError, SimulationError)
 
-BACKENDS = ("plain", "emulate", "tenseal")
+BACKENDS = ("plain", "emulate", "tenseal", "seal")
 
 
 def make_backend(name: str, params=None, **options) -> Backend:
@@ -31,6 +31,10 @@ def make_backend(name: str, params=None, **options) -> Backend:
 
         keys = ("client", "public_context", "n_threads")
         return TenSEALBackend(params, **{k: v for k, v in options.items() if k in keys and v is not None})
+    if name == "seal":  # packed; an engine is built by cgf_fhe.simulate.packed_runner (keys follow the dry run)
+        from .seal_packed import NumpyEngine, PackedBackend
+
+        return PackedBackend(params, options.get("engine") or NumpyEngine(params))
     raise SimulationError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
 
 

@@ -1,0 +1,1117 @@
+"""``seal`` backend: real CKKS on Microsoft SEAL (``tenseal.sealapi``) with one example per pass, packed.
+
+Roles
+-----
+* :class:`SealClient` holds the **secret key**: builds the context, the relinearisation key and Galois keys
+  *only for the rotation steps the schedule uses*, encrypts, decrypts, and performs client-aided refreshes
+  (decrypt + re-encrypt with a full level budget; SEAL has no bootstrapping). Every refresh is counted and labelled
+  "client-aided refresh".
+* :class:`SealEngine` is the **server**: it loads the public key, relinearisation and Galois keys from bytes
+  (no secret key, no decryptor) and evaluates.
+* :class:`NumpyEngine` runs the *same* schedule on float64 slot vectors: the dry run before encrypting (packability,
+  operation counts, rotation steps, peak memory) and, with ``noise=True``, the emulator's matching mode (exact
+  scale; this packing's encryption, rescale, encoding and rotation rounding).
+
+Scale management is exact: every ciphertext at level ``l`` has the scale ``s_l`` with ``s_L = 2^scale_bits`` and
+``s_{l-1} = s_l^2 / q_l`` (the real prime dropped by the rescale). A ct x ct product of two level-``l``
+ciphertexts therefore lands exactly on ``s_{l-1}``; a plaintext multiplier is encoded at ``s_{l-1} q_l / s_l`` so
+the product does too; a ciphertext brought down to a lower level for an addition is multiplied by 1 encoded at
+the scale that lands it on that level's ``s``. No scale is ever pinned, so the error is CKKS's own.
+
+:class:`PackedBackend` implements the interpreter's backend interface on :class:`cgf_fhe.simulate.packing.
+PackedTensor` (slot maps; see that module for the layouts): data movement re-indexes slot maps, element-wise
+operations are slot-wise, linear layers use the diagonal method with baby-step giant-step rotations, attention
+scores and probs @ V use the diagonal (token-shift) schedule, reductions add ciphertexts and rotate-and-sum.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import time
+import weakref
+from collections import Counter
+from typing import Sequence
+
+import numpy as np
+
+from ..packing import (Layout, PackedTensor, ciphertext_bytes, galois_key_bytes, next_pow2, op_ms,
+                       plaintext_bytes)
+from .base import Backend, SimulationError, logical_broadcast
+
+try:
+    import tenseal.sealapi as sealapi
+except ImportError:  # pragma: no cover - tenseal is a dependency
+    sealapi = None
+
+
+def _need_seal():
+    if sealapi is None:
+        raise SimulationError("the seal backend needs tenseal (its tenseal.sealapi module): pip install tenseal")
+
+
+def _scales(params) -> list[float]:
+    """Exact scale of a ciphertext at each level 0..L (see the module docstring)."""
+    L = params.level_budget
+    primes = params.primes
+    s = [0.0] * (L + 1)
+    s[L] = float(params.scale)
+    for lv in range(L, 0, -1):
+        s[lv - 1] = s[lv] * s[lv] / float(primes[lv])
+    return s
+
+
+def norm_step(k: int, slots: int) -> int:
+    k %= slots
+    return k - slots if k > slots // 2 else k
+
+
+def galois_elt(step: int, poly_modulus: int) -> int:
+    """SEAL's Galois element for a left rotation by ``step`` (negative: right)."""
+    m = 2 * poly_modulus
+    if step < 0:
+        step = poly_modulus // 2 + step
+    return pow(3, step, m)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# engines
+# ---------------------------------------------------------------------------------------------------------------
+class Engine:
+    """Operations on single ciphertexts with exact scales; counts and times every operation."""
+
+    name = "engine"
+
+    def __init__(self, params, pt_cache_bytes: int = 4 << 30):
+        self.params = params
+        self.N = params.poly_modulus
+        self.slots = params.slots
+        self.top = params.level_budget
+        self.s = _scales(params)
+        self.primes = params.primes
+        self.counts: Counter = Counter()
+        self.seconds: Counter = Counter()
+        self.steps: set[int] = set()
+        self.n_refresh = 0
+        self.cache: dict = {}
+        self.cache_bytes = 0
+        self.cache_cap = int(pt_cache_bytes)
+        self.keys_seen: set = set()
+        self.pt_bytes_total = 0
+
+    def _t(self, kind, n=1):
+        eng = self
+
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                eng.seconds[kind] += time.perf_counter() - self.t
+                eng.counts[kind] += n
+
+        return _T()
+
+    def pt_scale_mul(self, level: int) -> float:
+        return self.s[level - 1] * float(self.primes[level]) / self.s[level]
+
+    # plaintext cache: (key, level, kind) -> encoded plaintext, kept while under the byte cap
+    def plain(self, key, vec_fn, level: int, kind: str):
+        ck = (key, level, kind) if key is not None else None
+        if ck is not None and ck in self.cache:
+            self.counts["pt_cache_hit"] += 1
+            return self.cache[ck]
+        vec = vec_fn()
+        scale = self.pt_scale_mul(level) if kind == "mul" else self.s[level]
+        with self._t("encode"):
+            pt = self._encode(vec, level, scale)
+        if hasattr(self, "est_ms"):
+            self.est_ms["encode"] += op_ms("encode", self.N, level)
+        nb = plaintext_bytes(self.N, level)
+        if ck is not None and ck not in self.keys_seen:  # distinct reusable plaintexts of the schedule
+            self.keys_seen.add(ck)
+            self.pt_bytes_total += nb
+        if ck is not None and self.cache_bytes + nb <= self.cache_cap:
+            self.cache[ck] = pt
+            self.cache_bytes += nb
+        return pt
+
+
+class NumpyEngine(Engine):
+    """Float64 slot vectors. ``noise``: add CKKS's rounding errors (the emulator's matching mode)."""
+
+    name = "numpy"
+
+    class Ct:
+        __slots__ = ("v", "level", "__weakref__")
+
+        def __init__(self, v, level):
+            self.v = v
+            self.level = level
+
+    def __init__(self, params, noise: bool = False, seed: int = 0, pt_cache_bytes: int = 4 << 30,
+                 rotation_std: dict | None = None):
+        super().__init__(params, pt_cache_bytes)
+        self.noise = noise
+        self.rng = np.random.default_rng(seed)
+        # key-switching error of a rotation (absolute, value units) per level or per (level, step); see
+        # calibrate_rotation_noise
+        self.rotation_std = dict(rotation_std or {})
+        self.rot_used: set = set()
+        self.log2_bound = [sum(math.log2(q) for q in self.primes[:lv + 1]) - 1 - math.log2(self.s[lv])
+                           for lv in range(self.top + 1)]
+        self.min_headroom_bits = math.inf
+        self.min_headroom_level = None
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.est_ms: Counter = Counter()  # estimated SEAL time per operation kind (packing.op_ms at its level)
+
+    def _c(self, kind, level, n=1):
+        self.est_ms[kind] += n * op_ms(kind, self.N, level)
+        return self._t(kind, n)
+
+    def _new(self, v, level):
+        m = float(np.max(np.abs(v))) if v.size else 0.0
+        if m > 0 or not math.isfinite(m):  # every slot, garbage included, must stay below Q_l / (2 s_l)
+            head = self.log2_bound[level] - math.log2(m) if math.isfinite(m) else -math.inf
+            if head < self.min_headroom_bits:
+                self.min_headroom_bits = head
+                self.min_headroom_level = level
+        c = self.Ct(v, level)
+        nb = ciphertext_bytes(self.N, level)
+        self.live_bytes += nb
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes + self.cache_bytes)
+        weakref.finalize(c, self._free, nb)
+        return c
+
+    def _free(self, nb):
+        self.live_bytes -= nb
+
+    def _round(self, v, std_scale):
+        if self.noise:
+            return v + self.rng.normal(0.0, self.N / (6.0 * std_scale), v.shape)
+        return v
+
+    def _encode(self, vec, level, scale):
+        v = np.asarray(vec, dtype=np.float64)
+        if self.noise:  # coefficient rounding of the encoding: slot error std sqrt(N/12)/scale
+            v = v + self.rng.normal(0.0, math.sqrt(self.N / 12.0) / scale, v.shape)
+        return v
+
+    # client side
+    def encrypt(self, vec):
+        with self._c("encrypt", self.top):
+            return self._new(self._round(np.asarray(vec, dtype=np.float64).copy(), self.s[self.top]), self.top)
+
+    def decrypt(self, c):
+        with self._c("decrypt", c.level):
+            return c.v.copy()
+
+    def refresh(self, c, keep):
+        self.counts["refresh"] += 1
+        self.est_ms["refresh"] += op_ms("refresh", self.N, self.top)
+        v = np.where(keep, c.v, 0.0)
+        return self._new(self._round(v, self.s[self.top]), self.top)
+
+    # server side
+    def level(self, c):
+        return c.level
+
+    def add(self, a, b):
+        self._same(a, b)
+        with self._c("add", a.level):
+            return self._new(a.v + b.v, a.level)
+
+    def sub(self, a, b):
+        self._same(a, b)
+        with self._c("add", a.level):
+            return self._new(a.v - b.v, a.level)
+
+    def add_many(self, cts):
+        for c in cts[1:]:
+            self._same(cts[0], c)
+        with self._c("add", cts[0].level, max(len(cts) - 1, 0)):
+            return self._new(np.sum([c.v for c in cts], axis=0), cts[0].level)
+
+    def neg(self, a):
+        with self._c("add", a.level):
+            return self._new(-a.v, a.level)
+
+    def add_plain(self, a, pt):
+        with self._c("add", a.level):
+            return self._new(a.v + pt, a.level)
+
+    def mul_plain_raw(self, a, pt):
+        """Product without rescale (sum several, rescale once)."""
+        self._need_level(a)
+        with self._c("mul_pt", a.level):
+            return self._new(a.v * pt, a.level)
+
+    def zeros(self, level):
+        """A fresh encryption of zero at ``level`` (a product with an all-zero plaintext)."""
+        with self._c("encrypt_zero", level):
+            return self._new(self._round(np.zeros(self.slots), self.s[level]), level)
+
+    def rescale(self, a):
+        with self._c("rescale", a.level):
+            return self._new(self._round(a.v, self.s[a.level - 1]), a.level - 1)
+
+    def mul(self, a, b):
+        self._same(a, b)
+        self._need_level(a)
+        with self._c("mul_ct", a.level):
+            return self._new(self._round(a.v * b.v, self.s[a.level - 1]), a.level - 1)
+
+    def rotate(self, a, k):
+        k = norm_step(k, self.slots)
+        if k == 0:
+            return a
+        self.steps.add(k)
+        with self._c("rotate", a.level):
+            v = np.roll(a.v, -k)
+            self.rot_used.add((a.level, k))
+            if self.noise:
+                std = self.rotation_std.get((a.level, k), self.rotation_std.get(a.level))
+                std = self.N / (6.0 * self.s[a.level]) if std is None else std
+                v = v + self.rng.normal(0.0, std, v.shape)
+            return self._new(v, a.level)
+
+    def level_down(self, a, level):
+        if a.level == level:
+            return a
+        if a.level < level:
+            raise SimulationError(f"cannot raise a ciphertext from level {a.level} to {level}")
+        with self._c("level_match", a.level):
+            return self._new(self._round(a.v, self.s[level]), level)
+
+    def _same(self, a, b):
+        if a.level != b.level:
+            raise SimulationError(f"internal: operands at levels {a.level} and {b.level}")
+
+    def _need_level(self, a):
+        if a.level < 1:
+            raise SimulationError("internal: multiplication at level 0")
+
+
+_ROTATION_STD: dict = {}
+
+
+def calibrate_rotation_noise(params, reps: int = 2) -> dict:
+    """Std of the error one rotation adds at each level, measured once per parameter set on a throwaway SEAL
+    key (key switching divides the digits' key errors by the special prime: with a special prime no larger than
+    the top data prime this is several times a rescale's rounding, and it shrinks with the level)."""
+    key = (params.poly_modulus, tuple(params.coeff_bits), params.scale_bits)
+    if key in _ROTATION_STD:
+        return _ROTATION_STD[key]
+    cl = SealClient(params, [1])
+    eng = SealEngine(params, cl)
+    rng = np.random.default_rng(12345)
+    out = {}
+    for lv in range(params.level_budget, -1, -1):
+        var = []
+        for _ in range(reps):
+            x = rng.normal(size=params.slots)
+            c = eng.level_down(eng.encrypt(x), lv)
+            before = eng.decrypt(c) - x
+            after = eng.decrypt(eng.rotate(c, 1)) - np.roll(x, -1)
+            var.append(max(np.var(after) - np.var(before), 0.0))
+        out[lv] = float(math.sqrt(np.mean(var)))
+    _ROTATION_STD[key] = out
+    return out
+
+
+def calibrate_rotations(engine: "SealEngine", pairs) -> dict:
+    """Std of the error of each (level, step) rotation with the run's own Galois keys (the key-switching error
+    differs between keys: 7e-9 for step 1 vs 1.7e-8 for step 64 at N=8192, measured)."""
+    rng = np.random.default_rng(54321)
+    out = {}
+    for lv, k in sorted(pairs):
+        x = rng.normal(size=engine.slots)
+        c = engine.level_down(engine.encrypt(x), lv)
+        before = engine.decrypt(c) - x
+        after = engine.decrypt(engine.rotate(c, k)) - np.roll(x, -k)
+        out[(lv, k)] = float(math.sqrt(max(np.var(after) - np.var(before), 0.0)))
+    return out
+
+
+class SealClient:
+    """Key holder (secret key). ``steps``: rotation steps to make Galois keys for."""
+
+    def __init__(self, params, steps: Sequence[int] = ()):
+        _need_seal()
+        self.params = params
+        t0 = time.perf_counter()
+        self.parms = _seal_parms(params)
+        self.ctx = sealapi.SEALContext(self.parms, True, sealapi.SEC_LEVEL_TYPE.NONE if params.insecure
+                                       else sealapi.SEC_LEVEL_TYPE.TC128)
+        if not self.ctx.parameters_set():
+            raise SimulationError(f"SEAL refused the parameters: {self.ctx.parameters_error_message()}")
+        self.kg = sealapi.KeyGenerator(self.ctx)
+        self.pk = sealapi.PublicKey()
+        self.kg.create_public_key(self.pk)
+        self.rk = sealapi.RelinKeys()
+        self.kg.create_relin_keys(self.rk)
+        self.steps = sorted({norm_step(int(k), params.slots) for k in steps} - {0})
+        self.gk = sealapi.GaloisKeys()
+        if self.steps:
+            self.kg.create_galois_keys([galois_elt(k, params.poly_modulus) for k in self.steps], self.gk)
+        self.keygen_seconds = time.perf_counter() - t0
+        self.encoder = sealapi.CKKSEncoder(self.ctx)
+        self.encryptor = sealapi.Encryptor(self.ctx, self.pk)
+        self.decryptor = sealapi.Decryptor(self.ctx, self.kg.secret_key())
+        self.scale = float(params.scale)
+        self.n_refresh = 0
+        self._tmp = tempfile.TemporaryDirectory(prefix="cgf_seal_")
+
+    def public_blobs(self) -> dict:
+        """What the server gets: public key, relinearisation key, Galois keys -- NO secret key."""
+        return {"public_key": _dump(self.pk, self._tmp.name), "relin_keys": _dump(self.rk, self._tmp.name),
+                "galois_keys": _dump(self.gk, self._tmp.name) if self.steps else None, "steps": list(self.steps)}
+
+    def encrypt(self, vec) -> bytes:
+        pt = sealapi.Plaintext()
+        self.encoder.encode(np.asarray(vec, dtype=np.float64).tolist(), self.scale, pt)
+        ct = sealapi.Ciphertext()
+        self.encryptor.encrypt(pt, ct)
+        return _dump(ct, self._tmp.name)
+
+    def decrypt(self, blob: bytes) -> np.ndarray:
+        ct = _load(sealapi.Ciphertext(), self.ctx, blob, self._tmp.name)
+        pt = sealapi.Plaintext()
+        self.decryptor.decrypt(ct, pt)
+        return np.array(self.encoder.decode_double(pt), dtype=np.float64)
+
+    def refresh(self, blob: bytes, keep: np.ndarray) -> bytes:
+        """Client-aided refresh: decrypt, zero the slots the server marks unused, re-encrypt (full levels)."""
+        self.n_refresh += 1
+        return self.encrypt(np.where(keep, self.decrypt(blob), 0.0))
+
+
+def _seal_parms(params):
+    parms = sealapi.EncryptionParameters(sealapi.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(params.poly_modulus)
+    parms.set_coeff_modulus(sealapi.CoeffModulus.Create(params.poly_modulus, list(params.coeff_bits)))
+    return parms
+
+
+def _dump(obj, tmp) -> bytes:
+    fd, path = tempfile.mkstemp(dir=tmp)
+    os.close(fd)
+    try:
+        obj.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+    finally:
+        os.unlink(path)
+
+
+def _load(obj, ctx, blob: bytes, tmp):
+    fd, path = tempfile.mkstemp(dir=tmp)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        obj.load(ctx, path)
+        return obj
+    finally:
+        os.unlink(path)
+
+
+class SealEngine(Engine):
+    """The server: a SEAL context with public material only; talks to the client through bytes."""
+
+    name = "seal"
+
+    def __init__(self, params, client: SealClient, public: dict | None = None, pt_cache_bytes: int = 4 << 30):
+        _need_seal()
+        super().__init__(params, pt_cache_bytes)
+        self.client = client
+        public = public if public is not None else client.public_blobs()
+        self._tmp = tempfile.TemporaryDirectory(prefix="cgf_seal_srv_")
+        self.ctx = sealapi.SEALContext(_seal_parms(params), True, sealapi.SEC_LEVEL_TYPE.NONE if params.insecure
+                                       else sealapi.SEC_LEVEL_TYPE.TC128)
+        self.pk = _load(sealapi.PublicKey(), self.ctx, public["public_key"], self._tmp.name)
+        self.rk = _load(sealapi.RelinKeys(), self.ctx, public["relin_keys"], self._tmp.name)
+        self.gk = (_load(sealapi.GaloisKeys(), self.ctx, public["galois_keys"], self._tmp.name)
+                   if public.get("galois_keys") else None)
+        self.key_steps = set(public.get("steps") or ())
+        self.encoder = sealapi.CKKSEncoder(self.ctx)
+        self.encryptor = sealapi.Encryptor(self.ctx, self.pk)  # public-key encryption only
+        self.ev = sealapi.Evaluator(self.ctx)
+        self.parms_at = {}
+        cd = self.ctx.first_context_data()
+        while cd is not None:
+            self.parms_at[cd.chain_index()] = cd.parms_id()
+            cd = cd.next_context_data()
+        self.bytes_in = self.bytes_out = 0
+
+    @property
+    def has_secret_key(self) -> bool:
+        return any(hasattr(self, a) for a in ("decryptor", "sk", "secret_key"))
+
+    def _recv(self, blob):
+        self.bytes_in += len(blob)
+        return _load(sealapi.Ciphertext(), self.ctx, blob, self._tmp.name)
+
+    def _send(self, c):
+        blob = _dump(c, self._tmp.name)
+        self.bytes_out += len(blob)
+        return blob
+
+    def _encode(self, vec, level, scale):
+        pt = sealapi.Plaintext()
+        self.encoder.encode(np.asarray(vec, dtype=np.float64).tolist(), self.parms_at[level], scale, pt)
+        return pt
+
+    def _fix(self, c, level):
+        """Pin the bookkeeping scale to the exact table value (they agree to a few ulp)."""
+        want = self.s[level]
+        if abs(c.scale / want - 1.0) > 1e-9:
+            raise SimulationError(f"internal: scale {c.scale} at level {level}, expected {want}")
+        c.scale = want
+        return c
+
+    def encrypt(self, vec):
+        with self._t("encrypt"):
+            return self._recv(self.client.encrypt(vec))
+
+    def decrypt(self, c):
+        with self._t("decrypt"):
+            return self.client.decrypt(self._send(c))
+
+    def refresh(self, c, keep):
+        self.counts["refresh"] += 1
+        with self._t("refresh_seconds", 0):
+            return self._recv(self.client.refresh(self._send(c), keep))
+
+    def level(self, c):
+        return self.ctx.get_context_data(c.parms_id()).chain_index()
+
+    def add(self, a, b):
+        with self._t("add"):
+            out = sealapi.Ciphertext()
+            self.ev.add(a, b, out)
+            return out
+
+    def sub(self, a, b):
+        with self._t("add"):
+            out = sealapi.Ciphertext()
+            self.ev.sub(a, b, out)
+            return out
+
+    def add_many(self, cts):
+        if len(cts) == 1:
+            return cts[0]
+        with self._t("add", len(cts) - 1):
+            out = sealapi.Ciphertext()
+            self.ev.add_many(list(cts), out)
+            return out
+
+    def neg(self, a):
+        with self._t("add"):
+            out = sealapi.Ciphertext()
+            self.ev.negate(a, out)
+            return out
+
+    def add_plain(self, a, pt):
+        with self._t("add"):
+            out = sealapi.Ciphertext()
+            self.ev.add_plain(a, pt, out)
+            return out
+
+    def mul_plain_raw(self, a, pt):
+        if pt.is_zero():  # every multiplier rounded to 0 at this scale (e.g. a 1e-14 coefficient): SEAL refuses
+            with self._t("encrypt_zero"):  # the transparent product; an encryption of 0 at its scale instead
+                z = sealapi.Plaintext()
+                self.encoder.encode(0.0, a.parms_id(), a.scale * pt.scale, z)
+                out = sealapi.Ciphertext()
+                self.encryptor.encrypt(z, out)
+                return out
+        with self._t("mul_pt"):
+            out = sealapi.Ciphertext()
+            self.ev.multiply_plain(a, pt, out)
+            return out
+
+    def zeros(self, level):
+        """A fresh encryption of zero at ``level`` with the public key (a product with an all-zero plaintext:
+        SEAL refuses to produce a transparent ciphertext)."""
+        with self._t("encrypt_zero"):
+            pt = sealapi.Plaintext()
+            self.encoder.encode(0.0, self.parms_at[level], self.s[level], pt)
+            c = sealapi.Ciphertext()
+            self.encryptor.encrypt(pt, c)
+        return self._fix(c, level)
+
+    def rescale(self, a):
+        lv = self.level(a)
+        with self._t("rescale"):
+            out = sealapi.Ciphertext()
+            self.ev.rescale_to_next(a, out)
+        return self._fix(out, lv - 1)
+
+    def mul(self, a, b):
+        lv = self.level(a)
+        with self._t("mul_ct"):
+            out = sealapi.Ciphertext()
+            self.ev.multiply(a, b, out)
+            self.ev.relinearize_inplace(out, self.rk)
+            self.ev.rescale_to_next_inplace(out)
+        return self._fix(out, lv - 1)
+
+    def rotate(self, a, k):
+        k = norm_step(k, self.slots)
+        if k == 0:
+            return a
+        if k not in self.key_steps:
+            raise SimulationError(f"no Galois key for rotation step {k} (keys were made for the dry run's steps)")
+        self.steps.add(k)
+        with self._t("rotate"):
+            out = sealapi.Ciphertext()
+            self.ev.rotate_vector(a, k, self.gk, out)
+            return out
+
+    def level_down(self, a, level):
+        lv = self.level(a)
+        if lv == level:
+            return a
+        with self._t("level_match"):
+            c = sealapi.Ciphertext()
+            self.ev.mod_switch_to(a, self.parms_at[level + 1], c)
+            c.scale = self.s[lv]
+            pt = sealapi.Plaintext()
+            scale = self.s[level] * float(self.primes[level + 1]) / self.s[lv]
+            self.encoder.encode(1.0, self.parms_at[level + 1], scale, pt)
+            self.ev.multiply_plain_inplace(c, pt)
+            self.ev.rescale_to_next_inplace(c)
+        return self._fix(c, level)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the backend
+# ---------------------------------------------------------------------------------------------------------------
+def _fingerprint(*arrays) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class PackedBackend(Backend):
+    """The interpreter's backend on packed tensors (one example per pass). ``engine``: :class:`SealEngine`
+    (real CKKS) or :class:`NumpyEngine` (dry run / matching emulator)."""
+
+    name = "seal"
+    leveled = True
+    refresh_label = "client-aided refresh"
+
+    def __init__(self, params, engine: Engine, layout: Layout | None = None):
+        super().__init__(params)
+        self.engine = engine
+        self.layout = layout
+        self.slots = params.slots
+        self.refreshed_ciphertexts = 0
+
+    # ---- client side -------------------------------------------------------------------------------------------
+    def encrypt(self, x):
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 3 or x.shape[0] != 1:
+            raise SimulationError(f"the seal backend packs one example [1, tokens, hidden]; got {list(x.shape)}")
+        _, S, H = x.shape
+        if self.layout is None or (self.layout.S, self.layout.H) != (S, H):
+            self.layout = Layout.choose(self.slots, S, H)
+        smap = self.layout.hidden_major(np.arange(S)[None], H)
+        n_ct = int(smap.max()) // self.slots + 1
+        vecs = np.zeros((n_ct, self.slots))
+        vecs.reshape(-1)[smap.reshape(-1)] = x.reshape(-1)
+        with self.timed("encrypt", n_ct):
+            cts = [self.engine.encrypt(v) for v in vecs]
+        t = PackedTensor(cts, smap, None)
+        t.support = self._keep(t)
+        return t
+
+    def decrypt(self, t: PackedTensor, kind: str = "decrypt"):
+        used = sorted(set((t.smap.reshape(-1) // self.slots).tolist()))
+        flat = np.zeros(len(t.cts) * self.slots)
+        with self.timed(kind, len(used)):
+            for c in used:
+                flat[c * self.slots:(c + 1) * self.slots] = self.engine.decrypt(t.cts[c])
+        return flat[t.smap]
+
+    def encrypt_public(self, x):
+        raise SimulationError("concatenating a plaintext with a packed ciphertext is not packable by the seal "
+                              "backend")
+
+    # ---- introspection -----------------------------------------------------------------------------------------
+    def is_ct(self, v) -> bool:
+        return isinstance(v, PackedTensor)
+
+    def shape(self, t):
+        return t.shape
+
+    def level(self, t):
+        return min(self.engine.level(c) for c in t.cts) if t.cts else self.params.level_budget
+
+    # ---- helpers -----------------------------------------------------------------------------------------------
+    def _keep(self, t: PackedTensor) -> np.ndarray:
+        """Slots holding an element (main map or alias)."""
+        keep = np.zeros((len(t.cts), self.slots), dtype=bool)
+        keep.reshape(-1)[t.smap.reshape(-1)] = True
+        if t.alias is not None:
+            keep.reshape(-1)[t.alias.reshape(-1)] = True
+        return keep
+
+    def is_clean(self, t: PackedTensor) -> bool:
+        return not np.any(t.support & ~self._keep(t))
+
+    def refresh(self, t: PackedTensor) -> PackedTensor:
+        """Client-aided refresh (in place, so every consumer of the value sees it): decrypt, zero the unused
+        slots, re-encrypt with the full level budget."""
+        keep = self._keep(t)
+        with self.timed("refresh", len(t.cts)):
+            t.cts = [self.engine.refresh(c, keep[i]) for i, c in enumerate(t.cts)]
+        t.support = keep
+        self.n_refresh += 1
+        self.refreshed_ciphertexts += len(t.cts)
+        return t
+
+    def _ensure(self, t: PackedTensor, need: int = 1) -> PackedTensor:
+        """Align t's ciphertexts to one level; refresh (client-aided) when fewer than ``need`` levels are left."""
+        if self.level(t) < need:
+            self.refresh(t)
+        lv = self.level(t)
+        t.cts = [self.engine.level_down(c, lv) for c in t.cts]
+        return t
+
+    def _align(self, a, b):
+        la, lb = self.engine.level(a), self.engine.level(b)
+        if la > lb:
+            a = self.engine.level_down(a, lb)
+        elif lb > la:
+            b = self.engine.level_down(b, la)
+        return a, b
+
+    def _eff_map(self, t: PackedTensor, out_shape) -> np.ndarray:
+        if tuple(t.shape) == tuple(out_shape):
+            return t.smap
+        if t.alias is not None:
+            try:
+                return np.broadcast_to(t.alias, out_shape)
+            except ValueError:
+                pass
+        try:
+            return np.broadcast_to(t.smap, out_shape)
+        except ValueError:
+            raise SimulationError(f"shapes {list(t.shape)} and {list(out_shape)} do not broadcast") from None
+
+    # ---- element-wise ------------------------------------------------------------------------------------------
+    def _with_plain(self, a: PackedTensor, b, kind: str) -> PackedTensor:
+        b = np.asarray(b, dtype=np.float64)
+        out = logical_broadcast(a.shape, b.shape, "plaintext")
+        m = self._eff_map(a, out)
+        if out != a.shape and a.alias is None:
+            raise SimulationError(f"broadcasting packed {list(a.shape)} with a plaintext {list(b.shape)} to "
+                                  f"{list(out)} would need the ciphertext replicated")
+        targets = [(m, np.broadcast_to(b, out))]
+        keep_alias = a.alias if out == a.shape else None
+        if keep_alias is not None:
+            try:
+                targets.append((keep_alias, np.broadcast_to(b, np.broadcast_shapes(keep_alias.shape, b.shape))))
+            except ValueError:
+                keep_alias = None
+        vec = np.zeros(len(a.cts) * self.slots)
+        seen = np.zeros(vec.shape, dtype=bool)
+        for mm, vv in targets:
+            mm, vv = mm.reshape(-1), vv.reshape(-1)
+            prev = seen[mm]
+            if prev.any() and not np.array_equal(vec[mm][prev], vv[prev]):
+                raise SimulationError("a plaintext operand differs between elements packed in the same slot")
+            vec[mm] = vv
+            seen[mm] = True
+        vec = vec.reshape(len(a.cts), self.slots)
+        key = _fingerprint(vec)
+        e = self.engine
+        if kind == "mul":
+            self._ensure(a)
+            lv = self.level(a)
+            cts = [e.rescale(e.mul_plain_raw(c, e.plain((key, i), lambda i=i: vec[i], lv, "mul")))
+                   if vec[i].any() else e.zeros(lv - 1) for i, c in enumerate(a.cts)]
+            support = a.support & (vec != 0)
+        else:
+            cts = [e.add_plain(c, e.plain((key, i), lambda i=i: vec[i], e.level(c), "add"))
+                   for i, c in enumerate(a.cts)]
+            support = a.support | (vec != 0)
+        smap = a.smap if out == a.shape else np.ascontiguousarray(m)
+        return PackedTensor(cts, smap, support, alias=keep_alias, meta=dict(a.meta))
+
+    def _with_ct(self, a: PackedTensor, b: PackedTensor, op: str) -> PackedTensor:
+        try:
+            out = tuple(np.broadcast_shapes(a.shape, b.shape))
+        except ValueError:
+            raise SimulationError(f"encrypted operands {list(a.shape)} and {list(b.shape)} do not broadcast") from None
+        ma, mb = self._eff_map(a, out), self._eff_map(b, out)
+        sa = ma % self.slots
+        if not np.array_equal(sa, mb % self.slots):
+            raise SimulationError(f"encrypted operands {list(a.shape)} and {list(b.shape)} are packed at different "
+                                  "slots (an element-wise op needs them aligned)")
+        ca, cb = (ma // self.slots).reshape(-1), (mb // self.slots).reshape(-1)
+        pairs, inv = np.unique(np.stack([ca, cb], 1), axis=0, return_inverse=True)
+        inv = inv.reshape(-1)
+        if op == "mul":
+            self._ensure(a)
+            self._ensure(b)
+        e = self.engine
+        cts, sup = [], []
+        for i, j in pairs:
+            x, y = self._align(a.cts[i], b.cts[j])
+            if op == "mul":
+                cts.append(e.mul(x, y))
+                sup.append(a.support[i] & b.support[j])
+            else:
+                cts.append(e.add(x, y) if op == "add" else e.sub(x, y))
+                sup.append(a.support[i] | b.support[j])
+        smap = (inv.reshape(out) * self.slots + sa).astype(np.int64)
+        alias = None
+        if a.alias is not None and b.alias is not None and a.alias.shape == b.alias.shape and out == a.shape \
+                and out == b.shape:
+            # both replicated the same way: keep the replication when it uses the same ciphertext pairs
+            xa, xb = a.alias // self.slots, b.alias // self.slots
+            if np.array_equal(a.alias % self.slots, b.alias % self.slots):
+                lookup = {(int(i), int(j)): k for k, (i, j) in enumerate(pairs)}
+                try:
+                    ks = np.vectorize(lambda i, j: lookup[(int(i), int(j))])(xa, xb)
+                    alias = (ks * self.slots + a.alias % self.slots).astype(np.int64)
+                except KeyError:
+                    alias = None
+        return PackedTensor(cts, smap, np.array(sup), alias=alias)
+
+    def add(self, a, b):
+        if not self.is_ct(a):
+            a, b = b, a
+        return self._with_ct(a, b, "add") if self.is_ct(b) else self._with_plain(a, b, "add")
+
+    def sub(self, a, b):
+        if not self.is_ct(a):
+            return self.add(self.neg(b), a)
+        if self.is_ct(b):
+            return self._with_ct(a, b, "sub")
+        return self._with_plain(a, -np.asarray(b, dtype=np.float64), "add")
+
+    def neg(self, a):
+        return PackedTensor([self.engine.neg(c) for c in a.cts], a.smap, a.support, alias=a.alias,
+                            meta=dict(a.meta))
+
+    def mul(self, a, b):
+        if not self.is_ct(a):
+            a, b = b, a
+        return self._with_ct(a, b, "mul") if self.is_ct(b) else self._with_plain(a, b, "mul")
+
+    # ---- reductions --------------------------------------------------------------------------------------------
+    def reduce_sum(self, a: PackedTensor, axes: Sequence[int], keepdims: bool):
+        """Sum over ``axes``: add the ciphertexts an output's elements sit in (plus any that are known zero at
+        its slots, so outputs share sums), then rotate-and-sum over the slot grid left."""
+        if not axes:
+            return a
+        rank = len(a.shape)
+        axes = sorted({ax % rank for ax in axes})
+        keep_axes = [i for i in range(rank) if i not in axes]
+        perm = keep_axes + axes
+        inv_perm = np.argsort(perm)
+        kept_shape = [a.shape[i] for i in keep_axes]
+        G = np.transpose(a.smap, perm).reshape(int(np.prod(kept_shape, dtype=np.int64)), -1)
+        n_out, n_red = G.shape
+        n_cts = len(a.cts)
+        cts_of, slots_of = G // self.slots, G % self.slots
+        p0 = slots_of.min(1)
+        rel = slots_of - p0[:, None]
+        offs = np.unique(rel)
+        stride = int(np.gcd.reduce(offs[1:])) if len(offs) > 1 else 1
+        n = int(offs.max() // stride) + 1
+        if np.any(rel % stride):
+            raise SimulationError("a reduction's slots are not evenly spaced (cannot rotate-and-sum)")
+        k_of = rel // stride
+        member = np.zeros((n_cts, n_out, n), dtype=bool)
+        member[cts_of.reshape(-1), np.repeat(np.arange(n_out), n_red), k_of.reshape(-1)] = True
+        if member.sum() != n_out * n_red:
+            raise SimulationError("a reduction adds one slot twice (aliased elements)")
+        grid = p0[:, None] + stride * np.arange(n)[None, :]  # [n_out, n]
+        nonzero = a.support[:, grid]  # [n_cts, n_out, n]
+        ok = np.all(member | ~nonzero, axis=2)  # [n_cts, n_out]: adding this ciphertext is exact for o
+        mem_any = member.any(2)
+        if np.any(mem_any & ~ok):
+            raise SimulationError("a reduction's operand has unknown values inside its slot grid (cannot "
+                                  "rotate-and-sum)")
+        # outputs whose ciphertexts overlap form one component; each output adds every ciphertext of its
+        # component that is exact for it (members, or zero on its grid): outputs then share their sums
+        parent = list(range(n_cts))
+
+        def find(x):
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for o in range(n_out):
+            ms = np.nonzero(mem_any[:, o])[0]
+            for c in ms[1:]:
+                ra, rb = find(int(ms[0])), find(int(c))
+                if ra != rb:
+                    parent[rb] = ra
+        comp = np.array([find(c) for c in range(n_cts)])
+        groups: dict[tuple, int] = {}
+        o_group = np.empty(n_out, dtype=np.int64)
+        for o in range(n_out):
+            root = comp[np.nonzero(mem_any[:, o])[0][0]]
+            use = ok[:, o] & (comp == root)
+            o_group[o] = groups.setdefault(tuple(np.nonzero(use)[0].tolist()), len(groups))
+        self._ensure(a, 0)
+        e = self.engine
+        res_cts, res_sup = [], []
+        for cset in groups:
+            c = e.add_many([a.cts[i] for i in cset])
+            sup = np.any(a.support[list(cset)], axis=0)
+            if n > 1:
+                c, sup = self._rotsum(c, sup, stride, n)
+            res_cts.append(c)
+            res_sup.append(sup)
+        smap = (o_group * self.slots + p0).reshape(kept_shape + [1] * len(axes))
+        gi = o_group.reshape(kept_shape + [1] * len(axes))
+        smap = np.transpose(smap, inv_perm)
+        out_shape = tuple(smap.shape)
+        if not keepdims:
+            smap = smap.reshape([s for i, s in enumerate(out_shape) if i not in axes])
+        alias = None
+        if keepdims and n > 1 and n * stride == self.slots and (n & (n - 1)) == 0:
+            # a cyclic rotate-and-sum leaves the total in every slot of the grid: the input's own slots
+            gi = np.broadcast_to(np.transpose(gi, inv_perm), a.shape)
+            alias = (gi * self.slots + a.smap % self.slots).astype(np.int64)
+        return PackedTensor(res_cts, smap.astype(np.int64), np.array(res_sup), alias=alias)
+
+    def _rotsum(self, c, sup, stride: int, n: int):
+        """Sum of the slots p, p + stride, ..., p + (n-1) stride into p (into every slot of the grid when it is
+        the whole ciphertext): power-of-two partial sums combined by the bits of n."""
+        e = self.engine
+        if n * stride == self.slots and (n & (n - 1)) == 0:
+            k = 1
+            while k < n:
+                c = e.add(c, e.rotate(c, k * stride))
+                sup = sup | np.roll(sup, -k * stride)
+                k *= 2
+            return c, sup
+        acc = acc_sup = None
+        offset, T, T_sup, j = 0, c, sup, 0
+        while (1 << j) <= n:
+            if n >> j & 1:
+                part = e.rotate(T, offset * stride) if offset else T
+                part_sup = np.roll(T_sup, -offset * stride)
+                acc = part if acc is None else e.add(acc, part)
+                acc_sup = part_sup if acc_sup is None else acc_sup | part_sup
+                offset += 1 << j
+            if (1 << (j + 1)) <= n:
+                T = e.add(T, e.rotate(T, (1 << j) * stride))
+                T_sup = T_sup | np.roll(T_sup, -(1 << j) * stride)
+            j += 1
+        return acc, acc_sup
+
+    def reduce_mean(self, a, axes, keepdims):
+        shape = self.shape(a)
+        n = int(np.prod([shape[ax] for ax in axes])) if axes else 1
+        return self.mul(self.reduce_sum(a, axes, keepdims), np.array(1.0 / n))
+
+    # ---- matmul ------------------------------------------------------------------------------------------------
+    def matmul(self, a, b):
+        if not self.is_ct(a):
+            raise SimulationError("a plaintext x ciphertext MatMul is not packable by the seal backend")
+        if not self.is_ct(b):
+            return self._linear(a, np.asarray(b, dtype=np.float64))
+        L = self.layout
+        qh = L.heads_hm(a.smap)
+        kh = L.heads_hm(b.smap, transposed=True)
+        if qh is not None and kh is not None and kh[:2] == qh[:2] and kh[2] == tuple(range(L.S)):
+            return self._scores(a, b, *qh)
+        vh = L.heads_hm(b.smap)
+        if vh is not None and vh[2] == tuple(range(L.S)):
+            tq = self._diag_queries(a, vh[0], vh[1])
+            if tq is not None:
+                return self._probs_v(a, b, vh[0], vh[1], tq)
+        raise SimulationError(f"encrypted MatMul {list(a.shape)} x {list(b.shape)}: operands are not in a packed "
+                              "attention layout (Q x K^T of hidden-major tensors, or diagonal scores x V)")
+
+    def _linear(self, a: PackedTensor, W: np.ndarray) -> PackedTensor:
+        """Diagonal method, baby-step giant-step: out_b = sum_g rot(sum_{a,i} rot(X_a, i) * D'_{a,b,g,i}, g n1)
+        (rotations by whole blocks); plaintext diagonals encoded once per level and cached."""
+        L = self.layout
+        while W.ndim > 2 and W.shape[0] == 1:
+            W = W[0]
+        if W.ndim != 2:
+            raise SimulationError(f"MatMul with a plaintext of shape {list(W.shape)}: only one weight matrix "
+                                  "[K, M] is packable")
+        K, M = W.shape
+        if a.shape[-1] != K:
+            raise SimulationError(f"MatMul shapes {list(a.shape)} x {list(W.shape)}")
+        tok = L.hm_tokens(a.smap)
+        if tok is None:
+            raise SimulationError(f"MatMul input {list(a.shape)} is not packed hidden-major (the diagonal method "
+                                  "needs hidden units in blocks of tokens)")
+        self._ensure(a)
+        e, hp, S_blk = self.engine, L.hp, L.S_blk
+        n_in, n_out = L.n_ct(K), L.n_ct(M)
+        n1 = next_pow2(math.ceil(math.sqrt(hp)))
+        n2 = math.ceil(hp / n1)
+        tokmask = np.zeros(S_blk)
+        tokmask[np.unique(tok)] = 1.0
+        lv = self.level(a)
+        key = _fingerprint(W, tokmask)
+        Wp = np.zeros((n_in * hp, n_out * hp))
+        Wp[:K, :M] = W
+        j = np.arange(hp)
+        baby = {}
+        outs = []
+        for bi in range(n_out):
+            acc = None
+            for g in range(n2):
+                terms = []
+                for ai in range(n_in):
+                    blockW = Wp[ai * hp:(ai + 1) * hp, bi * hp:(bi + 1) * hp]
+                    for i in range(n1):
+                        d = g * n1 + i
+                        if d >= hp:
+                            break
+                        vals = blockW[(j + d) % hp, j]
+                        if not np.any(vals):
+                            continue
+                        if (ai, i) not in baby:
+                            baby[ai, i] = e.rotate(a.cts[ai], i * S_blk) if i else a.cts[ai]
+
+                        def diag(vals=vals, g=g):
+                            return np.roll((vals[:, None] * tokmask[None, :]).reshape(-1), g * n1 * S_blk)
+
+                        terms.append(e.mul_plain_raw(baby[ai, i], e.plain((key, ai, bi, d), diag, lv, "mul")))
+                if not terms:
+                    continue
+                y = e.rescale(e.add_many(terms))
+                y = e.rotate(y, g * n1 * S_blk) if g else y
+                acc = y if acc is None else e.add(acc, y)
+            if acc is None:  # an all-zero block of W
+                acc = e.zeros(lv - 1)
+            outs.append(acc)
+        self.counts["matmul_pt"] += 1
+        res = PackedTensor(outs, L.hidden_major(tok, M), None)
+        res.support = self._keep(res)
+        return res
+
+    def _scores(self, q: PackedTensor, k: PackedTensor, heads: int, dh: int, tq) -> PackedTensor:
+        """Scores by token shifts: for every shift r, Q * rot(K, r tokens) summed over each head's dh blocks
+        (rotate-and-sum) -> diagonal set r at the head's first block, query token slots."""
+        L = self.layout
+        if dh & (dh - 1) or L.hp % dh:
+            raise SimulationError(f"attention head size {dh} must be a power of two dividing the {L.hp} blocks "
+                                  "per ciphertext")
+        if not (self.is_clean(q) and self.is_clean(k)):
+            raise SimulationError("attention scores need Q and K with zero padding slots")
+        self._ensure(q)
+        self._ensure(k)
+        e = self.engine
+        n_ct = L.n_ct(heads * dh)
+        S, S_blk = L.S, L.S_blk
+        tok = np.arange(self.slots) % S_blk
+        qmask = np.isin(tok, np.asarray(tq))
+        cts, sup = [], []
+        for r in L.diag_sets(tq):
+            valid = qmask & (tok + r >= 0) & (tok + r < S)
+            for c in range(n_ct):
+                x, y = self._align(q.cts[c], e.rotate(k.cts[c], r))
+                p = e.mul(x, y)
+                step = 1
+                while step < dh:
+                    p = e.add(p, e.rotate(p, step * S_blk))
+                    step *= 2
+                cts.append(p)
+                sup.append(valid)
+        self.counts["matmul_ct"] += 1
+        return PackedTensor(cts, L.diag_map(heads, dh, tq), np.array(sup))
+
+    def _diag_queries(self, p: PackedTensor, heads: int, dh: int):
+        """Query token offsets of a diagonal-layout ``[1, heads, Sq, S]`` tensor, or None."""
+        L = self.layout
+        if p.smap.ndim != 4 or p.smap.shape[:2] != (1, heads) or p.smap.shape[3] != L.S:
+            return None
+        tq = tuple(int(x) for x in (p.smap[0, 0, :, 0] % self.slots) % L.S_blk)
+        if not np.array_equal(p.smap % self.slots, L.diag_map(heads, dh, tq) % self.slots):
+            return None
+        return tq
+
+    def _probs_v(self, p: PackedTensor, v: PackedTensor, heads: int, dh: int, tq) -> PackedTensor:
+        """ctx = sum_r rep(P_r) * rot(V, r tokens); rep copies each head's first block to its dh blocks."""
+        L = self.layout
+        if not (self.is_clean(p) and self.is_clean(v)):
+            raise SimulationError("probs @ V needs the probabilities masked (zero outside their slots; the "
+                                  "graph's mask multiplication does it) and V with zero padding")
+        self._ensure(p)
+        self._ensure(v)
+        e = self.engine
+        n_ct = L.n_ct(heads * dh)
+        ct_of = p.smap[0] // self.slots  # [heads, Sq, S]
+        tqa = np.asarray(tq)
+        acc = [None] * n_ct
+        for r in L.diag_sets(tq):
+            for c in range(n_ct):
+                hs = [h for h in range(heads) if (h * dh) // L.hp == c]
+                qi = [i for i, t in enumerate(tqa) if 0 <= t + r < L.S]
+                if not qi or not hs:
+                    continue
+                which = {int(ct_of[h, i, tqa[i] + r]) for h in hs for i in qi}
+                if len(which) != 1:
+                    raise SimulationError("probs @ V: a diagonal of the probabilities is spread over several "
+                                          "ciphertexts")
+                rep = p.cts[which.pop()]
+                step = 1
+                while step < dh:
+                    rep = e.add(rep, e.rotate(rep, -step * L.S_blk))
+                    step *= 2
+                t = e.mul(*self._align(rep, e.rotate(v.cts[c], r)))
+                acc[c] = t if acc[c] is None else e.add(*self._align(acc[c], t))
+        self.counts["matmul_ct"] += 1
+        full = L.hidden_major(tqa, heads * dh).reshape(len(tqa), heads, dh).transpose(1, 0, 2)[None]
+        res = PackedTensor(acc, np.ascontiguousarray(full), None)
+        res.support = self._keep(res)
+        return res
+
+    # ---- data movement -----------------------------------------------------------------------------------------
+    def rearrange(self, fn, args, ct_positions):
+        vals = list(args)
+        cts, sups = [], []
+        for i in ct_positions:
+            t = args[i]
+            vals[i] = t.smap + len(cts) * self.slots
+            cts.extend(t.cts)
+            sups.append(t.support)
+        support = np.concatenate(sups, 0)
+        outs = fn(*vals)
+        res = []
+        for o in outs:
+            o = np.asarray(o).astype(np.int64)
+            if o.ndim == 0 or o.shape[0] != 1:
+                raise SimulationError(f"data movement produced shape {list(o.shape)}: axis 0 (the example) must "
+                                      "stay")
+            used = np.unique(o // self.slots)
+            remap = np.full(len(cts), -1, dtype=np.int64)
+            remap[used] = np.arange(len(used))
+            smap = remap[o // self.slots] * self.slots + o % self.slots
+            res.append(PackedTensor([cts[i] for i in used], smap, support[used]))
+        return res
+
+    def describe(self) -> dict:
+        d = super().describe()
+        e = self.engine
+        d.update({"engine": e.name, "layout": None if self.layout is None else vars(self.layout),
+                  "rotation_steps": len(e.steps), "refreshed_ciphertexts": self.refreshed_ciphertexts})
+        if isinstance(e, SealEngine):
+            d.update({"server_has_secret_key": e.has_secret_key, "bytes_to_server": e.bytes_in,
+                      "bytes_from_server": e.bytes_out, "galois_keys": len(e.key_steps)})
+        return d
+
+
+__all__ = ["PackedBackend", "NumpyEngine", "SealEngine", "SealClient", "galois_elt", "norm_step", "calibrate_rotations",
+           "calibrate_rotation_noise"]

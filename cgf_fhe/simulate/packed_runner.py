@@ -1,0 +1,572 @@
+"""``simulate --backend seal``: graph-driven packed execution of the exported ONNX on real CKKS (SEAL).
+
+The exported graph and its metadata drive everything (:class:`PackedInterpreter` is the one interpreter with a
+:class:`~cgf_fhe.simulate.backends.seal_packed.PackedBackend`): there is no second model definition. Per example:
+
+1. **dry run** (before anything is encrypted): the same schedule on float64 slot vectors
+   (:class:`NumpyEngine`). A node that cannot be packed is refused here, naming it; the run also yields the
+   operation counts per layer, the rotation steps (Galois keys are made for exactly these), the peak memory of
+   live ciphertexts + cached plaintexts + keys, and a time estimate. A run that cannot fit the available memory is
+   refused.
+2. **encrypted run** on SEAL: the client (secret key) encrypts the embeddings; the server (public context:
+   public, relinearisation and Galois keys) evaluates; where a ciphertext runs out of levels the server sends it
+   back for a **client-aided refresh** (decrypt + re-encrypt, counted and labelled). A progress bar per layer.
+3. optionally (``--compare-emulator``) the emulator's matching mode (the numpy engine with CKKS's rounding
+   errors) on the same example; per layer the error mean and std of both against plain.
+
+Results are appended per example (``DIR/examples/NNNNN.json``, written atomically); a rerun with the same model
+and parameters skips the examples already done (resumable multi-example runs).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from .backends.base import SimulationError
+from .backends.seal_packed import (NumpyEngine, PackedBackend, SealClient, SealEngine, calibrate_rotations,
+                                   calibrate_rotation_noise)
+from .interpreter import Interpreter, node_layers
+from .packing import galois_key_bytes
+
+# SEAL's memory pools keep freed buffers per size (one size per level) and Python adds its objects: measured on
+# the 2-layer hidden-64 student at 32 tokens, peak RSS 6.7-7.3 GiB for an estimate of 3.4 GiB of live ciphertexts,
+# cached plaintexts and keys (docs/seal_packed.md)
+MEMORY_OVERHEAD = 2.0
+BASE_BYTES = 600 << 20  # the process itself (torch, onnx, numpy)
+# plaintext weights are encoded once and reused across examples when all of them fit this budget; otherwise
+# (full-width MiniLM: ~300k diagonals) none is kept and each is encoded when used (a partial cache costs memory
+# and saves little: every diagonal is used once per example)
+PT_CACHE_BUDGET = 3 << 30
+COUNT_KINDS = ("mul_pt", "mul_ct", "rotate", "level_match", "refresh", "encode", "add", "rescale")
+
+
+# ---- the only places this module uses other modules' private names (re-point them here if they move) --------
+# (plus PackedInterpreter overriding Interpreter._exec / _check_levels)
+def _op_stats(results: list[dict]) -> dict:
+    from .runner import _op_stats as op_stats
+
+    return op_stats(results)
+
+
+def _layer_errors(base, plain_trace, trace, mask) -> dict:
+    return base._layer_errors(plain_trace, trace, mask)  # BatchRunner's per-layer error bookkeeping
+
+
+def _poly_counts(base, trace, mask) -> dict:
+    return base._poly_counts(trace, mask)
+
+
+class PackedInterpreter(Interpreter):
+    """The interpreter with levels left to the packed backend (it refreshes lazily, client-aided, when a
+    multiplication finds no level left), per-layer statistics and a progress bar per layer."""
+
+    def __init__(self, model, backend: PackedBackend, *, trace=(), analysis=None):
+        super().__init__(model, backend, refresh="none", trace=trace, analysis=analysis)
+        self.node_layer = node_layers(self.model)
+        self.layer_stats: dict = {}
+        self._bar = None
+        self._cur = None
+
+    def _check_levels(self, r, node, args):  # the backend refreshes where levels run out
+        return
+
+    def run(self, feeds, progress=False):
+        self.layer_stats = {}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            layers = []
+            for i, r in enumerate(self.analysis.nodes):
+                key = self._key(i)
+                if r.encrypted and key not in layers:
+                    layers.append(key)
+            bar = tqdm(total=len(layers), desc=progress if isinstance(progress, str) else "seal layers",
+                       unit="layer", leave=False)
+        self._bar, self._cur = bar, None
+        try:
+            return super().run(feeds)
+        finally:
+            if bar is not None:
+                bar.update(bar.total - bar.n)
+                bar.close()
+            self._bar = None
+
+    def _key(self, i):
+        lay = self.node_layer[i]
+        return "head" if lay is None else int(lay)
+
+    def _exec(self, i, node, r, args):
+        B = self.backend
+        e = B.engine
+        key = self._key(i)
+        if key != self._cur:
+            if self._bar is not None and self._cur is not None:
+                self._bar.update(1)
+            if self._bar is not None:
+                self._bar.set_postfix_str(f"layer {key}", refresh=True)
+            self._cur = key
+        c0 = Counter(e.counts)
+        est0 = Counter(getattr(e, "est_ms", {}))
+        n0 = B.n_refresh
+        t0 = time.perf_counter()
+        out = super()._exec(i, node, r, args)
+        st = self.layer_stats.setdefault(key, {"seconds": 0.0, "counts": Counter(), "est_ms": Counter(),
+                                               "refreshes": 0, "nodes": 0})
+        st["seconds"] += time.perf_counter() - t0
+        st["counts"].update(Counter(e.counts) - c0)
+        if hasattr(e, "est_ms"):
+            st["est_ms"].update(Counter(e.est_ms) - est0)
+        st["refreshes"] += B.n_refresh - n0
+        st["nodes"] += 1
+        return out
+
+
+def _layers_table(stats: dict) -> list[dict]:
+    rows = []
+    for key, st in stats.items():
+        c = st["counts"]
+        row = {"layer": key, "seconds": round(st["seconds"], 3), "nodes": st["nodes"],
+               "refreshes": st["refreshes"], **{k: int(c.get(k, 0)) for k in COUNT_KINDS}}
+        if st["est_ms"]:
+            row["estimated_seconds"] = round(sum(st["est_ms"].values()) / 1e3, 3)
+        rows.append(row)
+    return rows
+
+
+class PackedRunner:
+    """Plain baseline (reuses the dataset runner's tracing and error bookkeeping), dry run, SEAL run."""
+
+    def __init__(self, onnx_path: str, cfg, *, pt_cache_budget: int = PT_CACHE_BUDGET):
+        from .runner import EMB, BatchRunner
+
+        self.cfg = cfg
+        self.base = BatchRunner(onnx_path, replace(cfg, backend="plain"))
+        self.model, self.analysis = self.base.model, self.base.analysis
+        self.params = cfg.ckks_params()
+        self.trace = set(self.base.layer_values.values()) | {EMB}
+        self.pt_cache_budget = pt_cache_budget
+        self.pt_cache_bytes = 0  # decided by the dry run (plan_cache)
+        self.client: SealClient | None = None
+        self.engine: SealEngine | None = None
+
+    # ---- dry run -----------------------------------------------------------------------------------------------
+    def dry_run(self, feeds: dict, *, noise: bool = False, seed: int = 0, rotation_std: dict | None = None) -> dict:
+        """The packed schedule on float64 slot vectors (no encryption). Raises SimulationError naming the node
+        that cannot be packed. ``noise``: the emulator's matching mode (rotation errors from ``rotation_std``,
+        else measured per level on a throwaway key)."""
+        rot = (rotation_std or calibrate_rotation_noise(self.params)) if noise else None
+        eng = NumpyEngine(self.params, noise=noise, seed=seed, pt_cache_bytes=0, rotation_std=rot)
+        be = PackedBackend(self.params, eng)
+        it = PackedInterpreter(self.model, be, trace=self.trace, analysis=self.analysis)
+        t0 = time.perf_counter()
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported as negative headroom
+            res = it.run(feeds)
+        L = be.layout
+        data_primes = len(self.params.coeff_bits) - 1
+        keys = galois_key_bytes(self.params.poly_modulus, data_primes) * (len(eng.steps) + 1)
+        cache = eng.pt_bytes_total if eng.pt_bytes_total <= self.pt_cache_budget else 0
+        peak = int((eng.peak_bytes + cache + keys) * MEMORY_OVERHEAD + BASE_BYTES)
+        return {"outputs": res.outputs, "trace": res.trace, "seconds": time.perf_counter() - t0,
+                "counts": {k: int(v) for k, v in eng.counts.items()}, "steps": sorted(eng.steps),
+                "layers": _layers_table(it.layer_stats), "refreshes": be.n_refresh,
+                "refreshed_ciphertexts": be.refreshed_ciphertexts,
+                "layout": None if L is None else {"slots": L.slots, "tokens": L.S, "hidden": L.H,
+                                                  "block": L.S_blk, "hidden_per_ct": L.hp},
+                "estimated_seconds": sum(eng.est_ms.values()) / 1e3,
+                "estimated_peak_bytes": peak, "ciphertext_peak_bytes": int(eng.peak_bytes),
+                "plaintext_bytes": int(eng.pt_bytes_total), "plaintext_cache_bytes": int(cache),
+                "galois_key_bytes": int(keys), "galois_keys": len(eng.steps),
+                "rotations_used": sorted(eng.rot_used),
+                "min_headroom_bits": None if eng.min_headroom_bits == float("inf") else eng.min_headroom_bits,
+                "min_headroom_level": eng.min_headroom_level}
+
+    def check_memory(self, dry: dict) -> None:
+        """Refuse what cannot fit memory, or would overflow the modulus (a slot, garbage included, beyond
+        Q_l / (2 s_l) wraps the whole ciphertext)."""
+        import psutil
+
+        head = dry.get("min_headroom_bits")
+        if head is not None and head < 0:
+            raise SimulationError(f"a slot of the packed schedule exceeds the modulus at level "
+                                  f"{dry['min_headroom_level']} by {-head:.1f} bits (inf: not finite): the encrypted "
+                                  "run would "
+                                  "decrypt garbage; use a longer first prime or smaller activations")
+
+        avail = psutil.virtual_memory().available
+        if dry["estimated_peak_bytes"] > avail:
+            raise SimulationError(
+                f"not enough memory for the seal backend: the dry run needs about "
+                f"{dry['estimated_peak_bytes'] / 2**30:.1f} GiB (live ciphertexts "
+                f"{dry['ciphertext_peak_bytes'] / 2**30:.1f} GiB, cached plaintexts "
+                f"{dry['plaintext_cache_bytes'] / 2**30:.1f} GiB, {dry['galois_keys']} Galois keys "
+                f"{dry['galois_key_bytes'] / 2**30:.1f} GiB, x{MEMORY_OVERHEAD}) but {avail / 2**30:.1f} GiB is "
+                "available: lower --max-length or use a narrower student")
+
+    # ---- keys and the encrypted run ------------------------------------------------------------------------------
+    def ensure_keys(self, steps, cache_bytes: int = 0) -> float:
+        steps = set(steps)
+        self.pt_cache_bytes = max(self.pt_cache_bytes, int(cache_bytes))
+        if self.engine is not None:
+            self.engine.cache_cap = self.pt_cache_bytes
+        if self.client is not None and steps <= set(self.client.steps):
+            return 0.0
+        if self.client is not None:
+            steps |= set(self.client.steps)
+        self.client = SealClient(self.params, sorted(steps))
+        self.engine = SealEngine(self.params, self.client, self.client.public_blobs(),
+                                 pt_cache_bytes=self.pt_cache_bytes)
+        return self.client.keygen_seconds
+
+    def run_seal(self, feeds: dict, progress=False) -> dict:
+        be = PackedBackend(self.params, self.engine)
+        it = PackedInterpreter(self.model, be, trace=self.trace, analysis=self.analysis)
+        c0 = Counter(self.engine.counts)
+        t0 = time.perf_counter()
+        res = it.run(feeds, progress=progress)
+        return {"outputs": res.outputs, "trace": res.trace, "seconds": time.perf_counter() - t0,
+                "counts": {k: int(v) for k, v in (Counter(self.engine.counts) - c0).items()},
+                "layers": _layers_table(it.layer_stats), "refreshes": be.n_refresh,
+                "refreshed_ciphertexts": be.refreshed_ciphertexts, "backend": be.describe()}
+
+    # ---- one example -------------------------------------------------------------------------------------------
+    def run_example(self, index: int, feeds: dict, labels: np.ndarray, *, progress=False,
+                    compare_emulator: bool = False, dry: dict | None = None) -> dict:
+        from .runner import LOGITS, MASK
+
+        out = self.base.run(index, feeds, labels)  # plain baseline: logits + traces
+        mask = feeds[MASK]
+        plain_tr = self.base.plain.run(feeds).trace
+        dry = dry or self.dry_run(feeds)
+        self.check_memory(dry)
+        keygen = self.ensure_keys(dry["steps"], dry["plaintext_cache_bytes"])
+        import resource
+
+        sr = self.run_seal(feeds, progress=progress)
+        out.update(logits=sr["outputs"][LOGITS], seconds=sr["seconds"], refreshes=sr["refreshes"],
+                   layers=_layer_errors(self.base, plain_tr, sr["trace"], mask),
+                   poly=_poly_counts(self.base, sr["trace"], mask), level_mismatches=[], predicted=None,
+                   op_counts=sr["counts"], op_seconds={k: float(v) for k, v in self.engine.seconds.items()})
+        seal_info = {"layers": _merge_layer_rows(sr["layers"], dry["layers"]), "keygen_seconds": keygen,
+                     "galois_keys": len(self.client.steps), "dry_run": {k: v for k, v in dry.items()
+                                                                          if k not in ("outputs", "trace")},
+                     "refreshed_ciphertexts": sr["refreshed_ciphertexts"], "backend": sr["backend"],
+                     "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                     "dry_run_max_logit_diff": float(np.abs(dry["outputs"][LOGITS]
+                                                            - out["plain_logits"]).max())}
+        if compare_emulator:  # the emulator's rotation errors measured with this run's own keys and levels
+            t_cal = time.perf_counter()
+            rot = calibrate_rotations(self.engine, [tuple(p) for p in dry["rotations_used"]])
+            seal_info["rotation_calibration_seconds"] = time.perf_counter() - t_cal
+            emu = self.dry_run(feeds, noise=True, seed=index, rotation_std=rot)
+            seal_info["compare_emulator"] = layer_error_stats(plain_tr, {"emulator": emu["trace"],
+                                                                         "seal": sr["trace"]},
+                                                              self.base.layer_values, mask)
+        out["seal"] = seal_info
+        return out
+
+
+def _merge_layer_rows(measured: list[dict], estimated: list[dict]) -> list[dict]:
+    est = {r["layer"]: r for r in estimated}
+    rows = []
+    for r in measured:
+        e = est.get(r["layer"], {})
+        rows.append({**r, "estimated_seconds": e.get("estimated_seconds")})
+    return rows
+
+
+def layer_error_stats(plain: dict, runs: dict, layer_values: dict, mask) -> list[dict]:
+    """Per encoder layer: mean and std of (run - plain) over the valid tokens, for each run, and the std ratio."""
+    from .runner import EMB
+
+    rows = []
+    names = [("input", EMB)] + [(int(k), v) for k, v in sorted(layer_values.items())]
+    m = np.asarray(mask).astype(bool)
+    for lay, v in names:
+        if v not in plain:
+            continue
+        row = {"layer": lay, "value": v}
+        for name, tr in runs.items():
+            if v not in tr:
+                continue
+            d = tr[v] - plain[v]
+            if d.ndim >= 2 and d.shape[:2] == m.shape:
+                d = d[np.broadcast_to(m.reshape(m.shape + (1,) * (d.ndim - 2)), d.shape)]
+            row[f"{name}_mean"] = float(np.mean(d))
+            row[f"{name}_std"] = float(np.std(d))
+        if row.get("seal_std") and "emulator_std" in row:
+            row["std_ratio"] = row["emulator_std"] / row["seal_std"] if row["seal_std"] > 0 else None
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the dataset loop: resumable, one atomic file per example
+# ---------------------------------------------------------------------------------------------------------------
+def run_fingerprint(onnx_path, cfg) -> str:
+    h = hashlib.sha256()
+    h.update(Path(onnx_path).read_bytes())
+    h.update(json.dumps({"params": cfg.ckks_params().describe(), "max_length": cfg.max_length},
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, default=_np_default))
+    os.replace(tmp, path)
+
+
+def _np_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Counter):
+        return dict(o)
+    raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+def _from_json(d: dict) -> dict:
+    for k in ("labels", "logits", "plain_logits"):
+        d[k] = np.asarray(d[k])
+    return d
+
+
+def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
+    """``simulate --backend seal``: examples one by one (batch size 1), resumable when ``out_dir`` is given."""
+    from .interpreter import load
+    from .runner import client_batches, summarize
+
+    t0 = time.perf_counter()
+    cfg = replace(cfg, batch_size=1)
+    model = load(onnx_path)
+    batches, client_info = client_batches(model, cfg)
+    runner = PackedRunner(str(onnx_path), cfg)
+    done_dir = None
+    fp = run_fingerprint(onnx_path, cfg)
+    if out_dir is not None:
+        done_dir = Path(out_dir) / "examples"
+        done_dir.mkdir(parents=True, exist_ok=True)
+    # dry runs first: refuse before anything is encrypted; one key set for every example's rotation steps
+    dries, steps = {}, set()
+    todo = []
+    if cfg.dry_run:
+        return _dry_run_only(runner, batches, out_dir, time.perf_counter() - t0)
+    for i, (feeds, labels) in enumerate(batches):
+        f = done_dir / f"{i:05d}.json" if done_dir else None
+        if f is not None and f.is_file():
+            prev = json.loads(f.read_text())
+            if prev.get("fingerprint") == fp:
+                continue
+        dries[i] = runner.dry_run(feeds)
+        runner.check_memory(dries[i])
+        steps |= set(dries[i]["steps"])
+        todo.append(i)
+    cache = max((dries[i]["plaintext_cache_bytes"] for i in todo), default=0)
+    keygen = runner.ensure_keys(steps, cache) if todo else 0.0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(batches), desc="simulate [seal]", unit="ex", disable=not cfg.progress,
+               initial=len(batches) - len(todo))
+    try:
+        for i in todo:
+            feeds, labels = batches[i]
+            r = runner.run_example(i, feeds, labels, progress=cfg.progress, dry=dries[i],
+                                   compare_emulator=cfg.compare_emulator)
+            r["seal"]["keygen_seconds"] = keygen
+            r["fingerprint"] = fp
+            if done_dir is not None:
+                _atomic_json(done_dir / f"{i:05d}.json", r)
+            else:
+                dries[i] = r
+            bar.update(1)
+    finally:
+        bar.close()
+    results = []
+    for i in range(len(batches)):
+        if done_dir is not None:
+            results.append(_from_json(json.loads((done_dir / f"{i:05d}.json").read_text())))
+        else:
+            results.append(dries[i])
+    info = {"layer_values": {str(k): v for k, v in runner.base.layer_values.items()},
+            "total_depth": runner.analysis.total_depth, "refresh_plan": [],
+            "level_budget": runner.params.level_budget, "op_stats": _op_stats(results),
+            "backend": results[-1]["seal"]["backend"] if results else None}
+    per = [r["refreshes"] for r in results]
+    extra = {"onnx": str(Path(onnx_path).resolve()), **client_info, "refresh_label": "client-aided refresh",
+             "refreshes": int(max(per)) if per else 0, "seal": seal_summary(results), "fingerprint": fp}
+    summary = summarize(results, cfg, info, time.perf_counter() - t0, extra)
+    if out_dir is not None:
+        from .report import write_report
+
+        write_report(summary, out_dir)
+        (Path(out_dir) / "seal_packed.md").write_text(seal_markdown(summary))
+    return summary
+
+
+def _dry_run_only(runner: PackedRunner, batches, out_dir, seconds) -> dict:
+    from .runner import LOGITS
+
+    rows = []
+    for i, (feeds, _labels) in enumerate(batches):
+        t0 = time.perf_counter()
+        d = runner.dry_run(feeds)
+        plain = runner.base.plain.run(feeds).outputs[LOGITS]
+        rows.append({"index": i, "tokens": int(feeds["embeddings"].shape[1]), "wall_seconds": time.perf_counter() - t0,
+                     "max_logit_diff_vs_plain": float(np.abs(d["outputs"][LOGITS] - plain).max()),
+                     **{k: v for k, v in d.items() if k not in ("outputs", "trace", "seconds")}})
+    out = {"dry_run_only": True, "examples": rows, "params": runner.params.describe(),
+           "memory_overhead": MEMORY_OVERHEAD, "base_bytes": BASE_BYTES, "seconds": seconds}
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        _atomic_json(Path(out_dir) / "seal_dry_run.json", out)
+    return out
+
+
+def seal_summary(results: list[dict]) -> dict:
+    if not results:
+        return {}
+    last = results[-1]["seal"]
+    per_ex = [{"index": r["index"], "seq_len": r["seq_len"], "seconds": r["seconds"], "refreshes": r["refreshes"],
+               "max_logit_error": float(np.abs(np.asarray(r["logits"]) - np.asarray(r["plain_logits"])).max()),
+               "peak_rss_bytes": r["seal"]["peak_rss_bytes"],
+               "estimated_seconds": r["seal"]["dry_run"]["estimated_seconds"],
+               "estimated_peak_bytes": r["seal"]["dry_run"]["estimated_peak_bytes"]} for r in results]
+    out = {"examples": per_ex, "layers_last_example": last["layers"], "keygen_seconds": last["keygen_seconds"],
+           "galois_keys": last["galois_keys"], "layout_last_example": last["dry_run"]["layout"]}
+    cmp = [r["seal"]["compare_emulator"] for r in results if r["seal"].get("compare_emulator")]
+    if cmp:
+        out["compare_emulator"] = cmp
+    return out
+
+
+def seal_markdown(s: dict) -> str:
+    se = s.get("seal") or {}
+    lines = ["# seal backend (packed real CKKS)", "",
+             f"{s['n_examples']} examples, agreement {100 * s['agreement']:.1f}%, max |logit err| "
+             f"{s['max_logit_error']:.3g}, {s['refreshes']} client-aided refreshes per inference (most), "
+             f"keygen {se.get('keygen_seconds', 0):.1f} s for {se.get('galois_keys')} Galois keys", "",
+             "| example | tokens | seconds | estimated s | refreshes | max logit err | peak RSS GiB | est. peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in se.get("examples", []):
+        lines.append(f"| {e['index']} | {e['seq_len']} | {e['seconds']:.1f} | {e['estimated_seconds']:.1f} | "
+                     f"{e['refreshes']} | {e['max_logit_error']:.2g} | {e['peak_rss_bytes'] / 2**30:.2f} | "
+                     f"{e['estimated_peak_bytes'] / 2**30:.2f} |")
+    lines += ["", "Per layer (last example):", "",
+              "| layer | seconds | estimated s | ct x pt | ct x ct | rotations | level matches | refreshes |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in se.get("layers_last_example", []):
+        est = r.get("estimated_seconds")
+        lines.append(f"| {r['layer']} | {r['seconds']:.1f} | {'' if est is None else f'{est:.1f}'} | "
+                     f"{r['mul_pt']} | {r['mul_ct']} | {r['rotate']} | {r['level_match']} | {r['refreshes']} |")
+    for k, rows in enumerate(se.get("compare_emulator", [])):
+        lines += ["", f"Emulator (matching mode) vs seal, example {k}: error vs plain per layer", "",
+                  "| layer | emulator mean | emulator std | seal mean | seal std | std ratio |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            ratio = r.get("std_ratio")
+            lines.append(f"| {r['layer']} | {r.get('emulator_mean', 0):.3g} | {r.get('emulator_std', 0):.3g} | "
+                         f"{r.get('seal_mean', 0):.3g} | {r.get('seal_std', 0):.3g} | "
+                         f"{'' if ratio is None else f'{ratio:.2f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["PackedInterpreter", "PackedRunner", "simulate_packed", "layer_error_stats", "seal_markdown"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report side: this packing's operation counts and latency, without data
+# ---------------------------------------------------------------------------------------------------------------
+def _hidden_size(model) -> int:
+    from .interpreter import read_metadata
+
+    cfg = read_metadata(model).get("model_config") or {}
+    if isinstance(cfg, dict) and cfg.get("hidden_size"):
+        return int(cfg["hidden_size"])
+    for inp in model.graph.input:
+        if inp.name == "embeddings":
+            d = inp.type.tensor_type.shape.dim[-1]
+            if d.dim_value:
+                return int(d.dim_value)
+    raise SimulationError("cannot tell the hidden size: no cgf_fhe.model_config metadata and a symbolic "
+                          "embeddings width")
+
+
+def packed_cost_estimate(model, params, tokens: int, seed: int = 0) -> dict:
+    """Rotation / ct x pt / ct x ct / refresh counts per encoder layer of the packed (``seal``) schedule for one
+    example of ``tokens`` tokens, with the estimated latency (packing.op_ms at each operation's level) and peak
+    memory: the dry run on random embeddings (the counts do not depend on the values). For ``report``, next to
+    the element packing's estimates."""
+    from .interpreter import load
+
+    model = load(model)
+    H = _hidden_size(model)
+    rng = np.random.default_rng(seed)
+    feeds = {"embeddings": rng.normal(size=(1, int(tokens), H)),
+             "attention_mask": np.ones((1, int(tokens)), np.float32)}
+    eng = NumpyEngine(params, pt_cache_bytes=0)
+    be = PackedBackend(params, eng)
+    it = PackedInterpreter(model, be)
+    it.run(feeds)
+    data_primes = len(params.coeff_bits) - 1
+    keys = galois_key_bytes(params.poly_modulus, data_primes) * (len(eng.steps) + 1)
+    cache = eng.pt_bytes_total if eng.pt_bytes_total <= PT_CACHE_BUDGET else 0
+    return {"packing": "seal (tokens x hidden per ciphertext, one example per pass)", "tokens": int(tokens),
+            "params": params.describe(), "layers": _layers_table(it.layer_stats),
+            "totals": {k: int(eng.counts.get(k, 0)) for k in COUNT_KINDS},
+            "client_aided_refreshes": be.n_refresh, "galois_keys": len(eng.steps),
+            "estimated_seconds": sum(eng.est_ms.values()) / 1e3,
+            "estimated_peak_bytes": int((eng.peak_bytes + cache + keys) * MEMORY_OVERHEAD + BASE_BYTES)}
+
+
+def cost_markdown(est: dict) -> str:
+    lines = [f"Packed (seal) schedule at {est['tokens']} tokens: ~{est['estimated_seconds'] / 60:.1f} min and "
+             f"~{est['estimated_peak_bytes'] / 2**30:.1f} GiB per example, {est['galois_keys']} Galois keys, "
+             f"{est['client_aided_refreshes']} client-aided refreshes", "",
+             "| layer | ct x pt | ct x ct | rotations | level matches | refreshes | estimated s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in est["layers"]:
+        lines.append(f"| {r['layer']} | {r['mul_pt']} | {r['mul_ct']} | {r['rotate']} | {r['level_match']} | "
+                     f"{r['refreshes']} | {r.get('estimated_seconds', 0):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ += ["packed_cost_estimate", "cost_markdown"]
+
+
+def run_packed(model, params, feeds: dict, *, runner_state: dict | None = None, progress=False):
+    """One example through the seal backend (for the Python API): dry run (refusals, memory), keys for its
+    rotation steps, encrypted run. ``runner_state`` keeps the client/server between calls (keys reused)."""
+    import psutil
+
+    from .interpreter import load
+
+    model = load(model)
+    state = runner_state if runner_state is not None else {}
+    eng = NumpyEngine(params, pt_cache_bytes=0)
+    PackedInterpreter(model, PackedBackend(params, eng)).run(feeds)
+    data_primes = len(params.coeff_bits) - 1
+    need = int((eng.peak_bytes + galois_key_bytes(params.poly_modulus, data_primes) * (len(eng.steps) + 1))
+               * MEMORY_OVERHEAD + BASE_BYTES)
+    if need > psutil.virtual_memory().available:
+        raise SimulationError(f"not enough memory for the seal backend: about {need / 2**30:.1f} GiB needed")
+    client = state.get("client")
+    if client is None or not set(eng.steps) <= set(client.steps):
+        steps = set(eng.steps) | set(client.steps if client is not None else ())
+        client = SealClient(params, sorted(steps))
+        state["client"] = client
+        state["engine"] = SealEngine(params, client, client.public_blobs())
+    be = PackedBackend(params, state["engine"])
+    return PackedInterpreter(model, be).run(feeds, progress=progress)
+
+
+__all__ += ["run_packed"]

@@ -1,0 +1,155 @@
+"""Slot maps for the packed (``seal``) backend: one example per pass, its tokens x hidden in as few ciphertexts as
+the slots allow.
+
+A packed tensor is a list of ciphertexts plus a **slot map**: an int64 array of the tensor's logical shape
+(``[1, ...]``, axis 0 is the single example) holding the *global slot* ``ct * slots + slot`` of every element.
+Data movement (Reshape, Transpose, Gather, Slice, ...) only re-indexes the slot map: no ciphertext operation.
+Two elements may share a slot (the same value, e.g. after a broadcast).
+
+Layouts used by the arithmetic (checked against the slot map before every packed op; a node whose operands are
+not in a layout the op can handle is refused, naming the node):
+
+* **hidden-major** ``[1, S, H]`` (the embeddings, every linear layer's output): hidden unit ``k`` sits in
+  ciphertext ``k // hp``, block ``k % hp``; a block is ``S_blk`` consecutive slots holding the tokens. ``S_blk``
+  is a power of two >= 2 S (the second half of a block is zero padding, so a token shift by +-r < S reads zeros
+  outside the sequence) and ``hp * S_blk = slots``: rotating a ciphertext by ``d * S_blk`` moves hidden units
+  cyclically inside it (the diagonal method).
+* **diagonal scores** ``[1, heads, S, S]``: score ``(h, s, t)`` is in the *diagonal set* ``r = t - s`` (2S - 1
+  sets), at the slot of token ``s`` of head ``h``'s first hidden block. Reducing over keys adds ciphertexts of
+  different sets (no rotation), probs @ V multiplies each set with V shifted by r tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Geometry of one example's packing: ``S`` tokens, ``H`` hidden units, ``slots`` per ciphertext."""
+
+    slots: int
+    S: int
+    H: int
+    S_blk: int
+    hp: int  # hidden units (blocks) per ciphertext
+
+    @classmethod
+    def choose(cls, slots: int, S: int, H: int) -> "Layout":
+        s_blk = max(next_pow2(2 * S), slots // next_pow2(H)) if H <= slots else next_pow2(2 * S)
+        if s_blk > slots:
+            from .backends.base import SimulationError
+
+            raise SimulationError(f"{S} tokens need blocks of {next_pow2(2 * S)} slots but a ciphertext has "
+                                  f"{slots}: use a larger --poly-modulus or a shorter --max-length")
+        return cls(slots, S, H, s_blk, slots // s_blk)
+
+    def n_ct(self, width: int) -> int:
+        return math.ceil(width / self.hp)
+
+    def hidden_major(self, tokens: np.ndarray, width: int) -> np.ndarray:
+        """Slot map ``tokens.shape + (width,)`` of a hidden-major tensor whose token positions are ``tokens``
+        (slot offsets inside a block)."""
+        k = np.arange(width)
+        off = (k // self.hp) * self.slots + (k % self.hp) * self.S_blk
+        return np.asarray(tokens, dtype=np.int64)[..., None] + off
+
+    def hm_tokens(self, smap: np.ndarray) -> np.ndarray | None:
+        """Token offsets of a hidden-major slot map (last axis = hidden), or None when ``smap`` is not one."""
+        if smap.ndim < 1 or smap.shape[-1] == 0:
+            return None
+        tok = smap[..., 0]
+        if np.any(tok < 0) or np.any(tok >= self.S_blk):
+            return None
+        if not np.array_equal(smap, self.hidden_major(tok, smap.shape[-1])):
+            return None
+        return tok
+
+    def heads_hm(self, smap: np.ndarray, transposed: bool = False):
+        """``[1, heads, Sq, dh]`` (or ``[1, heads, dh, Sq]`` when ``transposed``) slot map of a head split of a
+        hidden-major tensor -> ``(heads, dh, token offsets)``, else None."""
+        if smap.ndim != 4 or smap.shape[0] != 1:
+            return None
+        m = np.swapaxes(smap, 2, 3) if transposed else smap
+        _, h, Sq, dh = m.shape
+        tok = m[0, 0, :, 0] % self.slots
+        if np.any(tok >= self.S_blk):
+            return None
+        full = self.hidden_major(tok, h * dh)  # [Sq, H]
+        want = full.reshape(Sq, h, dh).transpose(1, 0, 2)[None]
+        return (h, dh, tuple(int(t) for t in tok)) if np.array_equal(m, want) else None
+
+    def diag_sets(self, tq) -> list[int]:
+        """Token shifts r = t - s of queries at offsets ``tq`` against all S keys."""
+        return list(range(-max(tq), self.S - min(tq)))
+
+    def diag_map(self, heads: int, dh: int, tq) -> np.ndarray:
+        """Slot map ``[1, heads, Sq, S]`` of diagonal scores: set of ``r = t - s`` times the ciphertexts per set,
+        plus the head's ciphertext; slot = head's first block + the query's token offset."""
+        tq = np.asarray(tq)
+        n_ct = self.n_ct(heads * dh)
+        h = np.arange(heads)[:, None, None]
+        s = tq[None, :, None]
+        t = np.arange(self.S)[None, None, :]
+        r_idx = (t - s) + max(tq)
+        ct = r_idx * n_ct + (h * dh) // self.hp
+        slot = ((h * dh) % self.hp) * self.S_blk + s
+        return (ct * self.slots + slot)[None].astype(np.int64)
+
+
+@dataclass(eq=False)
+class PackedTensor:
+    """Ciphertexts (engine handles) + slot map. ``alias``: an expanded slot map where every position holds the
+    value of the element it broadcasts from (a reduction replicated along the reduced axis). ``support``:
+    ``[len(cts), slots]`` booleans, False where a slot is known to hold (approximately) zero -- derived from the
+    operations alone, never from the data, so the dry run and the encrypted run decide identically."""
+
+    cts: list
+    smap: np.ndarray
+    support: np.ndarray
+    alias: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.smap.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# costs: per-operation time at N=16384 on one core of this machine (measured; see docs/seal_packed.md) and sizes
+# ---------------------------------------------------------------------------------------------------------------
+MS_AT_16384 = {"mul_ct": 54.0, "mul_pt": 13.0, "rotate": 33.0, "add": 0.6, "encode": 4.0, "rescale": 4.0,
+               "refresh": 60.0, "level_match": 13.0}
+TOP_LEVELS_AT_16384 = 8  # data primes of the default N=16384 chain
+
+
+def op_ms(kind: str, poly_modulus: int, level: int) -> float:
+    """Estimated ms of one operation at ``level`` (levels left; primes = level + 1)."""
+    base = MS_AT_16384.get(kind, 1.0) * poly_modulus / 16384
+    frac = (level + 1) / TOP_LEVELS_AT_16384
+    if kind in ("rotate", "mul_ct"):  # key switching: ~quadratic in the primes
+        return base * max(frac, 0.05) ** 1.5
+    return base * max(frac, 0.05)
+
+
+def ciphertext_bytes(poly_modulus: int, level: int) -> int:
+    return 2 * poly_modulus * (level + 1) * 8
+
+
+def plaintext_bytes(poly_modulus: int, level: int) -> int:
+    return poly_modulus * (level + 1) * 8
+
+
+def galois_key_bytes(poly_modulus: int, data_primes: int) -> int:
+    """One Galois (or relinearisation) key: data_primes decomposition parts x 2 polys x (data primes + special)."""
+    return data_primes * 2 * (data_primes + 1) * poly_modulus * 8
+
+
+__all__ = ["Layout", "PackedTensor", "next_pow2", "op_ms", "ciphertext_bytes", "plaintext_bytes",
+           "galois_key_bytes", "MS_AT_16384"]

@@ -1,0 +1,213 @@
+"""The packed real-CKKS backend (``--backend seal``): slot maps, SEAL engines, the dry run, the CLI.
+
+Real SEAL runs use N=8192, chain [60, 40, 40, 60] (2 levels) and the micro exported student (hidden 8, 1 layer,
+<= 6 tokens) so the file stays within about a minute on one core.
+"""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from cgf_fhe import fhe_ops
+from cgf_fhe.cli import main
+from cgf_fhe.simulate import CKKSParams, Interpreter, make_backend
+from cgf_fhe.simulate.backends.base import SimulationError
+from cgf_fhe.simulate.backends.seal_packed import (NumpyEngine, PackedBackend, SealClient, SealEngine,
+                                                   _scales, norm_step)
+from cgf_fhe.simulate.packed_runner import PackedInterpreter, PackedRunner
+from cgf_fhe.simulate.packing import Layout
+
+SMALL = CKKSParams(8192, (60, 40, 40, 60), 40)
+
+
+def _feeds(student, mrpc_dir, limit=1, max_length=6):
+    from cgf_fhe.simulate.runner import SimConfig, client_batches
+
+    m = onnx.load(str(student / "student.onnx"))
+    batches, _ = client_batches(m, SimConfig(backend="seal", limit=limit, max_length=max_length, batch_size=1,
+                                             data_dir=str(mrpc_dir)))
+    return m, batches
+
+
+def test_dry_run_packs_the_exported_student_exactly(micro_student_packed, mrpc_dir):
+    """The numpy engine runs the packed schedule (diagonal method, token-shift scores, rotate-and-sum) and must
+    give plain's numbers to float64 rounding: every slot map and rotation is right."""
+    m, batches = _feeds(micro_student_packed, mrpc_dir, limit=2)
+    for feeds, _ in batches:
+        plain = Interpreter(m, make_backend("plain")).run(feeds).outputs["logits"]
+        be = PackedBackend(SMALL, NumpyEngine(SMALL))
+        got = PackedInterpreter(m, be).run(feeds).outputs["logits"]
+        assert np.abs(got - plain).max() < 1e-12 * max(1.0, np.abs(plain).max())
+        c = be.engine.counts
+        assert c["mul_pt"] > 0 and c["mul_ct"] > 0 and c["rotate"] > 0 and be.n_refresh > 0
+
+
+def test_layouts_and_rotation_steps():
+    L = Layout.choose(8192, 32, 64)
+    assert (L.S_blk, L.hp) == (128, 64) and L.S_blk >= 2 * L.S and L.hp * L.S_blk == 8192
+    L = Layout.choose(8192, 60, 384)
+    assert (L.S_blk, L.hp, L.n_ct(384), L.n_ct(1536)) == (128, 64, 6, 24)
+    with pytest.raises(SimulationError, match="tokens need blocks"):
+        Layout.choose(4096, 3000, 8)
+    # a linear layer costs (n1 - 1) baby + (n2 - 1) giant rotations and one ct x pt per non-zero diagonal
+    P = CKKSParams(8192, (60, 40, 40, 60), 40)
+    rng = np.random.default_rng(0)
+    X, W = rng.normal(size=(1, 16, 64)), rng.normal(size=(64, 64))
+    be = PackedBackend(P, NumpyEngine(P))
+    y = be.matmul(be.encrypt(X), W)
+    np.testing.assert_allclose(be.decrypt(y), X @ W, atol=1e-12)
+    assert be.engine.counts["mul_pt"] == 64 and be.engine.counts["rotate"] == (8 - 1) + (8 - 1)
+    want = {norm_step(k * 64, P.slots) for k in range(1, 8)} | {norm_step(g * 8 * 64, P.slots) for g in range(1, 8)}
+    assert be.engine.steps == want and len(want) == 14
+
+
+def test_seal_exact_scales_levels_and_public_server():
+    """Exact scale per level (s_{l-1} = s_l^2 / q_l), level matching before adding, and a server holding only
+    public material: Galois keys for exactly the requested steps."""
+    client = SealClient(SMALL, steps=[1, -3])
+    blobs = client.public_blobs()
+    assert set(blobs) == {"public_key", "relin_keys", "galois_keys", "steps"} and blobs["steps"] == [-3, 1]
+    server = SealEngine(SMALL, client, blobs)
+    assert not server.has_secret_key and not hasattr(server, "decryptor")
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=SMALL.slots), rng.normal(size=SMALL.slots)
+    a, b = server.encrypt(x), server.encrypt(y)
+    s = _scales(SMALL)
+    prod = server.mul(a, b)  # level 1
+    assert server.level(prod) == 1 and prod.scale == s[1] and s[1] != 2.0 ** 40
+    low = server.level_down(a, 1)  # a brought to level 1 at exactly s_1 (costs a ct x pt, no extra level)
+    assert low.scale == s[1]
+    tot = server.add(prod, low)
+    np.testing.assert_allclose(server.decrypt(tot), x * y + x, atol=1e-6)
+    r = server.rotate(a, -3)
+    np.testing.assert_allclose(server.decrypt(r), np.roll(x, 3), atol=1e-6)
+    with pytest.raises(SimulationError, match="no Galois key for rotation step 2"):
+        server.rotate(a, 2)
+    pt = server.plain(None, lambda: np.full(SMALL.slots, 0.5), 1, "mul")
+    half = server.rescale(server.mul_plain_raw(prod, pt))
+    assert server.level(half) == 0 and half.scale == s[0]
+    np.testing.assert_allclose(server.decrypt(half), 0.5 * x * y, atol=1e-5)
+
+
+def test_hand_built_attention_packs_and_unpackable_node_is_refused():
+    """The hand-built attention graph of test_simulate packs (scores, centring, Pow, ct x ct context) and
+    matches plain; a graph concatenating a plaintext with a ciphertext is refused by the dry run, naming the
+    node, before anything is encrypted with SEAL."""
+    from test_simulate import attention_graph, ops_zoo_graph
+
+    rng = np.random.default_rng(0)
+    m = attention_graph(H=8, heads=2)
+    feeds = {"embeddings": rng.normal(size=(1, 4, 8)), "attention_mask": np.ones((1, 4), np.float32)}
+    plain = Interpreter(m, make_backend("plain")).run(feeds).outputs["logits"]
+    got = PackedInterpreter(m, PackedBackend(SMALL, NumpyEngine(SMALL))).run(feeds).outputs["logits"]
+    np.testing.assert_allclose(got, plain, rtol=1e-10, atol=1e-12)
+    m = ops_zoo_graph(H=4)
+    feeds = {"embeddings": rng.normal(size=(1, 4, 4)), "attention_mask": np.ones((1, 4), np.float32)}
+    eng = NumpyEngine(SMALL)
+    with pytest.raises(SimulationError, match=r"node concat \(Concat\).*plaintext with a packed ciphertext"):
+        PackedInterpreter(m, PackedBackend(SMALL, eng)).run(feeds)
+    assert eng.counts["encrypt"] == 1  # the numpy engine only: no SEAL object was made
+
+
+def test_runner_refuses_what_cannot_fit_memory(micro_student_packed, mrpc_dir, monkeypatch):
+    import psutil
+
+    from cgf_fhe.simulate.runner import SimConfig
+
+    cfg = SimConfig(backend="seal", poly_modulus=8192, coeff_bits=(60, 40, 40, 60), max_length=6,
+                    data_dir=str(mrpc_dir), progress=False)
+    runner = PackedRunner(str(micro_student_packed / "student.onnx"), cfg)
+    _, batches = _feeds(micro_student_packed, mrpc_dir)
+    feeds, labels = batches[0]
+    dry = runner.dry_run(feeds)
+    need = dry["estimated_peak_bytes"]
+    assert need > dry["galois_key_bytes"] > 0 and dry["galois_keys"] == len(dry["steps"]) > 0
+
+    class Tight:
+        available = need // 2
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tight)
+    with pytest.raises(SimulationError, match=r"not enough memory for the seal backend.*GiB"):
+        runner.run_example(0, feeds, labels, dry=dry)
+    assert runner.client is None  # refused before any key or ciphertext existed
+
+
+def test_cli_seal_agrees_with_plain_and_resumes(micro_student_packed, mrpc_dir, tmp_path):
+    out = tmp_path / "seal"
+    args = ["simulate", str(micro_student_packed / "student.onnx"), "--backend", "seal", "--no-progress",
+            "--data-dir", str(mrpc_dir), "--limit", "2", "--max-length", "6", "--poly-modulus", "8192",
+            "--coeff-bits", "60,40,40,60", "-o", str(out)]
+    assert main(args + ["--compare-emulator"]) == 0
+    s = json.loads((out / "simulation.json").read_text())
+    assert s["backend"] == "seal" and s["n_examples"] == 2 and s["agreement"] == 1.0
+    assert 0 < s["max_logit_error"] < 1e-4
+    assert s["refresh_label"] == "client-aided refresh" and s["refreshes"] > 0
+    se = s["seal"]
+    rows = {r["layer"]: r for r in se["layers_last_example"]}
+    assert rows[0]["mul_pt"] > 0 and rows[0]["mul_ct"] > 0 and rows[0]["rotate"] > 0
+    assert se["galois_keys"] > 0 and s["backend_info"]["server_has_secret_key"] is False
+    cmp = se["compare_emulator"][0]
+    assert {r["layer"] for r in cmp} >= {"input", 0} and all(r["seal_std"] > 0 for r in cmp)
+    md = (out / "seal_packed.md").read_text()
+    assert "client-aided refreshes" in md and "| layer | seconds |" in md
+    # resumable: a rerun skips the examples already written; a missing one is recomputed
+    files = sorted((out / "examples").glob("*.json"))
+    assert [f.name for f in files] == ["00000.json", "00001.json"]
+    stamp = files[0].stat().st_mtime_ns
+    files[1].unlink()
+    assert main(args) == 0
+    assert files[0].stat().st_mtime_ns == stamp and files[1].is_file()
+    s2 = json.loads((out / "simulation.json").read_text())
+    assert s2["n_examples"] == 2 and s2["logits"][0] == s["logits"][0]
+
+
+def test_report_side_cost_estimate_matches_the_dry_run(micro_student_packed, mrpc_dir):
+    """Counts for report need no data: random embeddings of the same length give the dry run's counts."""
+    from cgf_fhe.simulate.packed_runner import cost_markdown, packed_cost_estimate
+    from cgf_fhe.simulate.runner import SimConfig
+
+    m, batches = _feeds(micro_student_packed, mrpc_dir)
+    feeds, _ = batches[0]
+    S = feeds["embeddings"].shape[1]
+    est = packed_cost_estimate(m, SMALL, S)
+    cfg = SimConfig(backend="seal", poly_modulus=8192, coeff_bits=(60, 40, 40, 60), progress=False)
+    dry = PackedRunner(str(micro_student_packed / "student.onnx"), cfg).dry_run(feeds)
+    assert [(r["layer"], r["rotate"], r["mul_pt"], r["mul_ct"]) for r in est["layers"]] == \
+        [(r["layer"], r["rotate"], r["mul_pt"], r["mul_ct"]) for r in dry["layers"]]
+    assert est["totals"]["rotate"] == dry["counts"]["rotate"] > 0 and est["galois_keys"] == dry["galois_keys"]
+    assert est["estimated_seconds"] == pytest.approx(dry["estimated_seconds"], rel=1e-3)  # + traced decrypts
+    assert "| layer | ct x pt | ct x ct | rotations |" in cost_markdown(est)
+    # more tokens: more shifts of the scores, more rotations
+    assert packed_cost_estimate(m, SMALL, S + 2)["totals"]["rotate"] > est["totals"]["rotate"]
+
+
+def test_python_api_seal_matches_plain():
+    """FHEModel.predict(fhe="seal"): each example packed and encrypted on SEAL; keys reused across calls."""
+    from cgf_fhe.simulate import FHEModel
+    from test_simulate import attention_graph
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(2, 4, 8))
+    mask = np.ones((2, 4), np.float32)
+    fm = FHEModel(attention_graph(H=8, heads=2), params=SMALL)
+    plain = fm.predict(emb, mask, fhe="plain")
+    got = fm.predict(emb, mask, fhe="seal")
+    assert got.shape == plain.shape and 0 < np.abs(got - plain).max() < 1e-4
+    client = fm._seal_state["client"]
+    fm.predict(emb[:1], mask[:1], fhe="seal")
+    assert fm._seal_state["client"] is client  # same keys: no new key generation
+
+
+def test_dry_run_reports_modulus_headroom_and_refuses_overflow(micro_student_packed, mrpc_dir):
+    from cgf_fhe.simulate.runner import SimConfig
+
+    cfg = SimConfig(backend="seal", poly_modulus=8192, coeff_bits=(60, 40, 40, 60), progress=False)
+    runner = PackedRunner(str(micro_student_packed / "student.onnx"), cfg)
+    _, batches = _feeds(micro_student_packed, mrpc_dir)
+    feeds, _ = batches[0]
+    dry = runner.dry_run(feeds)
+    assert 0 < dry["min_headroom_bits"] < 60
+    big = {**feeds, "embeddings": feeds["embeddings"] * 2.0 ** 21}  # beyond 2^19 at level 0
+    with pytest.raises(SimulationError, match="exceeds the modulus at level"):
+        runner.check_memory(runner.dry_run(big))
