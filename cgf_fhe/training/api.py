@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -29,7 +29,8 @@ from ..data import holdout_split, load_mrpc, tokenize_split
 from ..models import (CheckpointError, is_checkpoint, load_checkpoint, read_settings, resolve_model,
                       save_checkpoint, SETTINGS_FILE)
 from ..softmax import fix_head_coeffs, train_head_coeffs
-from .engine import DIVERGED_FILE, CEStep, KDStep, TrainingDiverged, clear_state, fit, get_accelerator, set_dropout
+from .engine import (DIVERGED_FILE, CEStep, KDStep, TrainingDiverged, clear_state, fit, get_accelerator,
+                     resolve_precision, set_dropout)
 from .evaluate import evaluate_model, model_inputs, probe_softmax, summarize_seeds, format_summary, mean_std
 from .poly_train import StudentSchedule
 from .recipes import Recipe, get_recipe
@@ -69,6 +70,11 @@ def _as_recipe(recipe: Recipe | str | None, **overrides) -> Recipe:
     if isinstance(recipe, str):
         return get_recipe(recipe, **overrides)
     return recipe.override(**overrides)
+
+
+def _with_precision(opts: RunOptions, polynomial: bool) -> RunOptions:
+    """``opts`` with ``mixed_precision`` resolved once for the whole run (one precision per process)."""
+    return replace(opts, mixed_precision=resolve_precision(opts.mixed_precision, opts.device, polynomial))
 
 
 def _log(msg: str) -> None:
@@ -424,6 +430,7 @@ def distill_one(model: str, out_dir, seed: int = 42, teacher: str | os.PathLike 
     tdir, given = _teacher_dir(teacher, teacher_root if teacher_root is not None else out, seed, multi)
     fhe_opts = _fhe_options(fhe)
     poly = fhe_opts is not None and getattr(fhe_opts, "poly", "none") != "none"
+    opts = _with_precision(opts, poly)
     if epoch_cover and not poly:
         raise TrainingError("epoch_cover needs a polynomial student (fhe poly='all')")
     _check_student_softmax(softmax, poly, student_hidden, student_init, recipe)
@@ -833,6 +840,7 @@ def distill(model: str = "tiny", out_dir="out/distill", teacher=None, coeff: flo
     recipe = _as_recipe(recipe)
     out = Path(out_dir)
     multi = bool(seeds)
+    opts = _with_precision(opts, getattr(_fhe_options(fhe), "poly", "none") != "none")
     runs, diverged = {}, {}
     for s, d in _seed_dirs(out, seeds, seed):
         try:

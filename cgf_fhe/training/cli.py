@@ -17,7 +17,8 @@ def _common(p: argparse.ArgumentParser, seeds: bool = True, default_seed: int = 
     g.add_argument("--max-eval-samples", type=int, help="use only the first N dev examples (smoke runs)")
     g.add_argument("--device", help="cpu | cuda | mps (default: what accelerate picks)")
     g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
-                   help="auto = fp16 autocast + grad scaler on CUDA, float32 elsewhere")
+                   help="auto = bf16 autocast on CUDA GPUs that support it, else fp16 + grad scaler on CUDA (float32 for "
+                        "polynomial students); float32 on CPU")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from <out>/train_state (finished runs are skipped)")
     g.add_argument("--keep-state", action="store_true", help="keep <out>/train_state/ after a run finishes")

@@ -7,7 +7,8 @@ What it does per run:
   gradient clipping; embeddings frozen unless the recipe says otherwise;
 * HF Accelerate for device placement, AMP and multi-GPU: ``accelerate launch cgf-fhe finetune ...`` runs
   data-parallel (each process sees its shard of every epoch through a ``DistributedSampler``); on CUDA
-  it trains in fp16 autocast with a gradient scaler (``mixed_precision="auto"``), on CPU in float32;
+  it trains in bf16 autocast where the GPU supports it, else fp16 with a gradient scaler (float32 for
+  polynomial students; ``mixed_precision="auto"``, see :func:`resolve_precision`), on CPU in float32;
 * after every epoch (and, with ``recipe.evals_per_epoch = K > 1``, at K-1 evenly spaced points inside it):
   dev accuracy / F1, best-weights selection over all those points on dev accuracy (strictly better wins;
   mid-epoch points leave every RNG as it was, so they do not change the training trajectory),
@@ -171,14 +172,46 @@ class KDStep:
 _ACCELERATORS: dict = {}
 
 
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+def has_polynomials(model) -> bool:
+    """Whether ``model`` holds polynomial stand-ins (:mod:`cgf_fhe.poly` modules)."""
+    from ..poly import IntervalTracker
+
+    return any(isinstance(m, IntervalTracker) for m in model.modules())
+
+
+def resolve_precision(mixed_precision: str = "auto", device: str | None = None, polynomial: bool = False) -> str:
+    """The autocast precision a run uses: ``"auto"`` = bf16 on a CUDA GPU that supports it, else fp16 on CUDA
+    (float32 for polynomial students), float32 on CPU. fp16 is refused for polynomial students: a degree-63
+    polynomial or a Newton LayerNorm over variances up to 5.5e4 exceeds its range (65504). (The polynomials and
+    LayerNorm statistics run in float32 inside autocast anyway, see :func:`cgf_fhe.poly.fp32_island`.)"""
+    from ..errors import UserError
+
+    if mixed_precision not in PRECISIONS:
+        raise UserError(f"mixed precision {mixed_precision!r}: choose one of {', '.join(PRECISIONS)}")
+    cpu = device is not None and str(device).startswith("cpu")
+    if mixed_precision == "auto":
+        if cpu or not torch.cuda.is_available():
+            return "no"
+        if torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "no" if polynomial else "fp16"
+    if mixed_precision == "fp16" and polynomial:
+        raise UserError("mixed precision fp16 cannot train a polynomial student (its polynomials and LayerNorm "
+                        "variances exceed fp16's range 65504); use bf16 or no")
+    return mixed_precision
+
+
 def get_accelerator(device: str | None = None, mixed_precision: str = "auto"):
-    """One Accelerator per (cpu, precision) in this process (Accelerate's state is a process singleton)."""
+    """One Accelerator per (cpu, precision) in this process (Accelerate's state is a process singleton, so one
+    process keeps one precision: the API resolves ``"auto"`` once per run, see :func:`resolve_precision`)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     cpu = device is not None and str(device).startswith("cpu")
-    if mixed_precision == "auto":
-        mixed_precision = "fp16" if (not cpu and torch.cuda.is_available()) else "no"
+    mixed_precision = resolve_precision(mixed_precision, device)
     key = (cpu, mixed_precision)
     if key not in _ACCELERATORS:
         _ACCELERATORS[key] = Accelerator(
@@ -376,7 +409,7 @@ def fit(model, step, train_dataset, eval_dataset, collate_fn, recipe: Recipe, se
 
     if recipe.epochs < 1:
         raise ValueError("epochs must be >= 1")
-    acc = get_accelerator(device, mixed_precision)
+    acc = get_accelerator(device, resolve_precision(mixed_precision, device, has_polynomials(model)))
     main = acc.is_main_process
     log = log or (lambda msg: tqdm.write(msg) if main else None)
     state_dir = Path(state_dir) if state_dir is not None else None
