@@ -10,19 +10,19 @@ import torch
 
 def main(out: str, data_dir: str, batch_size: int) -> None:
     torch.set_num_threads(1)
-    from cgf_fhe.training import api
+    from cgf_fhe.training import api, seeds
     from cgf_fhe.training.recipes import get_recipe
 
     from cgf_fhe.training.engine import get_accelerator
 
-    save = api.save_checkpoint
+    save = seeds.save_checkpoint
 
     def recording_save(*args, **kwargs):  # which ranks write the checkpoint, and in a group of how many
         with open(os.path.join(out, "writers.txt"), "a") as f:
             f.write(f"{get_accelerator('cpu').process_index} {get_accelerator('cpu').num_processes}\n")
         return save(*args, **kwargs)
 
-    api.save_checkpoint = recording_save
+    seeds.save_checkpoint = recording_save
     os.makedirs(out, exist_ok=True)
     opts = api.RunOptions(data_dir=data_dir, max_length=64, max_train_samples=32, max_eval_samples=16,
                           device="cpu", progress=False, keep_state=True)
