@@ -25,7 +25,8 @@ class RecipeError(UserError, ValueError):
 
 # field -> (lowest, lowest allowed?, highest, highest allowed?); None = unbounded
 RANGES = {
-    "lr": (0.0, True, None, False),  # 0 keeps the weights (the CLI asks for > 0) "epochs": (1, True, None, False), "batch_size": (1, True, None, False),
+    "lr": (0.0, True, None, False),  # 0 keeps the weights (the CLI asks for > 0)
+    "epochs": (1, True, None, False), "batch_size": (1, True, None, False),
     "eval_batch_size": (1, True, None, False), "max_length": (1, True, None, False),
     "warmup_ratio": (0.0, True, 1.0, True), "weight_decay": (0.0, True, None, False),
     "max_grad_norm": (0.0, True, None, False), "layer_lr_decay": (0.0, False, 1.0, True),
