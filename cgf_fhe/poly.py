@@ -58,6 +58,7 @@ while torch is exporting/compiling and when ``track`` is False. ``depth`` = leve
 """
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field, asdict
@@ -492,6 +493,24 @@ def _finish(p: PolyApprox, f) -> PolyApprox:
 
 
 # ----------------------------------------------------------------------------------------------- modules
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def fp32_island(forward: Callable) -> Callable:
+    """Run a module method ``forward(self, x, ...)`` in float32 with autocast off when autocast is on or ``x`` is
+    fp16/bf16: a degree-63 polynomial, a squared exp or a LayerNorm variance up to ~5e4 lose their accuracy (or
+    overflow fp16's 65504) in half precision. The result stays float32; autocast casts it for the next matmul."""
+
+    @functools.wraps(forward)
+    def wrapped(self, x, *args, **kwargs):
+        if isinstance(x, torch.Tensor) and (x.dtype in _LOW_PRECISION or torch.is_autocast_enabled(x.device.type)):
+            with torch.autocast(x.device.type, enabled=False):
+                return forward(self, x.float(), *args, **kwargs)
+        return forward(self, x, *args, **kwargs)
+
+    return wrapped
+
+
 def _exporting() -> bool:
     return bool(torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or getattr(torch.compiler, "is_exporting", lambda: False)())
@@ -586,6 +605,7 @@ class PolyModule(IntervalTracker):
     def depth(self) -> int:
         return self.approx.depth(prescaled=self.prescaled)
 
+    @fp32_island
     def _poly(self, x, valid=None):
         if self.track and not _exporting():
             self._observe(x * (1.0 / self.alpha) if self.prescaled else x, valid)
@@ -688,6 +708,7 @@ class FrozenLayerNorm(_LNBase):
         self.inv_sigma = float(inv_sigma)
         self.blend = 1.0
 
+    @fp32_island
     def forward(self, x):
         self._observe_var(x)
         if self.blend >= 1.0:
@@ -735,6 +756,7 @@ class NewtonLayerNorm(_LNBase):
             y = y * 1.5 - (y * hv) * (y * y)
         return y
 
+    @fp32_island
     def forward(self, x):
         self._observe_var(x)
         if self.guard and not _exporting():

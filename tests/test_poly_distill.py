@@ -144,7 +144,7 @@ def test_fit_selects_only_eligible_epochs(tiny_setup, mrpc_dir):
     model, tok = build_model("tiny", "cgf", coeff=0.5, seed=0)
     train, dev = api.load_data(tok, opts, get_recipe("reference", max_length=64))
 
-    class OnlySecond:
+    class OnlySecond(engine.Schedule):
         def __init__(self):
             self.epoch = 0
 

@@ -222,11 +222,13 @@ def test_exact_student_softmax_is_the_kd_control(mrpc_dir, tmp_path, capsys, mon
 
     trained_with = []  # the attention the student really trains with (the reload below restores it from settings)
 
+    real_fit = engine.fit
+
     def fit(model, *a, **kw):
         trained_with.append(model.config._attn_implementation)
-        return engine.fit(model, *a, **kw)
+        return real_fit(model, *a, **kw)
 
-    monkeypatch.setattr(api, "fit", fit)
+    monkeypatch.setattr(engine, "fit", fit)
     out = tmp_path / "exact"
     base = ["distill", "--model", "tiny", "--data-dir", str(mrpc_dir), "--max-train-samples", "32",
             "--max-eval-samples", "16", "--epochs", "1", "--student-softmax", "exact", *SMALL]

@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 import torch
 
+from .. import layout
 from ..errors import UserError
 from ..graph import METADATA_PREFIX, read_metadata  # noqa: F401  (read_metadata re-exported: the one reader)
 
@@ -217,8 +218,7 @@ def export_checkpoint(ckpt: str | Path, out_path: str | Path, *, opset: int = 18
     t0 = time.perf_counter()
     model, tok, settings = load_checkpoint(ckpt)
     model = model.float().eval()
-    max_length = (max_length or settings.get("max_length") or (settings.get("data") or {}).get("max_length")
-                  or (settings.get("recipe") or {}).get("max_length") or 128)
+    max_length = layout.max_length(settings, max_length)
     proto = export_model(model, out_path, settings=settings, checkpoint=ckpt, opset=opset, optimize=optimize,
                          extra_metadata={"max_length": max_length})
     res = check(proto)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import layout
 from .backends import BACKENDS, make_backend
 from .backends.base import SimulationError
 from .interpreter import Interpreter, RunResult, load, read_metadata
@@ -82,7 +83,7 @@ class FHEModel:
         from ..split import client_embed
 
         model, tok, settings = self._client_model()
-        max_length = max_length or read_metadata(self.model).get("max_length") or settings.get("max_length") or 128
+        max_length = layout.max_length(settings, max_length, read_metadata(self.model))
         enc = tok(list(sentences1), list(sentences2) if sentences2 is not None else None, truncation=True,
                   max_length=int(max_length), padding=True, return_tensors="pt")
         with torch.no_grad():

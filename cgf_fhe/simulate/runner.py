@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..ckks import CKKSParams
+from .. import layout
 from ..errors import UserError
 from .backends import make_backend
 from .backends.base import ModulusOverflowError, SimulationError
@@ -295,7 +296,7 @@ def client_batches(onnx_model, cfg: SimConfig):
     model, tok, settings = load_checkpoint(ckpt)
     model = model.float().eval()
     meta = read_metadata(onnx_model)
-    max_length = cfg.max_length or meta.get("max_length") or settings.get("max_length") or 128
+    max_length = layout.max_length(settings, cfg.max_length, meta)
     dev = tokenize_split(load_mrpc(cfg.data_dir)["validation"], tok, max_length=int(max_length),
                          max_samples=cfg.limit)
     if len(dev) == 0:

@@ -17,7 +17,8 @@ def _common(p: argparse.ArgumentParser, seeds: bool = True, default_seed: int = 
     g.add_argument("--max-eval-samples", type=int, help="use only the first N dev examples (smoke runs)")
     g.add_argument("--device", help="cpu | cuda | mps (default: what accelerate picks)")
     g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
-                   help="auto = fp16 autocast + grad scaler on CUDA, float32 elsewhere")
+                   help="auto = bf16 autocast on CUDA GPUs that support it, else fp16 + grad scaler on CUDA (float32 for "
+                        "polynomial students); float32 on CPU")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from <out>/train_state (finished runs are skipped)")
     g.add_argument("--keep-state", action="store_true", help="keep <out>/train_state/ after a run finishes")
@@ -72,8 +73,15 @@ def _opts(args):
                       calib_batches=getattr(args, "calib_batches", None))
 
 
+# recipe fields whose flag is not the field name with dashes
+RECIPE_FLAGS = {"kd_alpha": "alpha", "kd_beta": "beta", "kd_temperature": "temperature", "kd_ce_weight": "ce-weight",
+                "kd_attn_weight": "attn-weight", "freeze_embeddings": "unfreeze-embeddings"}
+
+
 def _recipe(args, **extra):
-    from .recipes import get_recipe
+    """The recipe of the preset with the flags given; its ranges are checked by :class:`.recipes.Recipe`."""
+    from ..errors import UserError
+    from .recipes import RecipeError, get_recipe
 
     kw = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
               warmup_ratio=args.warmup_ratio, max_length=args.max_length, swap_pairs=args.swap_pairs,
@@ -81,17 +89,11 @@ def _recipe(args, **extra):
               reinit_layers=args.reinit_layers, select_holdout=args.select_holdout, **extra)
     if args.unfreeze_embeddings:
         kw["freeze_embeddings"] = False
-    d = args.layer_lr_decay
-    if d is not None and not 0.0 < d <= 1.0:
-        from ..errors import UserError
-
-        raise UserError(f"--layer-lr-decay must be in (0, 1], got {d}")
-    f = args.select_holdout
-    if f is not None and not 0.0 <= f < 1.0:
-        from ..errors import UserError
-
-        raise UserError(f"--select-holdout must be in [0, 1) (a fraction of the training set), got {f}")
-    return get_recipe(args.preset, **kw)
+    try:
+        return get_recipe(args.preset, **kw)
+    except RecipeError as exc:
+        flag = RECIPE_FLAGS.get(exc.field, exc.field.replace("_", "-"))
+        raise UserError(f"--{flag} {exc.detail}") from None
 
 
 def _guard_output(args, kind: str) -> None:
@@ -149,8 +151,7 @@ def cmd_finetune(args) -> int:
     from ..fmt import fmt_best_point
     from . import api
 
-    _check_positive(args, "epochs", "lr", "batch_size", "max_length", "max_train_samples", "max_eval_samples",
-                    "evals_per_epoch")
+    _check_positive(args, "lr", "max_train_samples", "max_eval_samples")  # lr: Recipe allows 0 (API use)
     if args.softmax == "exact" and args.coeff is not None:
         from ..errors import UserError
 
@@ -183,9 +184,8 @@ def _fhe_from_args(args):
             flags = ", ".join("--" + f.replace("_", "-") for f in ignored)
             raise UserError(f"{flags} {'needs' if len(ignored) == 1 else 'need'} --poly all")
         return None
-    from .api import _surgery
+    from .. import surgery
 
-    surgery = _surgery()
     kw = {"poly": args.poly}
     for f in ("ln", "exp_degree", "gelu_degree", "tanh_degree", "invsqrt_degree", "newton_steps", "margin"):
         v = getattr(args, f)
@@ -202,8 +202,7 @@ def _fhe_from_args(args):
 def cmd_distill(args) -> int:
     from . import api
 
-    _check_positive(args, "epochs", "lr", "batch_size", "max_length", "max_train_samples", "max_eval_samples",
-                    "student_layers", "student_hidden", "temperature", "evals_per_epoch")
+    _check_positive(args, "lr", "max_train_samples", "max_eval_samples", "student_layers", "student_hidden")
     if not args.model and not args.teacher:
         from ..errors import UserError
 
@@ -219,9 +218,6 @@ def cmd_distill(args) -> int:
         raise UserError("--no-guard / --refit / --blend-epochs / --epoch-cover need --poly all")
     if args.blend_epochs is not None and not fhe.any_frozen:
         raise UserError("--blend-epochs needs --ln frozen or frozen-attn (it anneals exact -> frozen LayerNorm)")
-    for flag in ("attn_weight", "coeff_lr"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.blend_epochs is not None and args.blend_epochs < 0:
         raise UserError(f"--blend-epochs must be >= 0, got {args.blend_epochs}")
     _guard_output(args, "distill")
@@ -254,14 +250,13 @@ def cmd_cover(args) -> int:
 def cmd_sweep(args) -> int:
     from . import api
 
-    _check_positive(args, "epochs", "lr", "batch_size", "max_length", "max_train_samples", "max_eval_samples",
-                    "evals_per_epoch")
+    _check_positive(args, "lr", "max_train_samples", "max_eval_samples")
     seeds = args.seeds or [args.seed]
     api.sweep(args.model, args.coeffs, args.output, seeds, _recipe(args), _opts(args), with_exact=args.with_exact)
     return 0
 
 
-def register(subparsers) -> None:
+def _add_finetune(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="CE fine-tune a classifier on MRPC with the exact or CGF softmax",
                               description="Fine-tune --model (tiny | minilm | hub name | local path | checkpoint) "
                                           "on MRPC; writes the best-on-dev checkpoint to -o.")
@@ -276,6 +271,8 @@ def register(subparsers) -> None:
     _common(p)
     p.set_defaults(func=cmd_finetune)
 
+
+def _add_distill(subparsers) -> None:
     p = subparsers.add_parser("distill", help="distill an exact teacher into a CGF (optionally polynomial) student",
                               description="KD: alpha*T^2*KL(teacher||student) + beta*mean-layer hidden MSE "
                                           "(+ ce-weight*CE + attn-weight*attention-map error). Trains the exact "
@@ -307,6 +304,15 @@ def register(subparsers) -> None:
                    help="weight of the attention-map loss: per layer, head and valid query, the L1 distance of the "
                         "student's CGF attention weights to the teacher's softmax weights "
                         "(default 0 = off; full-width students only)")
+    _distill_student_args(p)
+    p.add_argument("-o", "--output", required=True, help="student checkpoint folder to write (with --seeds: seed<S>/ "
+                                                          "each and summary.json)")
+    _common(p)
+    p.set_defaults(func=cmd_distill)
+
+
+def _distill_student_args(p) -> None:
+    """The FHE-friendly student's flags (polynomials, depth, width, initialisation, training aids)."""
     f = p.add_argument_group("FHE-friendly student (cgf_fhe.surgery)")
     f.add_argument("--poly", choices=["none", "all"], default="none",
                    help="all = replace every non-linearity (exp, GELU, LayerNorm 1/sqrt, tanh) by polynomials")
@@ -360,11 +366,9 @@ def register(subparsers) -> None:
                         "inputs left (like `cgf-fhe cover`, from the counters training keeps anyway), so the "
                         "best-checkpoint choice scores what `cover` + export will run; the best epoch's "
                         "polynomials are saved with its weights")
-    p.add_argument("-o", "--output", required=True, help="student checkpoint folder to write (with --seeds: seed<S>/ "
-                                                          "each and summary.json)")
-    _common(p)
-    p.set_defaults(func=cmd_distill)
 
+
+def _add_evaluate(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="score a checkpoint on MRPC; prints one JSON object",
                               description='Prints {"accuracy", "f1", "n", ...}; polynomial students add '
                                           'out-of-interval counts; --probe scores the same weights with both softmaxes.')
@@ -381,6 +385,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", help="cpu | cuda | mps (default: the best available)")
     p.set_defaults(func=cmd_evaluate, max_train_samples=None)
 
+
+def _add_cover(subparsers) -> None:
     p = subparsers.add_parser(
         "cover", help="widen the polynomial intervals a trained student's inputs leave (no retraining)",
         description="Measures every polynomial op's input range on the training data in the training form (guard "
@@ -399,6 +405,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_cover, max_length=None)
 
+
+def _add_sweep(subparsers) -> None:
     p = subparsers.add_parser("sweep", help="CE-only CGF fine-tunes for several coefficients (table + sweep.json)")
     p.add_argument("--model", required=True, help="backbone: tiny (random-init test model), minilm (offline all-MiniLM-L6-v2), a hub name such as "
                         "bert-base-uncased, a local model folder, or a cgf-fhe checkpoint folder")
@@ -408,3 +416,12 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="folder for one checkpoint per coefficient and sweep.json")
     _common(p)
     p.set_defaults(func=cmd_sweep)
+
+
+def register(subparsers) -> None:
+    """The training commands: finetune, distill, evaluate, cover, sweep."""
+    _add_finetune(subparsers)
+    _add_distill(subparsers)
+    _add_evaluate(subparsers)
+    _add_cover(subparsers)
+    _add_sweep(subparsers)

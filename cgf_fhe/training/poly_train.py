@@ -50,6 +50,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 from ..softmax import set_cgf_blend
+from .engine import Schedule
 
 
 def _ramp(step: int, n: int) -> float:
@@ -57,7 +58,7 @@ def _ramp(step: int, n: int) -> float:
     return 1.0 if n <= 0 or step >= n else step / n
 
 
-class StudentSchedule:
+class StudentSchedule(Schedule):
     """Guard, blends, refit and epoch cover for :func:`cgf_fhe.training.engine.fit` (``schedule=``); a plain CGF
     student uses only the softmax blend (``guard=False``).
 
@@ -233,6 +234,9 @@ class StudentSchedule:
             self._training_form(model)
             info["dev_training_form"] = evaluate()
         return info
+
+    def divergence_info(self) -> dict:
+        return {"blend": self.blend if self.frozen else None, "softmax_blend": self.softmax_blend}
 
     def finish(self, model) -> None:
         """Leave the model in the exported form (guard off, blend 1) with the best epoch's polynomial settings

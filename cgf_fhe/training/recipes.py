@@ -12,6 +12,48 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from ..errors import UserError
+
+
+class RecipeError(UserError, ValueError):
+    """A recipe value outside its range; ``field`` names the recipe field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field, self.detail = field, message
+
+
+# field -> (lowest, lowest allowed?, highest, highest allowed?); None = unbounded
+RANGES = {
+    "lr": (0.0, True, None, False),  # 0 keeps the weights (the CLI asks for > 0)
+    "epochs": (1, True, None, False), "batch_size": (1, True, None, False),
+    "eval_batch_size": (1, True, None, False), "max_length": (1, True, None, False),
+    "warmup_ratio": (0.0, True, 1.0, True), "weight_decay": (0.0, True, None, False),
+    "max_grad_norm": (0.0, True, None, False), "layer_lr_decay": (0.0, False, 1.0, True),
+    "evals_per_epoch": (1, True, None, False), "reinit_layers": (0, True, None, False),
+    "select_holdout": (0.0, True, 1.0, False), "kd_alpha": (0.0, True, None, False),
+    "kd_temperature": (0.0, False, None, False), "kd_beta": (0.0, True, None, False),
+    "kd_ce_weight": (0.0, True, None, False), "kd_attn_weight": (0.0, True, None, False),
+    "coeff_lr": (0.0, True, None, False), "softmax_blend_epochs": (0.0, True, None, False),
+    "poly_dropout": (0.0, True, 1.0, False),
+}
+
+
+def _range_text(lo, lo_in, hi, hi_in) -> str:
+    if hi is None:
+        return f"must be {'>=' if lo_in else '>'} {lo:g}" if not (lo_in and lo == 1) else "must be > 0"
+    return f"must be in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def check_range(name: str, value) -> None:
+    """Raise :class:`RecipeError` when ``value`` is outside ``name``'s range (:data:`RANGES`; None passes)."""
+    if value is None or name not in RANGES:
+        return
+    lo, lo_in, hi, hi_in = RANGES[name]
+    ok = (value >= lo if lo_in else value > lo) and (hi is None or (value <= hi if hi_in else value < hi))
+    if not ok:
+        raise RecipeError(name, f"{_range_text(lo, lo_in, hi, hi_in)}, got {value}")
+
 
 FINETUNE_FIELDS = ("lr", "epochs", "batch_size", "freeze_embeddings", "warmup_ratio", "weight_decay",
                    "max_grad_norm", "max_length", "swap_pairs", "layer_lr_decay", "evals_per_epoch",
@@ -68,6 +110,10 @@ class Recipe:
     poly_dropout: float | None = 0.0
     tuned: bool = True  # False = placeholder values, not yet searched
     note: str = ""
+
+    def __post_init__(self):
+        for name in RANGES:
+            check_range(name, getattr(self, name))
 
     def to_dict(self) -> dict:
         return asdict(self)
