@@ -37,7 +37,8 @@ def tiny_tokenizer():
     return load_tokenizer("tiny")
 
 
-def build_student(out_dir, tokenizer, mrpc_dir, *, hidden=8, layers=1, heads=2, intermediate=16, max_length=6):
+def build_student(out_dir, tokenizer, mrpc_dir, *, hidden=8, layers=1, heads=2, intermediate=16, max_length=6,
+                  fold_layernorms=True):
     """A random-weight polynomial student (CGF softmax, Newton LayerNorm, degree-7 polynomials), saved and
     exported to ``out_dir/student.onnx`` (its checkpoint in ``out_dir/ckpt``)."""
     from transformers import BertConfig, BertForSequenceClassification
@@ -61,11 +62,13 @@ def build_student(out_dir, tokenizer, mrpc_dir, *, hidden=8, layers=1, heads=2, 
     fhe = surgery.polynomialize(model, opts, ranges)
     save_checkpoint(model, tokenizer, Path(out_dir) / "ckpt",
                     {"softmax": "cgf", "coeff": 0.5, "fhe": fhe, "max_length": max_length})
-    export_checkpoint(Path(out_dir) / "ckpt", Path(out_dir) / "student.onnx")
+    export_checkpoint(Path(out_dir) / "ckpt", Path(out_dir) / "student.onnx", fold_layernorms=fold_layernorms)
     return Path(out_dir)
 
 
 @pytest.fixture(scope="session")
 def micro_student_packed(tmp_path_factory, mrpc_dir, tiny_tokenizer):
-    """Hidden 8, 1 layer, 2 heads, <= 6 tokens (the micro student of test_simulate, shared)."""
-    return build_student(tmp_path_factory.mktemp("packed_student"), tiny_tokenizer, mrpc_dir)
+    """Hidden 8, 1 layer, 2 heads, <= 6 tokens (the micro student of test_simulate, shared). Exported without the
+    LayerNorm folds of cgf_fhe.fold: the packed SEAL backend does not pack a folded LayerNorm's per-token scalar
+    times a row yet (its dry run refuses such a graph before encrypting, naming the node; issue #23)."""
+    return build_student(tmp_path_factory.mktemp("packed_student"), tiny_tokenizer, mrpc_dir, fold_layernorms=False)
