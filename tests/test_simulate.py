@@ -484,12 +484,17 @@ def test_tenseal_refuses_a_batch_that_cannot_fit_in_memory(micro_student, mrpc_d
     assert out["memory"]["peak_ciphertexts"] == peak and out["memory"]["estimated_peak_bytes"] == int(need)
 
 
-def test_layernorm_interval_is_checked_on_the_variance_not_on_the_hidden_state(micro_student, mrpc_dir):
+def test_layernorm_interval_is_checked_on_the_variance_not_on_the_hidden_state(tmp_path_factory, mrpc_dir,
+                                                                              tiny_tokenizer):
     """A Newton LayerNorm's interval is on ``var + eps``: the simulator must watch the variance computed inside the
-    group (it used to compare the hidden state entering the LN with the variance interval: ~90% "out")."""
+    group (it used to compare the hidden state entering the LN with the variance interval: ~90% "out"). Exported
+    unfolded (``--no-fold``), so the hidden state entering each LayerNorm is a graph value to compare with."""
     from cgf_fhe.simulate.runner import BatchRunner, SimConfig, client_batches
 
-    path = str(micro_student / "student.onnx")
+    from conftest import build_student
+
+    student = build_student(tmp_path_factory.mktemp("ln_unfolded"), tiny_tokenizer, mrpc_dir, fold_layernorms=False)
+    path = str(student / "student.onnx")
     m = onnx.load(path)
     cfg = SimConfig(backend="plain", limit=16, max_length=6, batch_size=16, data_dir=str(mrpc_dir), progress=False)
     (feeds, labels), = client_batches(m, cfg)[0]

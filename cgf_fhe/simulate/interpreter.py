@@ -149,7 +149,12 @@ def _ln_variance(names: dict, nodes: list[str], enc: set) -> str | None:
     ``var + eps``, and ``eps`` ~ 1e-12 is below any interval's precision). The constant added next (``alpha*eps``,
     often folded with the polynomial's ``beta`` by the exporter) is left out on purpose. None when the group has
     no reduction (a frozen LayerNorm)."""
-    red = next((names[nm] for nm in nodes if names[nm].op_type in ("ReduceMean", "ReduceSum")), None)
+    reds = [names[nm] for nm in nodes if names[nm].op_type in ("ReduceMean", "ReduceSum")]
+    # the reduction of a square (Mul(d, d)); the centring's ReduceSum(x) (issue #22) comes before it
+    prod = {o: names[nm] for nm in nodes for o in names[nm].output}
+    square = [r for r in reds if (m := prod.get(r.input[0])) is not None and m.op_type in ("Mul", "Pow")
+              and (m.op_type == "Pow" or m.input[0] == m.input[1])]
+    red = square[0] if square else (reds[0] if reds else None)
     return red.output[0] if red is not None and red.output[0] in enc else None
 
 
