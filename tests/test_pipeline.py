@@ -12,7 +12,7 @@ def test_config_override_merges_yaml_and_toml(tmp_path):
     y.write_text("student:\n  epochs: 3\nmax_length: 48\n")
     cfg = pipeline.load_config(str(y), "smoke")
     assert cfg["student"]["epochs"] == 3 and cfg["max_length"] == 48
-    assert cfg["student"]["poly"] == "all"  # untouched keys keep the preset's value
+    assert cfg["student"]["fhe_profile"] == "lean"  # untouched keys keep the preset's value
     t = tmp_path / "c.toml"
     t.write_text("[teacher]\nseed = 7\n")
     assert pipeline.load_config(str(t), "smoke")["teacher"]["seed"] == 7
