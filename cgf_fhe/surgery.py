@@ -519,9 +519,18 @@ def cover_ranges(model, ranges: dict, options: FheOptions | None = None) -> dict
         if not (math.isfinite(mn) and math.isfinite(mx)):
             raise ValueError(f"{key}: the measured range [{mn}, {mx}] is not finite; measure in the training form "
                              "(guard on) so every op sees finite inputs")
+        # a banded LayerNorm (ln_band) leaves its variance's top quantile out on purpose (the interval penalty
+        # pulls those tokens in): cover widens only its bottom and keeps the band's top where it is
+        banded = options.ln_band is not None and getattr(m, "kind", "") == "ln_newton"
+        if banded:
+            mx = min(mx, hi)
         if lo <= mn and mx <= hi:
             continue
-        _put_range(union, key, {**st, "min": min(lo, mn), "max": max(hi, mx)})
+        entry = {**st, "min": min(lo, mn), "max": max(hi, mx)}
+        if banded:  # build_modules re-applies the band and the margin: hand it the top before the margin
+            top = (hi - 1e-9) / (1.0 + options.margin)
+            entry.update(max=top, quantiles={str(float(options.ln_band)): top})
+        _put_range(union, key, entry)
         changed[key] = {"old": [lo, hi], "measured": [mn, mx], "depth_old": int(m.depth)}
     if not changed:
         return {}

@@ -601,3 +601,31 @@ def test_lean_profile_depth_band_and_errors(ranges, data):
         FheOptions.from_profile("leaner")
     with pytest.raises(ValueError, match="ln_band"):
         FheOptions(poly="all", ln_band=0.95)
+
+
+def test_cover_ranges_keeps_the_band_of_a_lean_layernorm(ranges):
+    """Epoch cover on a lean student (``ln_band``): the training-time counters (:func:`tracked_ranges`) carry no
+    quantiles, and the variance's top excursions are the band's intent. cover_ranges must widen a banded
+    LayerNorm only at the bottom (top unchanged) while other ops still widen at the top. It raised
+    ``ln_band 0.999: ... keep no 0.999 quantile`` on the first mid-epoch cover of a MiniLM lean run."""
+    from cgf_fhe.surgery import cover_ranges, tracked_ranges
+
+    lean = FheOptions.from_profile("lean")
+    model, _ = build_model("tiny", "cgf", 0.5, seed=0)
+    model.eval()
+    polynomialize(model, lean, ranges)
+    mods = dict(named_approx_modules(model))
+    key, gkey = "layers.0.ln_ffn", "layers.0.gelu"
+    (lo, hi), (glo, ghi) = mods[key].interval, mods[gkey].interval
+    measured = tracked_ranges(model)  # no excursions yet: every op reports its own interval
+    measured["layers"][0]["ln_ffn"].update(min=0.5 * lo, max=10.0 * hi, count=100)  # massive tokens above the band
+    measured["layers"][0]["gelu"].update(max=ghi + 2.0, count=100)
+    changed = cover_ranges(model, measured)
+    assert set(changed) == {key, gkey}
+    new_lo, new_hi = changed[key]["new"]
+    assert new_lo <= 0.5 * lo and new_hi == pytest.approx(hi, rel=1e-9), (lo, hi, changed[key])
+    assert changed[gkey]["new"][1] >= ghi + 2.0
+    # only the top above the band: nothing to do for the LayerNorm
+    again = tracked_ranges(model)
+    again["layers"][0]["ln_ffn"].update(max=10.0 * new_hi, count=100)
+    assert key not in cover_ranges(model, again)
