@@ -108,13 +108,18 @@ class PackedTensor:
     """Ciphertexts (engine handles) + slot map. ``alias``: an expanded slot map where every position holds the
     value of the element it broadcasts from (a reduction replicated along the reduced axis). ``support``:
     ``[len(cts), slots]`` booleans, False where a slot is known to hold (approximately) zero -- derived from the
-    operations alone, never from the data, so the dry run and the encrypted run decide identically."""
+    operations alone, never from the data, so the dry run and the encrypted run decide identically. ``period``:
+    when non-zero, every ciphertext holds the same value at slots ``p`` and ``p + j * period`` for all ``j``
+    (a cyclic rotate-and-sum leaves its total in every slot of the grid): an element may meet another operand at
+    any of those slots, e.g. a LayerNorm's per-token scalar ``[1, S, 1]`` times a row ``[1, S, M]`` of any width
+    in the hidden-major layout (``period = S_blk``: the scalar is already in every block)."""
 
     cts: list
     smap: np.ndarray
     support: np.ndarray
     alias: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    period: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:

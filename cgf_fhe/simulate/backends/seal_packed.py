@@ -660,7 +660,32 @@ class PackedBackend(Backend):
         keep.reshape(-1)[t.smap.reshape(-1)] = True
         if t.alias is not None:
             keep.reshape(-1)[t.alias.reshape(-1)] = True
+        if t.period:  # every replica of a kept slot is kept
+            P = t.period
+            keep = np.broadcast_to(keep.reshape(len(t.cts), self.slots // P, P).any(1)[:, None, :],
+                                   (len(t.cts), self.slots // P, P)).reshape(len(t.cts), self.slots).copy()
         return keep
+
+    def _meet(self, m: np.ndarray, period: int, want: np.ndarray) -> np.ndarray:
+        """Slot map ``m`` of a ``period``-ic operand moved to the replicas at the slots ``want`` where there is one."""
+        if not period:
+            return m
+        s = m % self.slots
+        move = (s != want) & ((s - want) % period == 0)
+        return np.where(move, m - s + want, m)
+
+    def _replicate(self, vec: np.ndarray, period: int) -> np.ndarray:
+        """``[n_ct, slots]`` plaintext values written at some slots -> the same at every slot congruent mod
+        ``period`` (what a periodic operand needs to stay periodic)."""
+        if not period:
+            return vec
+        n = vec.shape[0]
+        v = vec.reshape(n, self.slots // period, period)
+        nz = v != 0
+        folded = v.sum(1) / np.maximum(nz.sum(1), 1)
+        if np.any(nz & (v != folded[:, None, :])):
+            raise SimulationError("a plaintext operand differs between the replicas of a periodic packed value")
+        return np.broadcast_to(folded[:, None, :], v.shape).reshape(n, self.slots).copy()
 
     def is_clean(self, t: PackedTensor) -> bool:
         return not np.any(t.support & ~self._keep(t))
@@ -729,7 +754,7 @@ class PackedBackend(Backend):
                 raise SimulationError("a plaintext operand differs between elements packed in the same slot")
             vec[mm] = vv
             seen[mm] = True
-        vec = vec.reshape(len(a.cts), self.slots)
+        vec = self._replicate(vec.reshape(len(a.cts), self.slots), a.period)
         key = _fingerprint(vec)
         e = self.engine
         if kind == "mul":
@@ -743,7 +768,7 @@ class PackedBackend(Backend):
                    for i, c in enumerate(a.cts)]
             support = a.support | (vec != 0)
         smap = a.smap if out == a.shape else np.ascontiguousarray(m)
-        return PackedTensor(cts, smap, support, alias=keep_alias, meta=dict(a.meta))
+        return PackedTensor(cts, smap, support, alias=keep_alias, meta=dict(a.meta), period=a.period)
 
     def _with_ct(self, a: PackedTensor, b: PackedTensor, op: str) -> PackedTensor:
         try:
@@ -751,6 +776,9 @@ class PackedBackend(Backend):
         except ValueError:
             raise SimulationError(f"encrypted operands {list(a.shape)} and {list(b.shape)} do not broadcast") from None
         ma, mb = self._eff_map(a, out), self._eff_map(b, out)
+        # a periodic operand meets the other one at its replica in the other's slot
+        ma = self._meet(ma, a.period, mb % self.slots)
+        mb = self._meet(mb, b.period, ma % self.slots)
         sa = ma % self.slots
         if not np.array_equal(sa, mb % self.slots):
             raise SimulationError(f"encrypted operands {list(a.shape)} and {list(b.shape)} are packed at different "
@@ -784,7 +812,8 @@ class PackedBackend(Backend):
                     alias = (ks * self.slots + a.alias % self.slots).astype(np.int64)
                 except KeyError:
                     alias = None
-        return PackedTensor(cts, smap, np.array(sup), alias=alias)
+        period = a.period if a.period and a.period == b.period else 0
+        return PackedTensor(cts, smap, np.array(sup), alias=alias, period=period)
 
     def add(self, a, b):
         if not self.is_ct(a):
@@ -800,7 +829,7 @@ class PackedBackend(Backend):
 
     def neg(self, a):
         return PackedTensor([self.engine.neg(c) for c in a.cts], a.smap, a.support, alias=a.alias,
-                            meta=dict(a.meta))
+                            meta=dict(a.meta), period=a.period)
 
     def mul(self, a, b):
         if not self.is_ct(a):
@@ -882,11 +911,13 @@ class PackedBackend(Backend):
         if not keepdims:
             smap = smap.reshape([s for i, s in enumerate(out_shape) if i not in axes])
         alias = None
-        if keepdims and n > 1 and n * stride == self.slots and (n & (n - 1)) == 0:
+        cyclic = n > 1 and n * stride == self.slots and (n & (n - 1)) == 0
+        if keepdims and cyclic:
             # a cyclic rotate-and-sum leaves the total in every slot of the grid: the input's own slots
             gi = np.broadcast_to(np.transpose(gi, inv_perm), a.shape)
             alias = (gi * self.slots + a.smap % self.slots).astype(np.int64)
-        return PackedTensor(res_cts, smap.astype(np.int64), np.array(res_sup), alias=alias)
+        return PackedTensor(res_cts, smap.astype(np.int64), np.array(res_sup), alias=alias,
+                            period=stride if cyclic else 0)
 
     def _rotsum(self, c, sup, stride: int, n: int):
         """Sum of the slots p, p + stride, ..., p + (n-1) stride into p (into every slot of the grid when it is
@@ -1082,6 +1113,8 @@ class PackedBackend(Backend):
     def rearrange(self, fn, args, ct_positions):
         vals = list(args)
         cts, sups = [], []
+        periods = {args[i].period for i in ct_positions}
+        period = periods.pop() if len(periods) == 1 else 0  # a per-ciphertext property: kept by re-indexing
         for i in ct_positions:
             t = args[i]
             vals[i] = t.smap + len(cts) * self.slots
@@ -1099,7 +1132,7 @@ class PackedBackend(Backend):
             remap = np.full(len(cts), -1, dtype=np.int64)
             remap[used] = np.arange(len(used))
             smap = remap[o // self.slots] * self.slots + o % self.slots
-            res.append(PackedTensor([cts[i] for i in used], smap, support[used]))
+            res.append(PackedTensor([cts[i] for i in used], smap, support[used], period=period))
         return res
 
     def describe(self) -> dict:
