@@ -335,6 +335,48 @@ def calibrate_rotations(engine: "SealEngine", pairs) -> dict:
     return out
 
 
+def measure_op_ms(params, levels=None, reps: int = 10) -> dict:
+    """CPU ms (``time.process_time``: what one core spends, whatever else the machine runs) of each packed
+    operation on SEAL at each of ``levels`` (default: the top, the middle and level 1) -> ``{level: {kind: ms}}``;
+    the source of ``packing.MS_AT_16384``."""
+    cl = SealClient(params, [params.slots // 64])
+    eng = SealEngine(params, cl)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=params.slots)
+    top = eng.encrypt(x)
+    L = params.level_budget
+    levels = sorted({L, max(1, L // 2), 1} if levels is None else set(levels), reverse=True)
+
+    def ms(fn):
+        fn()
+        c0 = time.process_time()
+        for _ in range(reps):
+            fn()
+        return (time.process_time() - c0) / reps * 1e3
+
+    out = {}
+    for lv in levels:
+        c = eng.level_down(top, lv)
+        pt = eng._encode(x, lv, eng.pt_scale_mul(lv))
+        keep = np.ones(params.slots, dtype=bool)
+        row = {"encode": ms(lambda: eng._encode(x, lv, eng.pt_scale_mul(lv))),
+               "mul_pt": ms(lambda: eng.mul_plain_raw(c, pt)),
+               "rescale": ms(lambda: eng.rescale(eng.mul_plain_raw(c, pt))),
+               "rotate": ms(lambda: eng.rotate(c, params.slots // 64)),
+               "mul_ct": ms(lambda: eng.mul(c, c)),
+               "add": ms(lambda: eng.add(c, c)),
+               "refresh": ms(lambda: eng.refresh(c, keep)),
+               "decrypt": ms(lambda: eng.decrypt(c)),
+               "encrypt_zero": ms(lambda: eng.zeros(lv))}
+        row["rescale"] -= row["mul_pt"]
+        if lv < L:
+            row["level_match"] = ms(lambda: eng.level_down(top, lv))
+        else:
+            row["encrypt"] = ms(lambda: eng.encrypt(x))
+        out[lv] = {k: round(v, 3) for k, v in row.items()}
+    return out
+
+
 class SealClient:
     """Key holder (secret key). ``steps``: rotation steps to make Galois keys for."""
 
@@ -1147,4 +1189,4 @@ class PackedBackend(Backend):
 
 
 __all__ = ["PackedBackend", "NumpyEngine", "SealEngine", "SealClient", "galois_elt", "norm_step", "calibrate_rotations",
-           "calibrate_rotation_noise"]
+           "calibrate_rotation_noise", "measure_op_ms"]
