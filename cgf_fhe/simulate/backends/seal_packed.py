@@ -384,11 +384,7 @@ class SealClient:
         _need_seal()
         self.params = params
         t0 = time.perf_counter()
-        self.parms = _seal_parms(params)
-        self.ctx = sealapi.SEALContext(self.parms, True, sealapi.SEC_LEVEL_TYPE.NONE if params.insecure
-                                       else sealapi.SEC_LEVEL_TYPE.TC128)
-        if not self.ctx.parameters_set():
-            raise SimulationError(f"SEAL refused the parameters: {self.ctx.parameters_error_message()}")
+        self.ctx = _seal_context(params)
         self.kg = sealapi.KeyGenerator(self.ctx)
         self.pk = sealapi.PublicKey()
         self.kg.create_public_key(self.pk)
@@ -430,11 +426,16 @@ class SealClient:
         return self.encrypt(np.where(keep, self.decrypt(blob), 0.0))
 
 
-def _seal_parms(params):
+def _seal_context(params):
+    """The SEAL context of ``params`` (the client's and the server's are built alike; the server gets no key)."""
     parms = sealapi.EncryptionParameters(sealapi.SCHEME_TYPE.CKKS)
     parms.set_poly_modulus_degree(params.poly_modulus)
     parms.set_coeff_modulus(sealapi.CoeffModulus.Create(params.poly_modulus, list(params.coeff_bits)))
-    return parms
+    ctx = sealapi.SEALContext(parms, True, sealapi.SEC_LEVEL_TYPE.NONE if params.insecure
+                              else sealapi.SEC_LEVEL_TYPE.TC128)
+    if not ctx.parameters_set():
+        raise SimulationError(f"SEAL refused the parameters: {ctx.parameters_error_message()}")
+    return ctx
 
 
 def _dump(obj, tmp) -> bytes:
@@ -470,8 +471,7 @@ class SealEngine(Engine):
         self.client = client
         public = public if public is not None else client.public_blobs()
         self._tmp = tempfile.TemporaryDirectory(prefix="cgf_seal_srv_")
-        self.ctx = sealapi.SEALContext(_seal_parms(params), True, sealapi.SEC_LEVEL_TYPE.NONE if params.insecure
-                                       else sealapi.SEC_LEVEL_TYPE.TC128)
+        self.ctx = _seal_context(params)
         self.pk = _load(sealapi.PublicKey(), self.ctx, public["public_key"], self._tmp.name)
         self.rk = _load(sealapi.RelinKeys(), self.ctx, public["relin_keys"], self._tmp.name)
         self.gk = (_load(sealapi.GaloisKeys(), self.ctx, public["galois_keys"], self._tmp.name)
@@ -529,37 +529,29 @@ class SealEngine(Engine):
     def level(self, c):
         return self.ctx.get_context_data(c.parms_id()).chain_index()
 
-    def add(self, a, b):
-        with self._t("add"):
+    def _ev(self, kind, method: str, *args, n: int = 1):
+        """``Evaluator.method(*args, out)`` into a new ciphertext, timed and counted as ``kind``."""
+        with self._t(kind, n):
             out = sealapi.Ciphertext()
-            self.ev.add(a, b, out)
+            getattr(self.ev, method)(*args, out)
             return out
 
+    def add(self, a, b):
+        return self._ev("add", "add", a, b)
+
     def sub(self, a, b):
-        with self._t("add"):
-            out = sealapi.Ciphertext()
-            self.ev.sub(a, b, out)
-            return out
+        return self._ev("add", "sub", a, b)
 
     def add_many(self, cts):
         if len(cts) == 1:
             return cts[0]
-        with self._t("add", len(cts) - 1):
-            out = sealapi.Ciphertext()
-            self.ev.add_many(list(cts), out)
-            return out
+        return self._ev("add", "add_many", list(cts), n=len(cts) - 1)
 
     def neg(self, a):
-        with self._t("add"):
-            out = sealapi.Ciphertext()
-            self.ev.negate(a, out)
-            return out
+        return self._ev("add", "negate", a)
 
     def add_plain(self, a, pt):
-        with self._t("add"):
-            out = sealapi.Ciphertext()
-            self.ev.add_plain(a, pt, out)
-            return out
+        return self._ev("add", "add_plain", a, pt)
 
     def mul_plain_raw(self, a, pt):
         if pt.is_zero():  # every multiplier rounded to 0 at this scale (e.g. a 1e-14 coefficient): SEAL refuses
@@ -569,10 +561,7 @@ class SealEngine(Engine):
                 out = sealapi.Ciphertext()
                 self.encryptor.encrypt(z, out)
                 return out
-        with self._t("mul_pt"):
-            out = sealapi.Ciphertext()
-            self.ev.multiply_plain(a, pt, out)
-            return out
+        return self._ev("mul_pt", "multiply_plain", a, pt)
 
     def zeros(self, level):
         """A fresh encryption of zero at ``level`` with the public key (a product with an all-zero plaintext:
@@ -607,10 +596,7 @@ class SealEngine(Engine):
         if k not in self.key_steps:
             raise SimulationError(f"no Galois key for rotation step {k} (keys were made for the dry run's steps)")
         self.steps.add(k)
-        with self._t("rotate"):
-            out = sealapi.Ciphertext()
-            self.ev.rotate_vector(a, k, self.gk, out)
-            return out
+        return self._ev("rotate", "rotate_vector", a, k, self.gk)
 
     def level_down(self, a, level):
         lv = self.level(a)
