@@ -181,6 +181,7 @@ class PackedRunner:
                 "layout": None if L is None else {"slots": L.slots, "tokens": L.S, "hidden": L.H,
                                                   "block": L.S_blk, "hidden_per_ct": L.hp},
                 "estimated_seconds": sum(eng.est_ms.values()) / 1e3,
+                "estimated_ms_by_kind": {k: round(v, 3) for k, v in eng.est_ms.items()},
                 "estimated_peak_bytes": peak, "ciphertext_peak_bytes": int(eng.peak_bytes),
                 "plaintext_bytes": int(eng.pt_bytes_total), "plaintext_cache_bytes": int(cache),
                 "galois_key_bytes": int(keys), "galois_keys": len(eng.steps),
@@ -525,6 +526,7 @@ def packed_cost_estimate(model, params, tokens: int, seed: int = 0) -> dict:
             "totals": {k: int(eng.counts.get(k, 0)) for k in COUNT_KINDS},
             "client_aided_refreshes": be.n_refresh, "galois_keys": len(eng.steps),
             "estimated_seconds": sum(eng.est_ms.values()) / 1e3,
+            "estimated_ms_by_kind": {k: round(v, 3) for k, v in eng.est_ms.items()},
             "estimated_peak_bytes": int((eng.peak_bytes + cache + keys) * MEMORY_OVERHEAD + BASE_BYTES)}
 
 

@@ -108,13 +108,18 @@ class PackedTensor:
     """Ciphertexts (engine handles) + slot map. ``alias``: an expanded slot map where every position holds the
     value of the element it broadcasts from (a reduction replicated along the reduced axis). ``support``:
     ``[len(cts), slots]`` booleans, False where a slot is known to hold (approximately) zero -- derived from the
-    operations alone, never from the data, so the dry run and the encrypted run decide identically."""
+    operations alone, never from the data, so the dry run and the encrypted run decide identically. ``period``:
+    when non-zero, every ciphertext holds the same value at slots ``p`` and ``p + j * period`` for all ``j``
+    (a cyclic rotate-and-sum leaves its total in every slot of the grid): an element may meet another operand at
+    any of those slots, e.g. a LayerNorm's per-token scalar ``[1, S, 1]`` times a row ``[1, S, M]`` of any width
+    in the hidden-major layout (``period = S_blk``: the scalar is already in every block)."""
 
     cts: list
     smap: np.ndarray
     support: np.ndarray
     alias: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    period: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -122,20 +127,28 @@ class PackedTensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# costs: per-operation time at N=16384 on one core of this machine (measured; see docs/seal_packed.md) and sizes
+# costs: CPU ms of one operation at N=16384 and the top of the default chain (8 data primes) on one core of this
+# machine, measured with ``seal_packed.measure_op_ms(CKKSParams())`` (see docs/seal_packed.md), and sizes.
+# "mul_pt" is the product alone: its plaintext's encoding is counted as "encode"; "mul_ct" includes the
+# relinearisation and the rescale; "refresh" the client's decrypt + re-encrypt and both transfers.
 # ---------------------------------------------------------------------------------------------------------------
-MS_AT_16384 = {"mul_ct": 54.0, "mul_pt": 13.0, "rotate": 33.0, "add": 0.6, "encode": 4.0, "rescale": 4.0,
-               "refresh": 60.0, "level_match": 13.0}
+MS_AT_16384 = {"mul_ct": 29.4, "mul_pt": 1.17, "rotate": 23.5, "add": 0.42, "encode": 2.84, "rescale": 4.5,
+               "refresh": 50.0, "level_match": 4.5, "encrypt": 41.6, "encrypt_zero": 15.0, "decrypt": 31.0}
+# the part of an operation's time that does not shrink with the primes left (encoding: the FFT over the slots;
+# an encryption of zero: the public-key sampling)
+MS_FIXED_AT_16384 = {"encode": 0.55, "encrypt_zero": 4.0}
 TOP_LEVELS_AT_16384 = 8  # data primes of the default N=16384 chain
 
 
 def op_ms(kind: str, poly_modulus: int, level: int) -> float:
     """Estimated ms of one operation at ``level`` (levels left; primes = level + 1)."""
-    base = MS_AT_16384.get(kind, 1.0) * poly_modulus / 16384
+    scale = poly_modulus / 16384
+    fixed = MS_FIXED_AT_16384.get(kind, 0.0) * scale
+    base = MS_AT_16384.get(kind, 1.0) * scale - fixed
     frac = (level + 1) / TOP_LEVELS_AT_16384
-    if kind in ("rotate", "mul_ct"):  # key switching: ~quadratic in the primes
-        return base * max(frac, 0.05) ** 1.5
-    return base * max(frac, 0.05)
+    if kind in ("rotate", "mul_ct"):  # key switching: ~(primes)^1.5 (measured: 0.48x at 5 primes, 0.14x at 2)
+        return fixed + base * max(frac, 0.05) ** 1.5
+    return fixed + base * max(frac, 0.05)
 
 
 def ciphertext_bytes(poly_modulus: int, level: int) -> int:

@@ -335,6 +335,48 @@ def calibrate_rotations(engine: "SealEngine", pairs) -> dict:
     return out
 
 
+def measure_op_ms(params, levels=None, reps: int = 10) -> dict:
+    """CPU ms (``time.process_time``: what one core spends, whatever else the machine runs) of each packed
+    operation on SEAL at each of ``levels`` (default: the top, the middle and level 1) -> ``{level: {kind: ms}}``;
+    the source of ``packing.MS_AT_16384``."""
+    cl = SealClient(params, [params.slots // 64])
+    eng = SealEngine(params, cl)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=params.slots)
+    top = eng.encrypt(x)
+    L = params.level_budget
+    levels = sorted({L, max(1, L // 2), 1} if levels is None else set(levels), reverse=True)
+
+    def ms(fn):
+        fn()
+        c0 = time.process_time()
+        for _ in range(reps):
+            fn()
+        return (time.process_time() - c0) / reps * 1e3
+
+    out = {}
+    for lv in levels:
+        c = eng.level_down(top, lv)
+        pt = eng._encode(x, lv, eng.pt_scale_mul(lv))
+        keep = np.ones(params.slots, dtype=bool)
+        row = {"encode": ms(lambda: eng._encode(x, lv, eng.pt_scale_mul(lv))),
+               "mul_pt": ms(lambda: eng.mul_plain_raw(c, pt)),
+               "rescale": ms(lambda: eng.rescale(eng.mul_plain_raw(c, pt))),
+               "rotate": ms(lambda: eng.rotate(c, params.slots // 64)),
+               "mul_ct": ms(lambda: eng.mul(c, c)),
+               "add": ms(lambda: eng.add(c, c)),
+               "refresh": ms(lambda: eng.refresh(c, keep)),
+               "decrypt": ms(lambda: eng.decrypt(c)),
+               "encrypt_zero": ms(lambda: eng.zeros(lv))}
+        row["rescale"] -= row["mul_pt"]
+        if lv < L:
+            row["level_match"] = ms(lambda: eng.level_down(top, lv))
+        else:
+            row["encrypt"] = ms(lambda: eng.encrypt(x))
+        out[lv] = {k: round(v, 3) for k, v in row.items()}
+    return out
+
+
 class SealClient:
     """Key holder (secret key). ``steps``: rotation steps to make Galois keys for."""
 
@@ -342,11 +384,7 @@ class SealClient:
         _need_seal()
         self.params = params
         t0 = time.perf_counter()
-        self.parms = _seal_parms(params)
-        self.ctx = sealapi.SEALContext(self.parms, True, sealapi.SEC_LEVEL_TYPE.NONE if params.insecure
-                                       else sealapi.SEC_LEVEL_TYPE.TC128)
-        if not self.ctx.parameters_set():
-            raise SimulationError(f"SEAL refused the parameters: {self.ctx.parameters_error_message()}")
+        self.ctx = _seal_context(params)
         self.kg = sealapi.KeyGenerator(self.ctx)
         self.pk = sealapi.PublicKey()
         self.kg.create_public_key(self.pk)
@@ -388,11 +426,16 @@ class SealClient:
         return self.encrypt(np.where(keep, self.decrypt(blob), 0.0))
 
 
-def _seal_parms(params):
+def _seal_context(params):
+    """The SEAL context of ``params`` (the client's and the server's are built alike; the server gets no key)."""
     parms = sealapi.EncryptionParameters(sealapi.SCHEME_TYPE.CKKS)
     parms.set_poly_modulus_degree(params.poly_modulus)
     parms.set_coeff_modulus(sealapi.CoeffModulus.Create(params.poly_modulus, list(params.coeff_bits)))
-    return parms
+    ctx = sealapi.SEALContext(parms, True, sealapi.SEC_LEVEL_TYPE.NONE if params.insecure
+                              else sealapi.SEC_LEVEL_TYPE.TC128)
+    if not ctx.parameters_set():
+        raise SimulationError(f"SEAL refused the parameters: {ctx.parameters_error_message()}")
+    return ctx
 
 
 def _dump(obj, tmp) -> bytes:
@@ -428,8 +471,7 @@ class SealEngine(Engine):
         self.client = client
         public = public if public is not None else client.public_blobs()
         self._tmp = tempfile.TemporaryDirectory(prefix="cgf_seal_srv_")
-        self.ctx = sealapi.SEALContext(_seal_parms(params), True, sealapi.SEC_LEVEL_TYPE.NONE if params.insecure
-                                       else sealapi.SEC_LEVEL_TYPE.TC128)
+        self.ctx = _seal_context(params)
         self.pk = _load(sealapi.PublicKey(), self.ctx, public["public_key"], self._tmp.name)
         self.rk = _load(sealapi.RelinKeys(), self.ctx, public["relin_keys"], self._tmp.name)
         self.gk = (_load(sealapi.GaloisKeys(), self.ctx, public["galois_keys"], self._tmp.name)
@@ -487,37 +529,29 @@ class SealEngine(Engine):
     def level(self, c):
         return self.ctx.get_context_data(c.parms_id()).chain_index()
 
-    def add(self, a, b):
-        with self._t("add"):
+    def _ev(self, kind, method: str, *args, n: int = 1):
+        """``Evaluator.method(*args, out)`` into a new ciphertext, timed and counted as ``kind``."""
+        with self._t(kind, n):
             out = sealapi.Ciphertext()
-            self.ev.add(a, b, out)
+            getattr(self.ev, method)(*args, out)
             return out
 
+    def add(self, a, b):
+        return self._ev("add", "add", a, b)
+
     def sub(self, a, b):
-        with self._t("add"):
-            out = sealapi.Ciphertext()
-            self.ev.sub(a, b, out)
-            return out
+        return self._ev("add", "sub", a, b)
 
     def add_many(self, cts):
         if len(cts) == 1:
             return cts[0]
-        with self._t("add", len(cts) - 1):
-            out = sealapi.Ciphertext()
-            self.ev.add_many(list(cts), out)
-            return out
+        return self._ev("add", "add_many", list(cts), n=len(cts) - 1)
 
     def neg(self, a):
-        with self._t("add"):
-            out = sealapi.Ciphertext()
-            self.ev.negate(a, out)
-            return out
+        return self._ev("add", "negate", a)
 
     def add_plain(self, a, pt):
-        with self._t("add"):
-            out = sealapi.Ciphertext()
-            self.ev.add_plain(a, pt, out)
-            return out
+        return self._ev("add", "add_plain", a, pt)
 
     def mul_plain_raw(self, a, pt):
         if pt.is_zero():  # every multiplier rounded to 0 at this scale (e.g. a 1e-14 coefficient): SEAL refuses
@@ -527,10 +561,7 @@ class SealEngine(Engine):
                 out = sealapi.Ciphertext()
                 self.encryptor.encrypt(z, out)
                 return out
-        with self._t("mul_pt"):
-            out = sealapi.Ciphertext()
-            self.ev.multiply_plain(a, pt, out)
-            return out
+        return self._ev("mul_pt", "multiply_plain", a, pt)
 
     def zeros(self, level):
         """A fresh encryption of zero at ``level`` with the public key (a product with an all-zero plaintext:
@@ -565,10 +596,7 @@ class SealEngine(Engine):
         if k not in self.key_steps:
             raise SimulationError(f"no Galois key for rotation step {k} (keys were made for the dry run's steps)")
         self.steps.add(k)
-        with self._t("rotate"):
-            out = sealapi.Ciphertext()
-            self.ev.rotate_vector(a, k, self.gk, out)
-            return out
+        return self._ev("rotate", "rotate_vector", a, k, self.gk)
 
     def level_down(self, a, level):
         lv = self.level(a)
@@ -660,7 +688,32 @@ class PackedBackend(Backend):
         keep.reshape(-1)[t.smap.reshape(-1)] = True
         if t.alias is not None:
             keep.reshape(-1)[t.alias.reshape(-1)] = True
+        if t.period:  # every replica of a kept slot is kept
+            P = t.period
+            keep = np.broadcast_to(keep.reshape(len(t.cts), self.slots // P, P).any(1)[:, None, :],
+                                   (len(t.cts), self.slots // P, P)).reshape(len(t.cts), self.slots).copy()
         return keep
+
+    def _meet(self, m: np.ndarray, period: int, want: np.ndarray) -> np.ndarray:
+        """Slot map ``m`` of a ``period``-ic operand moved to the replicas at the slots ``want`` where there is one."""
+        if not period:
+            return m
+        s = m % self.slots
+        move = (s != want) & ((s - want) % period == 0)
+        return np.where(move, m - s + want, m)
+
+    def _replicate(self, vec: np.ndarray, period: int) -> np.ndarray:
+        """``[n_ct, slots]`` plaintext values written at some slots -> the same at every slot congruent mod
+        ``period`` (what a periodic operand needs to stay periodic)."""
+        if not period:
+            return vec
+        n = vec.shape[0]
+        v = vec.reshape(n, self.slots // period, period)
+        nz = v != 0
+        folded = v.sum(1) / np.maximum(nz.sum(1), 1)
+        if np.any(nz & (v != folded[:, None, :])):
+            raise SimulationError("a plaintext operand differs between the replicas of a periodic packed value")
+        return np.broadcast_to(folded[:, None, :], v.shape).reshape(n, self.slots).copy()
 
     def is_clean(self, t: PackedTensor) -> bool:
         return not np.any(t.support & ~self._keep(t))
@@ -729,7 +782,7 @@ class PackedBackend(Backend):
                 raise SimulationError("a plaintext operand differs between elements packed in the same slot")
             vec[mm] = vv
             seen[mm] = True
-        vec = vec.reshape(len(a.cts), self.slots)
+        vec = self._replicate(vec.reshape(len(a.cts), self.slots), a.period)
         key = _fingerprint(vec)
         e = self.engine
         if kind == "mul":
@@ -743,7 +796,7 @@ class PackedBackend(Backend):
                    for i, c in enumerate(a.cts)]
             support = a.support | (vec != 0)
         smap = a.smap if out == a.shape else np.ascontiguousarray(m)
-        return PackedTensor(cts, smap, support, alias=keep_alias, meta=dict(a.meta))
+        return PackedTensor(cts, smap, support, alias=keep_alias, meta=dict(a.meta), period=a.period)
 
     def _with_ct(self, a: PackedTensor, b: PackedTensor, op: str) -> PackedTensor:
         try:
@@ -751,6 +804,9 @@ class PackedBackend(Backend):
         except ValueError:
             raise SimulationError(f"encrypted operands {list(a.shape)} and {list(b.shape)} do not broadcast") from None
         ma, mb = self._eff_map(a, out), self._eff_map(b, out)
+        # a periodic operand meets the other one at its replica in the other's slot
+        ma = self._meet(ma, a.period, mb % self.slots)
+        mb = self._meet(mb, b.period, ma % self.slots)
         sa = ma % self.slots
         if not np.array_equal(sa, mb % self.slots):
             raise SimulationError(f"encrypted operands {list(a.shape)} and {list(b.shape)} are packed at different "
@@ -784,7 +840,8 @@ class PackedBackend(Backend):
                     alias = (ks * self.slots + a.alias % self.slots).astype(np.int64)
                 except KeyError:
                     alias = None
-        return PackedTensor(cts, smap, np.array(sup), alias=alias)
+        period = a.period if a.period and a.period == b.period else 0
+        return PackedTensor(cts, smap, np.array(sup), alias=alias, period=period)
 
     def add(self, a, b):
         if not self.is_ct(a):
@@ -800,7 +857,7 @@ class PackedBackend(Backend):
 
     def neg(self, a):
         return PackedTensor([self.engine.neg(c) for c in a.cts], a.smap, a.support, alias=a.alias,
-                            meta=dict(a.meta))
+                            meta=dict(a.meta), period=a.period)
 
     def mul(self, a, b):
         if not self.is_ct(a):
@@ -882,11 +939,13 @@ class PackedBackend(Backend):
         if not keepdims:
             smap = smap.reshape([s for i, s in enumerate(out_shape) if i not in axes])
         alias = None
-        if keepdims and n > 1 and n * stride == self.slots and (n & (n - 1)) == 0:
+        cyclic = n > 1 and n * stride == self.slots and (n & (n - 1)) == 0
+        if keepdims and cyclic:
             # a cyclic rotate-and-sum leaves the total in every slot of the grid: the input's own slots
             gi = np.broadcast_to(np.transpose(gi, inv_perm), a.shape)
             alias = (gi * self.slots + a.smap % self.slots).astype(np.int64)
-        return PackedTensor(res_cts, smap.astype(np.int64), np.array(res_sup), alias=alias)
+        return PackedTensor(res_cts, smap.astype(np.int64), np.array(res_sup), alias=alias,
+                            period=stride if cyclic else 0)
 
     def _rotsum(self, c, sup, stride: int, n: int):
         """Sum of the slots p, p + stride, ..., p + (n-1) stride into p (into every slot of the grid when it is
@@ -1082,6 +1141,8 @@ class PackedBackend(Backend):
     def rearrange(self, fn, args, ct_positions):
         vals = list(args)
         cts, sups = [], []
+        periods = {args[i].period for i in ct_positions}
+        period = periods.pop() if len(periods) == 1 else 0  # a per-ciphertext property: kept by re-indexing
         for i in ct_positions:
             t = args[i]
             vals[i] = t.smap + len(cts) * self.slots
@@ -1099,7 +1160,7 @@ class PackedBackend(Backend):
             remap = np.full(len(cts), -1, dtype=np.int64)
             remap[used] = np.arange(len(used))
             smap = remap[o // self.slots] * self.slots + o % self.slots
-            res.append(PackedTensor([cts[i] for i in used], smap, support[used]))
+            res.append(PackedTensor([cts[i] for i in used], smap, support[used], period=period))
         return res
 
     def describe(self) -> dict:
@@ -1114,4 +1175,4 @@ class PackedBackend(Backend):
 
 
 __all__ = ["PackedBackend", "NumpyEngine", "SealEngine", "SealClient", "galois_elt", "norm_step", "calibrate_rotations",
-           "calibrate_rotation_noise"]
+           "calibrate_rotation_noise", "measure_op_ms"]
