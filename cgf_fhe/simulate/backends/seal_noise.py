@@ -14,8 +14,9 @@ prime ``P`` (with a rounding). SEAL keeps the digits in ``[0, q_j)``, not centre
 * a **random part** ``sum_j u_j e_j / P`` plus the mod-down rounding, independent between ciphertexts; about the
   same for every key and level (N=8192, 40-bit scale: 5.1e-9 per slot).
 
-Measured at N=8192 (chain 60, 40, 40, 60): fresh rotations' errors correlate 0.7-0.96 with one another under the
-same key, and subtracting the fixed part leaves 5.1e-9 for every key at levels 2 and 0.
+Measured at N=8192 (chain 60, 40, 40, 60): the errors of rotations of different fresh ciphertexts under one key
+correlate 0.33-0.96 (the fixed part's size varies from key to key), and subtracting the fixed part leaves 5.1e-9
+for every key at levels 2 and 0.
 
 Both parts are measured with the run's own keys by the client (who holds the secret key) from one ciphertext
 ``c`` and its negation: the digits of ``-c`` are ``q_j - d_j``, so ``rot(c) + rot(-c)`` decrypts to twice the
