@@ -31,8 +31,8 @@ import numpy as np
 
 from .backends.base import SimulationError
 from .batch import EMB, LOGITS, MASK, BatchRunner, client_batches, op_stats, summarize
-from .backends.seal_packed import (NumpyEngine, PackedBackend, SealClient, SealEngine, calibrate_rotations,
-                                   calibrate_rotation_noise)
+from .backends.seal_noise import calibrate_rotations
+from .backends.seal_packed import NumpyEngine, PackedBackend, SealClient, SealEngine, calibrate_rotation_noise
 from .interpreter import Interpreter, node_layers
 from .packing import galois_key_bytes
 

@@ -39,7 +39,7 @@ import numpy as np
 from ..packing import (Layout, PackedTensor, ciphertext_bytes, galois_key_bytes, next_pow2, op_ms,
                        plaintext_bytes)
 from .base import Backend, SimulationError, logical_broadcast
-from .seal_noise import add_rotation_error, calibrate_rotations, measure_rotation, rotation_error_for  # noqa: F401
+from .seal_noise import add_rotation_error, measure_rotation, rotation_error_for
 
 try:
     import tenseal.sealapi as sealapi
