@@ -90,6 +90,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="packing whose op costs are counted: element (one ciphertext per tensor element, examples "
                         "in the slots; what simulate runs) or packed (a token's vector per ciphertext, rotations); "
                         "slots/row are the former names")
+    p.add_argument("--packed-seal", action="store_true",
+                   help="also count the packed SEAL schedule (simulate --backend seal) per layer: its dry run on "
+                        "random embeddings of --seq-len tokens (minutes for MiniLM at 128 tokens)")
     p.add_argument("--format", choices=("table", "json", "md"), default="table",
                    help="what is printed: table (rich tables, default), json, or md (markdown)")
     p.add_argument("--nodes", action="store_true", help="also print the per-node table")

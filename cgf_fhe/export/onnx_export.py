@@ -64,7 +64,7 @@ def poly_groups(model: torch.nn.Module, graph: onnx.ModelProto | None = None) ->
     evaluation form and stated depth (levels, after export folding) and -- when ``graph`` is given -- the ONNX
     nodes implementing each one (matched on the exporter's module scopes)."""
     from ..surgery import named_approx_modules
-    from .graphinfo import layer_index, module_path
+    from ..graphinfo import layer_index, module_path
 
     names = {id(m): n for n, m in model.named_modules()}
     groups = []

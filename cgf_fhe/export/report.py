@@ -1,7 +1,7 @@
 """``cgf-fhe report``: multiplicative depth, op counts, refresh placement and a latency estimate.
 
 Everything about individual ops (allowed?, levels, costs per packing) comes from :func:`cgf_fhe.fhe_ops.analyze`;
-this module aggregates it per encoder layer and stage (:mod:`cgf_fhe.export.graphinfo`), places refreshes with
+this module aggregates it per encoder layer and stage (:mod:`cgf_fhe.graphinfo`), places refreshes with
 :func:`cgf_fhe.bootstrap.plan_bootstraps`, and prices it with a cost table (:mod:`cgf_fhe.ckks`).
 
 Packings (``--packing``)
@@ -51,6 +51,15 @@ Each node: ``name``, ``op_type``, ``layer``, ``stage``, ``encrypted``, ``depth``
 (ct-ct / ct-pt / ct / pt), the four op counts, ``ciphertexts``, ``levels_left`` (after the node, before any
 refresh of its output), ``refreshed`` (its outputs refreshed by the plan).
 Several files: ``{"schema": ..., "models": [report, ...]}``.
+
+``--packed-seal`` adds ``packed_seal``: the schedule ``simulate --backend seal`` runs (one example per pass,
+tokens x hidden packed per ciphertext, rotations), counted by its dry run on random embeddings of ``seq_len``
+tokens (:func:`cgf_fhe.simulate.api.packed_seal_estimate`; the counts do not depend on the values): ``tokens``,
+``ckks`` (its parameters: simulate's default chain, or ``--levels``), ``latency_seconds`` (one example),
+``estimated_peak_bytes``, ``galois_keys``, ``refreshes`` (client-aided), ``cost_source``, ``totals`` and
+``layers`` (``layer``: index or ``"head"``), each with ``ct_pt_mults``, ``ct_ct_mults``, ``rotations``,
+``level_matches``, ``additions``, ``rescales``, ``encodes``, ``refreshes``, ``refreshed_ciphertexts``,
+``latency_seconds``. The renderings put it per layer next to the ``--packing`` counts.
 """
 from __future__ import annotations
 
@@ -65,12 +74,17 @@ from .. import ckks, fhe_ops
 from ..bootstrap import plan_bootstraps
 from ..fmt import fmt_seconds as _fmt_s
 from ..graph import output_names, read_metadata
-from .graphinfo import HEAD_STAGES, STAGES, classify
+from ..graphinfo import HEAD_STAGES, STAGES, classify
 
 SCHEMA = "cgf-fhe-report/1"
 COUNT_KEYS = fhe_ops.COUNT_KEYS
 OP_MS = {"ct_ct_mults": "ct_ct_mult", "ct_pt_mults": "ct_pt_mult", "additions": "add", "rotations": "rotation"}
 DEFAULT_SEQ_LEN = 128
+# the packed SEAL dry run's operation kinds -> this report's names
+SEAL_KEYS = {"mul_pt": "ct_pt_mults", "mul_ct": "ct_ct_mults", "rotate": "rotations", "level_match": "level_matches",
+             "add": "additions", "rescale": "rescales", "encode": "encodes", "refresh": "refreshed_ciphertexts"}
+SEAL_COST_SOURCE = ("SEAL op latencies measured at N=16384 with 8 primes (ct x ct 54 ms, ct x pt 13 ms, rotation "
+                    "33 ms), scaled with the ring and the primes left at each operation's level")
 # what a refresh point costs and leaks depends on its kind: a bootstrap runs on the server under encryption; a
 # client-aided refresh sends the ciphertext to the key holder, who decrypts and re-encrypts it (a round trip)
 REFRESH_WHAT = {"client-aided": "client-aided refresh (decrypt + re-encrypt by the key holder)",
@@ -129,8 +143,9 @@ def _group_stats(idx: list[int], nodes_out: list[dict], results, producer_of_inp
 
 def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: int = 40,
                  cost_table: str | Path | dict | None = None, encrypted: list[str] | None = None,
-                 seq_len: int | None = None, packing: str = "element") -> dict:
-    """The report as a JSON-serialisable dict (schema in the module doc and docs/)."""
+                 seq_len: int | None = None, packing: str = "element", packed_seal: bool = False) -> dict:
+    """The report as a JSON-serialisable dict (schema in the module doc and docs/). ``packed_seal``: also the
+    packed SEAL schedule's per-layer counts and latency (its dry run: slow for wide models at long sequences)."""
     packing = fhe_ops.packing_name(packing)
     model, path = fhe_ops.resolve_model(model_or_path)
     meta = read_metadata(model)
@@ -302,7 +317,27 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
         "nodes": [{k: v for k, v in row.items() if k != "outputs"} for row in rows],
         "poly": meta.get("poly"),
     }
+    if packed_seal:
+        from ..simulate.api import packed_seal_estimate  # the simulate stage's public estimate
+
+        seal_params = ckks.CKKSParams.from_options(None, None, scale_bits, level_budget, insecure=True)
+        report["packed_seal"] = packed_seal_section(packed_seal_estimate(model, seq, seal_params))
     return report
+
+
+def packed_seal_section(est: dict) -> dict:
+    """The packed SEAL dry run's estimate (:func:`cgf_fhe.simulate.api.packed_seal_estimate`) in this report's
+    names (module doc: ``packed_seal``)."""
+    def counts(row: dict) -> dict:
+        return {name: int(row.get(kind, 0)) for kind, name in SEAL_KEYS.items()}
+
+    layers = [{"layer": r["layer"], **counts(r), "refreshes": int(r["refreshes"]),
+               "latency_seconds": float(r.get("estimated_seconds") or 0.0)} for r in est["layers"]]
+    return {"packing": est["packing"], "tokens": est["tokens"], "ckks": est["params"],
+            "latency_seconds": float(est["estimated_seconds"]), "estimated_peak_bytes": int(est["estimated_peak_bytes"]),
+            "galois_keys": int(est["galois_keys"]), "refreshes": int(est["client_aided_refreshes"]),
+            "refresh_kind": "client-aided", "cost_source": SEAL_COST_SOURCE,
+            "totals": counts(est["totals"]), "layers": layers}
 
 
 # --- rendering ---------------------------------------------------------------------------------------------------
@@ -367,6 +402,40 @@ def _summary_lines(rep: dict) -> list[str]:
     return lines
 
 
+SEAL_COLS = ["group", "{p}: rotations", "{p}: time / pass", "{p}: time / example", "seal: ct x pt", "seal: ct x ct",
+             "seal: rotations", "seal: level matches", "seal: refreshes", "seal: time / example"]
+
+
+def _seal_cols(rep: dict) -> list[str]:
+    return [c.format(p=rep["packing"]) for c in SEAL_COLS]
+
+
+def _seal_summary(rep: dict) -> str:
+    ps = rep["packed_seal"]
+    ck = ps["ckks"]
+    return (f"packed SEAL (simulate --backend seal) at {ps['tokens']} tokens, N = {ck['poly_modulus']}, "
+            f"{ck['level_budget']} levels: {_fmt_s(ps['latency_seconds'])} per example (one example per pass; "
+            f"{rep['packing']}: {_fmt_s(rep['latency_per_example_seconds'])}), {_fmt_int(ps['totals']['rotations'])} "
+            f"rotations, {ps['refreshes']} client-aided refreshes, {ps['galois_keys']} Galois keys, peak ~"
+            f"{ps['estimated_peak_bytes'] / 2**30:.1f} GiB; latency: {ps['cost_source']}")
+
+
+def _seal_rows(rep: dict) -> list[list[str]]:
+    """Per layer: the --packing counts next to the packed SEAL schedule's."""
+    per = rep["examples_per_pass"]
+    elem = {lay["index"]: (lay["rotations"], lay["latency_seconds"]) for lay in rep["layers"]}
+    elem["head"] = (sum(g["rotations"] for g in rep["head"]), sum(g["latency_seconds"] for g in rep["head"]))
+    out = []
+    for r in rep["packed_seal"]["layers"]:
+        rot, sec = elem.get(r["layer"], (None, None))
+        out.append([f"layer {r['layer']}" if r["layer"] != "head" else "head",
+                    "" if rot is None else _fmt_int(rot), "" if sec is None else _fmt_s(sec),
+                    "" if sec is None else _fmt_s(sec / per), _fmt_int(r["ct_pt_mults"]), _fmt_int(r["ct_ct_mults"]),
+                    _fmt_int(r["rotations"]), _fmt_int(r["level_matches"]), str(r["refreshes"]),
+                    _fmt_s(r["latency_seconds"])])
+    return out
+
+
 def to_markdown(rep: dict) -> str:
     def table(cols, rows):
         out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -381,6 +450,9 @@ def to_markdown(rep: dict) -> str:
         lines += ["", "## Critical path", "", "| node | op | layer | stage | depth |", "|---|---|---|---|---|"]
         lines += [f"| {c['name']} | {c['op_type']} | {c['layer'] if c['layer'] is not None else '-'} | {c['stage']} | "
                   f"{c['depth']} |" for c in rep["critical_path"]]
+    if rep.get("packed_seal"):
+        lines += ["", f"## {rep['packing']} packing vs packed SEAL (`simulate --backend seal`), per layer", "",
+                  _seal_summary(rep), ""] + table(_seal_cols(rep), _seal_rows(rep))
     return "\n".join(lines) + "\n"
 
 
@@ -401,6 +473,11 @@ def compare_rows(reps: list[dict]) -> tuple[list[str], list[list[str]]]:
         ("latency / pass", lambda r: _fmt_s(r["latency_seconds"])),
         ("latency / example", lambda r: _fmt_s(r["latency_per_example_seconds"])),
     ]
+    if any(r.get("packed_seal") for r in reps):
+        metrics += [("seal: rotations / example",
+                     lambda r: _fmt_int(r["packed_seal"]["totals"]["rotations"]) if r.get("packed_seal") else ""),
+                    ("seal: latency / example",
+                     lambda r: _fmt_s(r["packed_seal"]["latency_seconds"]) if r.get("packed_seal") else "")]
     return cols, [[name] + [f(r) for r in reps] for name, f in metrics]
 
 
@@ -432,6 +509,9 @@ def print_report(rep: dict, show_nodes: bool = False) -> None:
     con.print(_rich_table("per encoder layer (and head)", LAYER_COLS, _layer_rows(rep)))
     if rep["stages"]:
         con.print(_rich_table("per stage (summed over layers)", STAGE_COLS, _stage_rows(rep)))
+    if rep.get("packed_seal"):
+        con.print(_seal_summary(rep), highlight=False, markup=False)
+        con.print(_rich_table(f"{rep['packing']} packing vs packed SEAL, per layer", _seal_cols(rep), _seal_rows(rep)))
     if show_nodes:
         t = Table(title="encrypted nodes")
         for c in ("node", "op", "layer", "stage", "operands", "levels", "depth", "levels left"):
@@ -445,7 +525,8 @@ def print_report(rep: dict, show_nodes: bool = False) -> None:
 
 def run_report(args) -> int:
     reps = [build_report(m, level_budget=args.levels, scale_bits=args.scale_bits, cost_table=args.cost_table,
-                         encrypted=args.encrypted, seq_len=args.seq_len, packing=args.packing) for m in args.models]
+                         encrypted=args.encrypted, seq_len=args.seq_len, packing=args.packing,
+                         packed_seal=getattr(args, "packed_seal", False)) for m in args.models]
     single = len(reps) == 1
     payload = reps[0] if single else {"schema": SCHEMA, "models": reps}
     if args.output_dir:

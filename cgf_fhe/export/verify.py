@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import onnx
 
 from .. import fhe_ops
-from .graphinfo import node_scope
+from ..graphinfo import node_scope
 
 
 @dataclass

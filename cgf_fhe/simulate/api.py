@@ -107,4 +107,12 @@ class FHEModel:
         return simulate(self.path, cfg, out_dir)
 
 
-__all__ = ["FHEModel"]
+def packed_seal_estimate(onnx_model, tokens: int, params: CKKSParams | None = None) -> dict:
+    """Per-layer operation counts, estimated latency and peak memory of one ``tokens``-token example on the packed
+    SEAL backend (``simulate --backend seal``): its dry run on random embeddings (no data, no keys)."""
+    from .packed_runner import packed_cost_estimate
+
+    return packed_cost_estimate(onnx_model, params or CKKSParams(), int(tokens))
+
+
+__all__ = ["FHEModel", "packed_seal_estimate"]

@@ -54,9 +54,9 @@ class RunResult:
 
 
 def node_layers(model: onnx.ModelProto) -> list[int | None]:
-    """Encoder layer index of every node (node metadata scopes via cgf_fhe.export.graphinfo, else node names)."""
+    """Encoder layer index of every node (node metadata scopes via cgf_fhe.graphinfo, else node names)."""
     try:
-        from ..export.graphinfo import classify
+        from ..graphinfo import classify
 
         return [layer for layer, _stage in classify(model)]
     except Exception:  # graphinfo missing or a graph it cannot read: fall back to names

@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from .backends.base import SimulationError
-from .backends.seal_packed import (NumpyEngine, PackedBackend, SealClient, SealEngine, calibrate_rotations,
-                                   calibrate_rotation_noise)
+from .batch import EMB, LOGITS, MASK, BatchRunner, client_batches, op_stats, summarize
+from .backends.seal_noise import calibrate_rotations
+from .backends.seal_packed import NumpyEngine, PackedBackend, SealClient, SealEngine, calibrate_rotation_noise
 from .interpreter import Interpreter, node_layers
 from .packing import galois_key_bytes
 
@@ -45,22 +46,6 @@ BASE_BYTES = 600 << 20  # the process itself (torch, onnx, numpy)
 # and saves little: every diagonal is used once per example)
 PT_CACHE_BUDGET = 3 << 30
 COUNT_KINDS = ("mul_pt", "mul_ct", "rotate", "level_match", "refresh", "encode", "add", "rescale")
-
-
-# ---- the only places this module uses other modules' private names (re-point them here if they move) --------
-# (plus PackedInterpreter overriding Interpreter._exec / _check_levels)
-def _op_stats(results: list[dict]) -> dict:
-    from .runner import _op_stats as op_stats
-
-    return op_stats(results)
-
-
-def _layer_errors(base, plain_trace, trace, mask) -> dict:
-    return base._layer_errors(plain_trace, trace, mask)  # BatchRunner's per-layer error bookkeeping
-
-
-def _poly_counts(base, trace, mask) -> dict:
-    return base._poly_counts(trace, mask)
 
 
 class PackedInterpreter(Interpreter):
@@ -145,8 +130,6 @@ class PackedRunner:
     """Plain baseline (reuses the dataset runner's tracing and error bookkeeping), dry run, SEAL run."""
 
     def __init__(self, onnx_path: str, cfg, *, pt_cache_budget: int = PT_CACHE_BUDGET):
-        from .runner import EMB, BatchRunner
-
         self.cfg = cfg
         self.base = BatchRunner(onnx_path, replace(cfg, backend="plain"))
         self.model, self.analysis = self.base.model, self.base.analysis
@@ -240,8 +223,6 @@ class PackedRunner:
     # ---- one example -------------------------------------------------------------------------------------------
     def run_example(self, index: int, feeds: dict, labels: np.ndarray, *, progress=False,
                     compare_emulator: bool = False, dry: dict | None = None) -> dict:
-        from .runner import LOGITS, MASK
-
         out = self.base.run(index, feeds, labels)  # plain baseline: logits + traces
         mask = feeds[MASK]
         plain_tr = self.base.plain.run(feeds).trace
@@ -252,8 +233,8 @@ class PackedRunner:
 
         sr = self.run_seal(feeds, progress=progress)
         out.update(logits=sr["outputs"][LOGITS], seconds=sr["seconds"], refreshes=sr["refreshes"],
-                   layers=_layer_errors(self.base, plain_tr, sr["trace"], mask),
-                   poly=_poly_counts(self.base, sr["trace"], mask), level_mismatches=[], predicted=None,
+                   layers=self.base.layer_errors(plain_tr, sr["trace"], mask),
+                   poly=self.base.poly_counts(sr["trace"], mask), level_mismatches=[], predicted=None,
                    op_counts=sr["counts"], op_seconds={k: float(v) for k, v in self.engine.seconds.items()})
         seal_info = {"layers": _merge_layer_rows(sr["layers"], dry["layers"]), "keygen_seconds": keygen,
                      "galois_keys": len(self.client.steps), "dry_run": {k: v for k, v in dry.items()
@@ -285,8 +266,6 @@ def _merge_layer_rows(measured: list[dict], estimated: list[dict]) -> list[dict]
 
 def layer_error_stats(plain: dict, runs: dict, layer_values: dict, mask) -> list[dict]:
     """Per encoder layer: mean and std of (run - plain) over the valid tokens, for each run, and the std ratio."""
-    from .runner import EMB
-
     rows = []
     names = [("input", EMB)] + [(int(k), v) for k, v in sorted(layer_values.items())]
     m = np.asarray(mask).astype(bool)
@@ -346,8 +325,6 @@ def _from_json(d: dict) -> dict:
 def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
     """``simulate --backend seal``: examples one by one (batch size 1), resumable when ``out_dir`` is given."""
     from .interpreter import load
-    from .runner import client_batches, summarize
-
     t0 = time.perf_counter()
     cfg = replace(cfg, batch_size=1)
     model = load(onnx_path)
@@ -401,7 +378,7 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
             results.append(dries[i])
     info = {"layer_values": {str(k): v for k, v in runner.base.layer_values.items()},
             "total_depth": runner.analysis.total_depth, "refresh_plan": [],
-            "level_budget": runner.params.level_budget, "op_stats": _op_stats(results),
+            "level_budget": runner.params.level_budget, "op_stats": op_stats(results),
             "backend": results[-1]["seal"]["backend"] if results else None}
     per = [r["refreshes"] for r in results]
     extra = {"onnx": str(Path(onnx_path).resolve()), **client_info, "refresh_label": "client-aided refresh",
@@ -416,8 +393,6 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
 
 
 def _dry_run_only(runner: PackedRunner, batches, out_dir, seconds) -> dict:
-    from .runner import LOGITS
-
     rows = []
     for i, (feeds, _labels) in enumerate(batches):
         t0 = time.perf_counter()

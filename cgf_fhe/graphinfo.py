@@ -28,8 +28,8 @@ from collections import defaultdict
 
 import onnx
 
-from .. import fhe_ops
-from ..graph import LAYER_RE, layer_index, node_metadata  # noqa: F401  (layer_index re-exported)
+from . import fhe_ops
+from .graph import LAYER_RE, layer_index, node_metadata  # noqa: F401  (layer_index re-exported)
 
 STAGES = ("projections", "scores", "cgf_stats", "exp", "attn_v", "residual", "layernorm", "gelu", "ffn")
 HEAD_STAGES = ("embeddings", "pooler", "classifier", "input", "other")
