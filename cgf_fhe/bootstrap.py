@@ -21,7 +21,8 @@ crossing ``k`` refreshed values needs ``k`` successive points). ``point_count`` 
 and the ciphertexts in them are the report's ``refreshed_ciphertexts``. Lower bound on the points:
 ``ceil(total_depth / level_budget) - 1`` (the critical path).
 
-Placement (minimising the number of refresh points, then the number of refreshed values):
+Placement (minimising the number of refresh points, then the refreshed size: the element count of the refreshed
+values, i.e. their ciphertexts under element packing):
 
 1. **phases** (points first): evaluate every node that still has the levels it needs, as far as it goes; at that
    point refresh every computed value with a consumer still waiting (and fewer than ``level_budget`` levels); go
@@ -39,10 +40,10 @@ Placement (minimising the number of refresh points, then the number of refreshed
    minimise the number of values crossing them (dynamic programming over depth), refresh those values, let the
    lazy pass add anything still missing, drop the refreshes that turn out unnecessary, and hoist.
 4. **trimming**: on each candidate set (1, 2 and 3), try dropping each refreshed value (the lazy pass adding
-   whatever the drop makes necessary); keep a drop when (points, values) gets smaller. The smallest
-   (points, values) is kept.
+   whatever the drop makes necessary); keep a drop when (points, size) gets smaller; hoist again with that
+   order. The smallest (points, size) is kept.
 
-This is a heuristic for the value count (the general problem is a covering problem); the point count of step 1 is
+This is a heuristic for the size (the general problem is a covering problem); the point count of step 1 is
 the fewest for the graph (every point refreshes everything waiting, and nothing is evaluated later than it can be).
 
 A final forward pass recomputes the exact levels left everywhere with the chosen refresh set.
@@ -54,7 +55,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from .fhe_ops import Analysis, GraphError, NodeResult
-from .graph import input_names
+from .graph import input_names, numel
 
 
 class LevelBudgetError(GraphError):
@@ -152,9 +153,11 @@ def _point_of(steps: list[tuple], refresh: set[str]) -> dict[str, int]:
     return point
 
 
-def _key(steps: list[tuple], refresh: set[str]) -> tuple[int, int]:
-    """What placement minimises: (refresh points, refreshed values)."""
-    return max(_point_of(steps, refresh).values(), default=0), len(refresh)
+def _key(steps: list[tuple], refresh: set[str], size: dict[str, int] | None = None) -> tuple[int, int]:
+    """What placement minimises: (refresh points, refreshed size), the size of a value being its element count
+    (``size``; 1 each when not given, i.e. the number of refreshed values)."""
+    points = max(_point_of(steps, refresh).values(), default=0)
+    return points, sum(size.get(v, 1) for v in refresh) if size else len(refresh)
 
 
 def _phases(steps: list[tuple], budget: int) -> set[str]:
@@ -210,19 +213,19 @@ def _phases(steps: list[tuple], budget: int) -> set[str]:
     return refresh
 
 
-def _trim(steps: list[tuple], budget: int, refresh: set[str], depth: dict[str, int]) -> set[str]:
-    """Drop refreshed values one at a time (the lazy pass adds what a drop makes necessary) while (points,
-    values) gets smaller (module doc, step 4)."""
-    cur, key = set(refresh), _key(steps, refresh)
+def _trim(steps: list[tuple], budget: int, refresh: set[str], depth: dict[str, int], key) -> set[str]:
+    """Drop refreshed values one at a time (the lazy pass adds what a drop makes necessary) while ``key``
+    (points, size) gets smaller (module doc, step 4)."""
+    cur, best = set(refresh), key(refresh)
     for _ in range(20):
         improved = False
         for y in sorted(cur, key=lambda v: (-depth.get(v, 0), v)):
             if y not in cur:
                 continue
             trial = _lazy(steps, budget, cur - {y})
-            k = _key(steps, trial)
-            if k < key:
-                cur, key, improved = trial, k, True
+            k = key(trial)
+            if k < best:
+                cur, best, improved = trial, k, True
         if not improved:
             break
     return cur
@@ -361,9 +364,11 @@ def plan_bootstraps(model: onnx.ModelProto, analysis: Analysis, level_budget: in
         cut = _lazy(steps, level_budget, _cuts(steps, level_budget, depth))
         candidates.append(_hoist(steps, level_budget, _prune(steps, level_budget, cut, depth), depth))
         candidates.append(_phases(steps, level_budget))
-        key = lambda c: _key(steps, c)  # noqa: E731
-        candidates = [_hoist(steps, level_budget, _trim(steps, level_budget, c, depth), depth, key) for c in candidates]
-        refresh = min(candidates, key=lambda c: _key(steps, c))
+        size = {v: numel(shape) or 1 for v, shape in analysis.shapes.items()}
+        key = lambda c: _key(steps, c, size)  # noqa: E731
+        candidates = [_hoist(steps, level_budget, _trim(steps, level_budget, c, depth, key), depth, key)
+                      for c in candidates]
+        refresh = min(candidates, key=key)
     # final exact pass with the chosen set
     left, plans = _propagate(model, results, level_budget, refresh)
 
