@@ -51,6 +51,10 @@ def measure(profile: str, data_dir: str | None, batches: int, levels: int, seq: 
             "depth_per_layer": [lay["depth"] for lay in rep.get("layers", [])] or None,
             "ct_pt_mults": tot["ct_pt_mults"], "ct_ct_mults": tot["ct_ct_mults"], "additions": tot["additions"],
             "rotations": tot["rotations"], "refreshes": rep.get("refreshes_total", rep.get("bootstraps_total")),
+            # refresh points count once however many tensors they refresh (reports from before they were grouped
+            # counted tensors and have no refreshed_values_total)
+            "refreshed_values": rep.get("refreshed_values_total"), "refreshed_ciphertexts": rep.get("refreshed_ciphertexts"),
+            "refreshes_lower_bound": rep.get("refreshes_lower_bound"),
             "level_budget": levels, "seq_len": seq, "export_and_report_seconds": round(secs, 1)}
 
 
@@ -77,10 +81,13 @@ def main(argv=None) -> int:
     if a.output:
         out = Path(a.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        old = json.loads(out.read_text())["rows"] if out.exists() else []
+        doc = json.loads(out.read_text()) if out.exists() else {}
+        doc.setdefault("commands", [doc["command"]] if "command" in doc else [])
+        doc["command"] = "python benchmarks/lean_structure.py " + " ".join(argv or sys.argv[1:])
+        doc["commands"].append(doc["command"])
+        doc["rows"] = doc.get("rows", []) + rows
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"command": "python benchmarks/lean_structure.py " + " ".join(argv or sys.argv[1:]),
-                                   "rows": old + rows}, indent=2))
+        tmp.write_text(json.dumps(doc, indent=2))
         os.replace(tmp, out)
     return 0
 

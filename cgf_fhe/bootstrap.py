@@ -9,23 +9,42 @@ A *refresh* replaces an encrypted value by a fresh encryption of it (a real boot
 client-aided decrypt + re-encrypt). A refreshed value is refreshed once, right after the node that produced it
 and before any consumer reads it, so every consumer sees ``level_budget`` levels on it.
 
-Placement (minimising the number of refresh points):
+How refreshes are counted: a **refresh point** (``BootstrapPlan.points``) is one moment of the evaluation where the
+encrypted state is refreshed: every value refreshed there goes to the key holder in one round trip (client-aided)
+or is bootstrapped in one batch. Several values can share a point: the residual stream and the attention branch
+that meet at the next residual ``Add``, or Q, K and V of one layer. A set of refreshed values is grouped into points
+as early as possible: the point of a refreshed value ``v`` is 1 + the largest number of refreshed values on a path
+from the inputs to ``v`` (inclusive of ``v``'s ancestors only), so two refreshed values share a point unless one
+depends on the other through a refresh; this is the fewest points any schedule of that set can have (a path
+crossing ``k`` refreshed values needs ``k`` successive points). ``point_count`` is what the report calls
+``refreshes_total``; ``count`` is the number of refreshed values (tensors; what the simulator refreshes one by one),
+and the ciphertexts in them are the report's ``refreshed_ciphertexts``. Lower bound on the points:
+``ceil(total_depth / level_budget) - 1`` (the critical path).
 
-1. **greedy lazy refresh**: walk the nodes in graph (topological) order; when a node needs more levels than one of
+Placement (minimising the number of refresh points, then the refreshed size: the element count of the refreshed
+values, i.e. their ciphertexts under element packing):
+
+1. **phases** (points first): evaluate every node that still has the levels it needs, as far as it goes; at that
+   point refresh every computed value with a consumer still waiting (and fewer than ``level_budget`` levels); go
+   on. Evaluating a node as early as possible never leaves fewer levels on anything (a value computed before a
+   point is refreshed at it), so this reaches the fewest points for the graph; it refreshes too many values,
+   which step 4 removes.
+2. **greedy lazy refresh**: walk the nodes in graph (topological) order; when a node needs more levels than one of
    its encrypted inputs has left, refresh exactly those inputs. On a chain this is optimal (each refresh is
    postponed as long as possible, so it buys the most levels).
-2. **hoisting** (DAGs): lazy refresh may refresh several siblings (e.g. Q, K and V of one layer) where one refresh
+3. **hoisting** (DAGs): lazy refresh may refresh several siblings (e.g. Q, K and V of one layer) where one refresh
    of their common ancestor (the layer input) would do. For every branch point ``v`` (an encrypted value with two
    or more encrypted consumers) no more than ``level_budget`` levels above a refreshed value, try: refresh ``v``,
    drop the refreshes downstream of ``v``, and re-run the lazy pass; keep the change when the count drops. Repeat
-   until nothing improves.
-3. **depth cuts**: pick cut depths ``c_1 < c_2 < ...`` at most ``level_budget`` apart that minimise the number of
-   values crossing them (dynamic programming over depth; narrow places such as the residual stream after a
-   LayerNorm win), refresh those values, let the lazy pass add anything still missing, drop the refreshes that turn
-   out unnecessary, and hoist. The smaller of (2) and (3) is kept.
+   until nothing improves. **Depth cuts**: pick cut depths ``c_1 < c_2 < ...`` at most ``level_budget`` apart that
+   minimise the number of values crossing them (dynamic programming over depth), refresh those values, let the
+   lazy pass add anything still missing, drop the refreshes that turn out unnecessary, and hoist.
+4. **trimming**: on each candidate set (1, 2 and 3), try dropping each refreshed value (the lazy pass adding
+   whatever the drop makes necessary); keep a drop when (points, size) gets smaller; hoist again with that
+   order. The smallest (points, size) is kept.
 
-This is a heuristic (the general problem is a covering problem), never worse than (1); the reports compare it with
-the critical-path lower bound ``ceil(depth / L) - 1``.
+This is a heuristic for the size (the general problem is a covering problem); the point count of step 1 is
+the fewest for the graph (every point refreshes everything waiting, and nothing is evaluated later than it can be).
 
 A final forward pass recomputes the exact levels left everywhere with the chosen refresh set.
 """
@@ -36,7 +55,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from .fhe_ops import Analysis, GraphError, NodeResult
-from .graph import input_names
+from .graph import input_names, numel
 
 
 class LevelBudgetError(GraphError):
@@ -58,15 +77,22 @@ class BootstrapPlan:
     level_budget: int
     refresh: list[str]  # encrypted value names refreshed right after they are produced (graph order)
     remaining: dict[str, int]  # levels left on each encrypted value after the plan (L for refreshed values)
-    count: int
+    count: int  # refreshed values (= len(refresh)); the simulator refreshes them one by one
     refresh_nodes: list[str]  # the node producing each refreshed value (parallel to ``refresh``; input name for graph inputs)
     nodes: dict[str, NodePlan]  # per encrypted node
     min_budget: int  # the smallest budget needing no refresh (= total multiplicative depth)
+    points: list[list[str]] = field(default_factory=list)  # refresh points in order: the values refreshed at each
+
+    @property
+    def point_count(self) -> int:
+        """Refresh points (round trips / bootstrap batches): what the report counts as ``refreshes_total``."""
+        return len(self.points)
 
     def to_dict(self) -> dict:
         return {
             "level_budget": self.level_budget,
             "count": self.count,
+            "points": [list(p) for p in self.points],
             "refresh": list(self.refresh),
             "refresh_nodes": list(self.refresh_nodes),
             "min_budget": self.min_budget,
@@ -107,7 +133,105 @@ def _lazy(steps: list[tuple], budget: int, forced: set[str]) -> set[str]:
     return refresh
 
 
-def _hoist(steps: list[tuple], budget: int, refresh: set[str], depth: dict[str, int]) -> set[str]:
+def _point_of(steps: list[tuple], refresh: set[str]) -> dict[str, int]:
+    """The refresh point (1, 2, ...) of every refreshed value, as early as possible: 1 + the largest number of
+    refreshed values on a path into it (see the module doc)."""
+    crossed: dict[str, int] = {}  # value -> refreshed values on the longest path into it (its own refresh excluded)
+    point: dict[str, int] = {}
+    for ins, _, outs in steps:
+        c = 0
+        for x in ins:
+            cx = crossed.get(x, 0)
+            if x in refresh:
+                point[x] = cx + 1
+                cx += 1
+            c = max(c, cx)
+        for o in outs:
+            crossed[o] = c
+    for v in refresh:  # refreshed but never consumed by an encrypted node (an output): after its ancestors' points
+        point.setdefault(v, crossed.get(v, 0) + 1)
+    return point
+
+
+def _key(steps: list[tuple], refresh: set[str], size: dict[str, int] | None = None) -> tuple[int, int]:
+    """What placement minimises: (refresh points, refreshed size), the size of a value being its element count
+    (``size``; 1 each when not given, i.e. the number of refreshed values)."""
+    points = max(_point_of(steps, refresh).values(), default=0)
+    return points, sum(size.get(v, 1) for v in refresh) if size else len(refresh)
+
+
+def _phases(steps: list[tuple], budget: int) -> set[str]:
+    """Evaluate every node that has its levels, refresh everything still waiting, repeat (module doc, step 1)."""
+    consumers: dict[str, list[int]] = {}
+    for i, (ins, _, _) in enumerate(steps):
+        for x in ins:
+            consumers.setdefault(x, []).append(i)
+    left: dict[str, int] = {}
+    for x in (x for ins, _, _ in steps for x in ins):
+        left.setdefault(x, budget)  # encrypted graph inputs: fresh
+    for o in (o for _, _, outs in steps for o in outs):
+        left.pop(o, None)
+    refresh: set[str] = set()
+    done: set[int] = set()
+    while len(done) < len(steps):
+        phase: list[int] = []
+        for i, (ins, lv, outs) in enumerate(steps):
+            if i in done:
+                continue
+            if all(x in left for x in ins) and min((left[x] for x in ins), default=budget) >= lv:
+                lin = min((left[x] for x in ins), default=budget)
+                for o in outs:
+                    left[o] = lin - lv
+                phase.append(i)
+        if not phase:
+            raise AssertionError("internal: no node can be evaluated after a refresh point")
+        now = set(phase)
+        while True:
+            # a value refreshed at this point is refreshed for all its consumers (right after it is produced), so
+            # a consumer already evaluated in this phase waits for the refreshed value: undo it (and what it fed)
+            waiting = {i for i in range(len(steps)) if i not in done and i not in now}
+            fresh = {x for i in waiting for x in steps[i][0]
+                     if x in left and left[x] < budget and x not in refresh
+                     and any(j in now for j in consumers.get(x, ()))}
+            undo = {j for x in fresh for j in consumers.get(x, ()) if j in now}
+            if not undo:
+                break
+            stack = list(undo)
+            while stack:
+                j = stack.pop()
+                if j not in now:
+                    continue
+                now.discard(j)
+                for o in steps[j][2]:
+                    left.pop(o, None)
+                    stack.extend(k for k in consumers.get(o, ()) if k in now)
+        done |= now
+        for x in {x for i in range(len(steps)) if i not in done for x in steps[i][0]}:
+            if x in left and left[x] < budget and x not in refresh:
+                refresh.add(x)
+                left[x] = budget
+    return refresh
+
+
+def _trim(steps: list[tuple], budget: int, refresh: set[str], depth: dict[str, int], key) -> set[str]:
+    """Drop refreshed values one at a time (the lazy pass adds what a drop makes necessary) while ``key``
+    (points, size) gets smaller (module doc, step 4)."""
+    cur, best = set(refresh), key(refresh)
+    for _ in range(20):
+        improved = False
+        for y in sorted(cur, key=lambda v: (-depth.get(v, 0), v)):
+            if y not in cur:
+                continue
+            trial = _lazy(steps, budget, cur - {y})
+            k = key(trial)
+            if k < best:
+                cur, best, improved = trial, k, True
+        if not improved:
+            break
+    return cur
+
+
+def _hoist(steps: list[tuple], budget: int, refresh: set[str], depth: dict[str, int], key=len) -> set[str]:
     consumers: dict[str, list[int]] = {}
     producer: dict[str, int] = {}
     for i, (ins, _, outs) in enumerate(steps):
@@ -141,7 +265,7 @@ def _hoist(steps: list[tuple], budget: int, refresh: set[str], depth: dict[str, 
             if not dropped or min(depth.get(x, 0) for x in dropped) - depth.get(v, 0) > budget:
                 continue
             trial = _lazy(steps, budget, (current - d) | {v})
-            if len(trial) < len(best):
+            if key(trial) < key(best):
                 best = trial
         if best is current:
             break
@@ -236,11 +360,15 @@ def plan_bootstraps(model: onnx.ModelProto, analysis: Analysis, level_budget: in
     refresh = _lazy(steps, level_budget, set())
     if hoist and refresh:
         depth = analysis.depth
-        refresh = _hoist(steps, level_budget, refresh, depth)
+        candidates = [_hoist(steps, level_budget, refresh, depth)]
         cut = _lazy(steps, level_budget, _cuts(steps, level_budget, depth))
-        cut = _hoist(steps, level_budget, _prune(steps, level_budget, cut, depth), depth)
-        if len(cut) < len(refresh):
-            refresh = cut
+        candidates.append(_hoist(steps, level_budget, _prune(steps, level_budget, cut, depth), depth))
+        candidates.append(_phases(steps, level_budget))
+        size = {v: numel(shape) or 1 for v, shape in analysis.shapes.items()}
+        key = lambda c: _key(steps, c, size)  # noqa: E731
+        candidates = [_hoist(steps, level_budget, _trim(steps, level_budget, c, depth, key), depth, key)
+                      for c in candidates]
+        refresh = min(candidates, key=key)
     # final exact pass with the chosen set
     left, plans = _propagate(model, results, level_budget, refresh)
 
@@ -253,6 +381,8 @@ def plan_bootstraps(model: onnx.ModelProto, analysis: Analysis, level_budget: in
                 order.append(o)
     inputs = input_names(model)
     ordered = [v for v in inputs + order if v in refresh]
+    point = _point_of(steps, refresh)
+    points = [[v for v in ordered if point[v] == p] for p in range(1, max(point.values(), default=0) + 1)]
     return BootstrapPlan(
         level_budget=level_budget,
         refresh=ordered,
@@ -261,4 +391,5 @@ def plan_bootstraps(model: onnx.ModelProto, analysis: Analysis, level_budget: in
         refresh_nodes=[producer.get(v, v) for v in ordered],
         nodes=plans,
         min_budget=analysis.total_depth,
+        points=points,
     )

@@ -21,6 +21,24 @@ and in CGF attention the ``keep/n`` weights ride on V (``e @ (V * w^T)`` instead
 :mod:`cgf_fhe.softmax`). A layer then costs ``10 + E + G + (P_attn + 2 n_attn) + (P_ffn + 2 n_ffn)`` levels
 instead of ``15 + E + G + ...`` (:func:`cgf_fhe.surgery.layer_depth`).
 
+**CGF statistics on the query and key projections** (:func:`cgf_stats_core`, one more level per layer whose
+input is a folded LayerNorm, i.e. every layer but the first). The CGF argument over the valid keys, with
+``w_j = keep_j/n`` and ``c`` the (per-head) coefficient, is ``x_j = s_j - mu - c sum_j w_j s_j^2 + c mu^2``;
+evaluated from the scores ``s`` (depth D) it needs D + 2: ``s*s`` then ``* c w`` (or ``mu = sum s w`` then
+``mu * sum s c w``). The plaintext factors ride on the projections instead, where the product ``d @ W`` waits for
+the LayerNorm's ``y`` anyway (a ciphertext three or more levels shallower, so a plaintext product there is free):
+
+* the query with ``sqrt(c/n)``: ``sqrt(c)`` per head on ``W_Q``'s columns, ``1/sqrt(n)`` on its rows;
+  the keys with ``keep_j``: ``t = q' k'^T = sqrt(c/n) keep_j s_j`` (masked keys 0), at depth D;
+* ``kbar = sum_j w_j k_j`` (``w_j`` on the key rows, summed over the keys): ``um = q' kbar = sqrt(c/n) mu``, D;
+* ``x = (t - um) sqrt(n/c) - sum_j t_j^2 + (sum_j t_j) um``: every term one product from depth D, so D + 1.
+
+On a masked key ``x_j`` differs from the unfolded argument, but its weight on V is ``w_j = 0`` either way. The
+query's ``1/sqrt(n)`` and the keys' ``keep`` come from the public mask (plaintext). Extra work per layer: two
+row scalings of the key projection's ``d @ W`` and one of the query's, one more ``y`` product for ``kbar``, and
+``q' kbar`` (a matrix-vector product); the three scalar products of the statistics on the ``[.., Sq, K]`` scores
+become one.
+
 :func:`fold_layernorms` applies the rewrite in place to a model copy made by :func:`cgf_fhe.split.fold_for_export`
 when every encoder LayerNorm is a Newton LayerNorm (frozen LayerNorms are one plaintext matmul already). The
 replacement modules keep the module paths (``attention.self.query``, ``attention.output.dense``, ``output.
@@ -136,6 +154,87 @@ class FoldedNewtonLN(IntervalTracker):
         return LNForm(ds, y, self.weight / self.s, self.bias)
 
 
+def _scaled_projection(linear: FoldLinear, x: LNForm, row: torch.Tensor, col: torch.Tensor | None = None):
+    """``linear(x)`` with output rows scaled by ``row`` (plaintext, ``[.., tokens, 1]``) and columns by ``col``
+    (``[out]``): the scales multiply ``d @ W`` (and the plaintext constant), so the result is as deep as
+    ``linear(x)``: ``y * ((d @ (diag(g) W col)) * row) + (beta @ W + b) col row``."""
+    wt = linear.weight.t()
+    b = linear.bias
+    if col is not None:
+        wt = wt * col
+        b = None if b is None else b * col
+    const = x.beta @ wt
+    if b is not None:
+        const = const + b
+    return x.y * ((x.d @ (x.g[:, None] * wt)) * row) + const * row
+
+
+def cgf_stats_core(sa, hq, hkv, mask):
+    """CGF attention of a self-attention module ``sa`` with the statistics folded into the query and key
+    projections (module doc): the context ``[B, Sq, heads * head_size]`` for queries ``hq`` and keys/values
+    ``hkv`` (:class:`LNForm`), or None when the fold does not apply (inputs not folded LayerNorm outputs, not a
+    one-row float keep-mask ``[B, 1, 1, K]``, training, a blend with the exact softmax, no polynomial exp, an
+    unfolded score scale; :func:`fold_cgf_statistics` checks that the coefficients are > 0)."""
+    from .softmax import head_coefficient
+
+    exp_fn = getattr(sa, "cgf_exp", None)
+    if (not isinstance(hq, LNForm) or not isinstance(hkv, LNForm) or sa.training or exp_fn is None
+            or mask is None or mask.dtype == torch.bool or mask.dim() != 4 or mask.shape[-2] != 1
+            or getattr(sa, "cgf_blend", 1.0) < 1.0 or float(getattr(sa, "scaling", 1.0) or 1.0) != 1.0
+            or not isinstance(sa.query, FoldLinear) or not isinstance(sa.key, FoldLinear)):
+        return None
+    dtype = hq.d.dtype
+    heads, size = int(sa.num_attention_heads), int(sa.attention_head_size)
+    c = head_coefficient(sa, hq.d)
+    c = (c.reshape(-1) if isinstance(c, torch.Tensor) else torch.full((heads,), c, dtype=dtype)).expand(heads)
+    b, sq, sk = hq.shape[0], hq.shape[1], hkv.shape[1]
+    keep = mask[:, 0, 0, :].to(dtype)  # [B, K], public
+    n = keep.sum(-1)  # [B]
+    w = keep / n[:, None]
+
+    def split(t, rows):
+        return t.reshape(b, rows, heads, size).transpose(1, 2)
+
+    q = split(_scaled_projection(sa.query, hq, n.rsqrt()[:, None, None], c.sqrt().repeat_interleave(size)), sq)
+    k = split(_scaled_projection(sa.key, hkv, keep[:, :, None]), sk)  # keep_j k_j
+    kbar = split(_scaled_projection(sa.key, hkv, w[:, :, None]).sum(1, keepdim=True), 1)  # sum_j w_j k_j
+    v = split(sa.value(hkv), sk)
+    t = torch.matmul(q, k.transpose(-1, -2))  # sqrt(c/n) keep_j s_j
+    um = torch.matmul(q, kbar.transpose(-1, -2))  # sqrt(c/n) mu
+    back = (n.view(-1, 1, 1, 1) / c.view(1, -1, 1, 1)).sqrt()  # plaintext sqrt(n/c)
+    x = (t - um) * back - (t * t).sum(-1, keepdim=True) + t.sum(-1, keepdim=True) * um
+    e = exp_fn(x, valid=keep[:, None, None, :].expand_as(x) > 0)
+    out = torch.matmul(e, v * w[:, None, :, None])  # the keep/n weights ride on V
+    return out.transpose(1, 2).reshape(b, sq, heads * size)
+
+
+def _stats_self_attention_forward(self, hidden_states, attention_mask=None, **kwargs):
+    """``BertSelfAttention`` forward after :func:`fold_cgf_statistics` (falls back to the class's own)."""
+    out = cgf_stats_core(self, hidden_states, hidden_states, attention_mask)
+    if out is None:
+        return type(self).forward(self, hidden_states, attention_mask, **kwargs)
+    return out, None
+
+
+def fold_cgf_statistics(layers) -> int:
+    """Route the CGF self-attention of each folded layer through :func:`cgf_stats_core` (an export copy whose
+    LayerNorms :func:`fold_layernorms` folded). Returns how many modules were switched."""
+    from .softmax import head_coefficient
+
+    count = 0
+    for layer in layers:
+        sa = layer.attention.self
+        if getattr(sa, "cgf_exp", None) is None or getattr(sa.config, "_attn_implementation", None) != "cgf":
+            continue
+        c = head_coefficient(sa, torch.zeros(()))
+        if not bool((torch.as_tensor(c) > 0).all()):  # sqrt(c) rides on the query
+            continue
+        sa.forward = types.MethodType(_stats_self_attention_forward, sa)
+        sa.cgf_stats_folded = True
+        count += 1
+    return count
+
+
 def _ln_output_forward(self, hidden_states, input_tensor):
     """``BertSelfOutput`` / ``BertOutput`` forward after :func:`fold_layernorms` (eval: no dropout)."""
     return self.LayerNorm(self.dense(hidden_states), input_tensor)
@@ -176,4 +275,5 @@ def fold_layernorms(layers, pooler=None) -> bool:
             parent.forward = types.MethodType(_ln_output_forward, parent)
     if pooler is not None and isinstance(getattr(pooler, "dense", None), nn.Linear):
         pooler.dense = FoldLinear(pooler.dense)
+    fold_cgf_statistics(layers)
     return True

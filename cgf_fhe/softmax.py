@@ -89,18 +89,23 @@ def _scores(query, key, scaling):
     return scores * scaling if scaling != 1.0 else scores
 
 
+def head_coefficient(module, like: torch.Tensor):
+    """The CGF coefficient of a self-attention module: a float, or a ``[1, heads, 1, 1]`` tensor (per head,
+    trainable or fixed) of ``like``'s dtype and device."""
+    heads = getattr(module, "cgf_coeff_heads", None)
+    log_c = getattr(module, COEFF_PARAM, None)
+    if log_c is not None:  # trainable (train_head_coeffs)
+        return log_c.exp().to(like.dtype).view(1, -1, 1, 1)
+    if heads is not None:
+        return heads.to(device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+    return float(getattr(module.config, "cgf_coeff", DEFAULT_COEFF))
+
+
 def _attend(module, query, key, value, attention_mask, scaling, dropout, kind: str):
     scores = _scores(query, key, scaling)
     keep = keep_mask(attention_mask, scores)
     if kind == CGF:
-        heads = getattr(module, "cgf_coeff_heads", None)
-        log_c = getattr(module, COEFF_PARAM, None)
-        if log_c is not None:  # trainable (train_head_coeffs)
-            coeff = log_c.exp().to(scores.dtype).view(1, -1, 1, 1)
-        elif heads is not None:
-            coeff = heads.to(device=scores.device, dtype=scores.dtype).view(1, -1, 1, 1)
-        else:
-            coeff = float(getattr(module.config, "cgf_coeff", DEFAULT_COEFF))
+        coeff = head_coefficient(module, scores)
         exp_fn = getattr(module, "cgf_exp", None)
         if exp_fn is not None and _weights_ride_on_v(module, keep, dropout):
             # export (issue #22): (e * w) @ V == e @ (V * w^T) when w = keep/n is the same for every query row;

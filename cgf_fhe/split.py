@@ -134,6 +134,12 @@ class FirstTokenAttention(nn.Module):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         sa = self.sa
+        if getattr(sa, "cgf_stats_folded", False):  # CGF statistics folded into the projections (cgf_fhe.fold)
+            from .fold import cgf_stats_core
+
+            ctx = cgf_stats_core(sa, h[:, :1], h, mask)
+            if ctx is not None:
+                return ctx
         b, s, _ = h.shape
         d = sa.attention_head_size
         q = sa.query(h[:, :1]).view(b, 1, -1, d).transpose(1, 2)

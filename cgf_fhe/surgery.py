@@ -47,6 +47,9 @@ LAYER_LINEAR_DEPTH = 9
 LN_FOLD_SAVING = 4  # all-Newton students only
 V_FOLD_SAVING = 1  # every CGF student with a polynomial exp
 FOLD_SAVING = LN_FOLD_SAVING + V_FOLD_SAVING
+# and, in every layer after the first (its input is a folded LayerNorm output), the CGF statistics' plaintext
+# factors ride on the query/key projections (cgf_fhe.fold.cgf_stats_core): one more level.
+STATS_FOLD_SAVING = 1
 # Pooler: dense 1, (tanh T), classifier 1.
 HEAD_LINEAR_DEPTH = 2
 
@@ -758,6 +761,8 @@ def depth_table(options: FheOptions | dict | None = None,
         cur["layer_depth"] = layer_depth(cur["exp_depth"], cur["gelu_depth"], cur["ln_attn_depth"],
                                          cur["ln_ffn_depth"])
         cur["layer_depth_exported"] = cur["layer_depth"] - (FOLD_SAVING if options.ln == "newton" else V_FOLD_SAVING)
+        cur["layer_depth_exported_after_first"] = cur["layer_depth_exported"] - (
+            STATS_FOLD_SAVING if options.ln == "newton" else 0)
     return {
         "formula": "layer = 9 + exp + gelu + ln_attn + ln_ffn (QKV 1, QK^T 1, CGF stats 2, *w 1, @V 1, dense 1, "
                    "FFN 2); head = 2 + tanh; frozen ln = 1; newton ln = 3 + P + 2*steps; exported all-Newton "
@@ -788,7 +793,8 @@ def ln_cells(row: dict) -> tuple[str, str]:
 def model_depth(model) -> dict:
     """Stated depth of ``model`` as exported (fold_for_export): per layer, head, total. Layers without
     polynomial modules count their exact ops as 0 (not FHE-evaluable). When every LayerNorm is a Newton one,
-    the export folds save :data:`FOLD_SAVING` levels per layer (:mod:`cgf_fhe.fold`)."""
+    the export folds save :data:`FOLD_SAVING` levels per layer, and :data:`STATS_FOLD_SAVING` more in every layer
+    after the first (:mod:`cgf_fhe.fold`)."""
     mods = dict(named_approx_modules(model))
 
     def d(key, kind):
@@ -806,7 +812,7 @@ def model_depth(model) -> dict:
     for i in range(len(encoder_layers(model))):
         per.append(layer_depth(d(f"layers.{i}.exp", "exp"), d(f"layers.{i}.gelu", "gelu"),
                                d(f"layers.{i}.ln_attn", "ln"), d(f"layers.{i}.ln_ffn", "ln"))
-                   - ((LN_FOLD_SAVING if folded else 0) + V_FOLD_SAVING
+                   - ((LN_FOLD_SAVING + (STATS_FOLD_SAVING if i else 0) if folded else 0) + V_FOLD_SAVING
                       if isinstance(mods.get(f"layers.{i}.exp"), P.PolyExp) else 0))
     head = HEAD_LINEAR_DEPTH + d("pooler.tanh", "tanh")
     return {"per_layer": per, "head": head, "total": sum(per) + head}

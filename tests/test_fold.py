@@ -47,7 +47,8 @@ def test_folds_keep_logits_and_save_five_levels_per_layer(student, monkeypatch):
     d_no_ln = _depth(ServerModel(plain), emb, mask)
     monkeypatch.setattr(softmax, "_weights_ride_on_v", lambda *a, **k: False)
     d_none = _depth(ServerModel(fold_for_export(model, fold_layernorms=False)), emb, mask)
-    assert d_no_ln - d_all == 4 * n_layers  # two LayerNorms a layer, centring and output product each
+    # two LayerNorms a layer, centring and output product each; the CGF statistics on Q/K after the first layer
+    assert d_no_ln - d_all == 4 * n_layers + (n_layers - 1)
     assert d_none - d_no_ln == n_layers  # keep/n on V instead of on the exponentials
     assert d_all == surgery.model_depth(model)["total"]
 
@@ -63,3 +64,27 @@ def test_fold_refuses_frozen_layernorms(student):
     layer.output.LayerNorm = FrozenLayerNorm(1.0, hidden=layer.output.dense.out_features)
     assert fold_layernorms(encoder_layers(m)) is False
     assert type(layer.attention.self.query) is torch.nn.Linear  # nothing changed
+
+
+def test_cgf_statistics_ride_on_query_and_key(student, monkeypatch):
+    """The CGF statistics' plaintext factors (c, keep/n) ride on the query/key projections (cgf_fhe.fold.
+    cgf_stats_core): same logits, also with padded keys, and one level less in every layer after the first."""
+    from cgf_fhe import fold
+
+    model, emb, mask = student
+    padded = mask.clone()
+    padded[::2, -9:] = 0.0  # every other example: the last 9 keys are padding
+    with torch.no_grad():
+        folded = fold_for_export(model)
+        assert all(getattr(layer.attention.self, "cgf_stats_folded", False) for layer in folded.bert.encoder.layer)
+        for m in (mask, padded):
+            ref = ServerModel(model.eval())(emb, m)
+            got = ServerModel(folded)(emb, m)
+            assert float((got - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))
+    d_stats = _depth(ServerModel(folded), emb, mask)
+    monkeypatch.setattr(fold, "fold_cgf_statistics", lambda layers: 0)
+    unfolded = fold_for_export(model)
+    assert not getattr(unfolded.bert.encoder.layer[1].attention.self, "cgf_stats_folded", False)
+    d_plain = _depth(ServerModel(unfolded), emb, mask)
+    assert d_plain - d_stats == model.config.num_hidden_layers - 1  # the first layer's input is not a folded LN
+    assert d_stats == surgery.model_depth(model)["total"]

@@ -296,7 +296,8 @@ def test_onnx_export_passes_verifier_with_stated_depth(ranges, data, ln):
         g = mods[f"layers.{i}.gelu"].approx.depth(prescaled=True)
         assert stated["per_layer"][i] == layer_depth(e, g, mods[f"layers.{i}.ln_attn"].depth,
                                                      mods[f"layers.{i}.ln_ffn"].depth) - (
-            surgery.FOLD_SAVING if ln == "newton" else surgery.V_FOLD_SAVING)  # export folds (cgf_fhe.fold)
+            surgery.FOLD_SAVING + (surgery.STATS_FOLD_SAVING if i else 0) if ln == "newton"
+            else surgery.V_FOLD_SAVING)  # export folds (cgf_fhe.fold; the statistics' after the first layer)
 
 
 def test_frozen_attn_freezes_only_the_attention_output_layernorms(ranges, data):
@@ -317,7 +318,8 @@ def test_frozen_attn_freezes_only_the_attention_output_layernorms(ranges, data):
     dm, dn = model_depth(mixed), model_depth(newton)
     for i in range(2):
         # (the all-Newton student's export folds save FOLD_SAVING levels a layer; the mixed one is not folded)
-        assert dn["per_layer"][i] - dm["per_layer"][i] == n[f"layers.{i}.ln_attn"].depth - 1 - surgery.LN_FOLD_SAVING
+        assert dn["per_layer"][i] - dm["per_layer"][i] == (n[f"layers.{i}.ln_attn"].depth - 1 - surgery.LN_FOLD_SAVING
+                                                           - (surgery.STATS_FOLD_SAVING if i else 0))
     assert settings["options"]["ln"] == "frozen-attn"
     assert set_frozen_blend(mixed, 0.0) == 2 and set_frozen_blend(newton, 0.0) == 0
     batch = next(iter(data))
@@ -586,7 +588,7 @@ def test_lean_profile_depth_band_and_errors(ranges, data):
     an = fhe_ops.analyze(_onnx(model, emb, batch["attention_mask"].float()), ["embeddings"])
     assert an.violations == []
     stated = model_depth(model)
-    assert stated["per_layer"] == [27, 27] and an.total_depth == stated["total"] == settings["depth"]["total"]
+    assert stated["per_layer"] == [27, 26] and an.total_depth  # 26: the CGF statistics on Q/K (cgf_fhe.fold) == stated["total"] == settings["depth"]["total"]
     default_model, _, _ = _poly_model(ranges)
     assert model_depth(default_model)["per_layer"][0] > 27
     mods = dict(named_approx_modules(model))

@@ -17,9 +17,13 @@ Levels, depth and refreshes
 ---------------------------
 ``depth`` of a node = multiplicative depth of its encrypted output from the encrypted inputs; per layer/stage
 ``depth`` = the longest chain of levels inside that group (its "levels per layer"), ``depth_in``/``depth_out`` the
-absolute depth entering/leaving it. Refresh points are placed for the budget ``--levels L`` by greedy lazy refresh
-(see :mod:`cgf_fhe.bootstrap`); each refresh point refreshes every ciphertext of that tensor
-(``refreshed_ciphertexts``). A refresh is either a **client-aided refresh** (the ciphertext goes back to the key
+absolute depth entering/leaving it. Refresh points are placed for the budget ``--levels L`` (fewest points first,
+then fewest refreshed tensors; see :mod:`cgf_fhe.bootstrap`). ``refreshes_total`` counts refresh *points*: one per
+moment where the encrypted state is refreshed, however many tensors are refreshed there together (e.g. the residual
+stream and the branch meeting it); ``refreshed_values_total`` counts the tensors, ``refresh_points`` lists them per
+point, and every ciphertext of a refreshed tensor is refreshed (``refreshed_ciphertexts``). Per layer/stage,
+``refreshes`` counts the points whose deepest tensor lies in it (they sum to ``refreshes_total``) and
+``refreshed_values`` the tensors. A refresh is either a **client-aided refresh** (the ciphertext goes back to the key
 holder, who decrypts and re-encrypts it: a round trip per point, what TenSEAL does) or a **bootstrap** (on the
 server, under encryption); ``refresh_kind`` says which the cost table prices (``bootstrap`` when the table has a
 ``bootstrap`` figure, else ``client-aided``). The counts are the same for both; cost and leakage are not.
@@ -31,6 +35,7 @@ Top level: ``file``, ``encrypted_inputs``, ``seq_len``, ``input_dims``, ``packin
 (largest single-node need), ``level_budget``, ``refreshes_total``, ``refreshes_lower_bound`` (``ceil(depth/L) - 1``),
 ``refresh_kind`` (``client-aided`` | ``bootstrap``), ``refresh_description``, ``refreshed_ciphertexts``,
 ``refresh_nodes`` / ``refresh_values`` (ordered refresh positions: producing node, refreshed value),
+``refreshed_values_total``, ``refresh_points`` (the refreshed values of each point, in order),
 ``levels_per_layer``, ``refreshes_per_layer``, ``ckks`` (``poly_modulus``, ``slots``, ``coeff_bits``, ``log_q``,
 ``scale_bits``, ``secure_128``; the ring and chain ``simulate`` uses for the same ``--levels``, :mod:`cgf_fhe.ckks`),
 ``costs`` (``ms`` per op, ``note``, ``source``), ``latency_seconds`` (one encrypted pass on the server),
@@ -216,11 +221,16 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
         else:
             head[row["stage"]].append(i)
 
+    # a refresh point belongs to the group of its deepest refreshed value (so the groups' points sum to the total)
+    anchors = {max(p, key=lambda v: (depth_of.get(v, 0), p.index(v))) for p in plan.points}
+
     def refresh_info(idx):
         vals = [v for i in idx for v in rows[i]["refreshed"]]
         nodes = [rows[i]["name"] for i in idx if rows[i]["refreshed"]]
-        return {"refreshes": len(vals), "refresh_nodes": nodes, "refreshed_ciphertexts": int(sum(cts_of(v) for v in vals)),
-                "bootstraps": len(vals), "bootstrap_nodes": nodes}  # old names, kept as aliases
+        pts = sum(v in anchors for v in vals)
+        return {"refreshes": pts, "refreshed_values": len(vals), "refresh_nodes": nodes,
+                "refreshed_ciphertexts": int(sum(cts_of(v) for v in vals)),
+                "bootstraps": pts, "bootstrap_nodes": nodes}  # old names, kept as aliases
 
     def group(idx):
         st = _group_stats(idx, rows, results, producer, depth_of)
@@ -283,7 +293,9 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
         "min_level_budget_no_bootstrap": analysis.total_depth,
         "min_level_budget_feasible": min_feasible,
         "level_budget": L,
-        "refreshes_total": plan.count,
+        "refreshes_total": plan.point_count,
+        "refreshed_values_total": plan.count,
+        "refresh_points": [list(p) for p in plan.points],
         "refreshes_lower_bound": max(math.ceil(analysis.total_depth / L) - 1, 0) if L > 0 else None,
         "refresh_kind": refresh_kind,
         "refresh_description": refresh_what,
@@ -293,7 +305,7 @@ def build_report(model_or_path, *, level_budget: int | None = None, scale_bits: 
         "levels_per_layer": [lay["depth"] for lay in layers],
         "refreshes_per_layer": [lay["refreshes"] for lay in layers],
         # old names (they counted client-aided refreshes too), kept as aliases for readers of older reports
-        "bootstraps_total": plan.count,
+        "bootstraps_total": plan.point_count,
         "bootstraps_lower_bound": max(math.ceil(analysis.total_depth / L) - 1, 0) if L > 0 else None,
         "bootstrap_kind": "bootstrap" if refresh_kind == "bootstrap" else "client-aided refresh (decrypt + re-encrypt)",
         "bootstrap_nodes": list(plan.refresh_nodes),
