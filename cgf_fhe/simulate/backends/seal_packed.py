@@ -1154,5 +1154,5 @@ class PackedBackend(Backend):
         return d
 
 
-__all__ = ["PackedBackend", "NumpyEngine", "SealEngine", "SealClient", "galois_elt", "norm_step", "calibrate_rotations",
+__all__ = ["PackedBackend", "NumpyEngine", "SealEngine", "SealClient", "galois_elt", "norm_step", 
            "calibrate_rotation_noise", "measure_op_ms"]
