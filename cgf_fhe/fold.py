@@ -256,7 +256,7 @@ def foldable(layers) -> bool:
     return bool(layers)
 
 
-def fold_layernorms(layers, pooler=None) -> bool:
+def fold_layernorms(layers, pooler=None, stats: bool = True) -> bool:
     """Apply the rewrite in place to the encoder ``layers`` (and the ``pooler``'s dense layer) of an eval-mode
     export copy. Returns False (and changes nothing) when it does not apply (:func:`foldable`)."""
     layers = list(layers)
@@ -275,5 +275,6 @@ def fold_layernorms(layers, pooler=None) -> bool:
             parent.forward = types.MethodType(_ln_output_forward, parent)
     if pooler is not None and isinstance(getattr(pooler, "dense", None), nn.Linear):
         pooler.dense = FoldLinear(pooler.dense)
-    fold_cgf_statistics(layers)
+    if stats:
+        fold_cgf_statistics(layers)
     return True

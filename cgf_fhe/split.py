@@ -177,7 +177,7 @@ def _foldable(mod) -> bool:
     return bool(getattr(mod, "foldable", False)) and not getattr(mod, "prescaled", False)
 
 
-def fold_for_export(model, fold_layernorms: bool = True) -> nn.Module:
+def fold_for_export(model, fold_layernorms: bool = True, fold_stats: bool = True) -> nn.Module:
     """Deep copy of ``model`` with constant scales folded into plaintext weights (same logits).
 
     * attention ``scaling`` (1/sqrt(head_dim)) -> query weight and bias; ``.scaling = 1.0``;
@@ -192,6 +192,8 @@ def fold_for_export(model, fold_layernorms: bool = True) -> nn.Module:
     ``fold_layernorms`` (default): when every encoder LayerNorm is a Newton LayerNorm, the LayerNorms' centring
     rides on the preceding dense layer and their output product on the next linear map (:mod:`cgf_fhe.fold`;
     two levels less per LayerNorm, logits unchanged); ``m.cgf_folded_layernorms`` says whether it applied.
+    ``fold_stats`` (default, with ``fold_layernorms``): the CGF statistics ride on the query/key projections too
+    (:func:`cgf_fhe.fold.cgf_stats_core`, one level less per layer after the first).
     The copy is in eval mode; interval counting and the training-only input guard are off on it.
     """
     m = copy.deepcopy(model)
@@ -231,5 +233,5 @@ def fold_for_export(model, fold_layernorms: bool = True) -> nn.Module:
     if fold_layernorms:
         from .fold import fold_layernorms as _fold
 
-        m.cgf_folded_layernorms = _fold(encoder_layers(m), pooler)
+        m.cgf_folded_layernorms = _fold(encoder_layers(m), pooler, stats=fold_stats)
     return m

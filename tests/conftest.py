@@ -38,7 +38,7 @@ def tiny_tokenizer():
 
 
 def build_student(out_dir, tokenizer, mrpc_dir, *, hidden=8, layers=1, heads=2, intermediate=16, max_length=6,
-                  fold_layernorms=True):
+                  fold_layernorms=True, fold_stats=True):
     """A random-weight polynomial student (CGF softmax, Newton LayerNorm, degree-7 polynomials), saved and
     exported to ``out_dir/student.onnx`` (its checkpoint in ``out_dir/ckpt``)."""
     from transformers import BertConfig, BertForSequenceClassification
@@ -62,7 +62,8 @@ def build_student(out_dir, tokenizer, mrpc_dir, *, hidden=8, layers=1, heads=2, 
     fhe = surgery.polynomialize(model, opts, ranges)
     save_checkpoint(model, tokenizer, Path(out_dir) / "ckpt",
                     {"softmax": "cgf", "coeff": 0.5, "fhe": fhe, "max_length": max_length})
-    export_checkpoint(Path(out_dir) / "ckpt", Path(out_dir) / "student.onnx", fold_layernorms=fold_layernorms)
+    export_checkpoint(Path(out_dir) / "ckpt", Path(out_dir) / "student.onnx", fold_layernorms=fold_layernorms,
+                      fold_stats=fold_stats)
     return Path(out_dir)
 
 

@@ -26,7 +26,8 @@ def micro_student_folded(tmp_path_factory, mrpc_dir, tiny_tokenizer):
     """The micro student exported as `cgf-fhe export` does by default: LayerNorms folded (cgf_fhe.fold)."""
     from conftest import build_student
 
-    return build_student(tmp_path_factory.mktemp("packed_folded"), tiny_tokenizer, mrpc_dir, fold_layernorms=True)
+    return build_student(tmp_path_factory.mktemp("packed_folded"), tiny_tokenizer, mrpc_dir, fold_layernorms=True,
+                         fold_stats=False)
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +37,7 @@ def wide_student_folded(tmp_path_factory, mrpc_dir, tiny_tokenizer):
     from conftest import build_student
 
     return build_student(tmp_path_factory.mktemp("packed_wide"), tiny_tokenizer, mrpc_dir, hidden=64, layers=2,
-                         heads=4, intermediate=256, max_length=6)
+                         heads=4, intermediate=256, max_length=6, fold_stats=False)
 
 
 def _feeds(student, mrpc_dir, limit=1, max_length=6):
@@ -311,3 +312,17 @@ def test_dry_run_reports_modulus_headroom_and_refuses_overflow(micro_student_pac
     big = {**feeds, "embeddings": feeds["embeddings"] * 2.0 ** 21}  # beyond 2^19 at level 0
     with pytest.raises(SimulationError, match="exceeds the modulus at level"):
         runner.check_memory(runner.dry_run(big))
+
+
+def test_dry_run_refuses_the_statistics_folded_attention_naming_the_node(tmp_path, tiny_tokenizer, mrpc_dir):
+    """The CGF statistics fold (cgf_fhe.fold.cgf_stats_core, layers after the first) multiplies the query by the
+    key mean, a [1, heads, 1, d] operand that is not one of the packed attention layouts: the dry run refuses it
+    before anything is encrypted, naming the node (export with fold_stats=False / --no-fold-stats until it packs)."""
+    from conftest import build_student
+
+    d = build_student(tmp_path, tiny_tokenizer, mrpc_dir, layers=2)
+    m, batches = _feeds(d, mrpc_dir, limit=1)
+    feeds = batches[0][0]
+    Interpreter(m, make_backend("plain")).run(feeds)  # a valid graph: plain runs it
+    with pytest.raises(SimulationError, match=r"node \S+ \(MatMul\).*not in a packed attention layout"):
+        PackedInterpreter(m, PackedBackend(SMALL, NumpyEngine(SMALL))).run(feeds)

@@ -51,8 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--no-fold", dest="fold_layernorms", action="store_false",
                    help="do not fold the Newton LayerNorms into the neighbouring linear maps (cgf_fhe.fold; 4 levels "
-                        "more per layer); needed for `simulate --backend seal`, which does not pack folded "
-                        "LayerNorms yet")
+                        "more per layer, and no CGF statistics fold)")
+    p.add_argument("--no-fold-stats", dest="fold_stats", action="store_false",
+                   help="fold the LayerNorms but not the CGF statistics into the query/key projections (one level "
+                        "more per layer after the first); needed for `simulate --backend seal`, which does not pack "
+                        "the statistics-folded attention yet (its dry run refuses it, naming the node)")
     p.add_argument("--verify", type=int, default=0, metavar="N",
                    help="parity check: onnxruntime vs torch on N MRPC dev examples (stored next to the .onnx)")
     p.add_argument("--data-dir", default=None, help="MRPC folder for --verify (default: $CGF_FHE_DATA_DIR or hub)")

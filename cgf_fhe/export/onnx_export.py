@@ -111,12 +111,12 @@ def _example_inputs(model, batch: int = 2, seq: int = 16):
 
 def export_model(model, out_path: str | Path, *, settings: dict | None = None, checkpoint: str | Path | None = None,
                  opset: int = 18, optimize: bool = True, extra_metadata: dict | None = None,
-                 fold_layernorms: bool = True) -> onnx.ModelProto:
+                 fold_layernorms: bool = True, fold_stats: bool = True) -> onnx.ModelProto:
     """Export ``ServerModel(fold_for_export(model))`` to ``out_path`` with metadata; returns the ModelProto."""
     from ..split import ServerModel, fold_for_export
 
     settings = settings or {}
-    folded = fold_for_export(model, fold_layernorms=fold_layernorms)
+    folded = fold_for_export(model, fold_layernorms=fold_layernorms, fold_stats=fold_stats)
     server = ServerModel(folded).eval()
     emb, mask = _example_inputs(model)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
@@ -211,7 +211,7 @@ def parity(onnx_path: str | Path, model, tokenizer, n: int = 32, data_dir=None, 
 
 def export_checkpoint(ckpt: str | Path, out_path: str | Path, *, opset: int = 18, verify: int = 0, data_dir=None,
                       max_length: int | None = None, batch_size: int = 16, optimize: bool = True,
-                      fold_layernorms: bool = True) -> dict:
+                      fold_layernorms: bool = True, fold_stats: bool = True) -> dict:
     """Load a checkpoint, export it, run the FHE check and (``verify`` > 0) the parity check.
     Returns ``{"onnx", "check": summary, "parity": dict|None, "seconds"}``."""
     from ..models import load_checkpoint
@@ -222,7 +222,8 @@ def export_checkpoint(ckpt: str | Path, out_path: str | Path, *, opset: int = 18
     model = model.float().eval()
     max_length = layout.max_length(settings, max_length)
     proto = export_model(model, out_path, settings=settings, checkpoint=ckpt, opset=opset, optimize=optimize,
-                         extra_metadata={"max_length": max_length}, fold_layernorms=fold_layernorms)
+                         extra_metadata={"max_length": max_length}, fold_layernorms=fold_layernorms,
+                         fold_stats=fold_stats)
     res = check(proto)
     result = {"onnx": str(Path(out_path).resolve()), "check": res.summary(), "parity": None}
     result["check"]["file"] = result["onnx"]
@@ -243,6 +244,7 @@ def run_export(args) -> int:
 
     res = export_checkpoint(args.checkpoint, args.output, opset=args.opset, verify=args.verify,
                             fold_layernorms=getattr(args, "fold_layernorms", True),
+                            fold_stats=getattr(args, "fold_stats", True),
                             data_dir=args.data_dir, max_length=args.max_length, batch_size=args.batch_size,
                             optimize=not args.no_optimize)
     s = res["check"]
