@@ -22,6 +22,14 @@ import time
 from pathlib import Path
 
 
+def _added(layers: list[dict]) -> list[int] | None:
+    out, prev = [], 0
+    for lay in layers:
+        out.append(lay["depth_out"] - prev)
+        prev = lay["depth_out"]
+    return out or None
+
+
 def measure(profile: str, data_dir: str | None, batches: int, levels: int, seq: int, overrides: dict) -> dict:
     from cgf_fhe import surgery
     from cgf_fhe.data import load_mrpc, make_loader, tokenize_split
@@ -49,6 +57,11 @@ def measure(profile: str, data_dir: str | None, batches: int, levels: int, seq: 
     tot = rep["totals"]
     return {"profile": profile, "options": opts.to_dict(), "total_depth": rep["total_depth"],
             "depth_per_layer": [lay["depth"] for lay in rep.get("layers", [])] or None,
+            # how much deeper each layer's output is than the previous one's (they sum to the depth before the
+            # head): the report's per-layer depth is the longest chain inside the layer, which also counts chains
+            # from inputs that arrive shallower than the layer's deepest input (e.g. a folded LayerNorm's centred
+            # rows, whose product with its scalar waits for the scalar)
+            "depth_added_per_layer": _added(rep.get("layers", [])),
             "ct_pt_mults": tot["ct_pt_mults"], "ct_ct_mults": tot["ct_ct_mults"], "additions": tot["additions"],
             "rotations": tot["rotations"], "refreshes": rep.get("refreshes_total", rep.get("bootstraps_total")),
             # refresh points count once however many tensors they refresh (reports from before they were grouped
