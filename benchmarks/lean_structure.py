@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         doc = json.loads(out.read_text()) if out.exists() else {}
         doc.setdefault("commands", [doc["command"]] if "command" in doc else [])
-        doc["command"] = "python benchmarks/lean_structure.py " + " ".join(argv or sys.argv[1:])
+        doc["command"] = "python benchmarks/lean_structure.py " + shlex.join(argv or sys.argv[1:])
         doc["commands"].append(doc["command"])
         doc["rows"] = doc.get("rows", []) + rows
         tmp = out.with_suffix(".tmp")

@@ -32,7 +32,8 @@ from pagegen.records import SCHEMA, machine, package_versions, write_record  # n
 SIM_KEYS = ("n_examples", "batches", "seq_lens", "accuracy", "f1", "plain_accuracy", "agreement", "max_logit_error",
             "mean_logit_error", "refresh_label", "refreshes", "refresh_operations", "seconds", "backend_seconds",
             "plain_seconds", "ratio_to_plain", "seconds_per_example", "n_level_mismatches", "backend", "max_length")
-STRUCTURE_KEYS = ("label", "profile", "overrides", "total_depth", "depth_per_layer", "ct_pt_mults", "ct_ct_mults",
+STRUCTURE_KEYS = ("label", "profile", "overrides", "total_depth", "depth_per_layer", "depth_added_per_layer",
+                  "ct_pt_mults", "ct_ct_mults",
                   "additions", "refreshes", "refreshed_values", "refreshed_ciphertexts", "refreshes_lower_bound",
                   "level_budget", "seq_len")
 REPORT_KEYS = ("total_depth", "bootstraps_total", "bootstraps_lower_bound", "latency_seconds", "latency_per_example_seconds", "level_budget",
