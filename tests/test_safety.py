@@ -314,10 +314,19 @@ def test_every_option_has_help_and_output_is_spelt_output():
     assert args.output_dir == "old"
 
 
-def test_no_progress_silences_the_datasets_bars(micro, tmp_path, capsys, mrpc_dir):
+def test_no_progress_silences_the_datasets_bars(micro, tmp_path, capsys, mrpc_dir, monkeypatch):
+    import sys
+
     import datasets
 
+    # datasets reads HF_DATASETS_DISABLE_PROGRESS_BARS once, at its first import: when an earlier --no-progress
+    # command of this session set it (cgf_fhe.cli._quiet_datasets) before that, enable_progress_bars() is refused
+    monkeypatch.setattr(sys.modules[datasets.enable_progress_bars.__module__], "HF_DATASETS_DISABLE_PROGRESS_BARS",
+                        None)  # as if the variable were unset
+    monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS", raising=False)
     datasets.enable_progress_bars()
+    # a map answered from the datasets cache (an earlier run of the same tokenization) shows no bar at all
+    monkeypatch.setattr(datasets.arrow_dataset, "is_caching_enabled", lambda: False)
     argv = ["simulate", str(micro / "student.onnx"), "--backend", "plain", "--limit", "4", "--data-dir",
             str(mrpc_dir)]
     assert main([*argv, "-o", str(tmp_path / "a")]) == 0
