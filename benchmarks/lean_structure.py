@@ -16,10 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def _added(layers: list[dict]) -> list[int] | None:
+    out, prev = [], 0
+    for lay in layers:
+        out.append(lay["depth_out"] - prev)
+        prev = lay["depth_out"]
+    return out or None
 
 
 def measure(profile: str, data_dir: str | None, batches: int, levels: int, seq: int, overrides: dict) -> dict:
@@ -49,6 +58,11 @@ def measure(profile: str, data_dir: str | None, batches: int, levels: int, seq: 
     tot = rep["totals"]
     return {"profile": profile, "options": opts.to_dict(), "total_depth": rep["total_depth"],
             "depth_per_layer": [lay["depth"] for lay in rep.get("layers", [])] or None,
+            # how much deeper each layer's output is than the previous one's (they sum to the depth before the
+            # head): the report's per-layer depth is the longest chain inside the layer, which also counts chains
+            # from inputs that arrive shallower than the layer's deepest input (e.g. a folded LayerNorm's centred
+            # rows, whose product with its scalar waits for the scalar)
+            "depth_added_per_layer": _added(rep.get("layers", [])),
             "ct_pt_mults": tot["ct_pt_mults"], "ct_ct_mults": tot["ct_ct_mults"], "additions": tot["additions"],
             "rotations": tot["rotations"], "refreshes": rep.get("refreshes_total", rep.get("bootstraps_total")),
             # refresh points count once however many tensors they refresh (reports from before they were grouped
@@ -83,7 +97,7 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         doc = json.loads(out.read_text()) if out.exists() else {}
         doc.setdefault("commands", [doc["command"]] if "command" in doc else [])
-        doc["command"] = "python benchmarks/lean_structure.py " + " ".join(argv or sys.argv[1:])
+        doc["command"] = "python benchmarks/lean_structure.py " + shlex.join(argv or sys.argv[1:])
         doc["commands"].append(doc["command"])
         doc["rows"] = doc.get("rows", []) + rows
         tmp = out.with_suffix(".tmp")

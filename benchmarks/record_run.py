@@ -12,13 +12,13 @@ KIND and what RUN_DIR holds:
   export                     <stem>.check.json and <stem>.parity.json (RUN_DIR = <stem>, the .onnx path
                              without its suffix)
   calibration                an emulator_calibration_*.json file
+  structure                  a benchmarks/lean_structure.py output (depth, op counts and refreshes per profile)
 Only figures go into the record (a few KB); checkpoints, ONNX files and per-node reports stay in the runs folder.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import re
 import sys
 from pathlib import Path
@@ -26,22 +26,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cgf_fhe.errors import CgfFheError, DataError, UserError  # noqa: E402
+from cgf_fhe.io import read_json  # noqa: E402
 from pagegen.records import SCHEMA, machine, package_versions, write_record  # noqa: E402
 
 SIM_KEYS = ("n_examples", "batches", "seq_lens", "accuracy", "f1", "plain_accuracy", "agreement", "max_logit_error",
             "mean_logit_error", "refresh_label", "refreshes", "refresh_operations", "seconds", "backend_seconds",
             "plain_seconds", "ratio_to_plain", "seconds_per_example", "n_level_mismatches", "backend", "max_length")
+STRUCTURE_KEYS = ("label", "profile", "overrides", "total_depth", "depth_per_layer", "depth_added_per_layer",
+                  "ct_pt_mults", "ct_ct_mults",
+                  "additions", "refreshes", "refreshed_values", "refreshed_ciphertexts", "refreshes_lower_bound",
+                  "level_budget", "seq_len")
 REPORT_KEYS = ("total_depth", "bootstraps_total", "bootstraps_lower_bound", "latency_seconds", "latency_per_example_seconds", "level_budget",
                "seq_len")
-
-
-def _json(p: Path) -> dict:
-    if not p.is_file():
-        raise DataError(f"{p} not found")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
 def _metric(d: dict | None) -> dict | None:
@@ -93,17 +89,17 @@ def training_record(kind: str, run_dir: Path, teacher_dir: Path | None) -> dict:
     for d in seed_dirs(run_dir):
         f, dv = d / "cgf_fhe.json", d / "train_state" / "diverged.json"
         if f.is_file():
-            s = _json(f)
+            s = read_json(f)
             first = first or s
             teacher = None
             if teacher_dir is not None:
                 tdirs = {p.name: p for p in seed_dirs(teacher_dir)}
                 tf = tdirs.get(f"seed{s['seed']}", teacher_dir) / "cgf_fhe.json"
-                teacher = _metric(_json(tf).get("dev")) if tf.is_file() else None
+                teacher = _metric(read_json(tf).get("dev")) if tf.is_file() else None
             runs.append(seed_run(s, None if kind == "teacher" else teacher))
         elif dv.is_file():
-            seed = int(d.name[4:]) if d.name.startswith("seed") else int(_json(dv).get("seed"))
-            runs.append(diverged_run(seed, _json(dv)))
+            seed = int(d.name[4:]) if d.name.startswith("seed") else int(read_json(dv).get("seed"))
+            runs.append(diverged_run(seed, read_json(dv)))
         else:
             raise DataError(f"{d}: neither cgf_fhe.json nor train_state/diverged.json (run not finished?)")
     rec = {"seeds": [r["seed"] for r in runs], "runs": runs}
@@ -128,7 +124,7 @@ def build(kind: str, run_dir: Path, teacher_dir: Path | None, command: str = "")
         rec["seeds"] = order
         return rec
     if kind == "simulate":
-        s = _json(run_dir if run_dir.suffix == ".json" else run_dir / "simulation.json")
+        s = read_json(run_dir if run_dir.suffix == ".json" else run_dir / "simulation.json")
         m = {k: s.get(k) for k in SIM_KEYS if s.get(k) is not None}
         m["params"] = {k: (s.get("params") or {}).get(k) for k in
                        ("poly_modulus", "coeff_bits", "level_budget", "scale_bits", "security")}
@@ -137,7 +133,7 @@ def build(kind: str, run_dir: Path, teacher_dir: Path | None, command: str = "")
                                 for e in s.get("error_per_layer") or []]
         return {"metrics": m}
     if kind == "report":
-        r = _json(run_dir if run_dir.suffix == ".json" else run_dir / "report.json")
+        r = read_json(run_dir if run_dir.suffix == ".json" else run_dir / "report.json")
         m = {k: r.get(k) for k in REPORT_KEYS if r.get(k) is not None}
         m["levels_per_group"] = {**{f"layer {x['index']}": x.get("depth") for x in r.get("layers") or []},
                                  **{g["name"]: g.get("depth") for g in r.get("head") or [] if g.get("encrypted_nodes")}}
@@ -146,21 +142,34 @@ def build(kind: str, run_dir: Path, teacher_dir: Path | None, command: str = "")
                                         if g.get("encrypted_nodes")}}
         return {"metrics": m}
     if kind == "export":
-        chk, par = _json(Path(f"{run_dir}.check.json")), _json(Path(f"{run_dir}.parity.json"))
+        chk, par = read_json(Path(f"{run_dir}.check.json")), read_json(Path(f"{run_dir}.parity.json"))
         m = {k: chk.get(k) for k in ("nodes", "encrypted_nodes", "depth", "ok", "encrypted_op_types")}
         m.update({k: par.get(k) for k in ("n_examples", "max_length", "max_abs_logit_diff", "mean_abs_logit_diff",
                                           "agreement", "torch_accuracy", "onnx_accuracy", "seconds")})
         return {"metrics": m}
     if kind == "calibration":
-        d = _json(run_dir)
+        d = read_json(run_dir)
         return {"metrics": {"params": d.get("params"), "rows": d.get("rows")}}
+    if kind == "structure":
+        d = read_json(run_dir)
+        rows = d.get("rows")
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{run_dir}: no 'rows' list (is it a benchmarks/lean_structure.py output?)")
+        missing = [k for k in ("profile", "total_depth", "ct_pt_mults", "refreshes") if any(k not in r for r in rows)]
+        if missing:
+            raise DataError(f"{run_dir}: a row lacks '{missing[0]}' (is it a benchmarks/lean_structure.py output?)")
+        out = {"metrics": {"rows": [{k: r.get(k) for k in STRUCTURE_KEYS} for r in rows]}}
+        if d.get("note"):
+            out["metrics"]["note"] = d["note"]
+        return out
     raise UserError(f"unknown kind '{kind}'")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("kind", choices=("teacher", "search", "student", "simulate", "report", "export", "calibration"))
+    ap.add_argument("kind", choices=("teacher", "search", "student", "simulate", "report", "export", "calibration",
+                                     "structure"))
     ap.add_argument("run_dir", type=Path, help="the run folder (or file) the figures are read from")
     ap.add_argument("--name", required=True, help="record name = file name without .json (e.g. lean)")
     ap.add_argument("--command", required=True, help="the command line that made the run, as it should be shown")
@@ -180,6 +189,8 @@ def main(argv=None) -> int:
         if a.teacher:
             rec["teacher"] = a.teacher
         rec.update(build(a.kind, a.run_dir, a.teacher_dir, a.command))
+        if a.kind == "structure":
+            rec["read_from"] = a.run_dir.as_posix()
         rec["notes"] = a.note
         write_record(a.output, rec)
     except CgfFheError as e:

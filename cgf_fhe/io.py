@@ -3,6 +3,7 @@
 * :func:`check_output_file` / :func:`check_output_dir` run before a command does its work: they refuse a
   directory where a file is wanted (and the reverse), create missing parent folders and prove the folder is
   writable, so a long run is never thrown away at the end because of its output path.
+* :func:`read_json` reads a JSON file, a missing or broken one being one error naming it.
 * :func:`atomic_write` (and the :func:`write_text` / :func:`write_json` / :func:`write_bytes` shortcuts)
   write a temporary file in the destination's own folder and ``os.replace`` it onto the final name: a reader
   sees the old file or the whole new one, never a partial file, whatever happens to the process.
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import OutputError
+from .errors import DataError, OutputError
 
 LOCK_NAME = ".cgf-fhe.lock"
 TMP_PREFIX = ".cgf-tmp-"  # every temporary file starts with this (tests look for leftovers by it)
@@ -118,6 +119,18 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike, error: type[Exception] = DataError):
+    """The JSON document at ``path``; a missing file or invalid JSON raises ``error`` naming the path (and, for
+    invalid JSON, the line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{p} not found")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{p}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
 
 
 def write_json(path: str | os.PathLike, obj, **kwargs) -> Path:

@@ -24,6 +24,7 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermed
 
 
 from .errors import CheckpointError, ModelNameError  # noqa: E402  (re-exported)
+from .io import read_json  # noqa: E402
 
 MODEL_FORMS = ("tiny (random-init test model), minilm (offline all-MiniLM-L6-v2), a Hugging Face hub name such as "
                "bert-base-uncased (downloaded or cached), a local model folder with config.json, or a cgf-fhe "
@@ -72,10 +73,7 @@ def read_settings(ckpt: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint directory not found: {ckpt}")
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: {ckpt} is not a cgf-fhe checkpoint directory")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    return read_json(path, CheckpointError)
 
 
 def load_tokenizer(name: str):

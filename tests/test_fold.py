@@ -88,3 +88,35 @@ def test_cgf_statistics_ride_on_query_and_key(student, monkeypatch):
     d_plain = _depth(ServerModel(unfolded), emb, mask)
     assert d_plain - d_stats == model.config.num_hidden_layers - 1  # the first layer's input is not a folded LN
     assert d_stats == surgery.model_depth(model)["total"]
+
+
+def test_statistics_fold_runs_in_the_interpreter_with_the_refresh_plan(student):
+    """The folded graph (padded keys) runs in the plain interpreter as in torch, and in the CKKS emulator with the
+    refresh plan of cgf_fhe.bootstrap at 14 levels, with no level mismatch."""
+    import json
+
+    import numpy as np
+    import onnx
+
+    from cgf_fhe.simulate import CKKSParams, Interpreter, make_backend
+
+    model, emb, mask = student
+    emb, mask = emb[:4, :12].contiguous(), mask[:4, :12].clone()
+    mask[0, -3:] = 0.0
+    with torch.no_grad():
+        folded = fold_for_export(model)
+        ref = ServerModel(model.eval())(emb, mask).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = torch.onnx.export(ServerModel(folded), (emb, mask), dynamo=True, opset_version=18, verbose=False,
+                              input_names=["embeddings", "attention_mask"], output_names=["logits"]).model_proto
+    onnx.helper.set_model_props(m, {"cgf_fhe.encrypted_inputs": json.dumps(["embeddings"])})
+    feeds = {"embeddings": emb.numpy(), "attention_mask": mask.numpy()}
+    plain = Interpreter(m, make_backend("plain")).run(feeds).outputs["logits"]
+    assert np.abs(plain - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+    params = CKKSParams.from_options(None, None, 40, 14, insecure=True)
+    it = Interpreter(m, make_backend("emulate", params, refresh_kind="client"))
+    res = it.run(feeds)
+    assert it.plan.point_count >= 1 and len(res.refreshed) == it.plan.count
+    assert res.level_mismatches == []
+    assert np.abs(res.outputs["logits"] - plain).max() < 1e-3

@@ -8,6 +8,7 @@ import pytest
 from cgf_fhe import io
 from cgf_fhe.cli import main
 from cgf_fhe.errors import OutputError, UserError
+from conftest import build_student
 
 
 def _leftovers(folder):
@@ -176,28 +177,8 @@ def test_model_names_that_are_not_models(tmp_path, capsys, mrpc_dir):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory, mrpc_dir, tiny_tokenizer):
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from cgf_fhe import surgery
-    from cgf_fhe.data import load_mrpc, make_loader, tokenize_split
-    from cgf_fhe.export.onnx_export import export_checkpoint
-    from cgf_fhe.models import save_checkpoint
-    from cgf_fhe.softmax import set_softmax
-
-    d = tmp_path_factory.mktemp("safety_micro")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tiny_tokenizer.vocab_size, num_labels=2, hidden_size=8, num_hidden_layers=1,
-                     num_attention_heads=2, intermediate_size=16)
-    model = BertForSequenceClassification(cfg)
-    set_softmax(model, "cgf", None)
-    model.eval()
-    ds = tokenize_split(load_mrpc(mrpc_dir)["train"], tiny_tokenizer, max_length=6, max_samples=16)
-    ranges = surgery.calibrate(model, make_loader(ds, tiny_tokenizer, 16, False), progress=False)
-    fhe = surgery.polynomialize(model, surgery.FheOptions(poly="all", ln="newton"), ranges)
-    save_checkpoint(model, tiny_tokenizer, d / "ckpt", {"softmax": "cgf", "coeff": 0.5, "fhe": fhe, "max_length": 6})
-    export_checkpoint(d / "ckpt", d / "student.onnx")
-    return d
+    """The micro exported student of tests/conftest.py (hidden 8, 1 layer, <= 6 tokens)."""
+    return build_student(tmp_path_factory.mktemp("safety_micro"), tiny_tokenizer, mrpc_dir)
 
 
 def _simulate(micro, out, *extra):
@@ -237,6 +218,25 @@ def test_simulate_without_metadata_does_not_suggest_a_missing_flag(micro, tmp_pa
     err = capsys.readouterr().err
     assert rc == 2 and "declares no encrypted input" in err and "cgf-fhe export" in err
     assert "--encrypted" not in err  # simulate has no such flag
+
+
+@pytest.mark.parametrize("coeffs,bad", [(["0.5", "-1"], "-1.0"), (["0", "0.5"], "0.0"), (["nan"], "nan"),
+                                        (["inf"], "inf")])
+def test_sweep_refuses_a_bad_coefficient_before_any_work(coeffs, bad, tmp_path, capsys, monkeypatch):
+    from cgf_fhe.training import api
+
+    monkeypatch.setattr(api, "sweep", lambda *a, **k: pytest.fail("the sweep started"))
+    out = tmp_path / "sw"
+    assert main(["sweep", "--model", "tiny", "--coeffs", *coeffs, "--no-progress", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--coeffs must be > 0 and finite" in err and f"got {bad}" in err
+    assert not out.exists()
+
+
+def test_sweep_refuses_a_repeated_coefficient(tmp_path, capsys):
+    assert main(["sweep", "--model", "tiny", "--coeffs", "0.5", "0.8", "0.50", "-o", str(tmp_path / "sw")]) == 2
+    err = capsys.readouterr().err
+    assert "--coeffs lists 0.5 twice" in err and not (tmp_path / "sw").exists()
 
 
 def test_nonsense_values_are_refused_and_odd_ones_warned(tmp_path, capsys, mrpc_dir):
@@ -314,10 +314,19 @@ def test_every_option_has_help_and_output_is_spelt_output():
     assert args.output_dir == "old"
 
 
-def test_no_progress_silences_the_datasets_bars(micro, tmp_path, capsys, mrpc_dir):
+def test_no_progress_silences_the_datasets_bars(micro, tmp_path, capsys, mrpc_dir, monkeypatch):
+    import sys
+
     import datasets
 
+    # datasets reads HF_DATASETS_DISABLE_PROGRESS_BARS once, at its first import: when an earlier --no-progress
+    # command of this session set it (cgf_fhe.cli._quiet_datasets) before that, enable_progress_bars() is refused
+    monkeypatch.setattr(sys.modules[datasets.enable_progress_bars.__module__], "HF_DATASETS_DISABLE_PROGRESS_BARS",
+                        None)  # as if the variable were unset
+    monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS", raising=False)
     datasets.enable_progress_bars()
+    # a map answered from the datasets cache (an earlier run of the same tokenization) shows no bar at all
+    monkeypatch.setattr(datasets.arrow_dataset, "is_caching_enabled", lambda: False)
     argv = ["simulate", str(micro / "student.onnx"), "--backend", "plain", "--limit", "4", "--data-dir",
             str(mrpc_dir)]
     assert main([*argv, "-o", str(tmp_path / "a")]) == 0
@@ -348,3 +357,25 @@ def test_disk_full_during_simulate_and_training_state_is_named_with_no_partial_f
     with pytest.raises(OutputError, match=f"disk full: {state}"):
         _atomic_save({"x": 1}, state)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sim"]  # no best_model.pt, no best_model.pt.tmp
+
+
+def test_diverged_record_is_written_atomically(tmp_path, monkeypatch):
+    """train_state/diverged.json goes through cgf_fhe.io: a full disk while writing it is "disk full: PATH" and
+    leaves neither the file nor a temporary one; a normal write gives the whole record."""
+    from cgf_fhe.training.engine import DIVERGED_FILE, _diverged
+
+    class Schedule:
+        def divergence_info(self):
+            return {"blend": None}
+
+    kw = dict(epoch=1, step=7, at=0.5, epochs=2, mean_before=1.25, schedule=Schedule(), history=[],
+              state_dir=tmp_path, write=True)
+    with monkeypatch.context() as m:
+        m.setattr(io.os, "fsync", _enospc)
+        with pytest.raises(OutputError, match=f"disk full: {tmp_path / DIVERGED_FILE}"):
+            _diverged("s", float("nan"), {"kd": float("inf")}, **kw)
+    assert list(tmp_path.iterdir()) == []
+    exc = _diverged("s", float("nan"), {"kd": float("inf")}, **kw)
+    rec = json.loads((tmp_path / DIVERGED_FILE).read_text())
+    assert rec == json.loads(json.dumps(exc.record, default=str)) and rec["step"] == 7 and rec["parts"] == {"kd": "inf"}
+    assert _leftovers(tmp_path) == []

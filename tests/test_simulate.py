@@ -329,30 +329,9 @@ def test_emulator_error_within_2x_of_tenseal_per_primitive():
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def micro_student(tmp_path_factory, mrpc_dir, tiny_tokenizer):
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from conftest import build_student
 
-    from cgf_fhe import surgery
-    from cgf_fhe.data import load_mrpc, make_loader, tokenize_split
-    from cgf_fhe.export.onnx_export import export_checkpoint
-    from cgf_fhe.models import save_checkpoint
-    from cgf_fhe.softmax import set_softmax
-
-    d = tmp_path_factory.mktemp("sim_student")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tiny_tokenizer.vocab_size, num_labels=2, hidden_size=8, num_hidden_layers=1,
-                     num_attention_heads=2, intermediate_size=16)
-    model = BertForSequenceClassification(cfg)
-    set_softmax(model, "cgf", None)
-    model.eval()
-    ds = tokenize_split(load_mrpc(mrpc_dir)["train"], tiny_tokenizer, max_length=6, max_samples=32)
-    ranges = surgery.calibrate(model, make_loader(ds, tiny_tokenizer, 16, False), progress=False)
-    opts = surgery.FheOptions(poly="all", ln="newton", exp_degree=7, gelu_degree=7, tanh_degree=7,
-                              invsqrt_degree=7, newton_steps=2, margin=0.5)
-    fhe = surgery.polynomialize(model, opts, ranges)
-    save_checkpoint(model, tiny_tokenizer, d / "ckpt", {"softmax": "cgf", "coeff": 0.5, "fhe": fhe, "max_length": 6})
-    export_checkpoint(d / "ckpt", d / "student.onnx")
-    return d
+    return build_student(tmp_path_factory.mktemp("sim_student"), tiny_tokenizer, mrpc_dir)
 
 
 def _sim(d, backend, out, *extra):

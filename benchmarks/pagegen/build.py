@@ -1,10 +1,10 @@
 """Assemble the pages from records/pages.json: which records feed which section, in which order."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cgf_fhe.errors import DataError
+from cgf_fhe.io import read_json
 
 from . import export, headline, plots, simulate, students, tables, targets, teachers
 from .records import load_records
@@ -16,10 +16,7 @@ def load_pages(records_dir: Path) -> dict:
     p = Path(records_dir) / "pages.json"
     if not p.is_file():
         raise DataError(f"{p} not found: it lists which records feed which page section")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    return read_json(p, DataError)
 
 
 class Builder:
@@ -69,6 +66,8 @@ class Builder:
             recs = [self.recs[s["record"]] for s in self.pages["students"] if s["record"] in self.recs
                     and s.get("target_pp") == it["target_pp"] and not s.get("informative")]
             return self._img(it["file"], plots.paired_differences, (recs, it["target_pp"]), it["caption"])
+        if t == "structure":
+            return tables.structure(self.rec(it["record"]))
         if t == "export":
             return export.section(self.rec(it["record"]))
         if t == "report":

@@ -9,9 +9,10 @@ from importlib import metadata
 from pathlib import Path
 
 from cgf_fhe.errors import DataError
+from cgf_fhe.io import read_json
 
 SCHEMA = 1
-KINDS = ("teacher", "search", "student", "export", "report", "simulate", "calibration", "table")
+KINDS = ("teacher", "search", "student", "export", "report", "simulate", "calibration", "table", "structure")
 SOURCES = ("run", "recovered-from-page")
 PACKAGES = ("cgf-fhe", "torch", "transformers", "datasets", "onnx", "onnxruntime", "tenseal", "numpy", "scipy",
             "matplotlib")
@@ -57,10 +58,7 @@ def load_records(folder: Path) -> dict[str, dict]:
     for p in sorted(folder.glob("*.json")):
         if p.name == "pages.json":
             continue
-        try:
-            rec = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        rec = read_json(p, DataError)
         check_record(rec, str(p))
         if rec["name"] != p.stem:
             raise DataError(f"{p}: record name '{rec['name']}' differs from the file name")

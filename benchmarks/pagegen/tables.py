@@ -1,7 +1,7 @@
 """Records whose figures are tables (recovered sections, benchmark tables) or small metric sets."""
 from __future__ import annotations
 
-from .fmt import notes, cite, code, num, secs, table
+from .fmt import notes, cite, code, num, sci, secs, table
 
 
 def section(rec: dict, level: str = "###", title: str | None = None) -> list[str]:
@@ -39,3 +39,35 @@ def metrics_section(rec: dict, level: str = "###") -> list[str]:
         rows.append([k.replace("_", " "), str(v)])
     return [f"{level} {rec['title']}", "", *code(rec["command"]), cite(rec), "", *table(["metric", "value"], rows),
             "", *notes(rec.get("notes", [])), ""]
+
+
+def structure(rec: dict, level: str = "###") -> list[str]:
+    """A benchmarks/lean_structure.py record: depth per layer, op counts and refreshes per profile and code state."""
+    rows, out = rec["metrics"]["rows"], []
+    for r in rows:
+        over = ", ".join(f"{k} {v}" for k, v in (r.get("overrides") or {}).items())
+        per, added = r.get("depth_per_layer") or [], r.get("depth_added_per_layer")
+        if r.get("refreshed_values") is None:  # reports from before refresh points: one per refreshed tensor
+            refresh = f"{r['refreshes']} (counted per tensor)"
+        else:
+            refresh = (f"{r['refreshes']} (bound {r['refreshes_lower_bound']}; {r['refreshed_values']} tensors, "
+                       f"{num(r['refreshed_ciphertexts'])} ciphertexts)")
+        out.append([r.get("label") or "", r["profile"] + (f" ({over})" if over else ""), r["total_depth"],
+                    " ".join(str(x) for x in added) + f" (max {max(added)})" if added else "n/a",
+                    " ".join(str(x) for x in per) + (f" (max {max(per)})" if per else ""), sci(r["ct_pt_mults"]),
+                    sci(r.get("ct_ct_mults")), refresh])
+    budget = {(r.get("level_budget"), r.get("seq_len")) for r in rows}
+    (L, seq), = budget if len(budget) == 1 else ((None, None),)
+    cols = ["code", "profile", "depth", "depth added per encoder layer", "longest chain inside each layer",
+            "ct x pt per pass", "ct x ct per pass",
+            f"refresh points at L = {L}" if L else "refresh points"]
+    lead = [f"{level} {rec['title']}", "", *code(rec["command"]), cite(rec), ""]
+    if seq:
+        lead += [f"Per pass of {seq} tokens, element packing (`cgf-fhe report`). Depth added per layer: how much "
+                 "deeper the layer's output is than the previous layer's (they sum to the depth before the head); "
+                 "the report's per-layer depth is the longest chain inside the layer, which also counts chains from "
+                 "inputs that arrive shallower than the layer's deepest one. A refresh point refreshes every tensor "
+                 "waiting at that moment (one client round trip); rows without a tensor count were measured when "
+                 "refreshes were counted per tensor.", ""]
+    return [*lead, *table(cols, out), "", *notes(([rec["metrics"]["note"]] if rec["metrics"].get("note") else [])
+                                                 + rec.get("notes", []))]

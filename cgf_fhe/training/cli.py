@@ -137,14 +137,29 @@ def _check_positive(args, *names):
 
     check_max_length(getattr(args, "max_length", None))
     c = getattr(args, "coeff", None)
-    if c is not None:  # CGF: exp(s - mean - c*var); c <= 0 drops the variance term or inverts it
-        if c <= 0:
-            raise UserError(f"--coeff must be > 0 (the CGF variance weight; 0.5 is the Gaussian value), got {c}")
-        if not 0.1 <= c <= 4:
-            import sys
+    if c is not None:
+        _check_coeff(c, "--coeff")
+    coeffs = getattr(args, "coeffs", None) or []
+    for c in coeffs:
+        _check_coeff(c, "--coeffs")
+    dup = sorted({f"{c:g}" for c in coeffs if sum(f"{x:g}" == f"{c:g}" for x in coeffs) > 1})
+    if dup:
+        raise UserError(f"--coeffs lists {dup[0]} twice (one run folder c{dup[0]} per coefficient)")
 
-            print(f"warning: --coeff {c} is far from the Gaussian value 0.5 (the per-head grid spans 0.25-4)",
-                  file=sys.stderr)
+
+def _check_coeff(c: float, flag: str) -> None:
+    """CGF: exp(s - mean - c*var); c <= 0 drops the variance term or inverts it, and c must be a number."""
+    import math
+
+    from ..errors import UserError
+
+    if not math.isfinite(c) or c <= 0:
+        raise UserError(f"{flag} must be > 0 and finite (the CGF variance weight; 0.5 is the Gaussian value), got {c}")
+    if not 0.1 <= c <= 4:
+        import sys
+
+        print(f"warning: {flag} {c} is far from the Gaussian value 0.5 (the per-head grid spans 0.25-4)",
+              file=sys.stderr)
 
 
 def cmd_finetune(args) -> int:

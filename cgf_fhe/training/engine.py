@@ -348,8 +348,10 @@ def _diverged(desc: str, loss: float, parts: dict, *, epoch: int, step: int, at:
               "parts": {k: _finite_or_text(float(v)) for k, v in parts.items()}, "mean_loss_before": mean_before,
               **schedule.divergence_info(), "history": history}
     path = state_dir / DIVERGED_FILE if state_dir is not None else None
-    if path is not None and write:
-        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    if path is not None and write:  # atomic: a reader (record_run.py) sees no file or the whole record
+        from ..io import write_text
+
+        write_text(path, json.dumps(record, indent=2, default=str) + "\n")
     where = (f"step {step} (epoch {record['at']:g} of {epochs}"
              + (f", frozen-LayerNorm blend {record['blend']:.3g}" if record["blend"] is not None else "") + ")")
     return TrainingDiverged(f"[{desc}] training diverged: loss {loss} at {where}; parts "
