@@ -141,6 +141,22 @@ def test_layouts_and_rotation_steps():
     assert be.engine.steps == want and len(want) == 14
 
 
+def test_diagonal_sets_are_paired_onto_free_slots():
+    """Sets r and r + D share one product in scores and probs @ V: D = the queries' span, so the shifted copy
+    lands on free slots. 44 tokens in blocks of 128: 43 pairs (r, r + 44) and r = 0 alone; the CLS query alone:
+    D = 1, 22 pairs; 64 tokens in blocks of exactly 2S: D = 64, 63 pairs."""
+    be = PackedBackend(CKKSParams(16384), NumpyEngine(CKKSParams(16384)), Layout.choose(8192, 44, 384))
+    sets = be.layout.diag_sets(range(44))
+    D, groups = be._pairs(range(44), sets)
+    assert D == 44 and len(groups) == 44 and sorted(r for g in groups for r in g) == sets
+    assert all(g[1] - g[0] == 44 for g in groups if len(g) == 2) and [0] in groups
+    D, groups = be._pairs((0,), be.layout.diag_sets((0,)))
+    assert D == 1 and len(groups) == 22
+    be = PackedBackend(SMALL, NumpyEngine(SMALL), Layout.choose(4096, 64, 32))
+    D, groups = be._pairs(range(64), be.layout.diag_sets(range(64)))
+    assert be.layout.S_blk == 128 and D == 64 and len(groups) == 64
+
+
 def test_seal_exact_scales_levels_and_public_server():
     """Exact scale per level (s_{l-1} = s_l^2 / q_l), level matching before adding, and a server holding only
     public material: Galois keys for exactly the requested steps."""
