@@ -257,6 +257,7 @@ def test_cli_seal_agrees_with_plain_and_resumes(micro_student_packed, mrpc_dir, 
     se = s["seal"]
     rows = {r["layer"]: r for r in se["layers_last_example"]}
     assert rows[0]["mul_pt"] > 0 and rows[0]["mul_ct"] > 0 and rows[0]["rotate"] > 0
+    assert 0 < rows[0]["cpu_seconds"] <= 1.1 * rows[0]["seconds"] + 0.05  # one core's time, next to the estimate
     assert se["galois_keys"] > 0 and s["backend_info"]["server_has_secret_key"] is False
     cmp = se["compare_emulator"][0]
     assert {r["layer"] for r in cmp} >= {"input", 0} and all(r["seal_std"] > 0 for r in cmp)
