@@ -142,6 +142,22 @@ def test_layouts_and_rotation_steps():
     assert be.engine.steps == want and len(want) == 14
 
 
+def test_diagonal_sets_are_paired_onto_free_slots():
+    """Sets r and r + D share one product in scores and probs @ V: D = the queries' span, so the shifted copy
+    lands on free slots. 44 tokens in blocks of 128: 43 pairs (r, r + 44) and r = 0 alone; the CLS query alone:
+    D = 1, 22 pairs; 64 tokens in blocks of exactly 2S: D = 64, 63 pairs."""
+    be = PackedBackend(CKKSParams(16384), NumpyEngine(CKKSParams(16384)), Layout.choose(8192, 44, 384))
+    sets = be.layout.diag_sets(range(44))
+    D, groups = be._pairs(range(44), sets)
+    assert D == 44 and len(groups) == 44 and sorted(r for g in groups for r in g) == sets
+    assert all(g[1] - g[0] == 44 for g in groups if len(g) == 2) and [0] in groups
+    D, groups = be._pairs((0,), be.layout.diag_sets((0,)))
+    assert D == 1 and len(groups) == 22
+    be = PackedBackend(SMALL, NumpyEngine(SMALL), Layout.choose(4096, 64, 32))
+    D, groups = be._pairs(range(64), be.layout.diag_sets(range(64)))
+    assert be.layout.S_blk == 128 and D == 64 and len(groups) == 64
+
+
 def test_seal_exact_scales_levels_and_public_server():
     """Exact scale per level (s_{l-1} = s_l^2 / q_l), level matching before adding, and a server holding only
     public material: Galois keys for exactly the requested steps."""
@@ -242,6 +258,7 @@ def test_cli_seal_agrees_with_plain_and_resumes(micro_student_packed, mrpc_dir, 
     se = s["seal"]
     rows = {r["layer"]: r for r in se["layers_last_example"]}
     assert rows[0]["mul_pt"] > 0 and rows[0]["mul_ct"] > 0 and rows[0]["rotate"] > 0
+    assert 0 < rows[0]["cpu_seconds"] <= 1.1 * rows[0]["seconds"] + 0.05  # one core's time, next to the estimate
     assert se["galois_keys"] > 0 and s["backend_info"]["server_has_secret_key"] is False
     cmp = se["compare_emulator"][0]
     assert {r["layer"] for r in cmp} >= {"input", 0} and all(r["seal_std"] > 0 for r in cmp)

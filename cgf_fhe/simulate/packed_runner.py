@@ -101,11 +101,12 @@ class PackedInterpreter(Interpreter):
         c0 = Counter(e.counts)
         est0 = Counter(getattr(e, "est_ms", {}))
         n0 = B.n_refresh
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         out = super()._exec(i, node, r, args)
         st = self.layer_stats.setdefault(key, {"seconds": 0.0, "counts": Counter(), "est_ms": Counter(),
-                                               "refreshes": 0, "nodes": 0})
+                                               "refreshes": 0, "nodes": 0, "cpu_seconds": 0.0})
         st["seconds"] += time.perf_counter() - t0
+        st["cpu_seconds"] += time.process_time() - cpu0  # what one core spent: comparable with the estimate
         st["counts"].update(Counter(e.counts) - c0)
         if hasattr(e, "est_ms"):
             st["est_ms"].update(Counter(e.est_ms) - est0)
@@ -118,7 +119,8 @@ def _layers_table(stats: dict) -> list[dict]:
     rows = []
     for key, st in stats.items():
         c = st["counts"]
-        row = {"layer": key, "seconds": round(st["seconds"], 3), "nodes": st["nodes"],
+        row = {"layer": key, "seconds": round(st["seconds"], 3), "cpu_seconds": round(st["cpu_seconds"], 3),
+               "nodes": st["nodes"],
                "refreshes": st["refreshes"], **{k: int(c.get(k, 0)) for k in COUNT_KINDS}}
         if st["est_ms"]:
             row["estimated_seconds"] = round(sum(st["est_ms"].values()) / 1e3, 3)

@@ -1040,9 +1040,36 @@ class PackedBackend(Backend):
         res.support = self._keep(res)
         return res
 
+    def _pairs(self, tq, sets):
+        """Pair diagonal sets r and r + D: with the queries at block slots ``tq``, a copy shifted by D tokens
+        lands on free slots (``tq + D`` misses ``tq`` and stays in the block, ``tq - D`` misses ``tq``), so one
+        product serves both sets (see :meth:`_scores`). Returns (D, groups of one or two sets)."""
+        L = self.layout
+        tq = np.asarray(tq)
+        D = int(tq.max() - tq.min()) + 1
+        A, B, C = set(tq.tolist()), set((tq + D).tolist()), set(((tq - D) % L.S_blk).tolist())
+        if max(B) >= L.S_blk or A & B or A & C:
+            return 0, [[r] for r in sets]
+        have, done, groups = set(sets), set(), []
+        for r in sets:
+            if r in done:
+                continue
+            if r + D in have and r + D not in done:
+                groups.append([r, r + D])
+                done |= {r, r + D}
+            else:
+                groups.append([r])
+                done.add(r)
+        return D, groups
+
     def _scores(self, q: PackedTensor, k: PackedTensor, heads: int, dh: int, tq) -> PackedTensor:
         """Scores by token shifts: for every shift r, Q * rot(K, r tokens) summed over each head's dh blocks
-        (rotate-and-sum) -> diagonal set r at the head's first block, query token slots."""
+        (rotate-and-sum) -> diagonal set r at the head's first block, query token slots.
+
+        Sets r and r + D share one product: with Q' = Q + Q shifted D slots up (free slots: padding or other
+        queries' places, see :meth:`_pairs`), Q' * rot(K, r) holds set r at the query slots and set r + D
+        D slots up; one rotate-and-sum, then set r + D is moved down. Each result also holds the other set's scores
+        on the free slots (marked in the support)."""
         L = self.layout
         if dh & (dh - 1) or L.hp % dh:
             raise SimulationError(f"attention head size {dh} must be a power of two dividing the {L.hp} blocks "
@@ -1056,18 +1083,26 @@ class PackedBackend(Backend):
         S, S_blk = L.S, L.S_blk
         tok = np.arange(self.slots) % S_blk
         qmask = np.isin(tok, np.asarray(tq))
-        cts, sup = [], []
-        for r in L.diag_sets(tq):
-            valid = qmask & (tok + r >= 0) & (tok + r < S)
-            for c in range(n_ct):
-                x, y = self._align(q.cts[c], e.rotate(k.cts[c], r))
-                p = e.mul(x, y)
+        sets = L.diag_sets(tq)
+        valid = {r: qmask & (tok + r >= 0) & (tok + r < S) for r in sets}
+        D, groups = self._pairs(tq, sets)
+        out = {}
+        for c in range(n_ct):
+            q2 = e.add(q.cts[c], e.rotate(q.cts[c], -D)) if any(len(g) == 2 for g in groups) else None
+            for g in groups:
+                p = e.mul(*self._align(q.cts[c] if len(g) == 1 else q2, e.rotate(k.cts[c], g[0])))
                 step = 1
                 while step < dh:
                     p = e.add(p, e.rotate(p, step * S_blk))
                     step *= 2
-                cts.append(p)
-                sup.append(valid)
+                if len(g) == 1:
+                    out[g[0], c] = (p, valid[g[0]])
+                else:
+                    both = valid[g[0]] | np.roll(valid[g[1]], D)
+                    out[g[0], c] = (p, both)
+                    out[g[1], c] = (e.rotate(p, D), np.roll(both, -D))
+        cts = [out[r, c][0] for r in sets for c in range(n_ct)]
+        sup = [out[r, c][1] for r in sets for c in range(n_ct)]
         self.counts["matmul_ct"] += 1
         return PackedTensor(cts, L.diag_map(heads, dh, tq), np.array(sup))
 
@@ -1082,7 +1117,12 @@ class PackedBackend(Backend):
         return tq
 
     def _probs_v(self, p: PackedTensor, v: PackedTensor, heads: int, dh: int, tq) -> PackedTensor:
-        """ctx = sum_r rep(P_r) * rot(V, r tokens); rep copies each head's first block to its dh blocks."""
+        """ctx = sum_r rep(P_r) * rot(V, r tokens); rep copies each head's first block to its dh blocks.
+
+        Sets r and r + D (:meth:`_pairs`) share one rep and one product: P_{r+D} moved D slots up (free slots)
+        next to P_r, times rot(V, r), holds set r + D's products D slots up (V shifted by r there is V shifted
+        by r + D at the queries); the sum is folded down once per ciphertext at the end. The free slots of the
+        result then hold partial sums (marked in the support; the next linear map's diagonals zero them)."""
         L = self.layout
         if not (self.is_clean(p) and self.is_clean(v)):
             raise SimulationError("probs @ V needs the probabilities masked (zero outside their slots; the "
@@ -1091,30 +1131,51 @@ class PackedBackend(Backend):
         self._ensure(v)
         e = self.engine
         n_ct = L.n_ct(heads * dh)
+        S_blk = L.S_blk
         ct_of = p.smap[0] // self.slots  # [heads, Sq, S]
         tqa = np.asarray(tq)
+        sets = L.diag_sets(tq)
+        D, groups = self._pairs(tq, sets)
         acc = [None] * n_ct
-        for r in L.diag_sets(tq):
-            for c in range(n_ct):
-                hs = [h for h in range(heads) if (h * dh) // L.hp == c]
+        folded = [False] * n_ct
+        for c in range(n_ct):
+            hs = [h for h in range(heads) if (h * dh) // L.hp == c]
+            if not hs:
+                continue
+            where = {}
+            for r in sets:
                 qi = [i for i, t in enumerate(tqa) if 0 <= t + r < L.S]
-                if not qi or not hs:
+                if not qi:
                     continue
                 which = {int(ct_of[h, i, tqa[i] + r]) for h in hs for i in qi}
                 if len(which) != 1:
                     raise SimulationError("probs @ V: a diagonal of the probabilities is spread over several "
                                           "ciphertexts")
-                rep = p.cts[which.pop()]
+                where[r] = which.pop()
+            for g in groups:
+                g = [r for r in g if r in where]
+                if not g:
+                    continue
+                if len(g) == 2:
+                    rep = e.add(p.cts[where[g[0]]], e.rotate(p.cts[where[g[1]]], -D))
+                    folded[c] = True
+                else:
+                    rep = p.cts[where[g[0]]]
                 step = 1
                 while step < dh:
-                    rep = e.add(rep, e.rotate(rep, -step * L.S_blk))
+                    rep = e.add(rep, e.rotate(rep, -step * S_blk))
                     step *= 2
-                t = e.mul(*self._align(rep, e.rotate(v.cts[c], r)))
+                t = e.mul(*self._align(rep, e.rotate(v.cts[c], g[0])))
                 acc[c] = t if acc[c] is None else e.add(*self._align(acc[c], t))
+            if folded[c]:
+                acc[c] = e.add(acc[c], e.rotate(acc[c], D))
         self.counts["matmul_ct"] += 1
         full = L.hidden_major(tqa, heads * dh).reshape(len(tqa), heads, dh).transpose(1, 0, 2)[None]
         res = PackedTensor(acc, np.ascontiguousarray(full), None)
         res.support = self._keep(res)
+        for c in range(n_ct):
+            if folded[c]:  # partial sums on the free slots tq + D and tq - D of every block
+                res.support[c] |= np.roll(res.support[c], D) | np.roll(res.support[c], -D)
         return res
 
     # ---- data movement -----------------------------------------------------------------------------------------
