@@ -1,5 +1,7 @@
 """`cgf-fhe export`: a tiny polynomial student exports, passes the FHE check, matches torch, keeps its metadata."""
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -130,3 +132,47 @@ def test_non_polynomial_student_exports_but_fails_check(tmp_path, capsys):
 def test_missing_checkpoint_is_exit_2(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope"), "-o", str(tmp_path / "x.onnx")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_parity_separates_the_students_own_overflow_from_an_export_mismatch(tmp_path, tiny_tokenizer, mrpc_dir):
+    """An example whose logits are non-finite in torch AND in ONNX (the student's polynomials overflow on it,
+    as one MRPC dev example does for a MiniLM student trained on 1024 pairs) is listed in ``nonfinite_both`` and
+    left out of the max difference, which stays a number; before, one such example made the whole parity NaN
+    (a "MISMATCH" with 100% agreement)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import build_student
+    from cgf_fhe.export.onnx_export import parity
+    from cgf_fhe.models import load_checkpoint
+
+    d = build_student(tmp_path, tiny_tokenizer, mrpc_dir, max_length=32)
+    model, tok, _ = load_checkpoint(d / "ckpt")
+    model = model.float().eval()
+    clean = parity(d / "student.onnx", model, tok, n=8, data_dir=mrpc_dir, max_length=32, progress=False)
+    assert clean["nonfinite_both"] == [] and clean["max_abs_logit_diff"] <= 1e-4
+    # dev example 3 overflows: its embedding is NaN for ONNX (client side) and its torch logits NaN alike
+    import cgf_fhe.split as split_mod
+
+    real_embed, real_forward = split_mod.client_embed, model.forward
+
+    def embed(m, ids, tt):
+        e = real_embed(m, ids, tt).clone()
+        e[3] = float("nan")
+        return e
+
+    def forward(*a, **kw):
+        out = real_forward(*a, **kw)
+        out.logits[3] = float("nan")
+        return out
+
+    split_mod.client_embed, model.forward = embed, forward
+    try:
+        par = parity(d / "student.onnx", model, tok, n=8, data_dir=mrpc_dir, max_length=32, progress=False)
+        model.forward = real_forward  # torch finite, ONNX not: a real mismatch
+        one = parity(d / "student.onnx", model, tok, n=8, data_dir=mrpc_dir, max_length=32, progress=False)
+    finally:
+        split_mod.client_embed, model.forward = real_embed, real_forward
+    assert par["nonfinite_both"] == [3] and par["nonfinite_one_side"] == []
+    assert par["n_compared"] == 7 and math.isfinite(par["max_abs_logit_diff"]) and par["max_abs_logit_diff"] <= 1e-4
+    assert one["nonfinite_one_side"] == [3] and one["nonfinite_both"] == []
