@@ -248,6 +248,8 @@ def foldable(layers) -> bool:
             if not (isinstance(getattr(parent, "LayerNorm", None), NewtonLayerNorm)
                     and isinstance(getattr(parent, "dense", None), nn.Linear)):
                 return False
+            if parent.LayerNorm.pos_scale0 != 1.0:  # per-position variance scale: not folded yet
+                return False
         sa = getattr(layer.attention, "self", None)
         if not all(isinstance(getattr(sa, n, None), nn.Linear) for n in ("query", "key", "value")):
             return False
