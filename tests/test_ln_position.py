@@ -146,3 +146,41 @@ def test_bad_scale_refused():
         m(torch.randn(1, 4, 4))
     with pytest.raises(ValueError, match="ln_cls_threshold"):
         surgery.FheOptions(ln_cls_threshold=0.5)
+
+
+def _export_depth(server, emb, mask):
+    import warnings
+
+    from cgf_fhe import fhe_ops
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(server, (emb, mask), dynamo=True, opset_version=18,
+                                 input_names=["embeddings", "attention_mask"], output_names=["logits"], verbose=False)
+    an = fhe_ops.analyze(prog.model_proto, ["embeddings"])
+    assert an.violations == []
+    return an.total_depth, prog.model_proto
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_export_parity_and_depth_unchanged(setup, fold):
+    """Folded (CentringDense's row 0 with its own plaintext, the residual's [S,1] centring scale) and unfolded
+    (the [S,1]/[S,H] centring constants): logits of the exact-function torch model, no extra level."""
+    from cgf_fhe.split import ServerModel, client_embed, fold_for_export
+
+    loader, ranges, _ = setup
+    on, off = _student(loader, ranges), _student(loader, ranges, ln_cls_scale=False)
+    assert _mods(on)[KEY].pos_scale0 < 0.02
+    batch = next(iter(loader))
+    emb = client_embed(on, batch["input_ids"], batch["token_type_ids"]).detach()
+    mask = batch["attention_mask"].float()
+    assert float(emb[:, 0].var(-1).mean() / emb[:, 1:].var(-1).mean()) > 50
+    with torch.no_grad():
+        ref = ServerModel(on.eval())(emb, mask)
+        got = ServerModel(fold_for_export(on, fold_layernorms=fold))(emb, mask)
+    assert float((got - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))
+    d_on, _ = _export_depth(ServerModel(fold_for_export(on, fold_layernorms=fold)), emb, mask)
+    d_off, _ = _export_depth(ServerModel(fold_for_export(off, fold_layernorms=fold)), emb, mask)
+    assert d_on == d_off
+    if fold:
+        assert d_on == surgery.model_depth(on)["total"]
