@@ -184,3 +184,60 @@ def test_export_parity_and_depth_unchanged(setup, fold):
     assert d_on == d_off
     if fold:
         assert d_on == surgery.model_depth(on)["total"]
+
+
+def _micro_student(out, tokenizer, mrpc_dir, cls_scale: bool):
+    """Hidden 8, 2 layers, <= 6 tokens; position 0 gets a massive FFN output in layer 0 (its position embedding
+    along one direction that layer 0's FFN amplifies), so layer 0's ln_ffn sees [CLS] ~300x the others."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from cgf_fhe.export.onnx_export import export_checkpoint
+    from cgf_fhe.models import save_checkpoint
+    from cgf_fhe.softmax import set_softmax
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tokenizer.vocab_size, num_labels=2, hidden_size=8, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=16)
+    model = BertForSequenceClassification(cfg)
+    set_softmax(model, "cgf", None)
+    model.eval()
+    with torch.no_grad():
+        model.bert.embeddings.position_embeddings.weight[0] += 30.0 * torch.eye(8)[0]
+        ffn = model.bert.encoder.layer[0]
+        ffn.intermediate.dense.weight[:, 0] = 3.0
+        ffn.intermediate.dense.bias[:] = -4.0
+        ffn.output.dense.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+    ds = tokenize_split(load_mrpc(mrpc_dir)["train"], tokenizer, max_length=6, max_samples=32)
+    ranges = surgery.calibrate(model, make_loader(ds, tokenizer, 16, False), progress=False)
+    opts = surgery.FheOptions(poly="all", ln="newton", exp_degree=7, gelu_degree=7, tanh_degree=7, invsqrt_degree=7,
+                              newton_steps=2, margin=0.5, ln_cls_scale=cls_scale)
+    fhe = surgery.polynomialize(model, opts, ranges)
+    save_checkpoint(model, tokenizer, out / "ckpt", {"softmax": "cgf", "coeff": 0.5, "fhe": fhe, "max_length": 6})
+    export_checkpoint(out / "ckpt", out / "student.onnx")
+    return model, out / "student.onnx"
+
+
+def test_exported_scaled_student_runs_in_the_simulator(tmp_path, mrpc_dir, tiny_tokenizer):
+    """check passes, same depth as the unscaled student, and the emulated CKKS run agrees with plain; the
+    simulator's LayerNorm monitor reads the scaled variance (inside the narrow interval)."""
+    import json
+
+    from cgf_fhe import fhe_ops
+    from cgf_fhe.cli import main
+
+    model, path = _micro_student(tmp_path / "on", tiny_tokenizer, mrpc_dir, True)
+    _, path0 = _micro_student(tmp_path / "off", tiny_tokenizer, mrpc_dir, False)
+    key = "layers.0.ln_ffn"
+    m = _mods(model)[key]
+    assert m.pos_scale0 < 0.01 and m.interval[1] / m.interval[0] < 200
+    assert main(["check", str(path)]) == 0
+    d_on = fhe_ops.analyze(fhe_ops.load_model(path)).total_depth
+    assert d_on == fhe_ops.analyze(fhe_ops.load_model(path0)).total_depth == surgery.model_depth(model)["total"]
+    out = tmp_path / "sim"
+    assert main(["simulate", str(path), "--backend", "emulate", "--no-progress", "-o", str(out), "--data-dir",
+                 str(mrpc_dir), "--limit", "16", "--batch-size", "8", "--max-length", "6", "--emulate-refresh",
+                 "client"]) == 0
+    s = json.loads((out / "simulation.json").read_text())
+    assert s["agreement"] == 1.0 and s["max_logit_error"] < 1e-4 and s["n_level_mismatches"] == 0
+    ln = s["poly_out_of_interval_plain"]["bert.encoder.layer.0.output.LayerNorm"]
+    assert ln["n_out"] == 0 and ln["max"] < m.interval[1] and ln["max"] > 2 * ln["min"]
