@@ -104,7 +104,12 @@ class FoldLinear(nn.Module):
 
 class CentringDense(nn.Module):
     """The dense layer before a Newton LayerNorm, producing the LayerNorm's centred rows scaled by
-    ``s = sqrt(alpha/H)`` directly: ``x @ (W^T P s) + b P s`` (one product, as many ct x pt as the dense layer)."""
+    ``s = sqrt(alpha/H)`` directly: ``x @ (W^T P s) + b P s`` (one product, as many ct x pt as the dense layer).
+
+    A LayerNorm with a position-0 variance scale (``pos_scale0``, :class:`cgf_fhe.poly.NewtonLayerNorm`) needs
+    row 0 scaled by ``sqrt(pos_scale0)`` as well: the token axis is split, row 0 multiplies its own plaintext
+    ``W^T P s sqrt(pos_scale0)`` and the rest the usual one, then the rows are concatenated (two products in
+    parallel, the same ct x pt count and depth; one more weight matrix)."""
 
     def __init__(self, linear: nn.Linear, ln: NewtonLayerNorm):
         super().__init__()
@@ -114,10 +119,20 @@ class CentringDense(nn.Module):
             b = linear.bias if linear.bias is not None else torch.zeros(ln.hidden, dtype=wt.dtype)
             self.register_buffer("w", (wt - wt.mean(-1, keepdim=True)) * s)  # W^T P s
             self.register_buffer("b", (b - b.mean()) * s)
+            self.scaled = ln.pos_scale0 != 1.0
+            if self.scaled:
+                r0 = math.sqrt(ln.pos_scale0)
+                self.register_buffer("w0", self.w * r0)
+                self.register_buffer("b0", self.b * r0)
         self.s = s
 
     def forward(self, x):
-        return x @ self.w + self.b
+        if not self.scaled:
+            return x @ self.w + self.b
+        first = x[..., :1, :] @ self.w0 + self.b0
+        if x.shape[-2] == 1:  # the last layer's first-token path: position 0 only
+            return first
+        return torch.cat([first, x[..., 1:, :] @ self.w + self.b], dim=-2)
 
 
 class FoldedNewtonLN(IntervalTracker):
@@ -134,6 +149,8 @@ class FoldedNewtonLN(IntervalTracker):
         self.approx, self.newton_steps, self.eps, self.hidden = ln.approx, ln.newton_steps, ln.eps, ln.hidden
         self.s = float(s)
         self.weight, self.bias = ln.weight, ln.bias
+        self.pos_scale0 = ln.pos_scale0
+        self.register_buffer("pos_scale", ln.pos_scale.detach().clone(), persistent=False)
 
     @property
     def depth(self) -> int:
@@ -143,14 +160,21 @@ class FoldedNewtonLN(IntervalTracker):
         return {**self.unfolded.to_settings(), "depth_folded": self.depth}
 
     def forward(self, ds_lin, residual):
-        ds = ds_lin + centred_scaled(materialize(residual), self.s)
         a = self.approx.alpha
-        t = (ds * ds).sum(-1, keepdim=True) + a * self.eps
+        ps = None if self.pos_scale0 == 1.0 else self.pos_scale[:ds_lin.shape[-2]].to(ds_lin.dtype)
+        if ps is None:
+            ds = ds_lin + centred_scaled(materialize(residual), self.s)
+            eps = self.eps
+        else:  # rows scaled by sqrt(pos_scale) (CentringDense's row 0 and this [S, 1] plaintext): t = alpha*v*ps
+            ds = ds_lin + centred_scaled(materialize(residual), ps.sqrt()[:, None] * self.s)
+            eps = ps[:, None] * self.eps
+        t = (ds * ds).sum(-1, keepdim=True) + a * eps
         y = self.approx.evaluate(t, prescaled=True)
         if self.newton_steps:
-            hv = (t - a * self.eps) * (0.5 / a) + 0.5 * self.eps
+            hv = (t - a * eps) * (0.5 / a) + 0.5 * eps
             for _ in range(self.newton_steps):
                 y = y * 1.5 - (y * hv) * (y * y)
+        # y ~ 1/sqrt(v*ps) and ds carries sqrt(ps): (ds * gamma/s) * y is the LayerNorm's output as before
         return LNForm(ds, y, self.weight / self.s, self.bias)
 
 

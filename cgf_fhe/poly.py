@@ -668,8 +668,9 @@ class _LNBase(IntervalTracker):
         self.hidden, self.eps = int(hidden), float(eps)
         self.normalized_shape = (self.hidden,)
 
-    def _observe_var(self, x):
-        """Count ``var + eps`` against the interval; while training, ``last_penalty`` is the differentiable
+    def _observe_var(self, x, scale: torch.Tensor | None = None):
+        """Count ``var + eps`` (times ``scale`` ``[S]`` per position when given: the interval's units) against
+        the interval; while training, ``last_penalty`` is the differentiable
         mean squared log-excess of the variance over the interval (``log(v/b)`` above it, ``log(a/v)`` below),
         so that :func:`cgf_fhe.surgery.interval_penalty` pulls each LayerNorm's variance into its interval:
         the massive-activation tokens are the ones that pay."""
@@ -677,6 +678,8 @@ class _LNBase(IntervalTracker):
             grad = self.training and torch.is_grad_enabled() and self.interval is not None
             with torch.set_grad_enabled(grad):
                 v = x.var(-1, unbiased=False) + self.eps
+                if scale is not None:
+                    v = v * scale
             self._observe(v.detach())
             if grad and v.numel():
                 a, b = self.interval
@@ -734,19 +737,43 @@ class NewtonLayerNorm(_LNBase):
     plaintext): ``ds`` with ``s = sqrt(alpha/H)``, ``dh`` with ``s = sqrt(0.5/H)``, ``dg`` with ``s = gamma``
     (1 level each, in parallel, H ct x pt per row each instead of an H x H centring matrix); ``t = sum(ds*ds) + alpha*eps`` = ``alpha*v`` (2); ``y = poly(t)`` prescaled (2 + P);
     ``hv = sum(dh*dh) + 0.5*eps`` = ``v/2``; Newton ``y <- y*1.5 - (y*hv)*(y*y)`` (2 levels each);
-    output ``dg * y + beta`` (1). Depth ``3 + P + 2*steps``."""
+    output ``dg * y + beta`` (1). Depth ``3 + P + 2*steps``.
+
+    Per-position variance scale (issue #22, ``pos_scale0 != 1``): the buffer ``pos_scale`` ``[max_len]`` is 1
+    except ``pos_scale0`` at position 0 (the [CLS] token, whose variance is a massive activation in MiniLM's
+    FFN-output LayerNorms; the position is public). The guess and the Newton steps run on ``v' = v *
+    pos_scale[:S]`` and the result is multiplied by ``sqrt(pos_scale[:S])``, so ``1/sqrt(v)`` is unchanged while
+    the interval (on ``v'``) stays narrow. Both scales are per-position plaintexts that ride on the centring
+    products (``s`` becomes ``[S, 1]``, ``gamma`` ``[S, H]``): no extra level."""
 
     kind = "ln_newton"
 
     def __init__(self, approx: PolyApprox, newton_steps: int, ln: nn.LayerNorm | None = None,
-                 hidden: int | None = None, eps: float = 1e-12):
+                 hidden: int | None = None, eps: float = 1e-12, pos_scale0: float = 1.0, max_len: int = 512):
         super().__init__(ln, hidden, eps, interval=(approx.a, approx.b))
         self.approx = approx
         self.newton_steps = int(newton_steps)
+        self.pos_scale0 = float(pos_scale0)
+        if not (math.isfinite(self.pos_scale0) and self.pos_scale0 > 0):
+            raise ValueError(f"pos_scale0 must be a finite number > 0, got {pos_scale0!r}")
+        self.max_len = int(max_len)
+        ps = torch.ones(self.max_len, dtype=torch.float32)
+        ps[0] = self.pos_scale0
+        # fhe settings carry pos_scale0 (not the state dict: checkpoints without it load as before)
+        self.register_buffer("pos_scale", ps, persistent=False)
 
     @property
     def depth(self) -> int:
         return 3 + self.approx.depth(prescaled=True) + 2 * self.newton_steps
+
+    def position_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``pos_scale[:S]`` ``[S]`` for ``x`` ``[..., S, H]`` (x's dtype), or None without a position scale."""
+        if self.pos_scale0 == 1.0:
+            return None
+        s = x.shape[-2]
+        if s > self.max_len:
+            raise ValueError(f"sequence of {s} tokens is longer than this LayerNorm's position scale ({self.max_len})")
+        return self.pos_scale[:s].to(dtype=x.dtype, device=x.device)
 
     def invsqrt(self, v):
         """Plaintext helper: the same guess + Newton iteration applied to a variance tensor ``v``."""
@@ -758,20 +785,32 @@ class NewtonLayerNorm(_LNBase):
 
     @fp32_island
     def forward(self, x):
-        self._observe_var(x)
+        ps = self.position_scale(x)
+        self._observe_var(x, ps)
+        ps_col = ps[:, None] if ps is not None else None  # [S, 1]
         if self.guard and not _exporting():
             # training aid: the same guess + Newton iteration on the variance clamped into the interval
             d = x - x.mean(-1, keepdim=True)
-            v = ((d * d).mean(-1, keepdim=True) + self.eps).clamp(*self.interval)
-            return d * self.invsqrt(v) * self.weight + self.bias
+            v = (d * d).mean(-1, keepdim=True) + self.eps
+            if ps_col is None:
+                return d * self.invsqrt(v.clamp(*self.interval)) * self.weight + self.bias
+            return d * (self.invsqrt((v * ps_col).clamp(*self.interval)) * ps_col.sqrt()) * self.weight + self.bias
         H = self.hidden
         a = self.approx.alpha
-        ds = centred_scaled(x, math.sqrt(a / H))
-        dh = centred_scaled(x, math.sqrt(0.5 / H))
-        dg = centred_scaled(x, self.weight)
-        t = (ds * ds).sum(-1, keepdim=True) + a * self.eps
+        if ps_col is None:
+            ds = centred_scaled(x, math.sqrt(a / H))
+            dh = centred_scaled(x, math.sqrt(0.5 / H))
+            dg = centred_scaled(x, self.weight)
+            t = (ds * ds).sum(-1, keepdim=True) + a * self.eps
+            hv = (dh * dh).sum(-1, keepdim=True) + 0.5 * self.eps
+        else:  # the per-position scales are plaintexts of the centring products: same depth
+            root = ps_col.sqrt()
+            ds = centred_scaled(x, root * math.sqrt(a / H))
+            dh = centred_scaled(x, root * math.sqrt(0.5 / H))
+            dg = centred_scaled(x, self.weight * root)
+            t = (ds * ds).sum(-1, keepdim=True) + ps_col * (a * self.eps)
+            hv = (dh * dh).sum(-1, keepdim=True) + ps_col * (0.5 * self.eps)
         y = self.approx.evaluate(t, prescaled=True)
-        hv = (dh * dh).sum(-1, keepdim=True) + 0.5 * self.eps
         for _ in range(self.newton_steps):
             y = y * 1.5 - (y * hv) * (y * y)
         return dg * y + self.bias
@@ -784,13 +823,17 @@ class NewtonLayerNorm(_LNBase):
         return float(((y * v.sqrt()) - 1.0).abs().max())
 
     def to_settings(self) -> dict:
-        return {"kind": self.kind, "approx": self.approx.to_dict(), "newton_steps": self.newton_steps,
-                "eps": self.eps, "hidden": self.hidden, "depth": self.depth, "rel_error": self.rel_error()}
+        d = {"kind": self.kind, "approx": self.approx.to_dict(), "newton_steps": self.newton_steps,
+             "eps": self.eps, "hidden": self.hidden, "depth": self.depth, "rel_error": self.rel_error()}
+        if self.pos_scale0 != 1.0:
+            d.update(pos_scale0=self.pos_scale0, max_len=self.max_len)
+        return d
 
     def extra_repr(self):
         p = self.approx
         return (f"hidden={self.hidden}, var in [{p.a:.4g}, {p.b:.4g}], degree={p.degree}, "
-                f"newton_steps={self.newton_steps}, depth={self.depth}")
+                f"newton_steps={self.newton_steps}, depth={self.depth}"
+                + (f", pos_scale0={self.pos_scale0:.4g}" if self.pos_scale0 != 1.0 else ""))
 
 
 POLY_KINDS = {"exp": PolyExp, "gelu": PolyGELU, "tanh": PolyTanh}
@@ -806,5 +849,6 @@ def module_from_settings(d: dict, ln: nn.LayerNorm | None = None) -> nn.Module:
                                interval=d.get("interval"))
     if kind == "ln_newton":
         return NewtonLayerNorm(PolyApprox.from_dict(d["approx"]), d["newton_steps"], ln=ln, hidden=d.get("hidden"),
-                               eps=d.get("eps", 1e-12))
+                               eps=d.get("eps", 1e-12), pos_scale0=d.get("pos_scale0", 1.0),
+                               max_len=d.get("max_len", 512))
     raise ValueError(f"unknown polynomial module kind {kind!r} in fhe settings")

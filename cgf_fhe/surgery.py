@@ -71,7 +71,7 @@ _BAND_QUANTILES = (0.99, 0.999, 0.9999)  # upper calibration quantiles _Stats ke
 PROFILES: dict[str, dict] = {
     "default": {"poly": "all"},
     "lean": {"poly": "all", "exp_degree": 15, "exp_squarings": 1, "gelu_degree": 15, "invsqrt_degree": 15,
-             "newton_steps": 0, "ln_band": 0.999, "tanh_degree": 15},
+             "newton_steps": 0, "ln_band": 0.999, "tanh_degree": 15, "ln_cls_scale": True},
 }
 
 
@@ -100,6 +100,11 @@ class FheOptions:
     massive-activation tokens fall outside a narrow interval; train with ``--interval-penalty`` (the LayerNorm
     penalty is differentiable: it pulls those variances in) and ``--epoch-cover`` (what stays outside is covered
     before each epoch is scored, so the exported interval is honest).
+    ``ln_cls_scale`` (issue #22): a Newton LayerNorm whose calibrated median variance at position 0 (the [CLS]
+    token) is more than ``ln_cls_threshold`` times the median over the other valid tokens gets the per-position
+    variance scale ``pos_scale0 = 1/ratio`` (:class:`cgf_fhe.poly.NewtonLayerNorm`; no extra level): its interval,
+    band and penalty are then on the scaled variance, which leaves MiniLM's [CLS] massive activation inside a
+    narrow interval.
     Frozen LN constant ``frozen_stat``: "geo" (``1/sigma = exp(-E[log sqrt v])``, robust to the few
     massive-activation tokens) or "ls" (``E[sqrt v]/E[v]``, least-squares optimal output scale).
 
@@ -129,6 +134,8 @@ class FheOptions:
     max_newton_steps: int = 8
     frozen_stat: str = "geo"
     ln_band: float | None = None
+    ln_cls_scale: bool = False
+    ln_cls_threshold: float = 8.0
     form: str = "ps"
     fit: str = "interp"
     kinds: tuple[str, ...] = KINDS  # ablations: replace only these kinds (the result is not FHE-ready)
@@ -153,6 +160,8 @@ class FheOptions:
             raise ValueError(f"unknown kinds {bad}; choose from {KINDS}")
         if self.ln_band is not None and str(float(self.ln_band)) not in {str(q) for q in _BAND_QUANTILES}:
             raise ValueError(f"ln_band must be one of the calibrated quantiles {_BAND_QUANTILES}, got {self.ln_band!r}")
+        if not (float(self.ln_cls_threshold) >= 1.0):
+            raise ValueError(f"ln_cls_threshold must be >= 1, got {self.ln_cls_threshold!r}")
         if self.frozen_stat not in ("geo", "ls"):
             raise ValueError(f"frozen_stat must be 'geo' or 'ls', got {self.frozen_stat!r}")
 
@@ -276,21 +285,43 @@ class _FnRecorder(nn.Module):
 
 
 class _LNRecorder(nn.Module):
-    """Wraps a LayerNorm: records ``var + eps`` per token (all tokens) and frozen-LN statistics over valid
-    tokens, then calls it."""
+    """Wraps a LayerNorm: records ``var + eps`` per token (all tokens; in the units of a Newton LayerNorm's
+    interval, i.e. times its position scale) and frozen-LN statistics over valid tokens, then calls it. Also
+    splits the (unscaled) variance by position: position 0 vs the rest (``cls`` in the result, for
+    ``FheOptions.ln_cls_scale``)."""
 
     def __init__(self, ln, stats: _Stats, ctx: dict):
         super().__init__()
         self.ln, self.stats, self.ctx = ln, stats, ctx
         self.sum_sqrt = self.sum_v = self.sum_isqrt = self.sum_log = 0.0
         self.n_valid = 0
+        self.pos0: list[np.ndarray] = []  # every position-0 variance
+        self.pos0_valid: list[np.ndarray] = []
+        self.rest = _Stats(seed=1)  # positions >= 1, all tokens (the interval covers padding too)
+        self.rest_valid = _Stats(seed=2)  # positions >= 1, valid tokens (the median of the ratio)
 
     def forward(self, x):
         eps = float(getattr(self.ln, "eps", 1e-12))
         v = x.detach().double().var(-1, unbiased=False) + eps  # [B, S]
-        self.stats.add(v)
+        scale = self.ln.position_scale(v[..., None]) if isinstance(self.ln, P.NewtonLayerNorm) else None
+        if scale is not None:  # the module's interval is on the scaled variance
+            self.stats.add(v * scale.to(v.dtype))
+            self.stats.extra["pos_scale0"] = self.ln.pos_scale0
+        else:
+            self.stats.add(v)
         mask = self.ctx.get("mask")
-        vv = v[mask.bool()] if mask is not None and mask.shape == v.shape else v.reshape(-1)
+        has_mask = mask is not None and mask.shape == v.shape
+        if v.dim() == 2 and v.shape[1] >= 2:
+            self.pos0.append(v[:, 0].cpu().numpy())
+            self.rest.add(v[:, 1:])
+            if has_mask:
+                keep = mask.bool()
+                self.pos0_valid.append(v[:, 0][keep[:, 0]].cpu().numpy())
+                self.rest_valid.add(v[:, 1:][keep[:, 1:]])
+            else:
+                self.pos0_valid.append(v[:, 0].cpu().numpy())
+                self.rest_valid.add(v[:, 1:])
+        vv = v[mask.bool()] if has_mask else v.reshape(-1)
         self.sum_sqrt += float(vv.sqrt().sum())
         self.sum_v += float(vv.sum())
         self.sum_isqrt += float(vv.rsqrt().sum())
@@ -310,6 +341,30 @@ class _LNRecorder(nn.Module):
                 "frozen_inv_sigma_ls": self.sum_sqrt / self.sum_v,
                 "frozen_inv_sigma_geo": math.exp(-0.5 * self.sum_log / self.n_valid),
             })
+        p0v = np.concatenate(self.pos0_valid) if self.pos0_valid else np.zeros(0)
+        if p0v.size and self.rest_valid.n and self.rest.n:
+            med0 = float(np.median(p0v))
+            medr = float(np.median(np.concatenate(self.rest_valid.sample)))
+            ratio = med0 / medr
+            self.stats.extra["cls"] = {"pos0_median": med0, "rest_median": medr, "ratio": ratio,
+                                       "scaled": _scaled_stats(self.rest, np.concatenate(self.pos0) / ratio)}
+
+
+def _scaled_stats(rest: _Stats, pos0: np.ndarray) -> dict:
+    """Statistics (as :meth:`_Stats.to_dict`) of the union of ``rest`` (a subsampled population) and every value
+    of ``pos0``; the quantiles weight each kept sample of ``rest`` by the population it stands for."""
+    r = np.concatenate(rest.sample)
+    n = rest.n + pos0.size
+    mean = (rest.s + float(pos0.sum())) / n
+    ss = rest.ss + float((pos0 * pos0).sum())
+    vals = np.concatenate([r, pos0])
+    w = np.concatenate([np.full(r.size, rest.n / r.size), np.ones(pos0.size)])
+    order = np.argsort(vals, kind="stable")
+    vals, cw = vals[order], np.cumsum(w[order])
+    cw /= cw[-1]
+    qs = {str(q): float(vals[min(int(np.searchsorted(cw, q)), vals.size - 1)]) for q in _Stats.QUANTILES}
+    return {"min": min(rest.min, float(pos0.min())), "max": max(rest.max, float(pos0.max())), "count": n,
+            "mean": mean, "std": math.sqrt(max(ss / n - mean * mean, 0.0)), "quantiles": qs}
 
 
 def _batch_to(batch, device):
@@ -423,12 +478,29 @@ def _fit_invsqrt(lo: float, hi: float, options: FheOptions) -> P.PolyApprox:
     return P.fit("invsqrt", lo, hi, degree=options.invsqrt_degree, form=options.form, method="lsq", relative=True)
 
 
-def newton_ln(approx: P.PolyApprox, options: FheOptions, ln) -> P.NewtonLayerNorm:
+def cls_scaled(st: dict, options: FheOptions) -> tuple[dict, float]:
+    """(variance statistics in the Newton LayerNorm's interval units, its position-0 scale ``pos_scale0``).
+
+    Statistics already in scaled units (they carry ``pos_scale0``: a scaled module measured by :func:`calibrate`
+    or covered by :func:`cover_ranges`) keep their scale; otherwise, with ``options.ln_cls_scale`` and a
+    calibrated position-0 / rest median ratio above ``options.ln_cls_threshold``, the scale is ``1/ratio`` and the
+    statistics are those of the scaled variances; else the statistics as they are and 1."""
+    if "pos_scale0" in st:
+        return st, float(st["pos_scale0"])
+    cls = st.get("cls")
+    if options.ln_cls_scale and cls and float(cls["ratio"]) > float(options.ln_cls_threshold):
+        return cls["scaled"], 1.0 / float(cls["ratio"])
+    return st, 1.0
+
+
+def newton_ln(approx: P.PolyApprox, options: FheOptions, ln, pos_scale0: float = 1.0,
+              max_len: int = 512) -> P.NewtonLayerNorm:
     """Newton LN with ``options.newton_steps`` steps, or (None) the fewest meeting ``ln_rel_target``."""
+    kw = {"pos_scale0": pos_scale0, "max_len": max_len}
     if options.newton_steps is not None:
-        return P.NewtonLayerNorm(approx, options.newton_steps, ln=ln)
+        return P.NewtonLayerNorm(approx, options.newton_steps, ln=ln, **kw)
     for n in range(options.max_newton_steps + 1):
-        m = P.NewtonLayerNorm(approx, n, ln=ln)
+        m = P.NewtonLayerNorm(approx, n, ln=ln, **kw)
         if m.rel_error() <= options.ln_rel_target:
             return m
     return m
@@ -472,8 +544,10 @@ def build_modules(model, options: FheOptions, ranges: dict, keys=None) -> dict[s
                 inv = st.get(f"frozen_inv_sigma_{options.frozen_stat}") or 1.0 / math.sqrt(st["mean"])
                 mods[key] = P.FrozenLayerNorm(inv, ln=ln, interval=widen(st, options.margin, positive=True))
             else:
+                st, s0 = cls_scaled(st, options)
                 lo, hi = widen(_banded(st, options.ln_band), options.margin, positive=True)
-                mods[key] = newton_ln(_fit_invsqrt(lo, hi, options), options, ln)
+                max_len = int(getattr(model.config, "max_position_embeddings", 512) or 512)
+                mods[key] = newton_ln(_fit_invsqrt(lo, hi, options), options, ln, pos_scale0=s0, max_len=max_len)
     return mods
 
 
@@ -530,6 +604,8 @@ def cover_ranges(model, ranges: dict, options: FheOptions | None = None) -> dict
         if lo <= mn and mx <= hi:
             continue
         entry = {**st, "min": min(lo, mn), "max": max(hi, mx)}
+        if getattr(m, "kind", "") == "ln_newton":  # measured in the module's (position-scaled) units: keep its scale
+            entry["pos_scale0"] = float(getattr(m, "pos_scale0", 1.0))
         if banded:  # build_modules re-applies the band and the margin: hand it the top before the margin
             top = (hi - 1e-9) / (1.0 + options.margin)
             entry.update(max=top, quantiles={str(float(options.ln_band)): top})

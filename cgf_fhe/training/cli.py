@@ -192,7 +192,7 @@ def _fhe_from_args(args):
         args.poly = "all"  # a profile is a choice of polynomials
     if args.poly == "none":
         ignored = [f for f in ("ln", "exp_degree", "gelu_degree", "tanh_degree", "invsqrt_degree", "newton_steps",
-                               "margin") if getattr(args, f) is not None]
+                               "margin", "ln_cls_scale") if getattr(args, f, None) is not None]
         if ignored:
             from ..errors import UserError
 
@@ -202,8 +202,9 @@ def _fhe_from_args(args):
     from .. import surgery
 
     kw = {"poly": args.poly}
-    for f in ("ln", "exp_degree", "gelu_degree", "tanh_degree", "invsqrt_degree", "newton_steps", "margin"):
-        v = getattr(args, f)
+    for f in ("ln", "exp_degree", "gelu_degree", "tanh_degree", "invsqrt_degree", "newton_steps", "margin",
+              "ln_cls_scale"):
+        v = getattr(args, f, None)
         if v is not None:
             kw[f] = v
     try:
@@ -349,6 +350,10 @@ def _distill_student_args(p) -> None:
     f.add_argument("--newton-steps", type=int,
                    help="Newton steps refining LayerNorm's 1/sqrt (default: the profile's)")
     f.add_argument("--margin", type=float, help="relative widening of the calibrated intervals")
+    f.add_argument("--ln-cls-scale", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-position variance scale of Newton LayerNorms: where the [CLS] token's median variance is "
+                        "> 8x the other tokens', position 0's variance is scaled down by that ratio before the 1/sqrt "
+                        "polynomial (no extra level; default: the profile's, on for lean)")
     f.add_argument("--calib-batches", type=int, help="calibrate on this many training batches (default: all)")
     f.add_argument("--student-layers", type=int, metavar="K", help="keep K encoder layers of the teacher")
     f.add_argument("--student-hidden", type=int, metavar="H",
