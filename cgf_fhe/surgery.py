@@ -596,19 +596,14 @@ def cover_ranges(model, ranges: dict, options: FheOptions | None = None) -> dict
         if not (math.isfinite(mn) and math.isfinite(mx)):
             raise ValueError(f"{key}: the measured range [{mn}, {mx}] is not finite; measure in the training form "
                              "(guard on) so every op sees finite inputs")
-        # a banded LayerNorm (ln_band) leaves its variance's top quantile out on purpose (the interval penalty
-        # pulls those tokens in): cover widens only its bottom and keeps the band's top where it is
+        # a banded LayerNorm (ln_band) starts at its variance's top quantile; tokens the interval penalty did not
+        # pull in would make the unclamped polynomial explode, so cover widens its top too (to what was measured)
         banded = options.ln_band is not None and getattr(m, "kind", "") == "ln_newton"
-        if banded:
-            mx = min(mx, hi)
         if lo <= mn and mx <= hi:
             continue
         entry = {**st, "min": min(lo, mn), "max": max(hi, mx)}
-        if getattr(m, "kind", "") == "ln_newton":  # measured in the module's (position-scaled) units: keep its scale
-            entry["pos_scale0"] = float(getattr(m, "pos_scale0", 1.0))
-        if banded:  # build_modules re-applies the band and the margin: hand it the top before the margin
-            top = (hi - 1e-9) / (1.0 + options.margin)
-            entry.update(max=top, quantiles={str(float(options.ln_band)): top})
+        if banded:  # build_modules re-applies the band: its quantile is the new top (the counters keep none)
+            entry["quantiles"] = {**(st.get("quantiles") or {}), str(float(options.ln_band)): entry["max"]}
         _put_range(union, key, entry)
         changed[key] = {"old": [lo, hi], "measured": [mn, mx], "depth_old": int(m.depth)}
     if not changed:

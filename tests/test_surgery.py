@@ -605,11 +605,12 @@ def test_lean_profile_depth_band_and_errors(ranges, data):
         FheOptions(poly="all", ln_band=0.95)
 
 
-def test_cover_ranges_keeps_the_band_of_a_lean_layernorm(ranges):
+def test_cover_ranges_widens_a_lean_layernorm_past_its_band(ranges):
     """Epoch cover on a lean student (``ln_band``): the training-time counters (:func:`tracked_ranges`) carry no
-    quantiles, and the variance's top excursions are the band's intent. cover_ranges must widen a banded
-    LayerNorm only at the bottom (top unchanged) while other ops still widen at the top. It raised
-    ``ln_band 0.999: ... keep no 0.999 quantile`` on the first mid-epoch cover of a MiniLM lean run."""
+    quantiles; cover_ranges must still refit a banded LayerNorm whose tokens left the band (an unclamped
+    polynomial explodes there: the untrained lean MiniLM student scored 0.3162 with every logit non-finite), to
+    an interval holding what was measured, like any other op. It raised ``ln_band 0.999: ... keep no 0.999
+    quantile`` on the first mid-epoch cover of a MiniLM lean run."""
     from cgf_fhe.surgery import cover_ranges, tracked_ranges
 
     lean = FheOptions.from_profile("lean")
@@ -625,9 +626,8 @@ def test_cover_ranges_keeps_the_band_of_a_lean_layernorm(ranges):
     changed = cover_ranges(model, measured)
     assert set(changed) == {key, gkey}
     new_lo, new_hi = changed[key]["new"]
-    assert new_lo <= 0.5 * lo and new_hi == pytest.approx(hi, rel=1e-9), (lo, hi, changed[key])
+    assert new_lo <= 0.5 * lo and new_hi >= 10.0 * hi, (lo, hi, changed[key])
     assert changed[gkey]["new"][1] >= ghi + 2.0
-    # only the top above the band: nothing to do for the LayerNorm
+    assert dict(named_approx_modules(model))[key].newton_steps == 0  # still the lean form
     again = tracked_ranges(model)
-    again["layers"][0]["ln_ffn"].update(max=10.0 * new_hi, count=100)
     assert key not in cover_ranges(model, again)
