@@ -294,7 +294,7 @@ def test_report_side_cost_estimate_matches_the_dry_run(micro_student_packed, mrp
     for kind, ms in est["estimated_ms_by_kind"].items():
         if kind != "decrypt":
             assert ms == pytest.approx(dry["estimated_ms_by_kind"][kind], rel=1e-9)
-    assert 0 < est["estimated_ms_by_kind"]["decrypt"] < dry["estimated_ms_by_kind"]["decrypt"]
+    assert 0 < est["estimated_ms_by_kind"]["decrypt"] == dry["estimated_ms_by_kind"]["decrypt"]  # trace decryptions are not charged
     assert "| layer | ct x pt | ct x ct | rotations |" in cost_markdown(est)
     # more tokens: more shifts of the scores, more rotations
     assert packed_cost_estimate(m, SMALL, S + 2)["totals"]["rotate"] > est["totals"]["rotate"]
