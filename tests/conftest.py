@@ -30,6 +30,22 @@ def mrpc_dir():
     return d
 
 
+def server_export_depth(server, emb, mask) -> int:
+    """Export a server model (embeddings, attention mask -> logits) to ONNX with torch's dynamo exporter and
+    return the total multiplicative depth cgf_fhe.fhe_ops measures on it (asserting it has no FHE violations)."""
+    import warnings
+
+    from cgf_fhe import fhe_ops
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(server, (emb, mask), dynamo=True, opset_version=18,
+                                 input_names=["embeddings", "attention_mask"], output_names=["logits"], verbose=False)
+    an = fhe_ops.analyze(prog.model_proto, ["embeddings"])
+    assert an.violations == []
+    return an.total_depth
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from cgf_fhe.models import load_tokenizer

@@ -4,10 +4,11 @@ import warnings
 import pytest
 import torch
 
-from cgf_fhe import fhe_ops, softmax, surgery
+from cgf_fhe import softmax, surgery
 from cgf_fhe.data import load_mrpc, make_loader, tokenize_split
 from cgf_fhe.models import build_model
 from cgf_fhe.split import ServerModel, client_embed, fold_for_export
+from conftest import server_export_depth
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +24,6 @@ def student(mrpc_dir):
     return model, emb, batch["attention_mask"].float()
 
 
-def _depth(server, emb, mask):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(server, (emb, mask), dynamo=True, opset_version=18,
-                                 input_names=["embeddings", "attention_mask"], output_names=["logits"], verbose=False)
-    an = fhe_ops.analyze(prog.model_proto, ["embeddings"])
-    assert an.violations == []
-    return an.total_depth
-
-
 def test_folds_keep_logits_and_save_five_levels_per_layer(student, monkeypatch):
     model, emb, mask = student
     with torch.no_grad():
@@ -43,10 +34,10 @@ def test_folds_keep_logits_and_save_five_levels_per_layer(student, monkeypatch):
     assert folded.cgf_folded_layernorms and not getattr(plain, "cgf_folded_layernorms", False)
     assert float((got - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))
     n_layers = model.config.num_hidden_layers
-    d_all = _depth(ServerModel(folded), emb, mask)
-    d_no_ln = _depth(ServerModel(plain), emb, mask)
+    d_all = server_export_depth(ServerModel(folded), emb, mask)
+    d_no_ln = server_export_depth(ServerModel(plain), emb, mask)
     monkeypatch.setattr(softmax, "_weights_ride_on_v", lambda *a, **k: False)
-    d_none = _depth(ServerModel(fold_for_export(model, fold_layernorms=False)), emb, mask)
+    d_none = server_export_depth(ServerModel(fold_for_export(model, fold_layernorms=False)), emb, mask)
     # two LayerNorms a layer, centring and output product each; the CGF statistics on Q/K after the first layer
     assert d_no_ln - d_all == 4 * n_layers + (n_layers - 1)
     assert d_none - d_no_ln == n_layers  # keep/n on V instead of on the exponentials
@@ -81,11 +72,11 @@ def test_cgf_statistics_ride_on_query_and_key(student, monkeypatch):
             ref = ServerModel(model.eval())(emb, m)
             got = ServerModel(folded)(emb, m)
             assert float((got - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))
-    d_stats = _depth(ServerModel(folded), emb, mask)
+    d_stats = server_export_depth(ServerModel(folded), emb, mask)
     monkeypatch.setattr(fold, "fold_cgf_statistics", lambda layers: 0)
     unfolded = fold_for_export(model)
     assert not getattr(unfolded.bert.encoder.layer[1].attention.self, "cgf_stats_folded", False)
-    d_plain = _depth(ServerModel(unfolded), emb, mask)
+    d_plain = server_export_depth(ServerModel(unfolded), emb, mask)
     assert d_plain - d_stats == model.config.num_hidden_layers - 1  # the first layer's input is not a folded LN
     assert d_stats == surgery.model_depth(model)["total"]
 

@@ -10,6 +10,7 @@ from cgf_fhe import poly as P
 from cgf_fhe import surgery
 from cgf_fhe.data import load_mrpc, make_loader, tokenize_split
 from cgf_fhe.models import build_model
+from conftest import server_export_depth
 
 KEY = "layers.0.ln_attn"  # its input's residual is the (scaled) embedding output
 
@@ -148,20 +149,6 @@ def test_bad_scale_refused():
         surgery.FheOptions(ln_cls_threshold=0.5)
 
 
-def _export_depth(server, emb, mask):
-    import warnings
-
-    from cgf_fhe import fhe_ops
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(server, (emb, mask), dynamo=True, opset_version=18,
-                                 input_names=["embeddings", "attention_mask"], output_names=["logits"], verbose=False)
-    an = fhe_ops.analyze(prog.model_proto, ["embeddings"])
-    assert an.violations == []
-    return an.total_depth, prog.model_proto
-
-
 @pytest.mark.parametrize("fold", [True, False])
 def test_export_parity_and_depth_unchanged(setup, fold):
     """Folded (CentringDense's row 0 with its own plaintext, the residual's [S,1] centring scale) and unfolded
@@ -179,8 +166,8 @@ def test_export_parity_and_depth_unchanged(setup, fold):
         ref = ServerModel(on.eval())(emb, mask)
         got = ServerModel(fold_for_export(on, fold_layernorms=fold))(emb, mask)
     assert float((got - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))
-    d_on, _ = _export_depth(ServerModel(fold_for_export(on, fold_layernorms=fold)), emb, mask)
-    d_off, _ = _export_depth(ServerModel(fold_for_export(off, fold_layernorms=fold)), emb, mask)
+    d_on = server_export_depth(ServerModel(fold_for_export(on, fold_layernorms=fold)), emb, mask)
+    d_off = server_export_depth(ServerModel(fold_for_export(off, fold_layernorms=fold)), emb, mask)
     assert d_on == d_off
     if fold:
         assert d_on == surgery.model_depth(on)["total"]
