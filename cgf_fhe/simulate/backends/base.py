@@ -25,6 +25,7 @@ levels              ``level(ct)`` -> levels left (None when the backend has no l
 """
 from __future__ import annotations
 
+import importlib
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -169,3 +170,19 @@ def batch_varying(pt, out_rank: int) -> bool:
     (axis 0)?"""
     shape = tuple(pt) if isinstance(pt, (tuple, list)) else np.shape(pt)
     return len(shape) == out_rank and shape[0] != 1
+
+
+def optional_import(module: str):
+    """The module, or None when it (or a package it needs) is not installed; pair with :func:`require`."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def require(module, message: str):
+    """``module`` (from :func:`optional_import`), or a :class:`SimulationError` with ``message`` (the backend
+    that needs it and how to install it) when it is missing."""
+    if module is None:
+        raise SimulationError(message)
+    return module

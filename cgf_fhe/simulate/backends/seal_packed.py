@@ -38,18 +38,14 @@ import numpy as np
 
 from ..packing import (Layout, PackedTensor, ciphertext_bytes, galois_key_bytes, next_pow2, op_ms,
                        plaintext_bytes)
-from .base import Backend, SimulationError, logical_broadcast
+from .base import Backend, SimulationError, logical_broadcast, optional_import, require
 from .seal_noise import add_rotation_error, measure_rotation, rotation_error_for
 
-try:
-    import tenseal.sealapi as sealapi
-except ImportError:  # pragma: no cover - tenseal is a dependency
-    sealapi = None
+sealapi = optional_import("tenseal.sealapi")  # tenseal is a dependency; None only in a broken install
 
 
 def _need_seal():
-    if sealapi is None:
-        raise SimulationError("the seal backend needs tenseal (its tenseal.sealapi module): pip install tenseal")
+    require(sealapi, "the seal backend needs tenseal (its tenseal.sealapi module): pip install tenseal")
 
 
 def _scales(params) -> list[float]:

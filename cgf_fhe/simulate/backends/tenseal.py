@@ -26,18 +26,14 @@ from typing import Sequence
 import numpy as np
 
 from .base import (Backend, LevelError, SimulationError, batch_varying, check_matmul,
-                            logical_broadcast)
+                            logical_broadcast, optional_import, require)
 from ...ckks import CKKSParams
 
-try:
-    import tenseal as ts
-except ImportError:  # pragma: no cover - tenseal is a dependency
-    ts = None
+ts = optional_import("tenseal")  # a dependency; None only in a broken install
 
 
 def _need_tenseal():
-    if ts is None:
-        raise SimulationError("the tenseal backend needs the tenseal package (pip install tenseal)")
+    require(ts, "the tenseal backend needs the tenseal package (pip install tenseal)")
 
 
 @dataclass
