@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from cgf_fhe.simulate import CKKSParams
-from cgf_fhe.simulate.backends.seal_noise import RotationError, calibrate_rotations
-from cgf_fhe.simulate.backends.seal_packed import NumpyEngine, SealClient, SealEngine
+from cgf_fhe.simulate.backends.seal_noise import RotationError, calibrate_rotations, rotation_error_for
+from cgf_fhe.simulate.backends.seal_packed import (NumpyEngine, SealClient, SealEngine,
+                                                  calibrate_rotation_noise)
 
 SMALL = CKKSParams(8192, (60, 40, 40, 60), 40)
 STEPS = (1, 64, 128)
@@ -62,3 +63,44 @@ def test_coherent_rotation_sums_match_seal_within_2x(seal):
     total_only = {key: float(np.sqrt(e.std ** 2 + np.var(e.det))) for key, e in cal.items()}
     old = np.std(_rotate_sum_error(NumpyEngine(SMALL, noise=True, seed=3, rotation_std=total_only), xs, steps))
     assert old / s_seal < 0.5
+
+
+def _coherent_error(engine, xs, k):
+    """Error std of sum_i rot_k(x_i), each x_i encrypted on its own: the key's fixed part adds up len(xs) times."""
+    acc, want = None, 0.0
+    for x in xs:
+        c = engine.rotate(engine.encrypt(x), k)
+        acc = c if acc is None else engine.add(acc, c)
+        want = want + np.roll(x, -k)
+    return float(np.std(engine.decrypt(acc) - want))
+
+
+def test_fallback_without_the_runs_keys_models_each_keys_fixed_part():
+    """calibrate_rotation_noise (no measurement with the run's keys) gives each step a model key's fixed part
+    (seal_noise.ModelKeys): over 16 keys the median ratio of the emulator's coherent-sum error to SEAL's is
+    0.87-1.39 (4 sets of real keys); with the random part alone (the old fallback) it was 0.20-0.26."""
+    steps = [1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1597]
+    seal = SealEngine(SMALL, SealClient(SMALL, steps))
+    fallback = calibrate_rotation_noise(SMALL)
+    assert all(e.det is None and e.keys is not None for e in fallback.values())
+    random_only = {lv: RotationError(e.std, None, e.scale) for lv, e in fallback.items()}
+    rng = np.random.default_rng(2)
+    xs = [rng.normal(size=SMALL.slots) for _ in range(16)]
+    new, old = [], []
+    for k in steps:
+        s = _coherent_error(seal, xs, k)
+        new.append(_coherent_error(NumpyEngine(SMALL, noise=True, seed=3, rotation_std=fallback), xs, k) / s)
+        old.append(_coherent_error(NumpyEngine(SMALL, noise=True, seed=3, rotation_std=random_only), xs, k) / s)
+    assert 0.5 < np.median(new) < 2.0, new
+    assert np.median(old) < 0.5, old
+    # the model keys' fixed parts have the law of the real ones: per-slot std (median over keys) and heavy tails
+    real = calibrate_rotations(seal, [(2, k) for k in steps])
+    model = [rotation_error_for(fallback, 2, k, 0.0).det for k in steps]
+    ratio = np.median([np.std(d) for d in model]) / np.median([np.std(real[(2, k)].det) for k in steps])
+    assert 0.5 < ratio < 2.0
+    kurt = [float(np.mean((d - d.mean()) ** 4) / np.var(d) ** 2) for d in model]
+    assert min(kurt) > 50  # concentrated in the slots whose root lies near 1, as measured (340-3500)
+    # one key: the same fixed part at every level up to the scale, the same for every engine
+    top = rotation_error_for(fallback, SMALL.level_budget, 5, 0.0)
+    assert np.allclose(rotation_error_for(fallback, 0, 5, 0.0).det * seal.s[0], top.det * seal.s[SMALL.level_budget],
+                       rtol=1e-4, atol=1e-6 * np.abs(top.det * seal.s[SMALL.level_budget]).max())

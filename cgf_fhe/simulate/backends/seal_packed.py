@@ -39,7 +39,7 @@ import numpy as np
 from ..packing import (Layout, PackedTensor, ciphertext_bytes, galois_key_bytes, next_pow2, op_ms,
                        plaintext_bytes)
 from .base import Backend, SimulationError, logical_broadcast, optional_import, require
-from .seal_noise import add_rotation_error, measure_rotation, rotation_error_for
+from .seal_noise import ModelKeys, add_rotation_error, measure_rotation, rotation_error_for
 
 sealapi = optional_import("tenseal.sealapi")  # tenseal is a dependency; None only in a broken install
 
@@ -302,9 +302,9 @@ _ROTATION_STD: dict = {}
 
 
 def calibrate_rotation_noise(params) -> dict:
-    """Per level, the random part of a rotation's error (a RotationError without its fixed part), measured once
-    per parameter set on a throwaway SEAL key. Without the run's own keys each key's fixed part is unknown, so it
-    is not modelled (coherent sums are underestimated: use calibrate_rotations with the run's engine)."""
+    """Per level, the random part of a rotation's error measured once per parameter set on a throwaway SEAL key;
+    each step's fixed part comes from a model key (seal_noise.ModelKeys: the law of the run's keys, not their
+    values; calibrate_rotations with the run's engine measures the values)."""
     key = (params.poly_modulus, tuple(params.coeff_bits), params.scale_bits)
     if key in _ROTATION_STD:
         return _ROTATION_STD[key]
@@ -313,7 +313,7 @@ def calibrate_rotation_noise(params) -> dict:
     out = {}
     for lv in range(params.level_budget, -1, -1):
         m = measure_rotation(eng, lv, 1, rng)
-        m.det = None
+        m.det, m.keys = None, ModelKeys(params)
         out[lv] = m
     _ROTATION_STD[key] = out
     return out
