@@ -7,7 +7,9 @@
 KIND and what RUN_DIR holds:
   teacher, search, student   seed<S>/cgf_fhe.json per seed (or RUN_DIR/cgf_fhe.json for one seed);
                              a seed that stopped at a non-finite loss has seed<S>/train_state/diverged.json
-  simulate                   simulation.json (RUN_DIR may also be the file)
+  simulate                   simulation.json (RUN_DIR may also be the file); a packed SEAL run (--backend seal)
+                             also every finished example of RUN_DIR/examples/NNNNN.json (the same run's, by its
+                             fingerprint): a later run with more examples re-records the same name with more
   report                     report.json
   export                     <stem>.check.json and <stem>.parity.json (RUN_DIR = <stem>, the .onnx path
                              without its suffix)
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -38,6 +42,94 @@ STRUCTURE_KEYS = ("label", "profile", "overrides", "total_depth", "depth_per_lay
                   "level_budget", "seq_len")
 REPORT_KEYS = ("total_depth", "bootstraps_total", "bootstraps_lower_bound", "latency_seconds", "latency_per_example_seconds", "level_budget",
                "seq_len")
+
+
+SEAL_COUNTS = ("mul_pt", "mul_ct", "rotate", "level_match", "refresh", "add", "rescale", "encode")
+
+
+def _sig(v, digits: int = 4):
+    """A measured float to ``digits`` significant digits (records hold figures, not float noise)."""
+    return None if v is None else float(f"{float(v):.{digits}g}")
+
+
+def _argmax(logits) -> int:
+    row = logits[0] if logits and isinstance(logits[0], list) else logits
+    return max(range(len(row)), key=lambda i: row[i])
+
+
+def _seal_layers(measured: list[dict], estimated: list[dict]) -> list[dict]:
+    """Per layer: seconds and operation counts of the SEAL pass with the dry run's estimates beside them."""
+    est = {str(r.get("layer")): r for r in estimated}
+    out = []
+    for r in measured:
+        e = est.get(str(r.get("layer")), {})
+        out.append({"layer": r.get("layer"), "seconds": _sig(r.get("seconds")),
+                    "estimated_seconds": _sig(r.get("estimated_seconds")),
+                    "counts": {k: r[k] for k in SEAL_COUNTS if k in r},
+                    "estimated_counts": {k: e[k] for k in SEAL_COUNTS if k in e}})
+    return out
+
+
+def seal_example(d: dict, where: Path) -> dict:
+    """One finished example of a packed SEAL run (DIR/examples/NNNNN.json) -> its record entry."""
+    try:
+        se, dry = d["seal"], d["seal"]["dry_run"]
+        logits, plain = d["logits"], d["plain_logits"]
+        err = max(abs(a - b) for ra, rb in zip(logits, plain) for a, b in zip(ra, rb))
+        ex = {"index": d["index"], "tokens": (dry.get("layout") or {}).get("tokens", d.get("seq_len")),
+              "seconds": _sig(d["seconds"], 6), "estimated_seconds": _sig(dry["estimated_seconds"], 6),
+              "peak_rss_bytes": se.get("peak_rss_bytes"), "estimated_peak_bytes": dry.get("estimated_peak_bytes"),
+              "refreshes": d.get("refreshes"), "max_logit_error": _sig(err), "label": (d.get("labels") or [None])[0],
+              "prediction": _argmax(logits), "plain_prediction": _argmax(plain),
+              "layers": _seal_layers(se.get("layers") or [], dry.get("layers") or [])}
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        raise DataError(f"{where}: not a finished seal example ({type(e).__name__} {e})") from None
+    cmp = se.get("compare_emulator")
+    if cmp:
+        ex["emulator_std_ratio"] = {str(r["layer"]): _sig(r.get("std_ratio")) for r in cmp}
+    return ex
+
+
+def _far_from_one(r) -> float:
+    return abs(math.log(r)) if r and r > 0 else math.inf
+
+
+def seal_aggregate(examples: list[dict]) -> dict:
+    n = len(examples)
+    agree = sum(e["prediction"] == e["plain_prediction"] for e in examples)
+    labelled = [e for e in examples if e.get("label") is not None]
+    ratios = [(r, e["index"], layer) for e in examples for layer, r in (e.get("emulator_std_ratio") or {}).items()
+              if r is not None]
+    worst = max(ratios, key=lambda t: _far_from_one(t[0]), default=None)
+    over = [e["seconds"] / e["estimated_seconds"] for e in examples if e.get("estimated_seconds")]
+    rss = [e["peak_rss_bytes"] for e in examples if e.get("peak_rss_bytes") is not None]
+    return {"n_examples": n, "agreement": agree / n, "n_agree": agree,
+            "accuracy": (sum(e["prediction"] == e["label"] for e in labelled) / len(labelled) if labelled else None),
+            "max_logit_error": max(e["max_logit_error"] for e in examples),
+            "worst_std_ratio": ({"ratio": worst[0], "example": worst[1], "layer": worst[2]} if worst else None),
+            "median_seconds_over_estimate": _sig(statistics.median(over)) if over else None,
+            "median_seconds": _sig(statistics.median(e["seconds"] for e in examples), 6),
+            "total_seconds": _sig(sum(e["seconds"] for e in examples), 6),
+            "max_peak_rss_bytes": max(rss) if rss else None}
+
+
+def seal_record(run_dir: Path, fingerprint: str | None) -> dict | None:
+    """Every finished example of a packed SEAL run folder (the run whose fingerprint simulation.json carries)
+    and their aggregate; None when the folder has no examples/."""
+    folder = (run_dir.parent if run_dir.suffix == ".json" else run_dir) / "examples"
+    files = sorted(folder.glob("[0-9]*.json")) if folder.is_dir() else []
+    if not files:
+        return None
+    docs = [(f, read_json(f, DataError)) for f in files]
+    keep = [(f, d) for f, d in docs if fingerprint is None or d.get("fingerprint") == fingerprint]
+    if not keep:
+        raise DataError(f"{folder}: none of the {len(docs)} examples is from the run of simulation.json "
+                        f"(fingerprint {fingerprint})")
+    examples = sorted((seal_example(d, f) for f, d in keep), key=lambda e: e["index"])
+    out = {"examples": examples, "aggregate": seal_aggregate(examples)}
+    if len(keep) < len(docs):
+        out["examples_of_other_runs"] = len(docs) - len(keep)  # other model or parameters: left out
+    return out
 
 
 def _metric(d: dict | None) -> dict | None:
@@ -131,6 +223,10 @@ def build(kind: str, run_dir: Path, teacher_dir: Path | None, command: str = "")
         m["overflows"] = (s.get("diagnostics") or {}).get("overflows")
         m["error_per_layer"] = [{k: e.get(k) for k in ("layer", "max_abs_error", "mean_abs_error")}
                                 for e in s.get("error_per_layer") or []]
+        if s.get("backend") == "seal":
+            seal = seal_record(run_dir, s.get("fingerprint"))
+            if seal is not None:
+                m["seal"] = seal
         return {"metrics": m}
     if kind == "report":
         r = read_json(run_dir if run_dir.suffix == ".json" else run_dir / "report.json")

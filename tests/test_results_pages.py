@@ -73,7 +73,8 @@ def test_every_record_is_on_a_page_and_recovered_ones_say_where_from(built):
     for rec in recs.values():
         if rec["source"] == "recovered-from-page":
             assert rec["recovered_from"]["commit"] and rec["recovered_from"]["section"]
-        assert len(json.dumps(rec)) < 16_000  # a few KB, never checkpoints
+        n_seal = len(((rec.get("metrics") or {}).get("seal") or {}).get("examples") or [])
+        assert len(json.dumps(rec)) < 16_000 + 4_000 * n_seal  # a few KB (and per SEAL example), never checkpoints
 
 
 def test_paired_differences_use_exact_counts():
@@ -185,3 +186,82 @@ def test_recovery_is_reproducible(tmp_path):
     committed = {p.name: p.read_text() for p in RECORDS.glob("*.json") if p.name != "pages.json"}
     assert len(made) >= 50
     assert {n: made[n] == committed.get(n) for n in made} == {n: True for n in made}
+
+
+def _seal_example(folder: Path, index: int, fp: str, *, logits, plain, seconds, estimate, ratios, rss):
+    """One finished example of a packed SEAL run (the fields simulate --backend seal writes), built by hand."""
+    layer = {"layer": 0, "seconds": seconds * 0.9, "nodes": 150, "refreshes": 14, "mul_pt": 1404, "mul_ct": 543,
+             "rotate": 960, "level_match": 343, "refresh": 81, "encode": 0, "add": 2730, "rescale": 628,
+             "estimated_seconds": estimate * 0.8}
+    head = {**layer, "layer": "head", "seconds": seconds * 0.1, "mul_pt": 132, "estimated_seconds": estimate * 0.2}
+    dry_layers = [{**layer, "mul_pt": 1420, "encode": 1835}, {**head, "encode": 139}]
+    (folder / f"{index:05d}.json").write_text(json.dumps({
+        "index": index, "n": 1, "labels": [1], "seq_len": 44, "logits": [logits], "plain_logits": [plain],
+        "seconds": seconds, "refreshes": 248, "fingerprint": fp,
+        "seal": {"layers": [layer, head], "peak_rss_bytes": rss, "keygen_seconds": 60.0, "galois_keys": 200,
+                 "dry_run": {"estimated_seconds": estimate, "estimated_peak_bytes": 11 * 2**30,
+                             "layout": {"tokens": 44}, "layers": dry_layers},
+                 "compare_emulator": [{"layer": k, "std_ratio": r} for k, r in ratios.items()]}}))
+
+
+def test_seal_record_carries_every_finished_example_and_the_page_shows_them(tmp_path):
+    run = tmp_path / "run-seal"
+    (run / "examples").mkdir(parents=True)
+    (run / "simulation.json").write_text(json.dumps({
+        "backend": "seal", "fingerprint": "A", "n_examples": 2, "batches": 2, "seq_lens": [44], "accuracy": 0.5,
+        "f1": 0.5, "plain_accuracy": 0.5, "agreement": 0.5, "max_logit_error": 4e-5, "refreshes": 248,
+        "refresh_label": "client-aided refresh", "seconds": 6000.0, "params": {"poly_modulus": 16384,
+                                                                              "coeff_bits": [60, 40, 60]}}))
+    ex = run / "examples"
+    _seal_example(ex, 0, "A", logits=[0.1, 0.3], plain=[0.1, 0.30004], seconds=2600.0, estimate=2000.0,
+                  ratios={"input": 1.02, 0: 0.9, 1: 1.3}, rss=10 * 2**30)
+    _seal_example(ex, 1, "A", logits=[0.20001, 0.2], plain=[0.19999, 0.2], seconds=2400.0, estimate=2000.0,
+                  ratios={"input": 0.98, 0: 0.4, 1: 1.1}, rss=11 * 2**30)
+    _seal_example(ex, 2, "B", logits=[0.0, 1.0], plain=[5.0, 0.0], seconds=1.0, estimate=1.0,  # another run's
+                  ratios={"input": 100.0}, rss=1)
+    recs = tmp_path / "records"
+    shutil.copytree(RECORDS, recs)
+    rr = load_benchmark("record_run")
+    args = ["simulate", str(run), "--name", "seal-quick-poly6", "--command", "cgf-fhe simulate ... --backend seal",
+            "--title", "packed real CKKS", "-o", str(recs / "seal-quick-poly6.json")]
+    assert rr.main(args) == 0
+    se = json.loads((recs / "seal-quick-poly6.json").read_text())["metrics"]["seal"]
+    assert [e["index"] for e in se["examples"]] == [0, 1] and se["examples_of_other_runs"] == 1
+    e0, e1 = se["examples"]
+    assert (e0["tokens"], e0["prediction"], e0["plain_prediction"], e0["label"]) == (44, 1, 1, 1)
+    assert (e1["prediction"], e1["plain_prediction"]) == (0, 1)  # 0.20001 > 0.2 encrypted, 0.19999 < 0.2 plain
+    assert e0["max_logit_error"] == pytest.approx(4e-5, rel=1e-3) and e0["peak_rss_bytes"] == 10 * 2**30
+    assert e0["layers"][0]["counts"]["mul_pt"] == 1404 and e0["layers"][0]["estimated_counts"]["mul_pt"] == 1420
+    assert e0["layers"][1]["seconds"] == pytest.approx(260.0) and e0["emulator_std_ratio"]["1"] == 1.3
+    a = se["aggregate"]
+    assert (a["n_examples"], a["n_agree"], a["agreement"]) == (2, 1, 0.5)
+    assert a["worst_std_ratio"] == {"ratio": 0.4, "example": 1, "layer": "0"}  # |log 0.4| > |log 1.3|
+    assert a["median_seconds_over_estimate"] == pytest.approx(1.25)  # median of 1.3 and 1.2
+    assert a["max_logit_error"] == pytest.approx(4e-5, rel=1e-3) and a["max_peak_rss_bytes"] == 11 * 2**30
+    texts, _, used, _ = build(recs)
+    page = texts["results.md"]
+    assert "| prediction agreement with plain | 50.00% (1/2) |" in page
+    assert "| emulator / SEAL error std per layer, farthest from 1 | 0.40 (example 1, layer 0) |" in page
+    assert "| 1 | 44 | 40.0 min | 33.3 min | 1.20 | 11.0 GiB | 2.00e-05 | 0 (1) | 0.40 (0) |" in page
+    assert "| 0 | 1.2 h | 53.3 min | 1.41 | 2,808 (2,840) | 1,086 | 1,920 | 162 |" in page
+    # a later, longer run of the same model re-records the same name with more examples
+    _seal_example(ex, 2, "A", logits=[0.5, 0.1], plain=[0.5, 0.1], seconds=1800.0, estimate=2000.0,
+                  ratios={"input": 1.0, 0: 0.95, 1: 1.05}, rss=11 * 2**30)
+    assert rr.main(args) == 0
+    se = json.loads((recs / "seal-quick-poly6.json").read_text())["metrics"]["seal"]
+    assert [e["index"] for e in se["examples"]] == [0, 1, 2] and "examples_of_other_runs" not in se
+    assert se["aggregate"]["agreement"] == pytest.approx(2 / 3) and se["aggregate"]["median_seconds_over_estimate"] == 1.2
+    assert "(2/3)" in build(recs)[0]["results.md"]
+
+
+def test_seal_record_refuses_examples_of_another_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "examples").mkdir(parents=True)
+    (run / "simulation.json").write_text(json.dumps({"backend": "seal", "fingerprint": "A", "n_examples": 1}))
+    _seal_example(run / "examples", 0, "B", logits=[0.0, 1.0], plain=[0.0, 1.0], seconds=1.0, estimate=1.0,
+                  ratios={}, rss=1)
+    rr = load_benchmark("record_run")
+    assert rr.main(["simulate", str(run), "--name", "s", "--command", "c", "-o", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "none of the 1 examples is from the run of simulation.json" in err
+    assert not (tmp_path / "s.json").exists()

@@ -1,6 +1,8 @@
 """CKKS simulation: emulator calibration, emulated dev-set runs, real TenSEAL vs the emulator."""
 from __future__ import annotations
 
+import math
+
 from .fmt import notes, cite, code, num, sci, secs, table
 
 EMULATE_MAX_RATIO = 3.0
@@ -51,6 +53,8 @@ def emulate(rec: dict, level: str = "###", img: str | None = None) -> list[str]:
             ["level mismatches (plan vs emulator)", str(m.get("n_level_mismatches"))],
             ["values past the modulus (overflows)", str(m.get("overflows"))]]
     out = [f"{level} {rec['title']}", "", *code(rec["command"]), cite(rec), "", *table(["metric", "value"], rows), ""]
+    if m.get("seal"):
+        out += seal_examples(m["seal"])
     per = m.get("error_per_layer") or []
     if per:
         out += ["Error of the hidden state after each layer vs plain (valid tokens): "
@@ -74,3 +78,59 @@ def real_vs_emulated(tn: dict, em: dict, level: str = "###") -> list[str]:
             *table(["backend", "examples", "accuracy", "agreement with plain", "max logit error", "refreshes per pass",
                     "CKKS", "time per example", "wall time"], rows), "",
             *notes(tn.get("notes", [])), ""]
+
+
+def _ratio(r) -> str:
+    return "n/a" if r is None else f"{r:.2f}"
+
+
+def _gib(b) -> str:
+    return "n/a" if b is None else f"{b / 2 ** 30:.1f} GiB"
+
+
+def seal_examples(se: dict) -> list[str]:
+    """A packed SEAL run's finished examples (record_run.py's ``metrics.seal``): their aggregate, one row per
+    example, and per layer the measured seconds against the dry run's estimate summed over the examples."""
+    a, exs = se["aggregate"], se["examples"]
+    w = a.get("worst_std_ratio")
+    worst = (f"{_ratio(w['ratio'])} (example {w['example']}, layer {w['layer']})" if w
+             else "n/a (run without --compare-emulator)")
+    rows = [["finished examples", str(a["n_examples"])],
+            ["prediction agreement with plain", f"{num(100 * a['agreement'], 2)}% ({a['n_agree']}/{a['n_examples']})"],
+            ["max logit error", sci(a["max_logit_error"])],
+            ["emulator / SEAL error std per layer, farthest from 1", worst],
+            ["median SEAL time / dry-run estimate", _ratio(a.get("median_seconds_over_estimate"))],
+            ["median / total SEAL time", f"{secs(a.get('median_seconds'))} / {secs(a.get('total_seconds'))}"],
+            ["peak RSS (most)", _gib(a.get("max_peak_rss_bytes"))]]
+    out = ["Every finished example of the run (`examples/`):", "", *table(["aggregate", "value"], rows), ""]
+    ex_rows = []
+    for e in exs:
+        ratios = [r for r in (e.get("emulator_std_ratio") or {}).items() if r[1] is not None]
+        far = max(ratios, key=lambda t: abs(math.log(t[1])) if t[1] > 0 else math.inf, default=None)
+        est = e.get("estimated_seconds")
+        ex_rows.append([str(e["index"]), str(e["tokens"]), secs(e["seconds"]), secs(est),
+                        _ratio(e["seconds"] / est if est else None), _gib(e.get("peak_rss_bytes")),
+                        sci(e["max_logit_error"]), f"{e['prediction']} ({e['plain_prediction']})",
+                        f"{_ratio(far[1])} ({far[0]})" if far else "n/a"])
+    out += [*table(["example", "tokens", "SEAL time", "estimate", "time / estimate", "peak RSS", "max logit error",
+                    "prediction (plain)", "emulator / SEAL std, farthest (layer)"], ex_rows), ""]
+    kinds = (("mul_pt", "ct x pt"), ("mul_ct", "ct x ct"), ("rotate", "rotations"), ("refresh", "refreshed cts"))
+    layers: dict[str, dict] = {}
+    for e in exs:
+        for r in e.get("layers") or []:
+            t = layers.setdefault(str(r["layer"]), {"s": 0.0, "est": 0.0, "n": {}, "en": {}})
+            t["s"] += r.get("seconds") or 0.0
+            t["est"] += r.get("estimated_seconds") or 0.0
+            for k, _ in kinds:
+                t["n"][k] = t["n"].get(k, 0) + (r.get("counts") or {}).get(k, 0)
+                t["en"][k] = t["en"].get(k, 0) + (r.get("estimated_counts") or {}).get(k, 0)
+    if layers:
+        def cnt(t, k):
+            return num(t["n"][k]) + ("" if t["n"][k] == t["en"][k] else f" ({num(t['en'][k])})")
+
+        lrows = [[k, secs(t["s"]), secs(t["est"]), _ratio(t["s"] / t["est"] if t["est"] else None),
+                  *[cnt(t, kk) for kk, _ in kinds]] for k, t in layers.items()]
+        out += [f"Per layer, summed over the {len(exs)} examples: SEAL time against the dry run's estimate, and "
+                "operation counts (the dry run's in parentheses where it differs).", "",
+                *table(["layer", "SEAL time", "estimate", "time / estimate", *[h for _, h in kinds]], lrows), ""]
+    return out
