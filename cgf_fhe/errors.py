@@ -33,3 +33,8 @@ class OutputError(UserError):
 
 class ModelNameError(UserError):
     """``--model`` names neither a built-in model, a model folder, a checkpoint nor a loadable hub model."""
+
+
+class SimulationError(UserError):
+    """Encrypted evaluation failed for a reason the user can act on (names the node when known); the simulate
+    stage's backends and packing raise it (re-exported by cgf_fhe.simulate.backends.base)."""

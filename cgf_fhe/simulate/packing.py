@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import SimulationError
+
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -44,8 +46,6 @@ class Layout:
     def choose(cls, slots: int, S: int, H: int) -> "Layout":
         s_blk = max(next_pow2(2 * S), slots // next_pow2(H)) if H <= slots else next_pow2(2 * S)
         if s_blk > slots:
-            from .backends.base import SimulationError
-
             raise SimulationError(f"{S} tokens need blocks of {next_pow2(2 * S)} slots but a ciphertext has "
                                   f"{slots}: use a larger --poly-modulus or a shorter --max-length")
         return cls(slots, S, H, s_blk, slots // s_blk)

@@ -33,11 +33,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ...errors import UserError
-
-
-class SimulationError(UserError):
-    """Encrypted evaluation failed for a reason the user can act on (names the node when known)."""
+from ...errors import SimulationError
 
 
 class LevelError(SimulationError):
