@@ -241,6 +241,8 @@ def test_seal_record_carries_every_finished_example_and_the_page_shows_them(tmp_
     texts, _, used, _ = build(recs)
     page = texts["results.md"]
     assert "| prediction agreement with plain | 50.00% (1/2) |" in page
+    assert "| accuracy / F1 (real CKKS, SEAL packed) | 0.5000 / 0.5000 |" in page and "emulated / plain" not in \
+        page[page.index("### packed real CKKS"):page.index("Every finished example")]
     assert "| emulator / SEAL error std per layer, farthest from 1 | 0.40 (example 1, layer 0) |" in page
     assert "| 1 | 44 | 40.0 min | 33.3 min | 1.20 | 11.0 GiB | 2.00e-05 | 0 (1) | 0.40 (0) |" in page
     assert "| 0 | 1.2 h | 53.3 min | 1.41 | 2,808 (2,840) | 1,086 | 1,920 | 162 |" in page
