@@ -631,3 +631,26 @@ def test_cover_ranges_widens_a_lean_layernorm_past_its_band(ranges):
     assert dict(named_approx_modules(model))[key].newton_steps == 0  # still the lean form
     again = tracked_ranges(model)
     assert key not in cover_ranges(model, again)
+
+
+def test_distill_flags_override_profile_band_and_exp_squarings():
+    """``--ln-band max`` turns a profile's band off (None: the calibrated maximum; a None override would be
+    ignored by ``from_profile``), ``--ln-band 0.9999`` picks another quantile, ``--exp-squarings`` reaches the
+    options; a band without ``--poly all`` is refused naming the flag."""
+    from cgf_fhe.cli import build_parser
+    from cgf_fhe.errors import UserError
+    from cgf_fhe.training.cli import _fhe_from_args
+
+    def opts(*flags):
+        args = build_parser().parse_args(["distill", "--model", "tiny", "-o", "x", *flags])
+        return _fhe_from_args(args)
+
+    lean = opts("--fhe-profile", "lean")
+    assert lean.ln_band == 0.999 and lean.exp_squarings == 1
+    o = opts("--fhe-profile", "lean", "--ln-band", "max", "--exp-squarings", "2", "--exp-degree", "7",
+             "--newton-steps", "1")
+    assert o.ln_band is None and o.exp_squarings == 2 and o.exp_degree == 7 and o.newton_steps == 1
+    assert o.gelu_degree == lean.gelu_degree and o.ln_cls_scale  # the rest of the profile stays
+    assert opts("--fhe-profile", "lean", "--ln-band", "0.9999").ln_band == 0.9999
+    with pytest.raises(UserError, match="--ln-band"):
+        opts("--ln-band", "max")

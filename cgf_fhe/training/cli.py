@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -192,7 +193,7 @@ def _fhe_from_args(args):
         args.poly = "all"  # a profile is a choice of polynomials
     if args.poly == "none":
         ignored = [f for f in ("ln", "exp_degree", "gelu_degree", "tanh_degree", "invsqrt_degree", "newton_steps",
-                               "margin", "ln_cls_scale") if getattr(args, f, None) is not None]
+                               "margin", "ln_cls_scale", "exp_squarings", "ln_band") if getattr(args, f, None) is not None]
         if ignored:
             from ..errors import UserError
 
@@ -202,13 +203,17 @@ def _fhe_from_args(args):
     from .. import surgery
 
     kw = {"poly": args.poly}
-    for f in ("ln", "exp_degree", "gelu_degree", "tanh_degree", "invsqrt_degree", "newton_steps", "margin",
-              "ln_cls_scale"):
+    for f in ("ln", "exp_degree", "exp_squarings", "gelu_degree", "tanh_degree", "invsqrt_degree", "newton_steps",
+              "margin", "ln_cls_scale"):
         v = getattr(args, f, None)
         if v is not None:
             kw[f] = v
+    band = getattr(args, "ln_band", None)
     try:
-        return surgery.FheOptions.from_profile(profile or "default", **kw)
+        opts = surgery.FheOptions.from_profile(profile or "default", **kw)
+        if band is not None:  # "max": the calibrated maximum (no band), else a calibrated quantile
+            opts = dataclasses.replace(opts, ln_band=None if band == "max" else float(band))
+        return opts
     except ValueError as exc:
         from ..errors import UserError
 
@@ -343,6 +348,9 @@ def _distill_student_args(p) -> None:
                         "Newton steps on the 99.9%% variance quantile (27 levels per exported layer; train with "
                         "--interval-penalty and --epoch-cover)")
     f.add_argument("--exp-degree", type=int, help="degree of the exp polynomial (default: the profile's)")
+    f.add_argument("--exp-squarings", type=int, metavar="K",
+                   help="range reduction of exp: fit exp(x/2^K) and square K times (K more levels; default: the "
+                        "profile's; the default profile picks K per layer)")
     f.add_argument("--gelu-degree", type=int, help="degree of the GELU polynomial (default: the profile's)")
     f.add_argument("--tanh-degree", type=int, help="degree of the pooler's tanh polynomial (default: the profile's)")
     f.add_argument("--invsqrt-degree", type=int,
@@ -350,6 +358,10 @@ def _distill_student_args(p) -> None:
     f.add_argument("--newton-steps", type=int,
                    help="Newton steps refining LayerNorm's 1/sqrt (default: the profile's)")
     f.add_argument("--margin", type=float, help="relative widening of the calibrated intervals")
+    f.add_argument("--ln-band", choices=["max", "0.99", "0.999", "0.9999"],
+                   help="top of each Newton LayerNorm's variance interval: the calibrated maximum, or a calibrated "
+                        "quantile (tokens above it must be pulled in by --interval-penalty or they make the "
+                        "unclamped polynomial explode; default: the profile's, 0.999 for lean)")
     f.add_argument("--ln-cls-scale", action=argparse.BooleanOptionalAction, default=None,
                    help="per-position variance scale of Newton LayerNorms: where the [CLS] token's median variance is "
                         "> 8x the other tokens', position 0's variance is scaled down by that ratio before the 1/sqrt "
