@@ -1210,8 +1210,47 @@ class PackedBackend(Backend):
             remap = np.full(len(cts), -1, dtype=np.int64)
             remap[used] = np.arange(len(used))
             smap = remap[o // self.slots] * self.slots + o % self.slots
-            res.append(PackedTensor([cts[i] for i in used], smap, support[used], period=period))
+            t = PackedTensor([cts[i] for i in used], smap, support[used], period=period)
+            if len(ct_positions) > 1:  # a Concat: token pieces of one hidden-major tensor are merged
+                t = self._merge_token_pieces(t)
+            res.append(t)
         return res
+
+    def _merge_token_pieces(self, t: PackedTensor) -> PackedTensor:
+        """A Concat on the token axis of hidden-major pieces (e.g. a LayerNorm's row 0 and the other rows, each
+        from its own linear map: ``--ln-cls-scale``, :class:`cgf_fhe.fold.CentringDense`): every element already
+        sits at its hidden-major slot, only in different ciphertexts. Adding the pieces' ciphertexts of each
+        hidden group gives the hidden-major tensor (one addition per extra piece, no rotation, no level) when no
+        piece holds a possibly non-zero value at another piece's element slots (the support says so); otherwise
+        the tensor is left as it is."""
+        L = self.layout
+        if L is None or t.smap.ndim < 2 or t.smap.shape[-1] == 0:
+            return t
+        slot = t.smap % self.slots
+        tok = slot[..., 0]
+        if np.any(tok >= L.S_blk):
+            return t
+        want = L.hidden_major(tok, t.smap.shape[-1])
+        if np.array_equal(t.smap, want) or not np.array_equal(slot, want % self.slots):
+            return t
+        src, dst = (t.smap // self.slots).reshape(-1), (want // self.slots).reshape(-1)
+        flat = slot.reshape(-1)
+        n_dst = int(dst.max()) + 1
+        groups = [sorted(set(src[dst == k].tolist())) for k in range(n_dst)]
+        for k, g in enumerate(groups):
+            for j in g:
+                others = flat[(dst == k) & (src != j)]
+                if np.any(t.support[j, others]):
+                    return t
+        e = self.engine
+        cts, sup = [], []
+        for g in groups:
+            lv = min(e.level(t.cts[j]) for j in g)
+            parts = [e.level_down(t.cts[j], lv) for j in g]
+            cts.append(e.add_many(parts) if len(parts) > 1 else parts[0])
+            sup.append(np.any(t.support[g], axis=0))
+        self.counts["concat_merge"] += 1
+        return PackedTensor(cts, want.astype(np.int64), np.array(sup))
 
     def describe(self) -> dict:
         d = super().describe()
