@@ -605,6 +605,11 @@ class SealEngine(Engine):
 # ---------------------------------------------------------------------------------------------------------------
 # the backend
 # ---------------------------------------------------------------------------------------------------------------
+# PackedTensor.meta key: {id(ciphertext): token slots} where each block of that ciphertext holds the same value
+# (a token sum replicated over the tokens, PackedBackend._token_sum_replicated)
+TOKEN_REPLICAS = "token_replicas"
+
+
 def _fingerprint(*arrays) -> str:
     h = hashlib.blake2b(digest_size=16)
     for a in arrays:
@@ -861,6 +866,9 @@ class PackedBackend(Backend):
             return a
         rank = len(a.shape)
         axes = sorted({ax % rank for ax in axes})
+        rep = self._token_sum_replicated(a, axes, keepdims)
+        if rep is not None:
+            return rep
         keep_axes = [i for i in range(rank) if i not in axes]
         perm = keep_axes + axes
         inv_perm = np.argsort(perm)
@@ -978,6 +986,8 @@ class PackedBackend(Backend):
         kh = L.heads_hm(b.smap, transposed=True)
         if qh is not None and kh is not None and kh[:2] == qh[:2] and kh[2] == tuple(range(L.S)):
             return self._scores(a, b, *qh)
+        if qh is not None and kh is not None and kh[:2] == qh[:2] and len(kh[2]) == 1:
+            return self._query_times_vector(a, b, *qh)
         vh = L.heads_hm(b.smap)
         if vh is not None and vh[2] == tuple(range(L.S)):
             tq = self._diag_queries(a, vh[0], vh[1])
@@ -985,6 +995,81 @@ class PackedBackend(Backend):
                 return self._probs_v(a, b, vh[0], vh[1], tq)
         raise SimulationError(f"encrypted MatMul {list(a.shape)} x {list(b.shape)}: operands are not in a packed "
                               "attention layout (Q x K^T of hidden-major tensors, or diagonal scores x V)")
+
+    def _token_sum_replicated(self, a: PackedTensor, axes, keepdims: bool) -> PackedTensor | None:
+        """Sum over the token axis of a hidden-major ``[1, S, H]`` tensor (keepdims) with its total in *every*
+        token slot of each block, or None when it does not apply (then :meth:`reduce_sum` as usual).
+
+        With the tokens at slots ``[t0, t1]`` of each block (span ``m = t1 - t0``) and zeros elsewhere (a clean
+        tensor; blocks are >= 2 S slots), the window sum ``W(p) = sum_{|j| <= m} x(p + j)`` is the block's total
+        at every token slot ``p``: the window covers all tokens and reaches only zero padding of this block and
+        of its neighbours (``2 m < S_blk``). A rotate-and-sum of width ``2 m + 1`` and one rotation by ``m``: no
+        level, about two rotations more than the plain reduction. The CGF statistics fold's key mean
+        ``kbar = sum_j w_j k_j`` (:func:`cgf_fhe.fold.cgf_stats_core`) then meets every query token in
+        :meth:`_query_times_vector` without a mask (a mask would cost a level on the critical path). The slot
+        map points at token ``t0``; ``meta[TOKEN_REPLICAS]`` lists, per ciphertext, the token slots holding the
+        total (kept through data movement)."""
+        L = self.layout
+        if (L is None or len(a.shape) != 3 or list(axes) != [1] or not keepdims or a.shape[1] < 2 or a.period
+                or a.alias is not None):
+            return None
+        tok = L.hm_tokens(a.smap)
+        if tok is None or len(set(tok[0].tolist())) != tok.shape[1] or not self.is_clean(a):
+            return None
+        t0, t1 = int(tok.min()), int(tok.max())
+        m = t1 - t0
+        if 2 * m >= L.S_blk:
+            return None
+        self._ensure(a, 0)
+        e = self.engine
+        cts, sup = [], []
+        for c, s in zip(a.cts, a.support):
+            w, ws = self._rotsum(c, s, 1, 2 * m + 1)
+            cts.append(e.rotate(w, -m))
+            sup.append(np.roll(ws, m))
+        H = a.shape[2]
+        res = PackedTensor(cts, L.hidden_major(np.full((1, 1), t0), H), np.array(sup))
+        res.meta[TOKEN_REPLICAS] = {id(c): tuple(range(t0, t1 + 1)) for c in cts}
+        self.counts["token_sum_replicated"] += 1
+        return res
+
+    def _query_times_vector(self, q: PackedTensor, v: PackedTensor, heads: int, dh: int, tq) -> PackedTensor:
+        """``q [1, heads, Sq, dh] @ v [1, heads, dh, 1]`` with ``v`` one row per head replicated over the query
+        tokens (:meth:`_token_sum_replicated`; the statistics fold's ``um = q' kbar``): one ct x ct product per
+        ciphertext and a rotate-and-sum over each head's ``dh`` blocks, as the scores do. The result ``[1,
+        heads, Sq, 1]`` sits where the diagonal scores of the same queries sit (head's first block, query
+        token slots), so it meets them (``t - um``) and their sum over the keys without data movement."""
+        L = self.layout
+        if dh & (dh - 1) or L.hp % dh:
+            raise SimulationError(f"attention head size {dh} must be a power of two dividing the {L.hp} blocks "
+                                  "per ciphertext")
+        n_ct = L.n_ct(heads * dh)
+        reps = v.meta.get(TOKEN_REPLICAS, {})
+        if len(v.cts) != n_ct or any(not set(tq) <= set(reps.get(id(c), ())) for c in v.cts):
+            raise SimulationError(f"encrypted MatMul {list(q.shape)} x {list(v.shape)}: the vector is not "
+                                  "replicated over the query tokens (only a sum over the tokens of a hidden-major "
+                                  "tensor is)")
+        if not self.is_clean(q):
+            raise SimulationError("a query x vector product needs the queries with zero padding slots")
+        self._ensure(q)
+        self._ensure(v)
+        e = self.engine
+        cts, sup = [], []
+        for c in range(n_ct):
+            p = e.mul(*self._align(q.cts[c], v.cts[c]))
+            s = q.support[c] & v.support[c]
+            step = 1
+            while step < dh:
+                p = e.add(p, e.rotate(p, step * L.S_blk))
+                s = s | np.roll(s, -step * L.S_blk)
+                step *= 2
+            cts.append(p)
+            sup.append(s)
+        h = np.arange(heads)[:, None, None]
+        slot = ((h * dh) % L.hp) * L.S_blk + np.asarray(tq)[None, :, None]
+        smap = (((h * dh) // L.hp) * self.slots + slot)[None].astype(np.int64)
+        self.counts["matmul_ct"] += 1
+        return PackedTensor(cts, smap, np.array(sup))
 
     def _linear(self, a: PackedTensor, W: np.ndarray) -> PackedTensor:
         """Diagonal method, baby-step giant-step: out_b = sum_g rot(sum_{a,i} rot(X_a, i) * D'_{a,b,g,i}, g n1)
@@ -1192,6 +1277,7 @@ class PackedBackend(Backend):
         vals = list(args)
         cts, sups = [], []
         periods = {args[i].period for i in ct_positions}
+        reps = {k: v for i in ct_positions for k, v in args[i].meta.get(TOKEN_REPLICAS, {}).items()}
         period = periods.pop() if len(periods) == 1 else 0  # a per-ciphertext property: kept by re-indexing
         for i in ct_positions:
             t = args[i]
@@ -1211,6 +1297,8 @@ class PackedBackend(Backend):
             remap[used] = np.arange(len(used))
             smap = remap[o // self.slots] * self.slots + o % self.slots
             t = PackedTensor([cts[i] for i in used], smap, support[used], period=period)
+            if reps:  # per-ciphertext facts: kept by re-indexing
+                t.meta[TOKEN_REPLICAS] = {id(cts[i]): reps[id(cts[i])] for i in used if id(cts[i]) in reps}
             if len(ct_positions) > 1:  # a Concat: token pieces of one hidden-major tensor are merged
                 t = self._merge_token_pieces(t)
             res.append(t)
