@@ -81,9 +81,11 @@ def _token_concats(m) -> int:
 
 
 def test_dry_run_packs_the_cls_scaled_layernorm_split(cls_scaled_student, mrpc_dir):
-    """Row 0 and rows 1.. of the dense layer before each scaled LayerNorm come from their own linear maps; the
-    Concat adds the two pieces' ciphertexts (each is zero at the other's token slots): the result is hidden-major
-    again and the next linear map packs it. Logits equal plain's to float64 rounding."""
+    """Row 0 and rows 1.. of the dense layer before each scaled LayerNorm multiply their own weights; a Concat
+    joins them. Node by node, each slice is a full diagonal-method pass and the Concat adds the two pieces'
+    ciphertexts (each is zero at the other's token slots): hidden-major again, so the next linear map packs it.
+    As a group (cgf_fhe.simulate.packed_fusion) it is one pass whose diagonals carry each slice's weights at its
+    token slots: the same logits (plain's to float64 rounding) with fewer rotations and ct x pt products."""
     m, batches = _feeds(cls_scaled_student, mrpc_dir)
     settings = json.loads((cls_scaled_student / "ckpt" / "cgf_fhe.json").read_text())
     mods = settings["fhe"]["modules"]
@@ -94,7 +96,16 @@ def test_dry_run_packs_the_cls_scaled_layernorm_split(cls_scaled_student, mrpc_d
         plain = Interpreter(m, make_backend("plain")).run(feeds).outputs["logits"]
         got, be = _dry(m, feeds)
         assert np.abs(got - plain).max() < 1e-12 * max(1.0, np.abs(plain).max())
-        assert be.counts["concat_merge"] == 2
+        assert be.counts["token_split_linear"] == 2 and be.counts["concat_merge"] == 0
+        sep_be = PackedBackend(SMALL, NumpyEngine(SMALL))
+        it = PackedInterpreter(m, sep_be)
+        assert len(it.fused) == 2 * 2 + 2 * 2 + 2  # per split: 2 MatMuls, 2 Adds, 1 Concat
+        it.fused = {}  # node by node
+        sep = it.run(feeds).outputs["logits"]
+        assert np.abs(sep - plain).max() < 1e-12 * max(1.0, np.abs(plain).max())
+        assert sep_be.counts["concat_merge"] == 2 and sep_be.counts["token_split_linear"] == 0
+        fused, split = be.engine.counts, sep_be.engine.counts
+        assert fused["mul_pt"] < split["mul_pt"] and fused["rotate"] < split["rotate"]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +135,7 @@ def test_dry_run_packs_the_lean_student(lean_student, mrpc_dir, params):
         assert np.abs(got - plain).max() < 1e-12 * max(1.0, np.abs(plain).max())
         # layer 1 (the first with a folded LayerNorm before it) folds its statistics; layer 0's two LayerNorms
         # are split on the token axis
-        assert be.counts["token_sum_replicated"] == 1 and be.counts["concat_merge"] == 2
+        assert be.counts["token_sum_replicated"] == 1 and be.counts["token_split_linear"] == 2
         assert be.layout.n_ct(64) == (1 if params is SMALL else 2)
 
 

@@ -1134,6 +1134,97 @@ class PackedBackend(Backend):
         res.support = self._keep(res)
         return res
 
+    def linear_token_split(self, parts) -> PackedTensor | None:
+        """``Concat_token([x[rows_i] @ W_i + b_i])`` for token slices ``x[rows_i]`` of one hidden-major tensor
+        (``--ln-cls-scale``'s split dense layer, :class:`cgf_fhe.fold.CentringDense`: row 0 with its own
+        weights) as **one** diagonal-method pass: a diagonal's plaintext holds ``W_i``'s diagonal at the token
+        slots of ``rows_i`` (the token mask of :meth:`_linear` generalised), so the slices cost what one linear
+        map costs (the separate maps plus the Concat's addition cost one map per slice). ``parts``: ``[(x_i,
+        W_i, b_i or None)]``. None when the parts are not slices of the same ciphertexts (the caller then runs
+        the nodes one by one)."""
+        L = self.layout
+        if L is None or len(parts) < 2 or not all(self.is_ct(x) for x, _, _ in parts):
+            return None
+        x0 = parts[0][0]
+        Ws, toks = [], []
+        for x, W, _ in parts:
+            W = np.asarray(W, dtype=np.float64)
+            while W.ndim > 2 and W.shape[0] == 1:
+                W = W[0]
+            tok = L.hm_tokens(x.smap)
+            if (W.ndim != 2 or tok is None or tok.ndim != 2 or x.shape[-1] != W.shape[0]
+                    or len(x.cts) != len(x0.cts) or any(c is not d for c, d in zip(x.cts, x0.cts))):
+                return None
+            Ws.append(W)
+            toks.append(tok)
+        K, M = Ws[0].shape
+        if any(W.shape != (K, M) for W in Ws):
+            return None
+        alltok = np.concatenate(toks, axis=1)
+        if len(set(alltok.reshape(-1).tolist())) != alltok.size:
+            return None
+        # the slices' ciphertexts as one tensor with all their tokens (a refresh must keep every slice's slots)
+        whole = PackedTensor(list(x0.cts), L.hidden_major(alltok, K), x0.support.copy())
+        self._ensure(whole)
+        cts = whole.cts
+        e, hp, S_blk = self.engine, L.hp, L.S_blk
+        n_in, n_out = L.n_ct(K), L.n_ct(M)
+        n1 = next_pow2(math.ceil(math.sqrt(hp)))
+        n2 = math.ceil(hp / n1)
+        masks = []
+        for tok in toks:
+            tm = np.zeros(S_blk)
+            tm[np.unique(tok)] = 1.0
+            masks.append(tm)
+        lv = self.engine.level(cts[0])
+        key = _fingerprint(*Ws, *masks)
+        Wps = []
+        for W in Ws:
+            Wp = np.zeros((n_in * hp, n_out * hp))
+            Wp[:K, :M] = W
+            Wps.append(Wp)
+        j = np.arange(hp)
+        baby = {}
+        outs = []
+        for bi in range(n_out):
+            acc = None
+            for g in range(n2):
+                terms = []
+                for ai in range(n_in):
+                    for i in range(n1):
+                        d = g * n1 + i
+                        if d >= hp:
+                            break
+                        vals = [Wp[ai * hp:(ai + 1) * hp, bi * hp:(bi + 1) * hp][(j + d) % hp, j] for Wp in Wps]
+                        if not any(np.any(v) for v in vals):
+                            continue
+                        if (ai, i) not in baby:
+                            baby[ai, i] = e.rotate(cts[ai], i * S_blk) if i else cts[ai]
+
+                        def diag(vals=vals, g=g):
+                            blk = sum(v[:, None] * tm[None, :] for v, tm in zip(vals, masks))
+                            return np.roll(blk.reshape(-1), g * n1 * S_blk)
+
+                        terms.append(e.mul_plain_raw(baby[ai, i], e.plain((key, ai, bi, d), diag, lv, "mul")))
+                if not terms:
+                    continue
+                y = e.rescale(e.add_many(terms))
+                y = e.rotate(y, g * n1 * S_blk) if g else y
+                acc = y if acc is None else e.add(acc, y)
+            if acc is None:
+                acc = e.zeros(lv - 1)
+            outs.append(acc)
+        self.counts["matmul_pt"] += 1
+        self.counts["token_split_linear"] += 1
+        res = PackedTensor(outs, L.hidden_major(alltok, M), None)
+        res.support = self._keep(res)
+        if any(b is not None for _, _, b in parts):
+            bias = np.concatenate([np.broadcast_to(np.zeros(M) if b is None else np.asarray(b, dtype=np.float64),
+                                                   (1, tok.shape[1], M)) for (_, _, b), tok in zip(parts, toks)],
+                                  axis=1)
+            res = self._with_plain(res, bias, "add")
+        return res
+
     def _pairs(self, tq, sets):
         """Pair diagonal sets r and r + D: with the queries at block slots ``tq``, a copy shifted by D tokens
         lands on free slots (``tq + D`` misses ``tq`` and stays in the block, ``tq - D`` misses ``tq``), so one
