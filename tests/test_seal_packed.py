@@ -331,15 +331,19 @@ def test_dry_run_reports_modulus_headroom_and_refuses_overflow(micro_student_pac
         runner.check_memory(runner.dry_run(big))
 
 
-def test_dry_run_refuses_the_statistics_folded_attention_naming_the_node(tmp_path, tiny_tokenizer, mrpc_dir):
-    """The CGF statistics fold (cgf_fhe.fold.cgf_stats_core, layers after the first) multiplies the query by the
-    key mean, a [1, heads, 1, d] operand that is not one of the packed attention layouts: the dry run refuses it
-    before anything is encrypted, naming the node (export with fold_stats=False / --no-fold-stats until it packs)."""
+def test_dry_run_packs_the_statistics_folded_attention(tmp_path, tiny_tokenizer, mrpc_dir):
+    """The CGF statistics fold (cgf_fhe.fold.cgf_stats_core, layers after the first, `cgf-fhe export`'s default)
+    multiplies the queries by the key mean, a [1, heads, dh, 1] sum over the tokens. It used to be refused (no
+    packed layout for it; exports needed --no-fold-stats); the token sum is now left in every token slot and
+    the product packs like the scores (tests/test_seal_packed_lean.py has the wider cases): plain's logits to
+    float64 rounding."""
     from conftest import build_student
 
     d = build_student(tmp_path, tiny_tokenizer, mrpc_dir, layers=2)
     m, batches = _feeds(d, mrpc_dir, limit=1)
     feeds = batches[0][0]
-    Interpreter(m, make_backend("plain")).run(feeds)  # a valid graph: plain runs it
-    with pytest.raises(SimulationError, match=r"node \S+ \(MatMul\).*not in a packed attention layout"):
-        PackedInterpreter(m, PackedBackend(SMALL, NumpyEngine(SMALL))).run(feeds)
+    plain = Interpreter(m, make_backend("plain")).run(feeds).outputs["logits"]
+    be = PackedBackend(SMALL, NumpyEngine(SMALL))
+    got = PackedInterpreter(m, be).run(feeds).outputs["logits"]
+    assert be.counts["token_sum_replicated"] == 1  # layer 1's key mean
+    assert np.abs(got - plain).max() < 1e-12 * max(1.0, np.abs(plain).max())

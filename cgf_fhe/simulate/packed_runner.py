@@ -34,6 +34,7 @@ from .batch import EMB, LOGITS, MASK, BatchRunner, client_batches, op_stats, sum
 from .backends.seal_noise import calibrate_rotations
 from .backends.seal_packed import NumpyEngine, PackedBackend, SealClient, SealEngine, calibrate_rotation_noise
 from .interpreter import Interpreter, node_layers
+from .packed_fusion import find_token_split_linears, run_fused
 from .packing import galois_key_bytes
 
 # SEAL's memory pools keep freed buffers per size (one size per level) and Python adds its objects: measured on
@@ -58,6 +59,7 @@ class PackedInterpreter(Interpreter):
         self.layer_stats: dict = {}
         self._bar = None
         self._cur = None
+        self.fused = find_token_split_linears(self.model, self.analysis)  # node groups run as one operation
 
     def _check_levels(self, r, node, args):  # the backend refreshes where levels run out
         return
@@ -102,7 +104,11 @@ class PackedInterpreter(Interpreter):
         est0 = Counter(getattr(e, "est_ms", {}))
         n0 = B.n_refresh
         t0, cpu0 = time.perf_counter(), time.process_time()
-        out = super()._exec(i, node, r, args)
+        role = self.fused.get(i)
+        out = run_fused(B, role, node, args, lambda a: super(PackedInterpreter, self)._exec(i, node, r, a)) \
+            if role else None
+        if out is None:
+            out = super()._exec(i, node, r, args)
         st = self.layer_stats.setdefault(key, {"seconds": 0.0, "counts": Counter(), "est_ms": Counter(),
                                                "refreshes": 0, "nodes": 0, "cpu_seconds": 0.0})
         st["seconds"] += time.perf_counter() - t0

@@ -601,6 +601,11 @@ class SealEngine(Engine):
 # ---------------------------------------------------------------------------------------------------------------
 # the backend
 # ---------------------------------------------------------------------------------------------------------------
+# PackedTensor.meta key: {id(ciphertext): token slots} where each block of that ciphertext holds the same value
+# (a token sum replicated over the tokens, PackedBackend._token_sum_replicated)
+TOKEN_REPLICAS = "token_replicas"
+
+
 def _fingerprint(*arrays) -> str:
     h = hashlib.blake2b(digest_size=16)
     for a in arrays:
@@ -857,6 +862,9 @@ class PackedBackend(Backend):
             return a
         rank = len(a.shape)
         axes = sorted({ax % rank for ax in axes})
+        rep = self._token_sum_replicated(a, axes, keepdims)
+        if rep is not None:
+            return rep
         keep_axes = [i for i in range(rank) if i not in axes]
         perm = keep_axes + axes
         inv_perm = np.argsort(perm)
@@ -974,6 +982,8 @@ class PackedBackend(Backend):
         kh = L.heads_hm(b.smap, transposed=True)
         if qh is not None and kh is not None and kh[:2] == qh[:2] and kh[2] == tuple(range(L.S)):
             return self._scores(a, b, *qh)
+        if qh is not None and kh is not None and kh[:2] == qh[:2] and len(kh[2]) == 1:
+            return self._query_times_vector(a, b, *qh)
         vh = L.heads_hm(b.smap)
         if vh is not None and vh[2] == tuple(range(L.S)):
             tq = self._diag_queries(a, vh[0], vh[1])
@@ -981,6 +991,81 @@ class PackedBackend(Backend):
                 return self._probs_v(a, b, vh[0], vh[1], tq)
         raise SimulationError(f"encrypted MatMul {list(a.shape)} x {list(b.shape)}: operands are not in a packed "
                               "attention layout (Q x K^T of hidden-major tensors, or diagonal scores x V)")
+
+    def _token_sum_replicated(self, a: PackedTensor, axes, keepdims: bool) -> PackedTensor | None:
+        """Sum over the token axis of a hidden-major ``[1, S, H]`` tensor (keepdims) with its total in *every*
+        token slot of each block, or None when it does not apply (then :meth:`reduce_sum` as usual).
+
+        With the tokens at slots ``[t0, t1]`` of each block (span ``m = t1 - t0``) and zeros elsewhere (a clean
+        tensor; blocks are >= 2 S slots), the window sum ``W(p) = sum_{|j| <= m} x(p + j)`` is the block's total
+        at every token slot ``p``: the window covers all tokens and reaches only zero padding of this block and
+        of its neighbours (``2 m < S_blk``). A rotate-and-sum of width ``2 m + 1`` and one rotation by ``m``: no
+        level, about two rotations more than the plain reduction. The CGF statistics fold's key mean
+        ``kbar = sum_j w_j k_j`` (:func:`cgf_fhe.fold.cgf_stats_core`) then meets every query token in
+        :meth:`_query_times_vector` without a mask (a mask would cost a level on the critical path). The slot
+        map points at token ``t0``; ``meta[TOKEN_REPLICAS]`` lists, per ciphertext, the token slots holding the
+        total (kept through data movement)."""
+        L = self.layout
+        if (L is None or len(a.shape) != 3 or list(axes) != [1] or not keepdims or a.shape[1] < 2 or a.period
+                or a.alias is not None):
+            return None
+        tok = L.hm_tokens(a.smap)
+        if tok is None or len(set(tok[0].tolist())) != tok.shape[1] or not self.is_clean(a):
+            return None
+        t0, t1 = int(tok.min()), int(tok.max())
+        m = t1 - t0
+        if 2 * m >= L.S_blk:
+            return None
+        self._ensure(a, 0)
+        e = self.engine
+        cts, sup = [], []
+        for c, s in zip(a.cts, a.support):
+            w, ws = self._rotsum(c, s, 1, 2 * m + 1)
+            cts.append(e.rotate(w, -m))
+            sup.append(np.roll(ws, m))
+        H = a.shape[2]
+        res = PackedTensor(cts, L.hidden_major(np.full((1, 1), t0), H), np.array(sup))
+        res.meta[TOKEN_REPLICAS] = {id(c): tuple(range(t0, t1 + 1)) for c in cts}
+        self.counts["token_sum_replicated"] += 1
+        return res
+
+    def _query_times_vector(self, q: PackedTensor, v: PackedTensor, heads: int, dh: int, tq) -> PackedTensor:
+        """``q [1, heads, Sq, dh] @ v [1, heads, dh, 1]`` with ``v`` one row per head replicated over the query
+        tokens (:meth:`_token_sum_replicated`; the statistics fold's ``um = q' kbar``): one ct x ct product per
+        ciphertext and a rotate-and-sum over each head's ``dh`` blocks, as the scores do. The result ``[1,
+        heads, Sq, 1]`` sits where the diagonal scores of the same queries sit (head's first block, query
+        token slots), so it meets them (``t - um``) and their sum over the keys without data movement."""
+        L = self.layout
+        if dh & (dh - 1) or L.hp % dh:
+            raise SimulationError(f"attention head size {dh} must be a power of two dividing the {L.hp} blocks "
+                                  "per ciphertext")
+        n_ct = L.n_ct(heads * dh)
+        reps = v.meta.get(TOKEN_REPLICAS, {})
+        if len(v.cts) != n_ct or any(not set(tq) <= set(reps.get(id(c), ())) for c in v.cts):
+            raise SimulationError(f"encrypted MatMul {list(q.shape)} x {list(v.shape)}: the vector is not "
+                                  "replicated over the query tokens (only a sum over the tokens of a hidden-major "
+                                  "tensor is)")
+        if not self.is_clean(q):
+            raise SimulationError("a query x vector product needs the queries with zero padding slots")
+        self._ensure(q)
+        self._ensure(v)
+        e = self.engine
+        cts, sup = [], []
+        for c in range(n_ct):
+            p = e.mul(*self._align(q.cts[c], v.cts[c]))
+            s = q.support[c] & v.support[c]
+            step = 1
+            while step < dh:
+                p = e.add(p, e.rotate(p, step * L.S_blk))
+                s = s | np.roll(s, -step * L.S_blk)
+                step *= 2
+            cts.append(p)
+            sup.append(s)
+        h = np.arange(heads)[:, None, None]
+        slot = ((h * dh) % L.hp) * L.S_blk + np.asarray(tq)[None, :, None]
+        smap = (((h * dh) // L.hp) * self.slots + slot)[None].astype(np.int64)
+        self.counts["matmul_ct"] += 1
+        return PackedTensor(cts, smap, np.array(sup))
 
     def _linear(self, a: PackedTensor, W: np.ndarray) -> PackedTensor:
         """Diagonal method, baby-step giant-step: out_b = sum_g rot(sum_{a,i} rot(X_a, i) * D'_{a,b,g,i}, g n1)
@@ -1043,6 +1128,97 @@ class PackedBackend(Backend):
         self.counts["matmul_pt"] += 1
         res = PackedTensor(outs, L.hidden_major(tok, M), None)
         res.support = self._keep(res)
+        return res
+
+    def linear_token_split(self, parts) -> PackedTensor | None:
+        """``Concat_token([x[rows_i] @ W_i + b_i])`` for token slices ``x[rows_i]`` of one hidden-major tensor
+        (``--ln-cls-scale``'s split dense layer, :class:`cgf_fhe.fold.CentringDense`: row 0 with its own
+        weights) as **one** diagonal-method pass: a diagonal's plaintext holds ``W_i``'s diagonal at the token
+        slots of ``rows_i`` (the token mask of :meth:`_linear` generalised), so the slices cost what one linear
+        map costs (the separate maps plus the Concat's addition cost one map per slice). ``parts``: ``[(x_i,
+        W_i, b_i or None)]``. None when the parts are not slices of the same ciphertexts (the caller then runs
+        the nodes one by one)."""
+        L = self.layout
+        if L is None or len(parts) < 2 or not all(self.is_ct(x) for x, _, _ in parts):
+            return None
+        x0 = parts[0][0]
+        Ws, toks = [], []
+        for x, W, _ in parts:
+            W = np.asarray(W, dtype=np.float64)
+            while W.ndim > 2 and W.shape[0] == 1:
+                W = W[0]
+            tok = L.hm_tokens(x.smap)
+            if (W.ndim != 2 or tok is None or tok.ndim != 2 or x.shape[-1] != W.shape[0]
+                    or len(x.cts) != len(x0.cts) or any(c is not d for c, d in zip(x.cts, x0.cts))):
+                return None
+            Ws.append(W)
+            toks.append(tok)
+        K, M = Ws[0].shape
+        if any(W.shape != (K, M) for W in Ws):
+            return None
+        alltok = np.concatenate(toks, axis=1)
+        if len(set(alltok.reshape(-1).tolist())) != alltok.size:
+            return None
+        # the slices' ciphertexts as one tensor with all their tokens (a refresh must keep every slice's slots)
+        whole = PackedTensor(list(x0.cts), L.hidden_major(alltok, K), x0.support.copy())
+        self._ensure(whole)
+        cts = whole.cts
+        e, hp, S_blk = self.engine, L.hp, L.S_blk
+        n_in, n_out = L.n_ct(K), L.n_ct(M)
+        n1 = next_pow2(math.ceil(math.sqrt(hp)))
+        n2 = math.ceil(hp / n1)
+        masks = []
+        for tok in toks:
+            tm = np.zeros(S_blk)
+            tm[np.unique(tok)] = 1.0
+            masks.append(tm)
+        lv = self.engine.level(cts[0])
+        key = _fingerprint(*Ws, *masks)
+        Wps = []
+        for W in Ws:
+            Wp = np.zeros((n_in * hp, n_out * hp))
+            Wp[:K, :M] = W
+            Wps.append(Wp)
+        j = np.arange(hp)
+        baby = {}
+        outs = []
+        for bi in range(n_out):
+            acc = None
+            for g in range(n2):
+                terms = []
+                for ai in range(n_in):
+                    for i in range(n1):
+                        d = g * n1 + i
+                        if d >= hp:
+                            break
+                        vals = [Wp[ai * hp:(ai + 1) * hp, bi * hp:(bi + 1) * hp][(j + d) % hp, j] for Wp in Wps]
+                        if not any(np.any(v) for v in vals):
+                            continue
+                        if (ai, i) not in baby:
+                            baby[ai, i] = e.rotate(cts[ai], i * S_blk) if i else cts[ai]
+
+                        def diag(vals=vals, g=g):
+                            blk = sum(v[:, None] * tm[None, :] for v, tm in zip(vals, masks))
+                            return np.roll(blk.reshape(-1), g * n1 * S_blk)
+
+                        terms.append(e.mul_plain_raw(baby[ai, i], e.plain((key, ai, bi, d), diag, lv, "mul")))
+                if not terms:
+                    continue
+                y = e.rescale(e.add_many(terms))
+                y = e.rotate(y, g * n1 * S_blk) if g else y
+                acc = y if acc is None else e.add(acc, y)
+            if acc is None:
+                acc = e.zeros(lv - 1)
+            outs.append(acc)
+        self.counts["matmul_pt"] += 1
+        self.counts["token_split_linear"] += 1
+        res = PackedTensor(outs, L.hidden_major(alltok, M), None)
+        res.support = self._keep(res)
+        if any(b is not None for _, _, b in parts):
+            bias = np.concatenate([np.broadcast_to(np.zeros(M) if b is None else np.asarray(b, dtype=np.float64),
+                                                   (1, tok.shape[1], M)) for (_, _, b), tok in zip(parts, toks)],
+                                  axis=1)
+            res = self._with_plain(res, bias, "add")
         return res
 
     def _pairs(self, tq, sets):
@@ -1188,6 +1364,7 @@ class PackedBackend(Backend):
         vals = list(args)
         cts, sups = [], []
         periods = {args[i].period for i in ct_positions}
+        reps = {k: v for i in ct_positions for k, v in args[i].meta.get(TOKEN_REPLICAS, {}).items()}
         period = periods.pop() if len(periods) == 1 else 0  # a per-ciphertext property: kept by re-indexing
         for i in ct_positions:
             t = args[i]
@@ -1206,8 +1383,49 @@ class PackedBackend(Backend):
             remap = np.full(len(cts), -1, dtype=np.int64)
             remap[used] = np.arange(len(used))
             smap = remap[o // self.slots] * self.slots + o % self.slots
-            res.append(PackedTensor([cts[i] for i in used], smap, support[used], period=period))
+            t = PackedTensor([cts[i] for i in used], smap, support[used], period=period)
+            if reps:  # per-ciphertext facts: kept by re-indexing
+                t.meta[TOKEN_REPLICAS] = {id(cts[i]): reps[id(cts[i])] for i in used if id(cts[i]) in reps}
+            if len(ct_positions) > 1:  # a Concat: token pieces of one hidden-major tensor are merged
+                t = self._merge_token_pieces(t)
+            res.append(t)
         return res
+
+    def _merge_token_pieces(self, t: PackedTensor) -> PackedTensor:
+        """A Concat on the token axis of hidden-major pieces (e.g. a LayerNorm's row 0 and the other rows, each
+        from its own linear map: ``--ln-cls-scale``, :class:`cgf_fhe.fold.CentringDense`): every element already
+        sits at its hidden-major slot, only in different ciphertexts. Adding the pieces' ciphertexts of each
+        hidden group gives the hidden-major tensor (one addition per extra piece, no rotation, no level) when no
+        piece holds a possibly non-zero value at another piece's element slots (the support says so); otherwise
+        the tensor is left as it is."""
+        L = self.layout
+        if L is None or t.smap.ndim < 2 or t.smap.shape[-1] == 0:
+            return t
+        slot = t.smap % self.slots
+        tok = slot[..., 0]
+        if np.any(tok >= L.S_blk):
+            return t
+        want = L.hidden_major(tok, t.smap.shape[-1])
+        if np.array_equal(t.smap, want) or not np.array_equal(slot, want % self.slots):
+            return t
+        src, dst = (t.smap // self.slots).reshape(-1), (want // self.slots).reshape(-1)
+        flat = slot.reshape(-1)
+        n_dst = int(dst.max()) + 1
+        groups = [sorted(set(src[dst == k].tolist())) for k in range(n_dst)]
+        for k, g in enumerate(groups):
+            for j in g:
+                others = flat[(dst == k) & (src != j)]
+                if np.any(t.support[j, others]):
+                    return t
+        e = self.engine
+        cts, sup = [], []
+        for g in groups:
+            lv = min(e.level(t.cts[j]) for j in g)
+            parts = [e.level_down(t.cts[j], lv) for j in g]
+            cts.append(e.add_many(parts) if len(parts) > 1 else parts[0])
+            sup.append(np.any(t.support[g], axis=0))
+        self.counts["concat_merge"] += 1
+        return PackedTensor(cts, want.astype(np.int64), np.array(sup))
 
     def describe(self) -> dict:
         d = super().describe()
