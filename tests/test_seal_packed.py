@@ -343,3 +343,27 @@ def test_dry_run_refuses_the_statistics_folded_attention_naming_the_node(tmp_pat
     Interpreter(m, make_backend("plain")).run(feeds)  # a valid graph: plain runs it
     with pytest.raises(SimulationError, match=r"node \S+ \(MatMul\).*not in a packed attention layout"):
         PackedInterpreter(m, PackedBackend(SMALL, NumpyEngine(SMALL))).run(feeds)
+
+
+def test_dry_run_reports_the_live_ciphertext_peak_by_node(wide_student_folded, mrpc_dir):
+    """The dry run names the nodes where live ciphertexts peak and the values live there: the highest node's
+    peak is the run's ciphertext peak, and the values live at it (each ciphertext once) fit inside it."""
+    from cgf_fhe.simulate.runner import SimConfig
+
+    cfg = SimConfig(backend="seal", poly_modulus=1024, coeff_bits=(60,) + (40,) * 8 + (60,), insecure=True,
+                    max_length=6, data_dir=str(mrpc_dir), progress=False)
+    runner = PackedRunner(str(wide_student_folded / "student.onnx"), cfg)
+    _, batches = _feeds(wide_student_folded, mrpc_dir)
+    dry = runner.dry_run(batches[0][0])
+    mb = dry["memory_by_node"]
+    top = mb["top_nodes"]
+    assert len(top) == 10 and top[0]["node"] == mb["peak_node"]
+    assert top[0]["peak_bytes"] == dry["ciphertext_peak_bytes"] > 0
+    assert all(a["peak_bytes"] >= b["peak_bytes"] for a, b in zip(top, top[1:]))
+    names = {n.name for n in runner.model.graph.node}
+    assert all(t["node"] in names for t in top)
+    live = sum(v["bytes"] for v in mb["live_at_peak"])
+    assert 0 < live <= dry["ciphertext_peak_bytes"]
+    by_layer = mb["peak_bytes_by_layer"]  # per node, not cumulative: the classifier head holds little
+    assert set(by_layer) == {"0", "1", "head"} and max(by_layer.values()) == dry["ciphertext_peak_bytes"]
+    assert by_layer["head"] < 0.5 * dry["ciphertext_peak_bytes"]

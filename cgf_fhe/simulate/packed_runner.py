@@ -34,7 +34,7 @@ from .batch import EMB, LOGITS, MASK, BatchRunner, client_batches, op_stats, sum
 from .backends.seal_noise import calibrate_rotations
 from .backends.seal_packed import NumpyEngine, PackedBackend, SealClient, SealEngine, calibrate_rotation_noise
 from .interpreter import Interpreter, node_layers
-from .packing import galois_key_bytes
+from .packing import ciphertext_bytes, galois_key_bytes
 
 # SEAL's memory pools keep freed buffers per size (one size per level) and Python adds its objects: measured on
 # the 2-layer hidden-64 student at 32 tokens, peak RSS 6.7-7.3 GiB for an estimate of 3.4 GiB of live ciphertexts,
@@ -58,12 +58,17 @@ class PackedInterpreter(Interpreter):
         self.layer_stats: dict = {}
         self._bar = None
         self._cur = None
+        # memory by node (engines with start_window: the dry run): (index, bytes live before, peak during, after)
+        self.node_mem: list[tuple] = []
+        self.value_cts: dict = {}  # encrypted value -> {id(ciphertext): bytes} (for the live set at the peak)
 
     def _check_levels(self, r, node, args):  # the backend refreshes where levels run out
         return
 
     def run(self, feeds, progress=False):
         self.layer_stats = {}
+        self.node_mem = []
+        self.value_cts = {}
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -101,8 +106,11 @@ class PackedInterpreter(Interpreter):
         c0 = Counter(e.counts)
         est0 = Counter(getattr(e, "est_ms", {}))
         n0 = B.n_refresh
+        live0 = e.start_window() if hasattr(e, "start_window") else None
         t0, cpu0 = time.perf_counter(), time.process_time()
         out = super()._exec(i, node, r, args)
+        if live0 is not None:
+            self.node_mem.append((i, live0, e.window_peak, e.live_bytes + e.cache_bytes))
         st = self.layer_stats.setdefault(key, {"seconds": 0.0, "counts": Counter(), "est_ms": Counter(),
                                                "refreshes": 0, "nodes": 0, "cpu_seconds": 0.0})
         st["seconds"] += time.perf_counter() - t0
@@ -113,6 +121,50 @@ class PackedInterpreter(Interpreter):
         st["refreshes"] += B.n_refresh - n0
         st["nodes"] += 1
         return out
+
+    def _after_value(self, name, val, res, r):
+        e = self.backend.engine
+        if hasattr(e, "start_window") and self.backend.is_ct(val):
+            self.value_cts[name] = {id(c): ciphertext_bytes(e.N, e.level(c)) for c in val.cts}
+        return super()._after_value(name, val, res, r)
+
+    def memory_by_node(self, top: int = 10) -> dict:
+        """Where the live-ciphertext memory goes (after a dry run): the ``top`` nodes by the peak of live
+        ciphertexts (+ cached plaintexts) while they run, and the encrypted values live at the highest one (a
+        ciphertext shared by several values, e.g. a Reshape's output, is counted once, for the first)."""
+        if not self.node_mem:
+            return {}
+        G = 2 ** 30
+        rows = sorted(self.node_mem, key=lambda t: -t[2])[:top]
+        layer = lambda i: self._key(i)  # noqa: E731
+        nodes = [{"node": self.analysis.nodes[i].name, "op_type": self.nodes[i].op_type, "layer": layer(i),
+                  "peak_bytes": int(pk), "peak_gib": round(pk / G, 3), "live_before_gib": round(b / G, 3), "live_after_gib": round(a / G, 3)}
+                 for i, b, pk, a in rows]
+        i_pk = rows[0][0]
+        produced, freed = {}, {}
+        for j, n in enumerate(self.nodes):
+            for x in n.output:
+                produced.setdefault(x, j)
+        for j, xs in self.last_use.items():
+            for x in xs:
+                freed[x] = j
+        live, seen = [], set()
+        for x in sorted(self.value_cts, key=lambda v: produced.get(v, -1)):
+            if produced.get(x, -1) <= i_pk and freed.get(x, len(self.nodes)) >= i_pk:
+                cts = self.value_cts[x]
+                own = {k: b for k, b in cts.items() if k not in seen}
+                seen |= set(cts)
+                if own:
+                    live.append({"value": x, "ciphertexts": len(own), "bytes": int(sum(own.values())),
+                                 "gib": round(sum(own.values()) / G, 3)})
+        live.sort(key=lambda d: -d["gib"])
+        by_layer: dict = {}
+        for i, _b, pk, _a in self.node_mem:
+            k = str(self._key(i))
+            by_layer[k] = max(by_layer.get(k, 0), int(pk))
+        return {"top_nodes": nodes, "peak_node": nodes[0]["node"], "peak_bytes_by_layer": by_layer,
+                "live_at_peak": live[:top],
+                "live_at_peak_values": len(live)}
 
 
 def _layers_table(stats: dict) -> list[dict]:
@@ -172,7 +224,7 @@ class PackedRunner:
                 "galois_key_bytes": int(keys), "galois_keys": len(eng.steps),
                 "rotations_used": sorted(eng.rot_used),
                 "min_headroom_bits": None if eng.min_headroom_bits == float("inf") else eng.min_headroom_bits,
-                "min_headroom_level": eng.min_headroom_level}
+                "min_headroom_level": eng.min_headroom_level, "memory_by_node": it.memory_by_node()}
 
     def check_memory(self, dry: dict) -> None:
         """Refuse what cannot fit memory, or would overflow the modulus (a slot, garbage included, beyond

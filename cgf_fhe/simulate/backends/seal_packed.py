@@ -170,6 +170,7 @@ class NumpyEngine(Engine):
         self.min_headroom_level = None
         self.live_bytes = 0
         self.peak_bytes = 0
+        self.window_peak = 0  # peak since start_window() (the interpreter opens one per node)
         self.est_ms: Counter = Counter()  # estimated SEAL time per operation kind (packing.op_ms at its level)
 
     def _c(self, kind, level, n=1):
@@ -186,9 +187,19 @@ class NumpyEngine(Engine):
         c = self.Ct(v, level)
         nb = ciphertext_bytes(self.N, level)
         self.live_bytes += nb
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes + self.cache_bytes)
+        now = self.live_bytes + self.cache_bytes
+        if now > self.peak_bytes:
+            self.peak_bytes = now
+        if now > self.window_peak:
+            self.window_peak = now
         weakref.finalize(c, self._free, nb)
         return c
+
+    def start_window(self) -> int:
+        """Start measuring the peak of live ciphertexts + cached plaintexts from now (``window_peak``); returns
+        the bytes live now."""
+        self.window_peak = self.live_bytes + self.cache_bytes
+        return self.window_peak
 
     def _free(self, nb):
         self.live_bytes -= nb
