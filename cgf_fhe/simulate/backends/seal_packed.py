@@ -171,6 +171,9 @@ class NumpyEngine(Engine):
         self.live_bytes = 0
         self.peak_bytes = 0
         self.window_peak = 0  # peak since start_window() (the interpreter opens one per node)
+        # per level: live bytes and their peak (SEAL's memory pools keep a freed buffer per size, i.e. per level)
+        self.live_by_level: Counter = Counter()
+        self.peak_by_level: Counter = Counter()
         self.est_ms: Counter = Counter()  # estimated SEAL time per operation kind (packing.op_ms at its level)
 
     def _c(self, kind, level, n=1):
@@ -192,7 +195,10 @@ class NumpyEngine(Engine):
             self.peak_bytes = now
         if now > self.window_peak:
             self.window_peak = now
-        weakref.finalize(c, self._free, nb)
+        self.live_by_level[level] += nb
+        if self.live_by_level[level] > self.peak_by_level[level]:
+            self.peak_by_level[level] = self.live_by_level[level]
+        weakref.finalize(c, self._free, nb, level)
         return c
 
     def start_window(self) -> int:
@@ -201,8 +207,10 @@ class NumpyEngine(Engine):
         self.window_peak = self.live_bytes + self.cache_bytes
         return self.window_peak
 
-    def _free(self, nb):
+    def _free(self, nb, level=None):
         self.live_bytes -= nb
+        if level is not None:
+            self.live_by_level[level] -= nb
 
     def _round(self, v, std_scale):
         if self.noise:
