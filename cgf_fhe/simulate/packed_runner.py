@@ -419,7 +419,9 @@ class PackedRunner:
                 "galois_key_bytes": int(keys), "galois_keys": len(eng.steps),
                 "rotations_used": sorted(eng.rot_used),
                 "min_headroom_bits": None if eng.min_headroom_bits == float("inf") else eng.min_headroom_bits,
-                "min_headroom_level": eng.min_headroom_level, "memory_by_node": it.memory_by_node()}
+                "min_headroom_level": eng.min_headroom_level, "memory_by_node": it.memory_by_node(),
+                "ciphertext_peak_bytes_by_level": {int(k): int(v) for k, v in sorted(eng.peak_by_level.items())},
+                "chunked_regions": it.chunk_log}
 
     def check_memory(self, dry: dict) -> None:
         """Refuse what cannot fit memory, or would overflow the modulus (a slot, garbage included, beyond
