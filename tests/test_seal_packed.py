@@ -347,3 +347,51 @@ def test_dry_run_packs_the_statistics_folded_attention(tmp_path, tiny_tokenizer,
     got = PackedInterpreter(m, be).run(feeds).outputs["logits"]
     assert be.counts["token_sum_replicated"] == 1  # layer 1's key mean
     assert np.abs(got - plain).max() < 1e-12 * max(1.0, np.abs(plain).max())
+
+
+def test_dry_run_reports_the_live_ciphertext_peak_by_node(wide_student_folded, mrpc_dir):
+    """The dry run names the nodes where live ciphertexts peak and the values live there: the highest node's
+    peak is the run's ciphertext peak, and the values live at it (each ciphertext once) fit inside it."""
+    from cgf_fhe.simulate.runner import SimConfig
+
+    cfg = SimConfig(backend="seal", poly_modulus=1024, coeff_bits=(60,) + (40,) * 8 + (60,), insecure=True,
+                    max_length=6, data_dir=str(mrpc_dir), progress=False)
+    runner = PackedRunner(str(wide_student_folded / "student.onnx"), cfg)
+    _, batches = _feeds(wide_student_folded, mrpc_dir)
+    dry = runner.dry_run(batches[0][0])
+    mb = dry["memory_by_node"]
+    top = mb["top_nodes"]
+    assert len(top) == 10 and top[0]["node"] == mb["peak_node"]
+    assert top[0]["peak_bytes"] == dry["ciphertext_peak_bytes"] > 0
+    assert all(a["peak_bytes"] >= b["peak_bytes"] for a, b in zip(top, top[1:]))
+    names = {n.name for n in runner.model.graph.node}
+    assert all(t["node"] in names for t in top)
+    live = sum(v["bytes"] for v in mb["live_at_peak"])
+    assert 0 < live <= dry["ciphertext_peak_bytes"]
+    by_layer = mb["peak_bytes_by_layer"]  # per node, not cumulative: the classifier head holds little
+    assert set(by_layer) == {"0", "1", "head"} and max(by_layer.values()) == dry["ciphertext_peak_bytes"]
+    assert by_layer["head"] < 0.5 * dry["ciphertext_peak_bytes"]
+
+
+def test_attention_polynomials_run_by_head_groups_same_numbers_lower_peak(wide_student_folded, mrpc_dir):
+    """The attention's CGF statistics and exp polynomial on the diagonal scores run one group of heads at a time:
+    the same ciphertext operations (counts, refreshes, logits bit for bit) with a lower peak of live ciphertexts."""
+    P = CKKSParams(1024, (60,) + (40,) * 8 + (60,), 40, insecure=True)
+    m, batches = _feeds(wide_student_folded, mrpc_dir)
+    feeds = batches[0][0]
+    runs = {}
+    for chunked in (False, True):
+        be = PackedBackend(P, NumpyEngine(P, pt_cache_bytes=0))  # as the dry run: ciphertexts only
+        it = PackedInterpreter(m, be, chunked=chunked)
+        runs[chunked] = (it.run(feeds).outputs["logits"], dict(be.engine.counts), be.n_refresh,
+                         be.refreshed_ciphertexts, be.engine.peak_bytes, it)
+    (lo, co, ro, rco, po, _), (lc, cc, rc, rcc, pc, it) = runs[False], runs[True]
+    assert np.array_equal(lo, lc) and ro == rc > 0 and rco == rcc
+    assert co == cc and cc["mul_ct"] > 0 and cc["rotate"] > 0  # no plaintext cache: every encoding counted
+    assert [c["chunks"] for c in it.chunk_log] == [2, 2]  # one region per layer, 4 heads in 2 ciphertext pairs
+    assert it.chunk_log[0]["nodes"] >= 30 and it.chunk_log[0]["first"] == "node_mul_62"
+    # whole tensors: the run's peak is in the region (the exp polynomial's powers of all the scores at once);
+    # by head pairs the region's peak drops by ~30% and the run's peak moves elsewhere
+    reg = {i for r in it.regions.values() for i in r["nodes"]}
+    peak_in = {c: max(pk for i, _b, pk, _a in runs[c][5].node_mem if i in reg) for c in (False, True)}
+    assert peak_in[False] == po and peak_in[True] < 0.75 * po and pc < po

@@ -35,7 +35,7 @@ from .backends.seal_noise import calibrate_rotations
 from .backends.seal_packed import NumpyEngine, PackedBackend, SealClient, SealEngine, calibrate_rotation_noise
 from .interpreter import Interpreter, node_layers
 from .packed_fusion import find_token_split_linears, run_fused
-from .packing import galois_key_bytes
+from .packing import PackedTensor, axis_groups, ciphertext_bytes, concat_axis, galois_key_bytes, take_axis
 
 # SEAL's memory pools keep freed buffers per size (one size per level) and Python adds its objects: measured on
 # the 2-layer hidden-64 student at 32 tokens, peak RSS 6.7-7.3 GiB for an estimate of 3.4 GiB of live ciphertexts,
@@ -46,6 +46,8 @@ BASE_BYTES = 600 << 20  # the process itself (torch, onnx, numpy)
 # (full-width MiniLM: ~300k diagonals) none is kept and each is encoded when used (a partial cache costs memory
 # and saves little: every diagonal is used once per example)
 PT_CACHE_BUDGET = 3 << 30
+# ops a chunked region may hold (element-wise, or reductions over axes other than the heads: checked when run)
+CHUNK_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "ReduceSum", "ReduceMean"})
 COUNT_KINDS = ("mul_pt", "mul_ct", "rotate", "level_match", "refresh", "encode", "add", "rescale")
 
 
@@ -53,19 +55,33 @@ class PackedInterpreter(Interpreter):
     """The interpreter with levels left to the packed backend (it refreshes lazily, client-aided, when a
     multiplication finds no level left), per-layer statistics and a progress bar per layer."""
 
-    def __init__(self, model, backend: PackedBackend, *, trace=(), analysis=None):
+    def __init__(self, model, backend: PackedBackend, *, trace=(), analysis=None, chunked: bool = True):
         super().__init__(model, backend, refresh="none", trace=trace, analysis=analysis)
         self.node_layer = node_layers(self.model)
         self.layer_stats: dict = {}
         self._bar = None
         self._cur = None
         self.fused = find_token_split_linears(self.model, self.analysis)  # node groups run as one operation
+        # memory by node (engines with start_window: the dry run): (index, bytes live before, peak during, after)
+        self.node_mem: list[tuple] = []
+        self.value_cts: dict = {}  # encrypted value -> {id(ciphertext): bytes} (for the live set at the peak)
+        self.chunked = chunked
+        self.regions = self._plan_regions() if chunked else {}
+        self.region_of = {i: reg for reg in self.regions.values() for i in reg["nodes"]}
+        self._pending: list = []
+        self._placeholders: dict = {}
+        self._obj_names: dict = {}
+        self._res = None
+        self.chunk_log: list[dict] = []
 
     def _check_levels(self, r, node, args):  # the backend refreshes where levels run out
         return
 
     def run(self, feeds, progress=False):
         self.layer_stats = {}
+        self.node_mem = []
+        self.value_cts = {}
+        self._pending, self._placeholders, self._obj_names, self.chunk_log = [], {}, {}, []
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -103,12 +119,15 @@ class PackedInterpreter(Interpreter):
         c0 = Counter(e.counts)
         est0 = Counter(getattr(e, "est_ms", {}))
         n0 = B.n_refresh
+        live0 = e.start_window() if hasattr(e, "start_window") else None
         t0, cpu0 = time.perf_counter(), time.process_time()
         role = self.fused.get(i)
         out = run_fused(B, role, node, args, lambda a: super(PackedInterpreter, self)._exec(i, node, r, a)) \
             if role else None
         if out is None:
-            out = super()._exec(i, node, r, args)
+            out = self._exec_region(i, node, r, args) if i in self.region_of else super()._exec(i, node, r, args)
+        if live0 is not None:
+            self.node_mem.append((i, live0, e.window_peak, e.live_bytes + e.cache_bytes))
         st = self.layer_stats.setdefault(key, {"seconds": 0.0, "counts": Counter(), "est_ms": Counter(),
                                                "refreshes": 0, "nodes": 0, "cpu_seconds": 0.0})
         st["seconds"] += time.perf_counter() - t0
@@ -119,6 +138,234 @@ class PackedInterpreter(Interpreter):
         st["refreshes"] += B.n_refresh - n0
         st["nodes"] += 1
         return out
+
+    def _after_value(self, name, val, res, r):
+        self._res = res
+        if isinstance(val, PackedTensor) and val.meta.get("deferred"):
+            return None  # a chunked region's value: recorded when the region has run
+        if self.backend.is_ct(val):
+            self._obj_names.setdefault(id(val), set()).add(name)
+        e = self.backend.engine
+        if hasattr(e, "start_window") and self.backend.is_ct(val):
+            self.value_cts[name] = {id(c): ciphertext_bytes(e.N, e.level(c)) for c in val.cts}
+        return super()._after_value(name, val, res, r)
+
+    def memory_by_node(self, top: int = 10) -> dict:
+        """Where the live-ciphertext memory goes (after a dry run): the ``top`` nodes by the peak of live
+        ciphertexts (+ cached plaintexts) while they run, and the encrypted values live at the highest one (a
+        ciphertext shared by several values, e.g. a Reshape's output, is counted once, for the first)."""
+        if not self.node_mem:
+            return {}
+        G = 2 ** 30
+        rows = sorted(self.node_mem, key=lambda t: -t[2])[:top]
+        layer = lambda i: self._key(i)  # noqa: E731
+        nodes = [{"node": self.analysis.nodes[i].name, "op_type": self.nodes[i].op_type, "layer": layer(i),
+                  "peak_bytes": int(pk), "peak_gib": round(pk / G, 3), "live_before_gib": round(b / G, 3), "live_after_gib": round(a / G, 3)}
+                 for i, b, pk, a in rows]
+        i_pk = rows[0][0]
+        produced, freed = {}, {}
+        for j, n in enumerate(self.nodes):
+            for x in n.output:
+                produced.setdefault(x, j)
+        for j, xs in self.last_use.items():
+            for x in xs:
+                freed[x] = j
+        live, seen = [], set()
+        for x in sorted(self.value_cts, key=lambda v: produced.get(v, -1)):
+            if produced.get(x, -1) <= i_pk and freed.get(x, len(self.nodes)) >= i_pk:
+                cts = self.value_cts[x]
+                own = {k: b for k, b in cts.items() if k not in seen}
+                seen |= set(cts)
+                if own:
+                    live.append({"value": x, "ciphertexts": len(own), "bytes": int(sum(own.values())),
+                                 "gib": round(sum(own.values()) / G, 3)})
+        live.sort(key=lambda d: -d["gib"])
+        by_layer: dict = {}
+        for i, _b, pk, _a in self.node_mem:
+            k = str(self._key(i))
+            by_layer[k] = max(by_layer.get(k, 0), int(pk))
+        return {"top_nodes": nodes, "peak_node": nodes[0]["node"], "peak_bytes_by_layer": by_layer,
+                "live_at_peak": live[:top],
+                "live_at_peak_values": len(live)}
+
+
+    # ---- chunked regions -----------------------------------------------------------------------------------------
+    # A run of consecutive encrypted element-wise nodes (and reductions over other axes) on [1, heads, ., .]
+    # tensors -- the attention's CGF statistics and exp polynomial on the diagonal scores -- is evaluated one group
+    # of heads at a time (heads whose ciphertexts are shared stay together): every ciphertext meets exactly the
+    # operations it meets in the whole-tensor schedule, in the same order, so the numbers and the operation counts
+    # are the same, but only one group's intermediate powers are alive at a time and a region input that dies in
+    # the region is released group by group.
+    def _plan_regions(self) -> dict:
+        shapes = self.analysis.shapes
+        outputs = {o.name for o in self.graph.output}
+
+        def heads(i):
+            n = self.nodes[i]
+            if n.op_type not in CHUNK_OPS or not n.output:
+                return 0
+            sh = [shapes.get(o) for o in n.output]
+            if any(x is None or len(x) != 4 or not isinstance(x[1], int) or x[1] < 2 for x in sh):
+                return 0
+            return sh[0][1] if len({x[1] for x in sh}) == 1 else 0
+
+        runs, cur, cur_key = [], [], None
+        for i, n in enumerate(self.nodes):
+            if not self.analysis.nodes[i].encrypted:
+                continue
+            h = heads(i)
+            key = (self._key(i), h)
+            if h and cur and key == cur_key:
+                cur.append(i)
+                continue
+            runs.append(cur)
+            cur, cur_key = ([i] if h else []), key
+        runs.append(cur)
+        consumers: dict = {}
+        for j, n in enumerate(self.nodes):
+            for x in n.input:
+                if x:
+                    consumers.setdefault(x, set()).add(j)
+        regions = {}
+        for run in runs:
+            if len(run) < 2:
+                continue
+            inside = set(run)
+            produced = [o for i in run for o in self.nodes[i].output if o]
+            out = [x for x in produced if consumers.get(x, set()) - inside or x in outputs or x in self.trace_names
+                   or x in self.nodes[run[-1]].output]
+            # drop[k]: values produced in the region whose last consumer inside it is run[k] (not its outputs)
+            last = {}
+            for k, i in enumerate(run):
+                for x in self.nodes[i].input:
+                    if x in produced:
+                        last[x] = k
+            drop = [[] for _ in run]
+            for x, k in last.items():
+                if x not in out:
+                    drop[k].append(x)
+            regions[run[-1]] = {"nodes": run, "heads": heads(run[0]), "outputs": out, "drop": drop,
+                                "end": run[-1]}
+        return regions
+
+    def _live_after(self, name: str, end: int) -> bool:
+        """Is the value ``name`` read after node ``end`` (or kept: a graph output, a traced value)?"""
+        if name in self.trace_names or name in {o.name for o in self.graph.output}:
+            return True
+        return any(name in self.nodes[j].input for j in range(end + 1, len(self.nodes)))
+
+    def _exec_region(self, i, node, r, args):
+        reg = self.region_of[i]
+        self._pending.append((i, node, r, list(args)))
+        if i != reg["end"]:  # deferred: placeholders now, filled in place when the region has run
+            outs = []
+            for name in node.output:
+                ph = PackedTensor([], np.zeros((0,), dtype=np.int64), np.zeros((0, self.backend.slots), dtype=bool),
+                                  meta={"deferred": True})
+                self._placeholders[name] = (ph, r)
+                outs.append(ph)
+            return outs
+        pend, self._pending = self._pending, []
+        try:
+            vals = self._run_region(reg, pend)
+        finally:
+            pend.clear()
+        for name, (ph, r_k) in list(self._placeholders.items()):
+            if name in vals:
+                v = vals[name]
+                ph.cts, ph.smap, ph.support, ph.alias, ph.period = v.cts, v.smap, v.support, v.alias, v.period
+                ph.meta = dict(v.meta)
+                self._after_value(name, ph, self._res, r_k)
+        self._placeholders.clear()
+        return [vals[name] for name in node.output]
+
+    def _run_region(self, reg: dict, pend: list) -> dict:
+        B = self.backend
+        produced = {o for (_, n, _, _) in pend for o in n.output}
+        inputs = {}
+        for _, n, _, a in pend:
+            for x, v in zip(n.input, a):
+                if x and x not in produced:
+                    inputs[x] = v
+        cts_in = {x: v for x, v in inputs.items() if B.is_ct(v)}
+        H = reg["heads"]
+        groups = None
+        if cts_in and all(len(v.shape) == 4 and v.shape[1] == H for v in cts_in.values()) and all(
+                len({B.engine.level(c) for c in v.cts}) == 1 for v in cts_in.values()):
+            groups = axis_groups(list(cts_in.values()), 1, B.slots)
+        plain_ok = all(B.is_ct(v) or v is None or np.ndim(v) < 3 or
+                       np.shape(v)[np.ndim(v) - 3] in (1, H) for v in inputs.values())
+        if groups is None or len(groups) < 2 or not plain_ok or not all(self._keeps_axis1(n, a)
+                                                                         for _, n, _, a in pend):
+            groups = None
+        self.chunk_log.append({"first": pend[0][2].name, "last": pend[-1][2].name, "nodes": len(pend),
+                               "chunks": 1 if groups is None else len(groups)})
+        if groups is None:  # the whole tensors, node by node (the unchunked schedule)
+            return self._region_pass(reg, pend, dict(inputs))
+        end = reg["end"]
+        freeable = {x for x, v in cts_in.items()
+                    if not any(self._live_after(nm, end) for nm in self._obj_names.get(id(v), {x}) | {x})}
+        parts = {x: [] for x in reg["outputs"]}
+        n0 = B.n_refresh
+        refresh_by_node: Counter = Counter()
+        for g in groups:
+            env, sliced = {}, {}
+            for x, v in inputs.items():
+                if B.is_ct(v):
+                    env[x], used = take_axis(v, g, 1, B.slots)
+                    sliced[x] = (env[x], used)
+                elif v is not None and np.ndim(v) >= 3 and np.shape(v)[np.ndim(v) - 3] == H:
+                    env[x] = np.take(v, g, axis=np.ndim(v) - 3)
+                else:
+                    env[x] = v
+            out = self._region_pass(reg, pend, env, refresh_by_node)
+            for x in parts:
+                parts[x].append(out[x])
+            del out
+            env.clear()
+            for x, (t, used) in sliced.items():  # release a dying input's ciphertexts, else write back any refresh
+                v = cts_in[x]
+                if x in freeable:
+                    for j in used:
+                        v.cts[j] = None
+                elif any(t.cts[k] is not v.cts[j] for k, j in enumerate(used)):
+                    v.support = v.support.copy()
+                    for k, j in enumerate(used):
+                        v.cts[j] = t.cts[k]
+                        v.support[j] = t.support[k]
+            sliced.clear()
+        # a refresh of a whole value counts once (each group refreshed its share of the ciphertexts)
+        B.n_refresh = n0 + sum(refresh_by_node.values())
+        return {x: concat_axis(ps, groups, 1, B.slots) for x, ps in parts.items()}
+
+    @staticmethod
+    def _keeps_axis1(node, args) -> bool:
+        """A reduction of the region leaves axis 1 (the heads) alone."""
+        if node.op_type not in ("ReduceSum", "ReduceMean"):
+            return True
+        from ..fhe_ops import graph_attr
+
+        axes = args[1] if len(args) > 1 and args[1] is not None else graph_attr(node, "axes")
+        axes = [] if axes is None else [int(a) % 4 for a in np.asarray(axes).reshape(-1)]
+        return bool(axes) and 1 not in axes and 0 not in axes and bool(graph_attr(node, "keepdims", 1))
+
+    def _region_pass(self, reg: dict, pend: list, env: dict, refresh_by_node: Counter | None = None) -> dict:
+        B = self.backend
+        for k, (i, n, r, _) in enumerate(pend):
+            a = [env[x] if x else None for x in n.input]
+            n0 = B.n_refresh
+            try:
+                outs = Interpreter._exec(self, i, n, r, a)
+            except SimulationError as exc:
+                raise type(exc)(f"node {r.name} ({n.op_type}; evaluated by head groups up to this node): {exc}") \
+                    from exc
+            del a
+            if refresh_by_node is not None:
+                refresh_by_node[i] = max(refresh_by_node[i], B.n_refresh - n0)
+            env.update((o, v) for o, v in zip(n.output, outs) if o)
+            for x in reg["drop"][k]:
+                env.pop(x, None)
+        return {x: env[x] for x in reg["outputs"]}
 
 
 def _layers_table(stats: dict) -> list[dict]:
@@ -178,7 +425,9 @@ class PackedRunner:
                 "galois_key_bytes": int(keys), "galois_keys": len(eng.steps),
                 "rotations_used": sorted(eng.rot_used),
                 "min_headroom_bits": None if eng.min_headroom_bits == float("inf") else eng.min_headroom_bits,
-                "min_headroom_level": eng.min_headroom_level}
+                "min_headroom_level": eng.min_headroom_level, "memory_by_node": it.memory_by_node(),
+                "ciphertext_peak_bytes_by_level": {int(k): int(v) for k, v in sorted(eng.peak_by_level.items())},
+                "chunked_regions": it.chunk_log}
 
     def check_memory(self, dry: dict) -> None:
         """Refuse what cannot fit memory, or would overflow the modulus (a slot, garbage included, beyond

@@ -127,6 +127,92 @@ class PackedTensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# chunks along an axis (evaluating a run of element-wise nodes one group of heads at a time)
+# ---------------------------------------------------------------------------------------------------------------
+def axis_groups(tensors, axis: int, slots: int) -> list[np.ndarray] | None:
+    """Indices along ``axis`` grouped so that no ciphertext of any of ``tensors`` (slot maps and aliases) holds
+    elements of two groups (the smallest such groups, in order); None when a tensor has another size there."""
+    size = None
+    for t in tensors:
+        n = t.smap.shape[axis] if t.smap.ndim > axis else -1
+        if size is None:
+            size = n
+        if n != size or n < 1 or (t.alias is not None and (t.alias.ndim != t.smap.ndim
+                                                           or t.alias.shape[axis] != size)):
+            return None
+    parent = list(range(size))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for t in tensors:
+        first: dict[int, int] = {}
+        for m in (t.smap, t.alias):
+            if m is None:
+                continue
+            ct = np.moveaxis(m // slots, axis, 0).reshape(size, -1)
+            for i in range(size):
+                for c in np.unique(ct[i]).tolist():
+                    j = first.setdefault(c, i)
+                    ri, rj = find(i), find(j)
+                    if ri != rj:
+                        parent[max(ri, rj)] = min(ri, rj)
+    groups: dict[int, list[int]] = {}
+    for i in range(size):
+        groups.setdefault(find(i), []).append(i)
+    return [np.array(g, dtype=np.int64) for g in groups.values()]
+
+
+def take_axis(t: "PackedTensor", idx: np.ndarray, axis: int, slots: int):
+    """The elements of ``t`` at ``idx`` along ``axis``: a PackedTensor holding only their ciphertexts (the same
+    objects, renumbered) -> (tensor, global indices of those ciphertexts in ``t.cts``)."""
+    sm = np.take(t.smap, idx, axis=axis)
+    al = None if t.alias is None else np.take(t.alias, idx, axis=axis)
+    maps = [sm.reshape(-1) // slots] + ([] if al is None else [al.reshape(-1) // slots])
+    used = np.unique(np.concatenate(maps))
+    remap = np.full(len(t.cts), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+
+    def renum(m):
+        return (remap[m // slots] * slots + m % slots).astype(np.int64)
+
+    out = PackedTensor([t.cts[j] for j in used], renum(sm), t.support[used],
+                       alias=None if al is None else renum(al), meta=dict(t.meta), period=t.period)
+    return out, used
+
+
+def concat_axis(parts: list, groups: list[np.ndarray], axis: int, slots: int) -> "PackedTensor":
+    """Inverse of :func:`take_axis` over disjoint ``groups`` covering the axis: ciphertexts concatenated in part
+    order, slot maps (and aliases, when every part has one) put back at their indices."""
+    size = sum(len(g) for g in groups)
+    shape = list(parts[0].smap.shape)
+    shape[axis] = size
+    smap = np.empty(shape, dtype=np.int64)
+    with_alias = all(p.alias is not None for p in parts)
+    alias = None
+    if with_alias:
+        ashape = list(parts[0].alias.shape)
+        ashape[axis] = size
+        alias = np.empty(ashape, dtype=np.int64)
+    cts, sup = [], []
+    for p, g in zip(parts, groups):
+        off = len(cts) * slots
+        idx = [slice(None)] * len(shape)
+        idx[axis] = g
+        smap[tuple(idx)] = p.smap + off
+        if with_alias:
+            alias[tuple(idx)] = p.alias + off
+        cts.extend(p.cts)
+        sup.append(p.support)
+    periods = {p.period for p in parts}
+    return PackedTensor(cts, smap, np.concatenate(sup, 0), alias=alias, meta=dict(parts[0].meta),
+                        period=periods.pop() if len(periods) == 1 else 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # costs: CPU ms of one operation at N=16384 and the top of the default chain (8 data primes) on one core of this
 # machine, measured with ``seal_packed.measure_op_ms(CKKSParams())`` (see docs/seal_packed.md), and sizes.
 # "mul_pt" is the product alone: its plaintext's encoding is counted as "encode"; "mul_ct" includes the
@@ -164,5 +250,5 @@ def galois_key_bytes(poly_modulus: int, data_primes: int) -> int:
     return data_primes * 2 * (data_primes + 1) * poly_modulus * 8
 
 
-__all__ = ["Layout", "PackedTensor", "next_pow2", "op_ms", "ciphertext_bytes", "plaintext_bytes",
+__all__ = ["Layout", "PackedTensor", "next_pow2", "axis_groups", "take_axis", "concat_axis", "op_ms", "ciphertext_bytes", "plaintext_bytes",
            "galois_key_bytes", "MS_AT_16384"]

@@ -166,6 +166,10 @@ class NumpyEngine(Engine):
         self.min_headroom_level = None
         self.live_bytes = 0
         self.peak_bytes = 0
+        self.window_peak = 0  # peak since start_window() (the interpreter opens one per node)
+        # per level: live bytes and their peak (SEAL's memory pools keep a freed buffer per size, i.e. per level)
+        self.live_by_level: Counter = Counter()
+        self.peak_by_level: Counter = Counter()
         self.est_ms: Counter = Counter()  # estimated SEAL time per operation kind (packing.op_ms at its level)
 
     def _c(self, kind, level, n=1):
@@ -182,12 +186,27 @@ class NumpyEngine(Engine):
         c = self.Ct(v, level)
         nb = ciphertext_bytes(self.N, level)
         self.live_bytes += nb
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes + self.cache_bytes)
-        weakref.finalize(c, self._free, nb)
+        now = self.live_bytes + self.cache_bytes
+        if now > self.peak_bytes:
+            self.peak_bytes = now
+        if now > self.window_peak:
+            self.window_peak = now
+        self.live_by_level[level] += nb
+        if self.live_by_level[level] > self.peak_by_level[level]:
+            self.peak_by_level[level] = self.live_by_level[level]
+        weakref.finalize(c, self._free, nb, level)
         return c
 
-    def _free(self, nb):
+    def start_window(self) -> int:
+        """Start measuring the peak of live ciphertexts + cached plaintexts from now (``window_peak``); returns
+        the bytes live now."""
+        self.window_peak = self.live_bytes + self.cache_bytes
+        return self.window_peak
+
+    def _free(self, nb, level=None):
         self.live_bytes -= nb
+        if level is not None:
+            self.live_by_level[level] -= nb
 
     def _round(self, v, std_scale):
         if self.noise:
