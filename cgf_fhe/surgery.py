@@ -641,8 +641,12 @@ def tracked_ranges(model) -> dict:
         torch.distributed.all_reduce(count)
         lo, hi, count = lo.cpu(), hi.cpu(), count.cpu()
     out: dict = {"layers": [{} for _ in encoder_layers(model)], "pooler": {}}
-    for (key, _), a, b, n in zip(ops, lo.tolist(), hi.tolist(), count.tolist()):
-        _put_range(out, key, {"min": a, "max": b, "count": int(n)})
+    for (key, m), a, b, n in zip(ops, lo.tolist(), hi.tolist(), count.tolist()):
+        entry = {"min": a, "max": b, "count": int(n)}
+        s0 = float(getattr(m, "pos_scale0", 1.0))
+        if s0 != 1.0:  # a position-scaled LayerNorm counts in its scaled units: a refit must keep the scale
+            entry["pos_scale0"] = s0
+        _put_range(out, key, entry)
     return out
 
 

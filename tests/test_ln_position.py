@@ -228,3 +228,25 @@ def test_exported_scaled_student_runs_in_the_simulator(tmp_path, mrpc_dir, tiny_
     assert s["agreement"] == 1.0 and s["max_logit_error"] < 1e-4 and s["n_level_mismatches"] == 0
     ln = s["poly_out_of_interval_plain"]["bert.encoder.layer.0.output.LayerNorm"]
     assert ln["n_out"] == 0 and ln["max"] < m.interval[1] and ln["max"] > 2 * ln["min"]
+
+
+def test_epoch_cover_keeps_the_scale(setup):
+    """The epoch cover (tracked_ranges -> cover_ranges, run at every scored point of a distillation) widens a
+    position-scaled LayerNorm and keeps its scale: it used to rebuild the module with pos_scale0 = 1, so the
+    [CLS] token's unscaled variance left the interval and the exported student gave NaN on every dev example."""
+    loader, ranges, _ = setup
+    on = _student(loader, ranges)
+    m = _mods(on)[KEY]
+    s0, (lo, hi) = m.pos_scale0, m.interval
+    assert s0 < 1.0
+    batch = next(iter(loader))
+    with torch.no_grad():  # the counters run on every forward (as during training)
+        on(**{k: v for k, v in batch.items() if k != "labels"})
+    assert m.n_seen > 0
+    m.out_min = lo / 2  # an input below the interval, as the counters record it during training
+    tr = surgery.tracked_ranges(on)
+    assert tr["layers"][0]["ln_attn"]["pos_scale0"] == s0
+    changed = surgery.cover_ranges(on, tr)
+    assert KEY in changed
+    m2 = _mods(on)[KEY]
+    assert m2.pos_scale0 == s0 and m2.interval[0] < lo
