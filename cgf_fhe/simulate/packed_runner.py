@@ -615,6 +615,9 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
         runner.check_memory(dries[i])
         steps |= set(dries[i]["steps"])
         todo.append(i)
+    _with_run_keys([dries[i] for i in todo], runner.params)
+    for i in todo:  # the run makes one key set for every example's steps: each example holds all of them
+        runner.check_memory(dries[i])
     cache = max((dries[i]["plaintext_cache_bytes"] for i in todo), default=0)
     keygen = runner.ensure_keys(steps, cache) if todo else 0.0
     from tqdm.auto import tqdm
@@ -657,6 +660,22 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
     return summary
 
 
+def _with_run_keys(dries: list[dict], params) -> None:
+    """A multi-example run makes Galois keys for the union of the examples' rotation steps: each example's memory
+    estimate grows by the keys it did not need itself (``own_estimated_peak_bytes`` keeps its own)."""
+    union = set()
+    for d in dries:
+        union |= set(d["steps"])
+    one = galois_key_bytes(params.poly_modulus, len(params.coeff_bits) - 1)
+    for d in dries:
+        extra = len(union) - len(set(d["steps"]))
+        d.setdefault("own_estimated_peak_bytes", d["estimated_peak_bytes"])
+        d["estimated_peak_bytes"] = int(d["own_estimated_peak_bytes"] + extra * one * MEMORY_OVERHEAD)
+        d.setdefault("own_galois_key_bytes", d["galois_key_bytes"])
+        d["galois_key_bytes"] = int(d["own_galois_key_bytes"] + extra * one)
+        d["galois_keys_run"] = len(union)
+
+
 def _dry_run_only(runner: PackedRunner, batches, out_dir, seconds) -> dict:
     rows = []
     for i, (feeds, _labels) in enumerate(batches):
@@ -666,6 +685,7 @@ def _dry_run_only(runner: PackedRunner, batches, out_dir, seconds) -> dict:
         rows.append({"index": i, "tokens": int(feeds["embeddings"].shape[1]), "wall_seconds": time.perf_counter() - t0,
                      "max_logit_diff_vs_plain": float(np.abs(d["outputs"][LOGITS] - plain).max()),
                      **{k: v for k, v in d.items() if k not in ("outputs", "trace", "seconds")}})
+    _with_run_keys(rows, runner.params)
     out = {"dry_run_only": True, "examples": rows, "params": runner.params.describe(),
            "memory_overhead": MEMORY_OVERHEAD, "base_bytes": BASE_BYTES, "seconds": seconds}
     if out_dir is not None:
