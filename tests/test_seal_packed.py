@@ -395,3 +395,20 @@ def test_attention_polynomials_run_by_head_groups_same_numbers_lower_peak(wide_s
     reg = {i for r in it.regions.values() for i in r["nodes"]}
     peak_in = {c: max(pk for i, _b, pk, _a in runs[c][5].node_mem if i in reg) for c in (False, True)}
     assert peak_in[False] == po and peak_in[True] < 0.75 * po and pc < po
+
+
+def test_multi_example_estimate_holds_every_examples_keys():
+    """One key set serves all examples of a run: each example's estimate grows by the keys it did not need."""
+    from cgf_fhe.simulate.packed_runner import MEMORY_OVERHEAD, _with_run_keys
+    from cgf_fhe.simulate.packing import galois_key_bytes
+
+    P = CKKSParams(16384, (60, 40, 40, 40, 40, 60), 40)
+    one = galois_key_bytes(16384, 5)
+    dries = [{"steps": [1, 2, 3], "estimated_peak_bytes": 10 << 30, "galois_key_bytes": 4 * one},
+             {"steps": [2, 3, 4, 5, 6], "estimated_peak_bytes": 11 << 30, "galois_key_bytes": 6 * one}]
+    _with_run_keys(dries, P)
+    _with_run_keys(dries, P)  # idempotent
+    assert [d["galois_keys_run"] for d in dries] == [6, 6]
+    assert dries[0]["estimated_peak_bytes"] == int((10 << 30) + 3 * one * MEMORY_OVERHEAD)
+    assert dries[1]["estimated_peak_bytes"] == int((11 << 30) + 1 * one * MEMORY_OVERHEAD)
+    assert dries[0]["galois_key_bytes"] == 7 * one and dries[0]["own_estimated_peak_bytes"] == 10 << 30

@@ -37,10 +37,11 @@ from .interpreter import Interpreter, node_layers
 from .packed_fusion import find_token_split_linears, run_fused
 from .packing import PackedTensor, axis_groups, ciphertext_bytes, concat_axis, galois_key_bytes, take_axis
 
-# SEAL's memory pools keep freed buffers per size (one size per level) and Python adds its objects: measured on
-# the 2-layer hidden-64 student at 32 tokens, peak RSS 6.7-7.3 GiB for an estimate of 3.4 GiB of live ciphertexts,
-# cached plaintexts and keys (docs/seal_packed.md)
-MEMORY_OVERHEAD = 2.0
+# SEAL's memory pools keep freed buffers per size (one size per level), so the ciphertexts cost the sum over levels
+# of each level's peak (memory_estimate); on top of that and the keys + cached plaintexts, measured peak RSS needs
+# x1.39 (tiny 2-layer hidden-64 student, 32 tokens: 5.4 GiB for 0.82 + 1.18 keys + 1.45 cache + base) and x1.55
+# (full-width 6-layer MiniLM, 44 tokens, 4-level chain: 9.48 GiB for per-level peaks 5.12 + keys 0.62 + base)
+MEMORY_OVERHEAD = 1.6
 BASE_BYTES = 600 << 20  # the process itself (torch, onnx, numpy)
 # plaintext weights are encoded once and reused across examples when all of them fit this budget; otherwise
 # (full-width MiniLM: ~300k diagonals) none is kept and each is encoded when used (a partial cache costs memory
@@ -368,6 +369,18 @@ class PackedInterpreter(Interpreter):
         return {x: env[x] for x in reg["outputs"]}
 
 
+def memory_estimate(eng: NumpyEngine, params, cache_bytes: int = 0) -> dict:
+    """Peak memory of the encrypted run from its dry run: SEAL's memory pool keeps every freed ciphertext buffer
+    for reuse by one of the same size (the same level), so the ciphertexts cost the sum over levels of each level's
+    peak, not the peak of their total; plus cached plaintexts and the keys, times MEMORY_OVERHEAD, plus the
+    process."""
+    data_primes = len(params.coeff_bits) - 1
+    keys = galois_key_bytes(params.poly_modulus, data_primes) * (len(eng.steps) + 1)
+    pool = int(sum(eng.peak_by_level.values()))
+    return {"estimated_peak_bytes": int((pool + cache_bytes + keys) * MEMORY_OVERHEAD + BASE_BYTES),
+            "ciphertext_pool_bytes": pool, "galois_key_bytes": int(keys)}
+
+
 def _layers_table(stats: dict) -> list[dict]:
     rows = []
     for key, st in stats.items():
@@ -408,10 +421,9 @@ class PackedRunner:
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported as negative headroom
             res = it.run(feeds)
         L = be.layout
-        data_primes = len(self.params.coeff_bits) - 1
-        keys = galois_key_bytes(self.params.poly_modulus, data_primes) * (len(eng.steps) + 1)
         cache = eng.pt_bytes_total if eng.pt_bytes_total <= self.pt_cache_budget else 0
-        peak = int((eng.peak_bytes + cache + keys) * MEMORY_OVERHEAD + BASE_BYTES)
+        mem = memory_estimate(eng, self.params, cache)
+        keys, peak = mem["galois_key_bytes"], mem["estimated_peak_bytes"]
         return {"outputs": res.outputs, "trace": res.trace, "seconds": time.perf_counter() - t0,
                 "counts": {k: int(v) for k, v in eng.counts.items()}, "steps": sorted(eng.steps),
                 "layers": _layers_table(it.layer_stats), "refreshes": be.n_refresh,
@@ -421,6 +433,7 @@ class PackedRunner:
                 "estimated_seconds": sum(eng.est_ms.values()) / 1e3,
                 "estimated_ms_by_kind": {k: round(v, 3) for k, v in eng.est_ms.items()},
                 "estimated_peak_bytes": peak, "ciphertext_peak_bytes": int(eng.peak_bytes),
+                "ciphertext_pool_bytes": mem["ciphertext_pool_bytes"],
                 "plaintext_bytes": int(eng.pt_bytes_total), "plaintext_cache_bytes": int(cache),
                 "galois_key_bytes": int(keys), "galois_keys": len(eng.steps),
                 "rotations_used": sorted(eng.rot_used),
@@ -446,7 +459,8 @@ class PackedRunner:
             raise SimulationError(
                 f"not enough memory for the seal backend: the dry run needs about "
                 f"{dry['estimated_peak_bytes'] / 2**30:.1f} GiB (live ciphertexts "
-                f"{dry['ciphertext_peak_bytes'] / 2**30:.1f} GiB, cached plaintexts "
+                f"{dry['ciphertext_peak_bytes'] / 2**30:.1f} GiB, their per-level peaks "
+                f"{dry['ciphertext_pool_bytes'] / 2**30:.1f} GiB, cached plaintexts "
                 f"{dry['plaintext_cache_bytes'] / 2**30:.1f} GiB, {dry['galois_keys']} Galois keys "
                 f"{dry['galois_key_bytes'] / 2**30:.1f} GiB, x{MEMORY_OVERHEAD}) but {avail / 2**30:.1f} GiB is "
                 "available: lower --max-length or use a narrower student")
@@ -607,6 +621,9 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
         runner.check_memory(dries[i])
         steps |= set(dries[i]["steps"])
         todo.append(i)
+    _with_run_keys([dries[i] for i in todo], runner.params)
+    for i in todo:  # the run makes one key set for every example's steps: each example holds all of them
+        runner.check_memory(dries[i])
     cache = max((dries[i]["plaintext_cache_bytes"] for i in todo), default=0)
     keygen = runner.ensure_keys(steps, cache) if todo else 0.0
     from tqdm.auto import tqdm
@@ -649,6 +666,22 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
     return summary
 
 
+def _with_run_keys(dries: list[dict], params) -> None:
+    """A multi-example run makes Galois keys for the union of the examples' rotation steps: each example's memory
+    estimate grows by the keys it did not need itself (``own_estimated_peak_bytes`` keeps its own)."""
+    union = set()
+    for d in dries:
+        union |= set(d["steps"])
+    one = galois_key_bytes(params.poly_modulus, len(params.coeff_bits) - 1)
+    for d in dries:
+        extra = len(union) - len(set(d["steps"]))
+        d.setdefault("own_estimated_peak_bytes", d["estimated_peak_bytes"])
+        d["estimated_peak_bytes"] = int(d["own_estimated_peak_bytes"] + extra * one * MEMORY_OVERHEAD)
+        d.setdefault("own_galois_key_bytes", d["galois_key_bytes"])
+        d["galois_key_bytes"] = int(d["own_galois_key_bytes"] + extra * one)
+        d["galois_keys_run"] = len(union)
+
+
 def _dry_run_only(runner: PackedRunner, batches, out_dir, seconds) -> dict:
     rows = []
     for i, (feeds, _labels) in enumerate(batches):
@@ -658,6 +691,7 @@ def _dry_run_only(runner: PackedRunner, batches, out_dir, seconds) -> dict:
         rows.append({"index": i, "tokens": int(feeds["embeddings"].shape[1]), "wall_seconds": time.perf_counter() - t0,
                      "max_logit_diff_vs_plain": float(np.abs(d["outputs"][LOGITS] - plain).max()),
                      **{k: v for k, v in d.items() if k not in ("outputs", "trace", "seconds")}})
+    _with_run_keys(rows, runner.params)
     out = {"dry_run_only": True, "examples": rows, "params": runner.params.describe(),
            "memory_overhead": MEMORY_OVERHEAD, "base_bytes": BASE_BYTES, "seconds": seconds}
     if out_dir is not None:
@@ -750,8 +784,6 @@ def packed_cost_estimate(model, params, tokens: int, seed: int = 0) -> dict:
     be = PackedBackend(params, eng)
     it = PackedInterpreter(model, be)
     it.run(feeds)
-    data_primes = len(params.coeff_bits) - 1
-    keys = galois_key_bytes(params.poly_modulus, data_primes) * (len(eng.steps) + 1)
     cache = eng.pt_bytes_total if eng.pt_bytes_total <= PT_CACHE_BUDGET else 0
     return {"packing": "seal (tokens x hidden per ciphertext, one example per pass)", "tokens": int(tokens),
             "params": params.describe(), "layers": _layers_table(it.layer_stats),
@@ -759,7 +791,7 @@ def packed_cost_estimate(model, params, tokens: int, seed: int = 0) -> dict:
             "client_aided_refreshes": be.n_refresh, "galois_keys": len(eng.steps),
             "estimated_seconds": sum(eng.est_ms.values()) / 1e3,
             "estimated_ms_by_kind": {k: round(v, 3) for k, v in eng.est_ms.items()},
-            "estimated_peak_bytes": int((eng.peak_bytes + cache + keys) * MEMORY_OVERHEAD + BASE_BYTES)}
+            "estimated_peak_bytes": memory_estimate(eng, params, cache)["estimated_peak_bytes"]}
 
 
 def cost_markdown(est: dict) -> str:
@@ -788,9 +820,7 @@ def run_packed(model, params, feeds: dict, *, runner_state: dict | None = None, 
     state = runner_state if runner_state is not None else {}
     eng = NumpyEngine(params, pt_cache_bytes=0)
     PackedInterpreter(model, PackedBackend(params, eng)).run(feeds)
-    data_primes = len(params.coeff_bits) - 1
-    need = int((eng.peak_bytes + galois_key_bytes(params.poly_modulus, data_primes) * (len(eng.steps) + 1))
-               * MEMORY_OVERHEAD + BASE_BYTES)
+    need = memory_estimate(eng, params)["estimated_peak_bytes"]
     if need > psutil.virtual_memory().available:
         raise SimulationError(f"not enough memory for the seal backend: about {need / 2**30:.1f} GiB needed")
     client = state.get("client")
