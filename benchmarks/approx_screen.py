@@ -170,9 +170,9 @@ def per_kind(ops: list[dict]) -> tuple[dict, dict, dict]:
 
 
 def screen(model, calib: list[dict], dev: list[dict], configs: list[str], profile: str = "lean",
-           head_coeffs: bool = True, log=print) -> list[dict]:
+           head_coeffs: bool = True, log=print, on_row=None) -> list[dict]:
     """The rows of the screen (``baseline`` first) for a CGF ``model`` with exact functions (changed in place:
-    head coefficients; each config works on a copy)."""
+    head coefficients; each config works on a copy). ``on_row(row)`` is called as each row is finished."""
     from cgf_fhe import surgery
     from cgf_fhe.softmax import calibrate_head_coeffs
 
@@ -191,6 +191,8 @@ def screen(model, calib: list[dict], dev: list[dict], configs: list[str], profil
              "max_rel_error": {}, "guard_on": base, "guard_off": base, "seconds": round(time.time() - t0, 1),
              "ops": []}]
     log(f"baseline: accuracy {base['accuracy']:.4f}")
+    if on_row:
+        on_row(rows[0])
     for c, kinds, over in parsed:
         t0 = time.time()
         opts = options_for(profile, kinds, over, c)
@@ -212,6 +214,8 @@ def screen(model, calib: list[dict], dev: list[dict], configs: list[str], profil
         row["seconds"] = round(time.time() - t0, 1)
         row["ops"] = ops
         rows.append(row)
+        if on_row:
+            on_row(row)
         on, off = row["guard_on"], row["guard_off"]
         log(f"{c}: levels {levels} | guard on acc {on['accuracy']:.4f} mse {on['logit_mse']} nonfinite "
             f"{on['nonfinite']} | guard off acc {off['accuracy']:.4f} mse {off['logit_mse']} nonfinite "
@@ -232,15 +236,17 @@ def _clean(v):
     return v
 
 
-def write_rows(path: Path, rows: list[dict], command: str) -> dict:
-    """Add ``rows`` to the document at ``path`` (rows with the same label and config are replaced), atomically."""
+def write_rows(path: Path, rows: list[dict], command: str | None) -> dict:
+    """Add ``rows`` to the document at ``path`` (rows with the same label and config are replaced), atomically;
+    ``command`` (None: the rows belong to the last command already stored) is added to its commands."""
     from cgf_fhe.io import read_json, write_text
 
     doc = read_json(path) if path.exists() else {}
     new = {(r.get("label"), r["config"]) for r in rows}
     doc["rows"] = [r for r in doc.get("rows", []) if (r.get("label"), r.get("config")) not in new] + rows
-    doc["command"] = command
-    doc["commands"] = doc.get("commands", []) + [command]
+    if command is not None:
+        doc["command"] = command
+        doc["commands"] = doc.get("commands", []) + [command]
     write_text(path, json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
     return doc
 
@@ -283,15 +289,20 @@ def main(argv=None) -> int:
         ds = load_mrpc(a.data_dir)
         calib = batches_of(tokenize_split(ds["train"], tok, a.max_length, a.calib), tok, a.batch_size)
         dev = batches_of(tokenize_split(ds["validation"], tok, a.max_length, a.dev), tok, a.batch_size)
-        rows = screen(model, calib, dev, a.configs, a.profile, not a.no_head_coeffs,
-                      log=lambda s: print(s, flush=True))
         common = {"label": a.label, "teacher": str(a.teacher), "profile": a.profile,
                   "n_calib": sum(len(b["labels"]) for b in calib), "n_dev": sum(len(b["labels"]) for b in dev),
                   "head_coeffs": not a.no_head_coeffs}
-        rows = [{**common, **r} for r in rows]
+        done: list[dict] = []
+
+        def keep(row):  # each finished row is written at once (a long run interrupted keeps what it measured)
+            done.append({**common, **row})
+            if a.output:
+                write_rows(a.output, done[-1:], command if len(done) == 1 else None)
+
+        screen(model, calib, dev, a.configs, a.profile, not a.no_head_coeffs, log=lambda s: print(s, flush=True),
+               on_row=keep)
         if a.output:
-            write_rows(a.output, rows, command)
-            print(f"wrote {len(rows)} rows to {a.output}")
+            print(f"wrote {len(done)} rows to {a.output}")
     except CgfFheError as e:
         print(f"approx_screen: {e}", file=sys.stderr)
         return 2
