@@ -300,8 +300,18 @@ def screen_record(d: dict, where: Path, label: str | None) -> dict:
     differ = [k for k in SCREEN_COMMON if any(r.get(k) != common[k] for r in rows)]
     if differ:
         raise DataError(f"{where}: the rows differ in '{differ[0]}': record one run (one --label) at a time")
-    return {"metrics": {"label": rows[0].get("label", ""), **common,
-                        "rows": [_sig_tree({k: r[k] for k in SCREEN_KEYS if k in r}) for r in rows]}}
+    out = []
+    for r in rows:
+        o = _sig_tree({k: r[k] for k in SCREEN_KEYS if k in r})
+        worst: dict = {}  # per kind, the op of the worst relative fit error (e.g. layer 0's wide exp interval)
+        for e in r.get("ops") or []:
+            k = "ln" if e["kind"].startswith("ln") else e["kind"]
+            if e.get("max_rel_error") is not None and e["max_rel_error"] >= worst.get(k, (-1.0, ""))[0]:
+                worst[k] = (e["max_rel_error"], e["key"])
+        if worst:
+            o["max_rel_error_at"] = {k: v[1] for k, v in worst.items()}
+        out.append(o)
+    return {"metrics": {"label": rows[0].get("label", ""), **common, "rows": out}}
 
 
 def main(argv=None) -> int:

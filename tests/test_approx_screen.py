@@ -153,6 +153,11 @@ def test_screen_record_reaches_the_results_page(rows, tmp_path, capsys):
     assert [r["config"] for r in m["rows"]] == ["baseline", *CONFIGS] and all("ops" not in r for r in m["rows"])
     good = next(r for r in m["rows"] if r["config"] == "exp:exp_degree=7,exp_squarings=2")
     assert good["levels"] == {"exp": [5, 5]}
+    ops = by["all:ln_band=None,newton_steps=1"]["ops"]  # the page names the op where each kind's fit is worst
+    at = next(r for r in m["rows"] if r["config"] == "all:ln_band=None,newton_steps=1")["max_rel_error_at"]
+    for kind in ("exp", "gelu", "ln"):
+        mine = [e for e in ops if e["kind"].startswith(kind)]
+        assert at[kind] == max(mine, key=lambda e: e["max_rel_error"])["key"]
     pages = json.loads((recs / "pages.json").read_text())
     if not any(it.get("record") == "approx-screen" for pg in pages["pages"] for s in pg["sections"]
                for it in s["items"]):

@@ -96,7 +96,9 @@ def screen(rec: dict, level: str = "###") -> list[str]:
         over = ", ".join(f"{k} {v}" for k, v in (r.get("overrides") or {}).items())
         what = "baseline: CGF, exact functions" if kind == "baseline" else kind + (f" ({over})" if over else "")
         layer = r.get("layer_levels_exported")
-        err = "; ".join(f"{k} {v:.1e}" for k, v in (r.get("max_rel_error") or {}).items())
+        at = r.get("max_rel_error_at") or {}
+        err = "; ".join(f"{k} {v:.1e}" + (f" ({at[k].rsplit('.', 1)[0]})" if k in at else "")
+                        for k, v in (r.get("max_rel_error") or {}).items())
         out.append([what, _screen_levels(r.get("levels") or {}) or "-",
                     " ".join(str(x) for x in layer) if layer else "-", err or "-",
                     _screen_guard(r["guard_on"], acc0), _screen_guard(r["guard_off"], acc0), secs(r.get("seconds"))])
@@ -113,6 +115,7 @@ def screen(rec: dict, level: str = "###") -> list[str]:
             "with the training guard on (inputs clamped into the intervals) and off (what is exported). Levels per "
             "op are read from the polynomial modules, with the normalisation folded as in export (exp counts its "
             "squarings; a Newton LayerNorm is 3 + P + 2 per step); the fit error is the worst over layers on each "
-            "op's interval (LayerNorm: 1/sqrt after the Newton steps). Training recovers part of what a replacement "
+            "op's interval, with the op where it is worst (exp: where exp >= 1e-3; LayerNorm: 1/sqrt after the Newton "
+            "steps). Training recovers part of what a replacement "
             "loses, so these rows rank choices; the paired accuracies of trained students are in section 2.", ""]
     return [*lead, *table(cols, out), "", *notes(rec.get("notes", []))]
