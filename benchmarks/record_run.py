@@ -15,6 +15,8 @@ KIND and what RUN_DIR holds:
                              without its suffix)
   calibration                an emulator_calibration_*.json file
   structure                  a benchmarks/lean_structure.py output (depth, op counts and refreshes per profile)
+  screen                     a benchmarks/approx_screen.py output (untrained approximation screen: one kind
+                             replaced at a time; rows of one --label, see --label)
 Only figures go into the record (a few KB); checkpoints, ONNX files and per-node reports stay in the runs folder.
 """
 from __future__ import annotations
@@ -40,6 +42,9 @@ STRUCTURE_KEYS = ("label", "profile", "overrides", "total_depth", "depth_per_lay
                   "ct_pt_mults", "ct_ct_mults",
                   "additions", "refreshes", "refreshed_values", "refreshed_ciphertexts", "refreshes_lower_bound",
                   "level_budget", "seq_len")
+SCREEN_KEYS = ("config", "kinds", "overrides", "levels", "layer_levels_exported", "max_abs_error", "max_rel_error",
+               "guard_on", "guard_off", "seconds")
+SCREEN_COMMON = ("teacher", "profile", "n_calib", "n_dev", "head_coeffs")
 REPORT_KEYS = ("total_depth", "bootstraps_total", "bootstraps_lower_bound", "latency_seconds", "latency_per_example_seconds", "level_budget",
                "seq_len")
 
@@ -208,7 +213,7 @@ def seed_order(command: str, seeds: list[int]) -> list[int]:
     return [s for s in given if s in seeds] + sorted(s for s in seeds if s not in given)
 
 
-def build(kind: str, run_dir: Path, teacher_dir: Path | None, command: str = "") -> dict:
+def build(kind: str, run_dir: Path, teacher_dir: Path | None, command: str = "", label: str | None = None) -> dict:
     if kind in ("teacher", "search", "student"):
         rec = training_record(kind, run_dir, teacher_dir)
         order = seed_order(command, rec["seeds"])
@@ -258,14 +263,62 @@ def build(kind: str, run_dir: Path, teacher_dir: Path | None, command: str = "")
         if d.get("note"):
             out["metrics"]["note"] = d["note"]
         return out
+    if kind == "screen":
+        return screen_record(read_json(run_dir), run_dir, label)
     raise UserError(f"unknown kind '{kind}'")
+
+
+def _sig_tree(v):
+    """Every float of a nested dict/list to 4 significant digits."""
+    if isinstance(v, float):
+        return _sig(v)
+    if isinstance(v, dict):
+        return {k: _sig_tree(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_sig_tree(x) for x in v]
+    return v
+
+
+def screen_record(d: dict, where: Path, label: str | None) -> dict:
+    """The rows of one label of a benchmarks/approx_screen.py output (without the per-op detail); the settings
+    all rows share (teacher, profile, calibration and dev sizes) once."""
+    rows = d.get("rows") if isinstance(d, dict) else None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{where}: no 'rows' list (is it a benchmarks/approx_screen.py output?)")
+    labels = sorted({str(r.get("label", "")) for r in rows})
+    if label is None and len(labels) > 1:
+        raise DataError(f"{where}: rows of several labels ({', '.join(labels)}): pick one with --label")
+    rows = [r for r in rows if label is None or str(r.get("label", "")) == label]
+    if not rows:
+        raise DataError(f"{where}: no row has label {label!r} (labels: {', '.join(labels)})")
+    missing = [k for k in ("config", "guard_on", "guard_off", "levels") if any(k not in r for r in rows)]
+    if missing:
+        raise DataError(f"{where}: a row lacks '{missing[0]}' (is it a benchmarks/approx_screen.py output?)")
+    if not any(r["config"] == "baseline" for r in rows):
+        raise DataError(f"{where}: no baseline row (the CGF model with exact functions every MSE is measured to)")
+    common = {k: rows[0].get(k) for k in SCREEN_COMMON}
+    differ = [k for k in SCREEN_COMMON if any(r.get(k) != common[k] for r in rows)]
+    if differ:
+        raise DataError(f"{where}: the rows differ in '{differ[0]}': record one run (one --label) at a time")
+    out = []
+    for r in rows:
+        o = _sig_tree({k: r[k] for k in SCREEN_KEYS if k in r})
+        worst: dict = {}  # per kind, the op of the worst relative fit error (e.g. layer 0's wide exp interval)
+        for e in r.get("ops") or []:
+            k = "ln" if e["kind"].startswith("ln") else e["kind"]
+            if e.get("max_rel_error") is not None and e["max_rel_error"] >= worst.get(k, (-1.0, ""))[0]:
+                worst[k] = (e["max_rel_error"], e["key"])
+        if worst:
+            o["max_rel_error_at"] = {k: v[1] for k, v in worst.items()}
+        out.append(o)
+    return {"metrics": {"label": rows[0].get("label", ""), **common, "rows": out}}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("kind", choices=("teacher", "search", "student", "simulate", "report", "export", "calibration",
-                                     "structure"))
+                                     "structure", "screen"))
     ap.add_argument("run_dir", type=Path, help="the run folder (or file) the figures are read from")
     ap.add_argument("--name", required=True, help="record name = file name without .json (e.g. lean)")
     ap.add_argument("--command", required=True, help="the command line that made the run, as it should be shown")
@@ -273,6 +326,7 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher", help="student records: name of the teacher record its seeds pair with")
     ap.add_argument("--teacher-dir", type=Path, help="teacher seed folders, for students whose cgf_fhe.json "
                     "lacks teacher_dev")
+    ap.add_argument("--label", help="screen records: the label of the rows to record (when the file holds several)")
     ap.add_argument("--note", action="append", default=[], help="a sentence shown under the figures (repeatable)")
     ap.add_argument("-o", "--output", type=Path, required=True, help="records/<name>.json")
     a = ap.parse_args(argv)
@@ -284,8 +338,8 @@ def main(argv=None) -> int:
                "machine": machine(), "packages": package_versions()}
         if a.teacher:
             rec["teacher"] = a.teacher
-        rec.update(build(a.kind, a.run_dir, a.teacher_dir, a.command))
-        if a.kind == "structure":
+        rec.update(build(a.kind, a.run_dir, a.teacher_dir, a.command, a.label))
+        if a.kind in ("structure", "screen"):
             rec["read_from"] = a.run_dir.as_posix()
         rec["notes"] = a.note
         write_record(a.output, rec)

@@ -68,6 +68,8 @@ class Builder:
             return self._img(it["file"], plots.paired_differences, (recs, it["target_pp"]), it["caption"])
         if t == "structure":
             return tables.structure(self.rec(it["record"]))
+        if t == "screen":
+            return tables.screen(self.rec(it["record"]))
         if t == "export":
             return export.section(self.rec(it["record"]))
         if t == "report":

@@ -12,7 +12,7 @@ from cgf_fhe.errors import DataError
 from cgf_fhe.io import read_json
 
 SCHEMA = 1
-KINDS = ("teacher", "search", "student", "export", "report", "simulate", "calibration", "table", "structure")
+KINDS = ("teacher", "search", "student", "export", "report", "simulate", "calibration", "table", "structure", "screen")
 SOURCES = ("run", "recovered-from-page")
 PACKAGES = ("cgf-fhe", "torch", "transformers", "datasets", "onnx", "onnxruntime", "tenseal", "numpy", "scipy",
             "matplotlib")

@@ -71,3 +71,51 @@ def structure(rec: dict, level: str = "###") -> list[str]:
                  "refreshes were counted per tensor.", ""]
     return [*lead, *table(cols, out), "", *notes(([rec["metrics"]["note"]] if rec["metrics"].get("note") else [])
                                                  + rec.get("notes", []))]
+
+
+def _screen_guard(g: dict, base_acc: float) -> str:
+    mse = g.get("logit_mse")
+    pp = 100 * (g["accuracy"] - base_acc)
+    return (f"{g['accuracy']:.4f} ({pp:+.1f} pp) / {'n/a' if mse is None else f'{mse:.3g}'} / "
+            f"{g.get('nonfinite', 0)}")
+
+
+def _screen_levels(levels: dict) -> str:
+    return "; ".join(f"{op} {v[0]}" if len(set(v)) == 1 else f"{op} {' '.join(str(x) for x in v)}"
+                     for op, v in levels.items())
+
+
+def screen(rec: dict, level: str = "###") -> list[str]:
+    """A benchmarks/approx_screen.py record: an UNTRAINED student, one kind of non-linearity replaced at a time."""
+    m = rec["metrics"]
+    base = next(r for r in m["rows"] if r["config"] == "baseline")
+    acc0 = base["guard_off"]["accuracy"]
+    out = []
+    for r in m["rows"]:
+        kind, _, _ = r["config"].partition(":")
+        over = ", ".join(f"{k} {v}" for k, v in (r.get("overrides") or {}).items())
+        what = "baseline: CGF, exact functions" if kind == "baseline" else kind + (f" ({over})" if over else "")
+        layer = r.get("layer_levels_exported")
+        at = r.get("max_rel_error_at") or {}
+        err = "; ".join(f"{k} {v:.1e}" + (f" ({at[k].rsplit('.', 1)[0]})" if k in at else "")
+                        for k, v in (r.get("max_rel_error") or {}).items())
+        out.append([what, _screen_levels(r.get("levels") or {}) or "-",
+                    " ".join(str(x) for x in layer) if layer else "-", err or "-",
+                    _screen_guard(r["guard_on"], acc0), _screen_guard(r["guard_off"], acc0), secs(r.get("seconds"))])
+    cols = ["replaced (profile overrides)", "levels per op (as exported)", "levels per encoder layer (all kinds)",
+            "max rel. error of the fit", "guard on: accuracy / logit MSE / non-finite",
+            "guard off: accuracy / logit MSE / non-finite", "time"]
+    lead = [f"{level} {rec['title']}", "", *code(rec["command"]), cite(rec), "",
+            f"**Untrained screen, not the accuracy of trained students**: the exact teacher `{m.get('teacher')}` with "
+            f"the CGF softmax{' (per-head coefficients)' if m.get('head_coeffs') else ''}, its ranges calibrated on "
+            f"{m.get('n_calib')} MRPC training pairs; in each row only the named kind of non-linearity is replaced by "
+            f"the polynomial of the `{m.get('profile')}` FHE profile with the overrides shown, without any "
+            f"distillation, and the model is measured on the first {m.get('n_dev')} dev pairs. Accuracy (difference "
+            "to the baseline row), mean squared logit error to the baseline (finite rows) and non-finite logit rows, "
+            "with the training guard on (inputs clamped into the intervals) and off (what is exported). Levels per "
+            "op are read from the polynomial modules, with the normalisation folded as in export (exp counts its "
+            "squarings; a Newton LayerNorm is 3 + P + 2 per step); the fit error is the worst over layers on each "
+            "op's interval, with the op where it is worst (exp: where exp >= 1e-3; LayerNorm: 1/sqrt after the Newton "
+            "steps). Training recovers part of what a replacement "
+            "loses, so these rows rank choices; the paired accuracies of trained students are in section 2.", ""]
+    return [*lead, *table(cols, out), "", *notes(rec.get("notes", []))]
