@@ -231,3 +231,24 @@ def test_report_packed_seal_counts_the_lean_packing(lean_student, mrpc_dir, caps
             for r in dry["layers"]]
     assert got == want and [g[0] for g in got] == [0, 1, "head"]
     assert abs(ps["latency_seconds"] - dry["estimated_seconds"]) <= 1e-3 * dry["estimated_seconds"]
+
+
+def test_repeated_projection_of_the_same_ciphertexts_is_computed_once():
+    """The exported statistics fold may project the keys twice by the same weights (one MatMul per row
+    scaling): the second MatMul of the same ciphertexts by the same plaintext reuses the first pass (no ct x pt,
+    no rotation), a different weight or input does not."""
+    rng = np.random.default_rng(4)
+    X, W, W2 = rng.normal(size=(1, 6, 8)), rng.normal(size=(8, 8)), rng.normal(size=(8, 8))
+    be = PackedBackend(SMALL, NumpyEngine(SMALL))
+    x = be.encrypt(X)
+    k1 = be.matmul(x, W)
+    n = dict(be.engine.counts)
+    k2 = be.matmul(x, W.copy())
+    assert k2 is k1 and be.engine.counts["mul_pt"] == n["mul_pt"] and be.engine.counts["rotate"] == n["rotate"]
+    v = be.matmul(x, W2)
+    assert be.engine.counts["mul_pt"] > n["mul_pt"]
+    np.testing.assert_allclose(be.decrypt(k2), X @ W, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(be.decrypt(v), X @ W2, rtol=1e-12, atol=1e-12)
+    y = be.encrypt(X)  # another input: computed again
+    be.matmul(y, W)
+    assert be.counts["linear_shared"] == 1
