@@ -207,3 +207,48 @@ def test_token_sum_is_replicated_and_meets_every_query(params, S, H):
     one = be.rearrange(lambda t: [t[:, :1].reshape(1, 1, heads, dh).transpose(0, 2, 3, 1)], [x], [0])[0]
     with pytest.raises(SimulationError, match="not replicated over the query tokens"):
         be.matmul(q, one)
+
+
+def test_report_packed_seal_counts_the_lean_packing(lean_student, mrpc_dir, capsys):
+    """``report --packed-seal`` runs the same packed schedule as the dry run (the token-split pass, the
+    replicated token sum): equal per-layer ct x pt, ct x ct, rotation, level-match and refresh counts."""
+    from cgf_fhe.cli import main
+    from cgf_fhe.simulate.batch import SimConfig, client_batches
+    from cgf_fhe.simulate.packed_runner import PackedRunner
+
+    onnx_path = str(lean_student / "student.onnx")
+    cfg = SimConfig(backend="seal", poly_modulus=8192, coeff_bits=(60, 40, 40, 60), limit=1, max_length=6,
+                    batch_size=1, data_dir=str(mrpc_dir), progress=False)
+    (feeds, _labels), = client_batches(onnx.load(onnx_path), cfg)[0]
+    dry = PackedRunner(onnx_path, cfg).dry_run(feeds)
+    tokens = feeds["embeddings"].shape[1]
+    assert main(["report", onnx_path, "--packed-seal", "--seq-len", str(tokens), "--levels", "2",
+                 "--format", "json"]) == 0
+    ps = json.loads(capsys.readouterr().out)["packed_seal"]
+    got = [(r["layer"], r["ct_pt_mults"], r["ct_ct_mults"], r["rotations"], r["level_matches"], r["refreshes"])
+           for r in ps["layers"]]
+    want = [(r["layer"], r["mul_pt"], r["mul_ct"], r["rotate"], r["level_match"], r["refreshes"])
+            for r in dry["layers"]]
+    assert got == want and [g[0] for g in got] == [0, 1, "head"]
+    assert abs(ps["latency_seconds"] - dry["estimated_seconds"]) <= 1e-3 * dry["estimated_seconds"]
+
+
+def test_repeated_projection_of_the_same_ciphertexts_is_computed_once():
+    """The exported statistics fold may project the keys twice by the same weights (one MatMul per row
+    scaling): the second MatMul of the same ciphertexts by the same plaintext reuses the first pass (no ct x pt,
+    no rotation), a different weight or input does not."""
+    rng = np.random.default_rng(4)
+    X, W, W2 = rng.normal(size=(1, 6, 8)), rng.normal(size=(8, 8)), rng.normal(size=(8, 8))
+    be = PackedBackend(SMALL, NumpyEngine(SMALL))
+    x = be.encrypt(X)
+    k1 = be.matmul(x, W)
+    n = dict(be.engine.counts)
+    k2 = be.matmul(x, W.copy())
+    assert k2 is k1 and be.engine.counts["mul_pt"] == n["mul_pt"] and be.engine.counts["rotate"] == n["rotate"]
+    v = be.matmul(x, W2)
+    assert be.engine.counts["mul_pt"] > n["mul_pt"]
+    np.testing.assert_allclose(be.decrypt(k2), X @ W, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(be.decrypt(v), X @ W2, rtol=1e-12, atol=1e-12)
+    y = be.encrypt(X)  # another input: computed again
+    be.matmul(y, W)
+    assert be.counts["linear_shared"] == 1

@@ -995,7 +995,7 @@ class PackedBackend(Backend):
         if not self.is_ct(a):
             raise SimulationError("a plaintext x ciphertext MatMul is not packable by the seal backend")
         if not self.is_ct(b):
-            return self._linear(a, np.asarray(b, dtype=np.float64))
+            return self._linear_shared(a, np.asarray(b, dtype=np.float64))
         L = self.layout
         qh = L.heads_hm(a.smap)
         kh = L.heads_hm(b.smap, transposed=True)
@@ -1010,6 +1010,24 @@ class PackedBackend(Backend):
                 return self._probs_v(a, b, vh[0], vh[1], tq)
         raise SimulationError(f"encrypted MatMul {list(a.shape)} x {list(b.shape)}: operands are not in a packed "
                               "attention layout (Q x K^T of hidden-major tensors, or diagonal scores x V)")
+
+    def _linear_shared(self, a: PackedTensor, W: np.ndarray) -> PackedTensor:
+        """:meth:`_linear`, computed once for repeated MatMuls of the same ciphertexts by the same weights (the
+        exported statistics fold can project the keys twice, once per row scaling: ``keep_j`` for the scores,
+        ``w_j`` for the key mean): the second node gets the first's result, as a value with two consumers
+        would. Only the linear maps of the current input are remembered (a new input forgets them)."""
+        if self.layout is None or self.layout.hm_tokens(a.smap) is None:
+            return self._linear(a, W)
+        self._ensure(a)
+        memo = getattr(self, "_lin_memo", None)
+        if memo is None or len(memo["cts"]) != len(a.cts) or any(c is not d for c, d in zip(memo["cts"], a.cts)):
+            memo = self._lin_memo = {"cts": list(a.cts), "out": {}}
+        key = _fingerprint(a.smap, W)
+        if key in memo["out"]:
+            self.counts["linear_shared"] += 1
+            return memo["out"][key]
+        res = memo["out"][key] = self._linear(a, W)
+        return res
 
     def _token_sum_replicated(self, a: PackedTensor, axes, keepdims: bool) -> PackedTensor | None:
         """Sum over the token axis of a hidden-major ``[1, S, H]`` tensor (keepdims) with its total in *every*
