@@ -3,6 +3,7 @@
 Real SEAL runs use N=8192, chain [60, 40, 40, 60] (2 levels) and the micro exported student (hidden 8, 1 layer,
 <= 6 tokens) so the file stays within about a minute on one core.
 """
+import dataclasses
 import json
 
 import numpy as np
@@ -412,3 +413,23 @@ def test_multi_example_estimate_holds_every_examples_keys():
     assert dries[0]["estimated_peak_bytes"] == int((10 << 30) + 3 * one * MEMORY_OVERHEAD)
     assert dries[1]["estimated_peak_bytes"] == int((11 << 30) + 1 * one * MEMORY_OVERHEAD)
     assert dries[0]["galois_key_bytes"] == 7 * one and dries[0]["own_estimated_peak_bytes"] == 10 << 30
+
+
+def test_a_dry_run_that_disagrees_with_plain_is_refused_before_encrypting(micro_student_packed, mrpc_dir,
+                                                                           monkeypatch):
+    """A packing error (here: every ciphertext addition of the float64 schedule off by 1e-3) must not be paid for
+    with a whole encrypted run that then looks like CKKS noise: the example is refused, naming it, before any
+    key exists; the correct schedule passes the same check (plain's logits to rounding)."""
+    from cgf_fhe.simulate import packed_runner as pr
+    from cgf_fhe.simulate.runner import SimConfig
+
+    cfg = SimConfig(backend="seal", poly_modulus=8192, coeff_bits=(60, 40, 40, 60), max_length=6,
+                    data_dir=str(mrpc_dir), progress=False)
+    runner = PackedRunner(str(micro_student_packed / "student.onnx"), cfg)
+    _, batches = _feeds(micro_student_packed, mrpc_dir)
+    feeds = batches[0][0]
+    assert runner.check_schedule(runner.dry_run(feeds), feeds, 0) < 1e-9
+    monkeypatch.setattr(NumpyEngine, "add", lambda self, a, b: self._new(a.v + b.v + 1e-3, a.level))
+    with pytest.raises(SimulationError, match=r"example 0: the packed schedule's dry run .* packing error"):
+        pr.simulate_packed(str(micro_student_packed / "student.onnx"), dataclasses.replace(cfg, limit=1))
+    assert runner.client is None

@@ -103,7 +103,10 @@ def _simulate(args) -> int:
             print(f"seal dry run, example {e['index']} ({e['tokens']} tokens): ~{e['estimated_seconds'] / 60:.1f} min, "
                   f"~{e['estimated_peak_bytes'] / 2**30:.1f} GiB peak, {e['counts'].get('mul_pt', 0)} ct x pt, "
                   f"{e['counts'].get('mul_ct', 0)} ct x ct, {e['counts'].get('rotate', 0)} rotations, "
-                  f"{e['refreshes']} client-aided refreshes, {e['galois_keys']} Galois keys")
+                  f"{e['refreshes']} client-aided refreshes, {e['galois_keys']} Galois keys"
+                  + ("" if e.get("matches_plain", True) else
+                     f"; PACKING ERROR: logits differ from plain by {e['max_logit_diff_vs_plain']:.3g} "
+                     "(a real run refuses this example)"))
         print(f"wrote {Path(args.output_dir) / 'seal_dry_run.json'}")
         return 0
     label = s["refresh_label"]

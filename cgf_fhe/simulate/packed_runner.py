@@ -37,6 +37,10 @@ from .interpreter import Interpreter, node_layers
 from .packed_fusion import find_token_split_linears, run_fused
 from .packing import PackedTensor, axis_groups, ciphertext_bytes, concat_axis, galois_key_bytes, take_axis
 
+# the dry run evaluates the packed schedule in float64: it must give plain's logits to rounding (measured ~1e-14 on
+# MiniLM); anything beyond this relative tolerance is a packing error and the example is refused before encrypting
+SCHEDULE_TOL = 1e-6
+
 # SEAL's memory pools keep freed buffers per size (one size per level), so the ciphertexts cost the sum over levels
 # of each level's peak (memory_estimate); on top of that and the keys + cached plaintexts, measured peak RSS needs
 # x1.39 (tiny 2-layer hidden-64 student, 32 tokens: 5.4 GiB for 0.82 + 1.18 keys + 1.45 cache + base) and x1.55
@@ -442,6 +446,21 @@ class PackedRunner:
                 "ciphertext_peak_bytes_by_level": {int(k): int(v) for k, v in sorted(eng.peak_by_level.items())},
                 "chunked_regions": it.chunk_log}
 
+    def check_schedule(self, dry: dict, feeds: dict, index: int) -> float:
+        """Refuse an example whose dry run (the packed schedule on float64 slots, no encryption) does not give
+        plain's logits: a packing bug would otherwise cost a whole encrypted run and look like CKKS noise.
+        Returns the max |logit difference|."""
+        plain = self.base.plain.run(feeds).outputs[LOGITS]
+        got = dry["outputs"][LOGITS]
+        diff = float(np.abs(got - plain).max()) if np.all(np.isfinite(got)) else float("inf")
+        if not diff <= SCHEDULE_TOL * max(1.0, float(np.abs(plain).max())):
+            raise SimulationError(
+                f"example {index}: the packed schedule's dry run gives logits {np.round(got, 4).tolist()} where "
+                f"plain gives {np.round(plain, 4).tolist()} (max |diff| {diff:.3g}): a packing error, not CKKS "
+                "noise; nothing was encrypted. Run `--dry-run` to see it per example; exporting with "
+                "--no-fold-stats avoids the statistics-fold packing")
+        return diff
+
     def check_memory(self, dry: dict) -> None:
         """Refuse what cannot fit memory, or would overflow the modulus (a slot, garbage included, beyond
         Q_l / (2 s_l) wraps the whole ciphertext)."""
@@ -618,6 +637,7 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
             if prev.get("fingerprint") == fp:
                 continue
         dries[i] = runner.dry_run(feeds)
+        runner.check_schedule(dries[i], feeds, i)
         runner.check_memory(dries[i])
         steps |= set(dries[i]["steps"])
         todo.append(i)
@@ -688,8 +708,10 @@ def _dry_run_only(runner: PackedRunner, batches, out_dir, seconds) -> dict:
         t0 = time.perf_counter()
         d = runner.dry_run(feeds)
         plain = runner.base.plain.run(feeds).outputs[LOGITS]
+        diff = float(np.abs(d["outputs"][LOGITS] - plain).max())
         rows.append({"index": i, "tokens": int(feeds["embeddings"].shape[1]), "wall_seconds": time.perf_counter() - t0,
-                     "max_logit_diff_vs_plain": float(np.abs(d["outputs"][LOGITS] - plain).max()),
+                     "max_logit_diff_vs_plain": diff,
+                     "matches_plain": bool(diff <= SCHEDULE_TOL * max(1.0, float(np.abs(plain).max()))),
                      **{k: v for k, v in d.items() if k not in ("outputs", "trace", "seconds")}})
     _with_run_keys(rows, runner.params)
     out = {"dry_run_only": True, "examples": rows, "params": runner.params.describe(),
