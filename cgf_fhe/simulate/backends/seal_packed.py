@@ -1104,9 +1104,59 @@ class PackedBackend(Backend):
         self.counts["matmul_ct"] += 1
         return PackedTensor(cts, smap, np.array(sup))
 
+    def _diagonal_pass(self, cts, Ws, masks, n_in: int, n_out: int) -> list:
+        """Diagonal method with baby-step giant-step rotations (rotations by whole blocks) over the hidden-major
+        ciphertexts ``cts``: ``out_b = sum_g rot(sum_{a,i} rot(X_a, i) * D'_{a,b,g,i}, g n1)``, where a
+        diagonal's plaintext holds ``W_k``'s diagonal at the token slots of ``masks[k]`` (one weight and the
+        token mask for :meth:`_linear`; one per token slice for :meth:`linear_token_split`); plaintext diagonals
+        are encoded once per level and cached. Returns the output ciphertexts (one level down)."""
+        L, e = self.layout, self.engine
+        hp, S_blk = L.hp, L.S_blk
+        K, M = Ws[0].shape
+        n1 = next_pow2(math.ceil(math.sqrt(hp)))
+        n2 = math.ceil(hp / n1)
+        lv = e.level(cts[0])
+        key = _fingerprint(*Ws, *masks)
+        Wps = []
+        for W in Ws:
+            Wp = np.zeros((n_in * hp, n_out * hp))
+            Wp[:K, :M] = W
+            Wps.append(Wp)
+        j = np.arange(hp)
+        baby = {}
+        outs = []
+        for bi in range(n_out):
+            acc = None
+            for g in range(n2):
+                terms = []
+                for ai in range(n_in):
+                    for i in range(n1):
+                        d = g * n1 + i
+                        if d >= hp:
+                            break
+                        vals = [Wp[ai * hp:(ai + 1) * hp, bi * hp:(bi + 1) * hp][(j + d) % hp, j] for Wp in Wps]
+                        if not any(np.any(v) for v in vals):
+                            continue
+                        if (ai, i) not in baby:
+                            baby[ai, i] = e.rotate(cts[ai], i * S_blk) if i else cts[ai]
+
+                        def diag(vals=vals, g=g):
+                            blk = sum(v[:, None] * tm[None, :] for v, tm in zip(vals, masks))
+                            return np.roll(blk.reshape(-1), g * n1 * S_blk)
+
+                        terms.append(e.mul_plain_raw(baby[ai, i], e.plain((key, ai, bi, d), diag, lv, "mul")))
+                if not terms:
+                    continue
+                y = e.rescale(e.add_many(terms))
+                y = e.rotate(y, g * n1 * S_blk) if g else y
+                acc = y if acc is None else e.add(acc, y)
+            if acc is None:  # an all-zero block of W
+                acc = e.zeros(lv - 1)
+            outs.append(acc)
+        return outs
+
     def _linear(self, a: PackedTensor, W: np.ndarray) -> PackedTensor:
-        """Diagonal method, baby-step giant-step: out_b = sum_g rot(sum_{a,i} rot(X_a, i) * D'_{a,b,g,i}, g n1)
-        (rotations by whole blocks); plaintext diagonals encoded once per level and cached."""
+        """``a @ W`` by the diagonal method with baby-step giant-step rotations (:meth:`_diagonal_pass`)."""
         L = self.layout
         while W.ndim > 2 and W.shape[0] == 1:
             W = W[0]
@@ -1121,47 +1171,10 @@ class PackedBackend(Backend):
             raise SimulationError(f"MatMul input {list(a.shape)} is not packed hidden-major (the diagonal method "
                                   "needs hidden units in blocks of tokens)")
         self._ensure(a)
-        e, hp, S_blk = self.engine, L.hp, L.S_blk
         n_in, n_out = L.n_ct(K), L.n_ct(M)
-        n1 = next_pow2(math.ceil(math.sqrt(hp)))
-        n2 = math.ceil(hp / n1)
-        tokmask = np.zeros(S_blk)
+        tokmask = np.zeros(L.S_blk)
         tokmask[np.unique(tok)] = 1.0
-        lv = self.level(a)
-        key = _fingerprint(W, tokmask)
-        Wp = np.zeros((n_in * hp, n_out * hp))
-        Wp[:K, :M] = W
-        j = np.arange(hp)
-        baby = {}
-        outs = []
-        for bi in range(n_out):
-            acc = None
-            for g in range(n2):
-                terms = []
-                for ai in range(n_in):
-                    blockW = Wp[ai * hp:(ai + 1) * hp, bi * hp:(bi + 1) * hp]
-                    for i in range(n1):
-                        d = g * n1 + i
-                        if d >= hp:
-                            break
-                        vals = blockW[(j + d) % hp, j]
-                        if not np.any(vals):
-                            continue
-                        if (ai, i) not in baby:
-                            baby[ai, i] = e.rotate(a.cts[ai], i * S_blk) if i else a.cts[ai]
-
-                        def diag(vals=vals, g=g):
-                            return np.roll((vals[:, None] * tokmask[None, :]).reshape(-1), g * n1 * S_blk)
-
-                        terms.append(e.mul_plain_raw(baby[ai, i], e.plain((key, ai, bi, d), diag, lv, "mul")))
-                if not terms:
-                    continue
-                y = e.rescale(e.add_many(terms))
-                y = e.rotate(y, g * n1 * S_blk) if g else y
-                acc = y if acc is None else e.add(acc, y)
-            if acc is None:  # an all-zero block of W
-                acc = e.zeros(lv - 1)
-            outs.append(acc)
+        outs = self._diagonal_pass(a.cts, [W], [tokmask], n_in, n_out)
         self.counts["matmul_pt"] += 1
         res = PackedTensor(outs, L.hidden_major(tok, M), None)
         res.support = self._keep(res)
@@ -1200,53 +1213,13 @@ class PackedBackend(Backend):
         whole = PackedTensor(list(x0.cts), L.hidden_major(alltok, K), x0.support.copy())
         self._ensure(whole)
         cts = whole.cts
-        e, hp, S_blk = self.engine, L.hp, L.S_blk
         n_in, n_out = L.n_ct(K), L.n_ct(M)
-        n1 = next_pow2(math.ceil(math.sqrt(hp)))
-        n2 = math.ceil(hp / n1)
         masks = []
         for tok in toks:
-            tm = np.zeros(S_blk)
+            tm = np.zeros(L.S_blk)
             tm[np.unique(tok)] = 1.0
             masks.append(tm)
-        lv = self.engine.level(cts[0])
-        key = _fingerprint(*Ws, *masks)
-        Wps = []
-        for W in Ws:
-            Wp = np.zeros((n_in * hp, n_out * hp))
-            Wp[:K, :M] = W
-            Wps.append(Wp)
-        j = np.arange(hp)
-        baby = {}
-        outs = []
-        for bi in range(n_out):
-            acc = None
-            for g in range(n2):
-                terms = []
-                for ai in range(n_in):
-                    for i in range(n1):
-                        d = g * n1 + i
-                        if d >= hp:
-                            break
-                        vals = [Wp[ai * hp:(ai + 1) * hp, bi * hp:(bi + 1) * hp][(j + d) % hp, j] for Wp in Wps]
-                        if not any(np.any(v) for v in vals):
-                            continue
-                        if (ai, i) not in baby:
-                            baby[ai, i] = e.rotate(cts[ai], i * S_blk) if i else cts[ai]
-
-                        def diag(vals=vals, g=g):
-                            blk = sum(v[:, None] * tm[None, :] for v, tm in zip(vals, masks))
-                            return np.roll(blk.reshape(-1), g * n1 * S_blk)
-
-                        terms.append(e.mul_plain_raw(baby[ai, i], e.plain((key, ai, bi, d), diag, lv, "mul")))
-                if not terms:
-                    continue
-                y = e.rescale(e.add_many(terms))
-                y = e.rotate(y, g * n1 * S_blk) if g else y
-                acc = y if acc is None else e.add(acc, y)
-            if acc is None:
-                acc = e.zeros(lv - 1)
-            outs.append(acc)
+        outs = self._diagonal_pass(cts, Ws, masks, n_in, n_out)
         self.counts["matmul_pt"] += 1
         self.counts["token_split_linear"] += 1
         res = PackedTensor(outs, L.hidden_major(alltok, M), None)
