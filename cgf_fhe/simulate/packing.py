@@ -129,6 +129,24 @@ class PackedTensor:
 # ---------------------------------------------------------------------------------------------------------------
 # chunks along an axis (evaluating a run of element-wise nodes one group of heads at a time)
 # ---------------------------------------------------------------------------------------------------------------
+def component_labels(n: int, pairs) -> list[int]:
+    """Connected components of ``n`` items joined by ``pairs`` (union-find): each item's label is the smallest
+    index of its component."""
+    parent = list(range(n))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, j in pairs:
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    return [find(i) for i in range(n)]
+
+
 def axis_groups(tensors, axis: int, slots: int) -> list[np.ndarray] | None:
     """Indices along ``axis`` grouped so that no ciphertext of any of ``tensors`` (slot maps and aliases) holds
     elements of two groups (the smallest such groups, in order); None when a tensor has another size there."""
@@ -140,14 +158,7 @@ def axis_groups(tensors, axis: int, slots: int) -> list[np.ndarray] | None:
         if n != size or n < 1 or (t.alias is not None and (t.alias.ndim != t.smap.ndim
                                                            or t.alias.shape[axis] != size)):
             return None
-    parent = list(range(size))
-
-    def find(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    pairs = []
     for t in tensors:
         first: dict[int, int] = {}
         for m in (t.smap, t.alias):
@@ -156,13 +167,10 @@ def axis_groups(tensors, axis: int, slots: int) -> list[np.ndarray] | None:
             ct = np.moveaxis(m // slots, axis, 0).reshape(size, -1)
             for i in range(size):
                 for c in np.unique(ct[i]).tolist():
-                    j = first.setdefault(c, i)
-                    ri, rj = find(i), find(j)
-                    if ri != rj:
-                        parent[max(ri, rj)] = min(ri, rj)
+                    pairs.append((i, first.setdefault(c, i)))
     groups: dict[int, list[int]] = {}
-    for i in range(size):
-        groups.setdefault(find(i), []).append(i)
+    for i, root in enumerate(component_labels(size, pairs)):
+        groups.setdefault(root, []).append(i)
     return [np.array(g, dtype=np.int64) for g in groups.values()]
 
 

@@ -36,8 +36,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..packing import (Layout, PackedTensor, ciphertext_bytes, galois_key_bytes, next_pow2, op_ms,
-                       plaintext_bytes)
+from ..packing import (Layout, PackedTensor, ciphertext_bytes, component_labels, galois_key_bytes, next_pow2,
+                       op_ms, plaintext_bytes)
 from .base import Backend, SimulationError, logical_broadcast, optional_import, require
 from .seal_noise import ModelKeys, add_rotation_error, measure_rotation, rotation_error_for
 
@@ -913,21 +913,11 @@ class PackedBackend(Backend):
                                   "rotate-and-sum)")
         # outputs whose ciphertexts overlap form one component; each output adds every ciphertext of its
         # component that is exact for it (members, or zero on its grid): outputs then share their sums
-        parent = list(range(n_cts))
-
-        def find(x):
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
+        pairs = []
         for o in range(n_out):
             ms = np.nonzero(mem_any[:, o])[0]
-            for c in ms[1:]:
-                ra, rb = find(int(ms[0])), find(int(c))
-                if ra != rb:
-                    parent[rb] = ra
-        comp = np.array([find(c) for c in range(n_cts)])
+            pairs += [(int(ms[0]), int(c)) for c in ms[1:]]
+        comp = np.array(component_labels(n_cts, pairs))
         groups: dict[tuple, int] = {}
         o_group = np.empty(n_out, dtype=np.int64)
         for o in range(n_out):
