@@ -44,7 +44,11 @@ def test_rotation_error_parts_are_measured_with_the_runs_keys(seal):
         e = seal.decrypt(seal.rotate(c, k)) - np.roll(seal.decrypt(c), -k)
         assert np.std(e - err.det) == pytest.approx(err.std, rel=0.15)
         shares.append(np.std(e) / np.std(e - err.det))
-    assert np.mean(shares) > 1.2  # the fixed parts are a real share of the error (1.2-3.8 per key, measured)
+    # the fixed parts are a real share of each key's error. The share depends on the key (SEAL draws keys
+    # unseeded): 1.10-5.34 per key over 21 keys (7 fresh key sets, measured 2026-12-03; the mean of 3 went as
+    # low as 1.16, which failed the old "mean > 1.2" bar in CI);
+    # a wrong or unrelated det gives <= 1.0
+    assert min(shares) > 1.03, shares
     # the same key at another level: the same parts at that level's scale (ratio of the exact scales)
     assert np.allclose(cal[(0, 1)].det * seal.s[0], cal[(2, 1)].det * seal.s[2])
 
