@@ -56,7 +56,7 @@ def test_rotation_error_parts_are_measured_with_the_runs_keys(seal):
 def test_coherent_rotation_sums_match_seal_within_2x(seal):
     """16 ciphertexts, each rotate-and-summed over steps 64 and 128 (as the score diagonals' head sums), then
     added: SEAL's error std and the emulator's (with the run's keys calibrated) agree within 2x; without the
-    keys' fixed parts the emulator is more than 2x low."""
+    keys' fixed parts the emulator is low (by 1.4-4x, depending on the keys)."""
     rng = np.random.default_rng(2)
     xs = [rng.normal(size=SMALL.slots) for _ in range(16)]
     steps = (64, 128)
@@ -66,7 +66,9 @@ def test_coherent_rotation_sums_match_seal_within_2x(seal):
     assert 0.5 < emu / s_seal < 2.0
     total_only = {key: float(np.sqrt(e.std ** 2 + np.var(e.det))) for key, e in cal.items()}
     old = np.std(_rotate_sum_error(NumpyEngine(SMALL, noise=True, seed=3, rotation_std=total_only), xs, steps))
-    assert old / s_seal < 0.5
+    # keys are unseeded: with a key's fixed/random variance ratio r, the old emulator sits at about
+    # sqrt(16 (1 + r) / (256 r + 16)) of SEAL: 0.53 at the lowest r measured (0.21), 0.65 at r = 0.1
+    assert old / s_seal < 0.7
 
 
 def _coherent_error(engine, xs, k):
