@@ -203,6 +203,14 @@ def test_token_sum_is_replicated_and_meets_every_query(params, S, H):
     got = be.decrypt(be.matmul(q, kt))
     want = Y.reshape(1, S, heads, dh).transpose(0, 2, 1, 3) @ total.reshape(1, heads, dh, 1)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # the key mean with no level left (as on MiniLM's 4-level chain): the product refreshes it first, and the
+    # client keeps every replica (it used to keep the slot map's token only: every other query got 0)
+    k0 = be.rearrange(lambda t: [t.reshape(1, 1, heads, dh).transpose(0, 2, 3, 1)], [kbar], [0])[0]
+    k0.cts = [be.engine.level_down(c, 0) for c in k0.cts]
+    n = be.n_refresh
+    got = be.decrypt(be.matmul(q, k0))
+    assert be.n_refresh == n + 1
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     # a [1, heads, dh, 1] vector that is one token of X, not a sum over the tokens: refused, saying why
     one = be.rearrange(lambda t: [t[:, :1].reshape(1, 1, heads, dh).transpose(0, 2, 3, 1)], [x], [0])[0]
     with pytest.raises(SimulationError, match="not replicated over the query tokens"):

@@ -103,6 +103,25 @@ class Layout:
         return (ct * self.slots + slot)[None].astype(np.int64)
 
 
+# PackedTensor.meta key: {ciphertext index: token slots} where each block of that ciphertext holds the same value
+# at those slots (a token sum replicated over the tokens, seal_packed.PackedBackend._token_sum_replicated). Keyed
+# by the index in ``cts``, not the handle: a level match or a refresh makes new handles, and a freed handle's id
+# can be reused. Kept by refresh (the client keeps the replicas) and by data movement (re-indexed with
+# :func:`reindex_replicas`); dropped by arithmetic except negation (a plaintext factor is written at the slot map
+# only).
+TOKEN_REPLICAS = "token_replicas"
+
+
+def reindex_replicas(meta: dict, old_of_new) -> dict:
+    """``meta`` for a tensor whose ciphertext ``k`` is ciphertext ``old_of_new[k]`` of the tensor ``meta`` came
+    from (replicas of ciphertexts that are not taken are dropped)."""
+    out = dict(meta)
+    reps = meta.get(TOKEN_REPLICAS)
+    if reps is not None:
+        out[TOKEN_REPLICAS] = {k: reps[int(o)] for k, o in enumerate(old_of_new) if int(o) in reps}
+    return out
+
+
 @dataclass(eq=False)
 class PackedTensor:
     """Ciphertexts (engine handles) + slot map. ``alias``: an expanded slot map where every position holds the
@@ -188,7 +207,8 @@ def take_axis(t: "PackedTensor", idx: np.ndarray, axis: int, slots: int):
         return (remap[m // slots] * slots + m % slots).astype(np.int64)
 
     out = PackedTensor([t.cts[j] for j in used], renum(sm), t.support[used],
-                       alias=None if al is None else renum(al), meta=dict(t.meta), period=t.period)
+                       alias=None if al is None else renum(al), meta=reindex_replicas(t.meta, used),
+                       period=t.period)
     return out, used
 
 
@@ -205,8 +225,9 @@ def concat_axis(parts: list, groups: list[np.ndarray], axis: int, slots: int) ->
         ashape = list(parts[0].alias.shape)
         ashape[axis] = size
         alias = np.empty(ashape, dtype=np.int64)
-    cts, sup = [], []
+    cts, sup, reps = [], [], {}
     for p, g in zip(parts, groups):
+        reps.update({len(cts) + k: r for k, r in p.meta.get(TOKEN_REPLICAS, {}).items()})
         off = len(cts) * slots
         idx = [slice(None)] * len(shape)
         idx[axis] = g
@@ -216,7 +237,10 @@ def concat_axis(parts: list, groups: list[np.ndarray], axis: int, slots: int) ->
         cts.extend(p.cts)
         sup.append(p.support)
     periods = {p.period for p in parts}
-    return PackedTensor(cts, smap, np.concatenate(sup, 0), alias=alias, meta=dict(parts[0].meta),
+    meta = {k: v for k, v in parts[0].meta.items() if k != TOKEN_REPLICAS}
+    if reps:
+        meta[TOKEN_REPLICAS] = reps
+    return PackedTensor(cts, smap, np.concatenate(sup, 0), alias=alias, meta=meta,
                         period=periods.pop() if len(periods) == 1 else 0)
 
 

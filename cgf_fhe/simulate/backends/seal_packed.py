@@ -36,8 +36,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..packing import (Layout, PackedTensor, ciphertext_bytes, component_labels, galois_key_bytes, next_pow2,
-                       op_ms, plaintext_bytes)
+from ..packing import (TOKEN_REPLICAS, Layout, PackedTensor, ciphertext_bytes, component_labels, galois_key_bytes,
+                       next_pow2, op_ms, plaintext_bytes, reindex_replicas)
 from .base import Backend, SimulationError, logical_broadcast, optional_import, require
 from .seal_noise import ModelKeys, add_rotation_error, measure_rotation, rotation_error_for
 
@@ -620,9 +620,6 @@ class SealEngine(Engine):
 # ---------------------------------------------------------------------------------------------------------------
 # the backend
 # ---------------------------------------------------------------------------------------------------------------
-# PackedTensor.meta key: {id(ciphertext): token slots} where each block of that ciphertext holds the same value
-# (a token sum replicated over the tokens, PackedBackend._token_sum_replicated)
-TOKEN_REPLICAS = "token_replicas"
 
 
 def _fingerprint(*arrays) -> str:
@@ -731,6 +728,10 @@ class PackedBackend(Backend):
         """Client-aided refresh (in place, so every consumer of the value sees it): decrypt, zero the unused
         slots, re-encrypt with the full level budget."""
         keep = self._keep(t)
+        for i, slots in t.meta.get(TOKEN_REPLICAS, {}).items():  # the client keeps every replica of a kept slot
+            S_blk = self.layout.S_blk
+            blocks = keep[i].reshape(-1, S_blk)
+            blocks[blocks.any(1)[:, None] & np.isin(np.arange(S_blk), slots)[None, :]] = True
         with self.timed("refresh", len(t.cts)):
             t.cts = [self.engine.refresh(c, keep[i]) for i, c in enumerate(t.cts)]
         t.support = keep
@@ -805,7 +806,8 @@ class PackedBackend(Backend):
                    for i, c in enumerate(a.cts)]
             support = a.support | (vec != 0)
         smap = a.smap if out == a.shape else np.ascontiguousarray(m)
-        return PackedTensor(cts, smap, support, alias=keep_alias, meta=dict(a.meta), period=a.period)
+        meta = {k: v for k, v in a.meta.items() if k != TOKEN_REPLICAS}
+        return PackedTensor(cts, smap, support, alias=keep_alias, meta=meta, period=a.period)
 
     def _with_ct(self, a: PackedTensor, b: PackedTensor, op: str) -> PackedTensor:
         try:
@@ -1052,7 +1054,7 @@ class PackedBackend(Backend):
             sup.append(np.roll(ws, m))
         H = a.shape[2]
         res = PackedTensor(cts, L.hidden_major(np.full((1, 1), t0), H), np.array(sup))
-        res.meta[TOKEN_REPLICAS] = {id(c): tuple(range(t0, t1 + 1)) for c in cts}
+        res.meta[TOKEN_REPLICAS] = {i: tuple(range(t0, t1 + 1)) for i in range(len(cts))}
         self.counts["token_sum_replicated"] += 1
         return res
 
@@ -1068,7 +1070,7 @@ class PackedBackend(Backend):
                                   "per ciphertext")
         n_ct = L.n_ct(heads * dh)
         reps = v.meta.get(TOKEN_REPLICAS, {})
-        if len(v.cts) != n_ct or any(not set(tq) <= set(reps.get(id(c), ())) for c in v.cts):
+        if len(v.cts) != n_ct or any(not set(tq) <= set(reps.get(i, ())) for i in range(n_ct)):
             raise SimulationError(f"encrypted MatMul {list(q.shape)} x {list(v.shape)}: the vector is not "
                                   "replicated over the query tokens (only a sum over the tokens of a hidden-major "
                                   "tensor is)")
@@ -1364,11 +1366,12 @@ class PackedBackend(Backend):
         vals = list(args)
         cts, sups = [], []
         periods = {args[i].period for i in ct_positions}
-        reps = {k: v for i in ct_positions for k, v in args[i].meta.get(TOKEN_REPLICAS, {}).items()}
+        reps = {}  # by the index in the concatenated ciphertext list
         period = periods.pop() if len(periods) == 1 else 0  # a per-ciphertext property: kept by re-indexing
         for i in ct_positions:
             t = args[i]
             vals[i] = t.smap + len(cts) * self.slots
+            reps.update({len(cts) + k: r for k, r in t.meta.get(TOKEN_REPLICAS, {}).items()})
             cts.extend(t.cts)
             sups.append(t.support)
         support = np.concatenate(sups, 0)
@@ -1385,7 +1388,7 @@ class PackedBackend(Backend):
             smap = remap[o // self.slots] * self.slots + o % self.slots
             t = PackedTensor([cts[i] for i in used], smap, support[used], period=period)
             if reps:  # per-ciphertext facts: kept by re-indexing
-                t.meta[TOKEN_REPLICAS] = {id(cts[i]): reps[id(cts[i])] for i in used if id(cts[i]) in reps}
+                t.meta = reindex_replicas({TOKEN_REPLICAS: reps}, used)
             if len(ct_positions) > 1:  # a Concat: token pieces of one hidden-major tensor are merged
                 t = self._merge_token_pieces(t)
             res.append(t)
