@@ -54,8 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "more per layer, and no CGF statistics fold)")
     p.add_argument("--no-fold-stats", dest="fold_stats", action="store_false",
                    help="fold the LayerNorms but not the CGF statistics into the query/key projections (one level "
-                        "more per layer after the first; use it for `simulate --backend seal` on MiniLM-sized students: the packed "
-                        "statistics fold is wrong there and the run refuses it)")
+                        "more per layer after the first)")
     p.add_argument("--verify", type=int, default=0, metavar="N",
                    help="parity check: onnxruntime vs torch on N MRPC dev examples (stored next to the .onnx)")
     p.add_argument("--data-dir", default=None, help="MRPC folder for --verify (default: $CGF_FHE_DATA_DIR or hub)")
