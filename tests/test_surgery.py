@@ -652,5 +652,9 @@ def test_distill_flags_override_profile_band_and_exp_squarings():
     assert o.ln_band is None and o.exp_squarings == 2 and o.exp_degree == 7 and o.newton_steps == 1
     assert o.gelu_degree == lean.gelu_degree and o.ln_cls_scale  # the rest of the profile stays
     assert opts("--fhe-profile", "lean", "--ln-band", "0.9999").ln_band == 0.9999
+    # lean-b is exactly the lean profile with the overrides that trained on MiniLM (quick-leanb-g31)
+    b = opts("--fhe-profile", "lean-b")
+    assert b == opts("--fhe-profile", "lean", "--ln-band", "max", "--exp-squarings", "2", "--exp-degree", "7",
+                     "--newton-steps", "1", "--gelu-degree", "31")
     with pytest.raises(UserError, match="--ln-band"):
         opts("--ln-band", "max")

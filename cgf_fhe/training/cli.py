@@ -341,12 +341,14 @@ def _distill_student_args(p) -> None:
                    help="LayerNorm: Newton inverse sqrt, frozen statistics, or frozen-attn (frozen after attention, "
                         "Newton after the FFN: MiniLM's FFN-output LayerNorms cannot be frozen; see "
                         "benchmarks/frozen_ln_probe.py) (unset options: FheOptions defaults)")
-    f.add_argument("--fhe-profile", choices=["default", "lean"],  # surgery.PROFILES (torch-free here)
+    f.add_argument("--fhe-profile", choices=["default", "lean", "lean-b"],  # surgery.PROFILES (torch-free here)
                    help="a named set of approximation choices (implies --poly all; explicit degree flags override "
                         "it): default = FheOptions' defaults (~52 levels per MiniLM layer as trained, 5 fewer "
                         "exported); lean = exp degree 15 with one squaring, GELU degree 15, LayerNorm 1/sqrt degree 15 without "
                         "Newton steps on the 99.9%% variance quantile (27 levels per exported layer; train with "
-                        "--interval-penalty and --epoch-cover)")
+                        "--interval-penalty and --epoch-cover; does not train on MiniLM); lean-b = exp degree 7 with two "
+                        "squarings, GELU degree 31, 1/sqrt degree 15 + one Newton step on the full variance range (31 "
+                        "levels per exported MiniLM layer; trains on MiniLM)")
     f.add_argument("--exp-degree", type=int, help="degree of the exp polynomial (default: the profile's)")
     f.add_argument("--exp-squarings", type=int, metavar="K",
                    help="range reduction of exp: fit exp(x/2^K) and square K times (K more levels; default: the "
