@@ -27,6 +27,7 @@ reproduces.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections import Counter
@@ -129,6 +130,24 @@ def parse_bits(value) -> tuple[int, ...] | None:
                 except ValueError:
                     raise ParamsError(f"--coeff-bits: {part!r} is not an integer (expected e.g. 60,40,40,60)") from None
     return tuple(out) or None
+
+
+class CoeffBitsAction(argparse.Action):
+    """``--coeff-bits`` for every command (``add_argument("--coeff-bits", action=CoeffBitsAction)``): takes
+    ``60,40,40,60``, ``60 40 40 60`` or a mix, stores :func:`parse_bits`' tuple; a bad value is a one-line
+    argparse error naming it (exit 2)."""
+
+    def __init__(self, option_strings, dest, nargs="+", metavar="BITS", **kwargs):
+        super().__init__(option_strings, dest, nargs=nargs, metavar=metavar, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            bits = parse_bits(values)
+        except ParamsError as exc:
+            parser.error(str(exc))
+        if bits is None:
+            parser.error(f"--coeff-bits: no bit sizes in {' '.join(values)!r} (expected e.g. 60,40,40,60)")
+        setattr(namespace, self.dest, bits)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..ckks import CoeffBitsAction
+
 
 def _export(args) -> int:
     from ..io import check_output_file
@@ -106,8 +108,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Measure ct*ct mult, ct*pt mult, add, rotation, encrypt, decrypt and refresh "
                                    "(decrypt + re-encrypt) and write a cost table JSON for `report --cost-table`.")
     p.add_argument("--poly-modulus", type=int, default=16384, help="ring size N (default 16384)")
-    p.add_argument("--coeff-bits", type=int, nargs="+", default=None,
-                   help="coefficient modulus bit sizes (default: 60, scale-bits x L, 60 fitting N)")
+    p.add_argument("--coeff-bits", action=CoeffBitsAction, default=None,
+                   help="coefficient modulus bit sizes, e.g. 60,40,40,60 or 60 40 40 60 "
+                        "(default: 60, scale-bits x L, 60 fitting N)")
     p.add_argument("--scale-bits", type=int, default=40, help="log2 of the CKKS scale (default 40)")
     p.add_argument("--reps", type=int, default=5, help="repetitions per op (median is stored)")
     p.add_argument("-o", "--output", required=True, help="output JSON")

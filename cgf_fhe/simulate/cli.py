@@ -1,6 +1,7 @@
 """``cgf-fhe simulate``: encrypted-vs-plaintext accuracy of an exported model on MRPC dev."""
 from __future__ import annotations
 
+from ..ckks import CoeffBitsAction
 
 
 def register(sub) -> None:
@@ -35,8 +36,8 @@ def register(sub) -> None:
     g = p.add_argument_group("CKKS parameters")
     g.add_argument("--poly-modulus", type=int, default=None, metavar="N",
                    help="ring size (default: smallest 128-bit secure N for the chain, >= 8192)")
-    g.add_argument("--coeff-bits", nargs="+", default=None, metavar="BITS",
-                   help="coefficient modulus bit sizes, e.g. 60,40,40,60 (default: 60, scale-bits x L, 60)")
+    g.add_argument("--coeff-bits", action=CoeffBitsAction, default=None,
+                   help="coefficient modulus bit sizes, e.g. 60,40,40,60 or 60 40 40 60 (default: 60, scale-bits x L, 60)")
     g.add_argument("--scale-bits", type=int, default=40, help="log2 of the CKKS scale (default 40)")
     g.add_argument("--levels", type=int, default=None, metavar="L",
                    help="levels of a fresh ciphertext (default: the most 128-bit security allows for N, 7 at 16384)")

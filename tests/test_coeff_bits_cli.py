@@ -1,0 +1,39 @@
+"""``--coeff-bits`` takes the comma and the space form in every command that has it (one shared argparse action)."""
+import pytest
+
+from cgf_fhe.cli import build_parser
+
+# each command with --coeff-bits, with the other arguments it requires
+COMMANDS = {
+    "simulate": ["simulate", "model.onnx", "-o", "out"],
+    "calibrate-costs": ["calibrate-costs", "-o", "costs.json"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("bits", [["60,40,40,60"], ["60", "40", "40", "60"], ["60,40", "40", "60"], ["60, 40,40,60"]])
+def test_both_forms_parse_to_the_same_tuple(command, bits):
+    args = build_parser().parse_args(COMMANDS[command] + ["--coeff-bits", *bits])
+    assert args.coeff_bits == (60, 40, 40, 60)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_default_stays_none(command):
+    assert build_parser().parse_args(COMMANDS[command]).coeff_bits is None
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("bits, named", [(["60,4x,60"], "'4x'"), (["60", "forty", "60"], "'forty'"), ([","], "','")])
+def test_bad_value_is_a_one_line_error_naming_it(command, bits, named, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(COMMANDS[command] + ["--coeff-bits", *bits])
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and f"cgf-fhe {command}: error: --coeff-bits:" in err[0] and named in err[0], err
+
+
+def test_simulate_config_gets_the_tuple():
+    from cgf_fhe.simulate.cli import config_from_args
+
+    args = build_parser().parse_args(COMMANDS["simulate"] + ["--coeff-bits", "60,40,40,40,60"])
+    assert config_from_args(args).coeff_bits == (60, 40, 40, 40, 60)
