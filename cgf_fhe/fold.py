@@ -22,8 +22,9 @@ multiplication already there:
   of prescaled depth ``P >= 2``); three ct x ct products on ``z``'s rows instead of one.
 
 and in CGF attention the ``keep/n`` weights ride on V (``e @ (V * w^T)`` instead of ``(e * w) @ V``, see
-:mod:`cgf_fhe.softmax`). A layer then costs ``10 + E + G + L_attn + L_ffn`` levels with ``L = P + 2 n`` (``P + 2n - 1`` for
-``n >= 1``: the merged last step) instead of ``15 + E + G + ...`` (:func:`cgf_fhe.surgery.layer_depth`).
+:mod:`cgf_fhe.softmax`). A layer then costs ``10 + E + G + L_attn + L_ffn`` levels with ``L = P + 2 n``
+(``P + 2n - 1`` for ``n >= 1``: the merged last step) instead of ``15 + E + G + ...``
+(:func:`cgf_fhe.surgery.layer_depth`).
 
 **CGF statistics on the query and key projections** (:func:`cgf_stats_core`, one more level per layer whose
 input is a folded LayerNorm, i.e. every layer but the first). The CGF argument over the valid keys, with

@@ -841,7 +841,8 @@ def depth_table(options: FheOptions | dict | None = None,
             STATS_FOLD_SAVING if options.ln == "newton" else 0)
     return {
         "formula": "layer = 9 + exp + gelu + ln_attn + ln_ffn (QKV 1, QK^T 1, CGF stats 2, *w 1, @V 1, dense 1, "
-                   "FFN 2); head = 2 + tanh; frozen ln = 1; newton ln = 3 + P (no steps), 2 + P + 2*steps; exported all-Newton "
+                   "FFN 2); head = 2 + tanh; frozen ln = 1; newton ln = 3 + P (no steps), 2 + P + 2*steps; "
+                   "exported all-Newton "
                    f"layers save {FOLD_SAVING} (cgf_fhe.fold: LN centring and output products, *w on V)",
         "linear_depth": LAYER_LINEAR_DEPTH,
         "components": {"ln": components,

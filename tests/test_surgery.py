@@ -508,7 +508,7 @@ def test_depth_table():
     for r in frozen + newton:
         assert r["layer_depth"] == 9 + r["exp_depth"] + r["gelu_depth"] + 2 * r["ln_depth"]
     assert all(r["ln_depth"] == 1 for r in frozen)
-    assert {r["ln_depth"] for r in newton} == {2 + 5 + 4}  # degree 31 PS (5) + 2 Newton steps (the last absorbs the output product)
+    assert {r["ln_depth"] for r in newton} == {2 + 5 + 4}  # degree 31 PS (5) + 2 Newton steps (the last absorbs dg*y)
     ps15 = [r for r in frozen if r["exp_form"] == "ps" and r["exp_degree"] == 15]
     assert [r["exp_depth"] for r in ps15 if r["gelu_degree"] == 31] == [4, 5, 6, 7, 8]  # 4 + squarings
     cur = t["current"]
