@@ -1,8 +1,9 @@
 """Level-saving exact rewrites of a polynomial BERT student for export (issue #22: constant folding).
 
-A Newton LayerNorm as trained (:class:`cgf_fhe.poly.NewtonLayerNorm`) costs ``3 + P + 2*steps`` levels: centring
-and scaling (1), the square of the variance sum (1), the inverse square root (``P + 2*steps``) and the output
-product ``dg * y`` (1). Two of those levels are plaintext multiplications that can ride on a plaintext
+A Newton LayerNorm as trained (:class:`cgf_fhe.poly.NewtonLayerNorm`) costs ``3 + P + 2*steps`` levels, one less
+with Newton steps (:func:`cgf_fhe.poly.newton_ln_depth`): centring and scaling (1), the square of the variance sum
+(1), the inverse square root (``P + 2*steps``) and the output product ``dg * y`` (1, absorbed by the last Newton
+step when there is one). Two of those levels are plaintext multiplications that can ride on a plaintext
 multiplication already there:
 
 * **centring into the preceding dense layer**: ``(ctx @ W + b + r - mean) * s = ctx @ (W P s) + b P s + (r P) s``
@@ -15,11 +16,15 @@ multiplication already there:
   ``y * (ds @ (diag(g) W)) + (beta @ W + b)``: ``ds @ ...`` runs in parallel with ``y``, so the product with
   ``y`` is the linear map's only level after ``y``, and gamma rides on W. The residual branch materialises
   the output off the critical path. One centred product per LayerNorm (no separate ``dg``/``dh``): the dense
-  layer before it costs no more ct x pt than before.
+  layer before it costs no more ct x pt than before. With Newton steps the last one rides along too
+  (:meth:`LNForm.times`): ``z*y - ((z*h)*y)*(y*y)`` with ``z = ds @ (diag(1.5 g) W)`` and ``h = v/3`` (a
+  plaintext multiple of the variance sum), two levels after the previous ``y`` as the step alone (for a guess
+  of prescaled depth ``P >= 2``); three ct x ct products on ``z``'s rows instead of one.
 
 and in CGF attention the ``keep/n`` weights ride on V (``e @ (V * w^T)`` instead of ``(e * w) @ V``, see
-:mod:`cgf_fhe.softmax`). A layer then costs ``10 + E + G + (P_attn + 2 n_attn) + (P_ffn + 2 n_ffn)`` levels
-instead of ``15 + E + G + ...`` (:func:`cgf_fhe.surgery.layer_depth`).
+:mod:`cgf_fhe.softmax`). A layer then costs ``10 + E + G + L_attn + L_ffn`` levels with ``L = P + 2 n``
+(``P + 2n - 1`` for ``n >= 1``: the merged last step) instead of ``15 + E + G + ...``
+(:func:`cgf_fhe.surgery.layer_depth`).
 
 **CGF statistics on the query and key projections** (:func:`cgf_stats_core`, one more level per layer whose
 input is a folded LayerNorm, i.e. every layer but the first). The CGF argument over the valid keys, with
@@ -53,15 +58,22 @@ import types
 import torch
 from torch import nn
 
-from .poly import IntervalTracker, NewtonLayerNorm, centred_scaled
+from .poly import IntervalTracker, NewtonLayerNorm, centred_scaled, newton_ln_depth
 
 
 class LNForm:
     """A LayerNorm output kept unevaluated: ``(d * g) * y + beta`` with ``d`` [..., H] the centred, scaled rows (a
-    ciphertext), ``y`` [..., 1] the inverse standard deviation (a ciphertext), ``g`` and ``beta`` [H] plaintext."""
+    ciphertext), ``y`` [..., 1] the inverse standard deviation (a ciphertext), ``g`` and ``beta`` [H] plaintext.
 
-    def __init__(self, d: torch.Tensor, y: torch.Tensor, g: torch.Tensor, beta: torch.Tensor):
-        self.d, self.y, self.g, self.beta = d, y, g, beta
+    With ``h`` (a ciphertext [..., 1]) the last Newton step is still to do, merged with the product (see
+    :class:`cgf_fhe.poly.NewtonLayerNorm`): the form means ``(d * g) * (y - h*y^3) + beta`` (``g`` carries the
+    step's 1.5, ``h = v/3``), and :meth:`times` computes ``z*y - ((z*h)*y)*(y*y)`` for ``z = (d * g) @ ...``:
+    two levels after ``y`` (``z*h`` is shallow), where the step alone would end; ``yy = y*y`` is shared."""
+
+    def __init__(self, d: torch.Tensor, y: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                 h: torch.Tensor | None = None, yy: torch.Tensor | None = None):
+        self.d, self.y, self.g, self.beta, self.h = d, y, g, beta, h
+        self.yy = None if h is None else (y * y if yy is None else yy)
 
     @property
     def shape(self):
@@ -72,10 +84,18 @@ class LNForm:
 
     def __getitem__(self, idx):
         """Index the leading (batch, token) axes; the hidden axis stays whole."""
-        return LNForm(self.d[idx], self.y[idx], self.g, self.beta)
+        if self.h is None:
+            return LNForm(self.d[idx], self.y[idx], self.g, self.beta)
+        return LNForm(self.d[idx], self.y[idx], self.g, self.beta, self.h[idx], self.yy[idx])
+
+    def times(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` (a ciphertext built from ``d``, [..., M]) times the form's inverse standard deviation."""
+        if self.h is None:
+            return self.y * z
+        return z * self.y - ((z * self.h) * self.y) * self.yy
 
     def materialize(self) -> torch.Tensor:
-        return (self.d * self.g) * self.y + self.beta
+        return self.times(self.d * self.g) + self.beta
 
 
 def materialize(h):
@@ -98,7 +118,7 @@ class FoldLinear(nn.Module):
             const = x.beta @ wt
             if self.bias is not None:
                 const = const + self.bias
-            return x.y * (x.d @ (x.g[:, None] * wt)) + const
+            return x.times(x.d @ (x.g[:, None] * wt)) + const
         return nn.functional.linear(x, self.weight, self.bias)
 
 
@@ -154,7 +174,8 @@ class FoldedNewtonLN(IntervalTracker):
 
     @property
     def depth(self) -> int:
-        return 1 + self.approx.depth(prescaled=True) + 2 * self.newton_steps
+        """The unfolded LayerNorm's depth less its centring and output products (now on the neighbours' maps)."""
+        return newton_ln_depth(self.approx.depth(prescaled=True), self.newton_steps) - 2
 
     def to_settings(self) -> dict:
         return {**self.unfolded.to_settings(), "depth_folded": self.depth}
@@ -170,12 +191,17 @@ class FoldedNewtonLN(IntervalTracker):
             eps = ps[:, None] * self.eps
         t = (ds * ds).sum(-1, keepdim=True) + a * eps
         y = self.approx.evaluate(t, prescaled=True)
-        if self.newton_steps:
+        n = self.newton_steps
+        if not n:
+            # y ~ 1/sqrt(v*ps) and ds carries sqrt(ps): (ds * gamma/s) * y is the LayerNorm's output as before
+            return LNForm(ds, y, self.weight / self.s, self.bias)
+        if n > 1:
             hv = (t - a * eps) * (0.5 / a) + 0.5 * eps
-            for _ in range(self.newton_steps):
+            for _ in range(n - 1):
                 y = y * 1.5 - (y * hv) * (y * y)
-        # y ~ 1/sqrt(v*ps) and ds carries sqrt(ps): (ds * gamma/s) * y is the LayerNorm's output as before
-        return LNForm(ds, y, self.weight / self.s, self.bias)
+        # the last step rides on the next linear map (LNForm.times): 1.5 on the plaintext g, h = v/3
+        h = (t - a * eps) * (1.0 / (3.0 * a)) + eps / 3.0
+        return LNForm(ds, y, self.weight * (1.5 / self.s), self.bias, h, y * y)
 
 
 def _scaled_projection(linear: FoldLinear, x: LNForm, row: torch.Tensor, col: torch.Tensor | None = None):
@@ -190,7 +216,7 @@ def _scaled_projection(linear: FoldLinear, x: LNForm, row: torch.Tensor, col: to
     const = x.beta @ wt
     if b is not None:
         const = const + b
-    return x.y * ((x.d @ (x.g[:, None] * wt)) * row) + const * row
+    return x.times((x.d @ (x.g[:, None] * wt)) * row) + const * row
 
 
 def cgf_stats_core(sa, hq, hkv, mask):

@@ -43,8 +43,10 @@ Modules
 ``nn.LayerNorm`` names (state-dict compatible):
 
 * :class:`NewtonLayerNorm`: ``1/sqrt(var+eps)`` by a polynomial initial guess on the calibrated variance
-  interval plus Newton steps ``y <- 1.5*y - (0.5*v*y)*(y*y)``. Depth ``3 + P + 2*steps`` with ``P`` the
-  prescaled polynomial depth (1: centring matmul, 1: squaring, P, 2 per Newton step, 1: times ``gamma*(x-mu)``).
+  interval plus Newton steps ``y <- 1.5*y - (0.5*v*y)*(y*y)``. Depth :func:`newton_ln_depth`: ``3 + P`` without
+  Newton steps, ``2 + P + 2*steps`` with (``P`` the prescaled polynomial depth; 1: centring, 1: squaring, P,
+  2 per Newton step, 1: times ``gamma*(x-mu)`` -- which the last Newton step absorbs: ``(1.5*dg)*y -
+  ((dg*v/2)*y)*(y*y)`` is as deep as the step alone, since ``dg*v/2`` is shallow).
 * :class:`FrozenLayerNorm`: variance replaced by a calibrated per-layer constant: LN is affine,
   ``y = x @ ((I - 11^T/H) diag(gamma/sigma)) + beta`` -- ONE plaintext matmul, depth 1. (A learnable sigma
   would be redundant: ``gamma`` is trained and absorbs it.)
@@ -730,6 +732,13 @@ class FrozenLayerNorm(_LNBase):
         return f"hidden={self.hidden}, sigma={1.0 / self.inv_sigma:.4g}, depth=1"
 
 
+def newton_ln_depth(poly_depth: int, newton_steps: int) -> int:
+    """Depth of a :class:`NewtonLayerNorm` with a prescaled guess of depth ``poly_depth`` (``P``): ``3 + P`` without
+    Newton steps, ``2 + P + 2*steps`` with (the last step absorbs the output product; ``P >= 1``)."""
+    steps = int(newton_steps)
+    return 3 + int(poly_depth) + 2 * steps - (1 if steps > 0 else 0)
+
+
 class NewtonLayerNorm(_LNBase):
     """LayerNorm with ``1/sqrt(v)`` (``v = var + eps``) = polynomial guess on ``[vlo, vhi]`` + Newton steps.
 
@@ -737,7 +746,13 @@ class NewtonLayerNorm(_LNBase):
     plaintext): ``ds`` with ``s = sqrt(alpha/H)``, ``dh`` with ``s = sqrt(0.5/H)``, ``dg`` with ``s = gamma``
     (1 level each, in parallel, H ct x pt per row each instead of an H x H centring matrix); ``t = sum(ds*ds) + alpha*eps`` = ``alpha*v`` (2); ``y = poly(t)`` prescaled (2 + P);
     ``hv = sum(dh*dh) + 0.5*eps`` = ``v/2``; Newton ``y <- y*1.5 - (y*hv)*(y*y)`` (2 levels each);
-    output ``dg * y + beta`` (1). Depth ``3 + P + 2*steps``.
+    output ``dg * y + beta`` (1). Depth ``3 + P + 2*steps`` -- less one with Newton steps
+    (:func:`newton_ln_depth`): the last step and the output product are one expression,
+    ``out = dg'*y - ((dg'*h)*y)*(y*y) + beta`` with ``dg'`` centred with ``1.5*gamma`` (the 1.5 rides on the
+    plaintext) and ``h = v/3`` (``dh`` scaled by ``sqrt(1/(3H))`` with one step; ``hv * 2/3`` with more, a
+    ``[S, 1]`` plaintext product off the critical path). With ``y`` at depth ``D``: ``y*y``, ``dg'*y`` and
+    ``(dg'*h)*y`` (``dg'*h`` is at depth 3) at ``D + 1``, the product at ``D + 2`` -- where the step alone ends.
+    Same function up to float rounding; the plaintext guard branch (training aid) keeps the unmerged form.
 
     Per-position variance scale (issue #22, ``pos_scale0 != 1``): the buffer ``pos_scale`` ``[max_len]`` is 1
     except ``pos_scale0`` at position 0 (the [CLS] token, whose variance is a massive activation in MiniLM's
@@ -764,7 +779,7 @@ class NewtonLayerNorm(_LNBase):
 
     @property
     def depth(self) -> int:
-        return 3 + self.approx.depth(prescaled=True) + 2 * self.newton_steps
+        return newton_ln_depth(self.approx.depth(prescaled=True), self.newton_steps)
 
     def position_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         """``pos_scale[:S]`` ``[S]`` for ``x`` ``[..., S, H]`` (x's dtype), or None without a position scale."""
@@ -797,23 +812,30 @@ class NewtonLayerNorm(_LNBase):
             return d * (self.invsqrt((v * ps_col).clamp(*self.interval)) * ps_col.sqrt()) * self.weight + self.bias
         H = self.hidden
         a = self.approx.alpha
+        n = self.newton_steps
+        c = 0.5 if n != 1 else 1.0 / 3.0  # hv = c*v: v/2 for the steps; v/3 when only the merged step uses it
+        g = self.weight * 1.5 if n else self.weight  # the merged step's 1.5 rides on the centring plaintext
         if ps_col is None:
             ds = centred_scaled(x, math.sqrt(a / H))
-            dh = centred_scaled(x, math.sqrt(0.5 / H))
-            dg = centred_scaled(x, self.weight)
+            dh = centred_scaled(x, math.sqrt(c / H)) if n else None
+            dg = centred_scaled(x, g)
             t = (ds * ds).sum(-1, keepdim=True) + a * self.eps
-            hv = (dh * dh).sum(-1, keepdim=True) + 0.5 * self.eps
+            hv = (dh * dh).sum(-1, keepdim=True) + c * self.eps if n else None
         else:  # the per-position scales are plaintexts of the centring products: same depth
             root = ps_col.sqrt()
             ds = centred_scaled(x, root * math.sqrt(a / H))
-            dh = centred_scaled(x, root * math.sqrt(0.5 / H))
-            dg = centred_scaled(x, self.weight * root)
+            dh = centred_scaled(x, root * math.sqrt(c / H)) if n else None
+            dg = centred_scaled(x, g * root)
             t = (ds * ds).sum(-1, keepdim=True) + ps_col * (a * self.eps)
-            hv = (dh * dh).sum(-1, keepdim=True) + ps_col * (0.5 * self.eps)
+            hv = (dh * dh).sum(-1, keepdim=True) + ps_col * (c * self.eps) if n else None
         y = self.approx.evaluate(t, prescaled=True)
-        for _ in range(self.newton_steps):
+        if not n:
+            return dg * y + self.bias
+        for _ in range(n - 1):
             y = y * 1.5 - (y * hv) * (y * y)
-        return dg * y + self.bias
+        h = hv if n == 1 else hv * (2.0 / 3.0)  # v/3: [S, 1], off the critical path
+        # the last Newton step and the output product in one: dg'*y - ((dg'*h)*y)*(y*y), dg' = 1.5*dg
+        return dg * y - ((dg * h) * y) * (y * y) + self.bias
 
     def rel_error(self, n: int = GRID) -> float:
         """Max relative error of guess + Newton vs 1/sqrt(v) on the interval (dense grid, float64)."""

@@ -771,11 +771,12 @@ def shrink_layers(model, k: int) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------- depth
 def ln_depth(ln: str, invsqrt_degree: int = 31, newton_steps: int = 2, form: str = "ps") -> int:
-    """Stated depth of one LayerNorm replacement: frozen 1; Newton ``3 + P + 2*steps``."""
+    """Stated depth of one LayerNorm replacement: frozen 1; Newton ``3 + P`` without steps, ``2 + P + 2*steps``
+    with (:func:`cgf_fhe.poly.newton_ln_depth`: the last step absorbs the output product)."""
     if ln == "frozen":
         return P.FrozenLayerNorm.depth
     baby = P.best_baby(invsqrt_degree) if form == "ps" else 2
-    return 3 + P.form_depth(form, invsqrt_degree, prescaled=True, baby=baby) + 2 * newton_steps
+    return P.newton_ln_depth(P.form_depth(form, invsqrt_degree, prescaled=True, baby=baby), newton_steps)
 
 
 def poly_depth(form: str, degree: int, r: int = 0, squarings: int = 0) -> int:
@@ -847,7 +848,8 @@ def depth_table(options: FheOptions | dict | None = None,
             STATS_FOLD_SAVING if options.ln == "newton" else 0)
     return {
         "formula": "layer = 9 + exp + gelu + ln_attn + ln_ffn (QKV 1, QK^T 1, CGF stats 2, *w 1, @V 1, dense 1, "
-                   "FFN 2); head = 2 + tanh; frozen ln = 1; newton ln = 3 + P + 2*steps; exported all-Newton "
+                   "FFN 2); head = 2 + tanh; frozen ln = 1; newton ln = 3 + P (no steps), 2 + P + 2*steps; "
+                   "exported all-Newton "
                    f"layers save {FOLD_SAVING} (cgf_fhe.fold: LN centring and output products, *w on V)",
         "linear_depth": LAYER_LINEAR_DEPTH,
         "components": {"ln": components,

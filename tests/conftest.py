@@ -54,7 +54,7 @@ def tiny_tokenizer():
 
 
 def build_student(out_dir, tokenizer, mrpc_dir, *, hidden=8, layers=1, heads=2, intermediate=16, max_length=6,
-                  fold_layernorms=True, fold_stats=True):
+                  fold_layernorms=True, fold_stats=True, newton_steps=2):
     """A random-weight polynomial student (CGF softmax, Newton LayerNorm, degree-7 polynomials), saved and
     exported to ``out_dir/student.onnx`` (its checkpoint in ``out_dir/ckpt``)."""
     from transformers import BertConfig, BertForSequenceClassification
@@ -74,7 +74,7 @@ def build_student(out_dir, tokenizer, mrpc_dir, *, hidden=8, layers=1, heads=2, 
     ds = tokenize_split(load_mrpc(mrpc_dir)["train"], tokenizer, max_length=max_length, max_samples=32)
     ranges = surgery.calibrate(model, make_loader(ds, tokenizer, 16, False), progress=False)
     opts = surgery.FheOptions(poly="all", ln="newton", exp_degree=7, gelu_degree=7, tanh_degree=7,
-                              invsqrt_degree=7, newton_steps=2, margin=0.5)
+                              invsqrt_degree=7, newton_steps=newton_steps, margin=0.5)
     fhe = surgery.polynomialize(model, opts, ranges)
     save_checkpoint(model, tokenizer, Path(out_dir) / "ckpt",
                     {"softmax": "cgf", "coeff": 0.5, "fhe": fhe, "max_length": max_length})

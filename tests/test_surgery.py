@@ -508,24 +508,24 @@ def test_depth_table():
     for r in frozen + newton:
         assert r["layer_depth"] == 9 + r["exp_depth"] + r["gelu_depth"] + 2 * r["ln_depth"]
     assert all(r["ln_depth"] == 1 for r in frozen)
-    assert {r["ln_depth"] for r in newton} == {3 + 5 + 4}  # degree 31 PS (5) + 2 Newton steps
+    assert {r["ln_depth"] for r in newton} == {2 + 5 + 4}  # degree 31 PS (5) + 2 Newton steps (the last absorbs dg*y)
     ps15 = [r for r in frozen if r["exp_form"] == "ps" and r["exp_degree"] == 15]
     assert [r["exp_depth"] for r in ps15 if r["gelu_degree"] == 31] == [4, 5, 6, 7, 8]  # 4 + squarings
     cur = t["current"]
-    assert cur["exp_depth"] == 6 and cur["ln_depth"] == 12 and cur["gelu_depth"] == 5
-    assert cur["layer_depth"] == 9 + 6 + 5 + 24
+    assert cur["exp_depth"] == 6 and cur["ln_depth"] == 11 and cur["gelu_depth"] == 5
+    assert cur["layer_depth"] == 9 + 6 + 5 + 22
     mixed = [r for r in rows if r["ln"] == "frozen-attn" and r["newton_steps"] == 2]
     assert len(mixed) == len(newton) and all(r["ln_depth"] is None for r in mixed)
     for r in rows:
         assert r["layer_depth"] == 9 + r["exp_depth"] + r["gelu_depth"] + r["ln_attn_depth"] + r["ln_ffn_depth"]
-    assert {(r["ln_attn_depth"], r["ln_ffn_depth"]) for r in mixed} == {(1, 12)}
-    assert {r["layer_depth"] for r in newton} == {r["layer_depth"] + 11 for r in mixed}
-    assert ln_cells(mixed[0]) == ("frozen after attention, Newton, 2 steps after the FFN", "1 + 12")
-    assert ln_cells(newton[0]) == ("Newton, 2 steps", "12") and ln_cells(frozen[0]) == ("frozen", "1")
+    assert {(r["ln_attn_depth"], r["ln_ffn_depth"]) for r in mixed} == {(1, 11)}
+    assert {r["layer_depth"] for r in newton} == {r["layer_depth"] + 10 for r in mixed}
+    assert ln_cells(mixed[0]) == ("frozen after attention, Newton, 2 steps after the FFN", "1 + 11")
+    assert ln_cells(newton[0]) == ("Newton, 2 steps", "11") and ln_cells(frozen[0]) == ("frozen", "1")
     cur = depth_table(FheOptions(poly="all", ln="frozen-attn", exp_degree=15, exp_squarings=2, newton_steps=2,
                                  invsqrt_degree=31, gelu_degree=31))["current"]
-    assert (cur["ln_attn_depth"], cur["ln_ffn_depth"], cur["ln_depth"]) == (1, 12, None)
-    assert cur["layer_depth"] == 9 + 6 + 5 + 1 + 12
+    assert (cur["ln_attn_depth"], cur["ln_ffn_depth"], cur["ln_depth"]) == (1, 11, None)
+    assert cur["layer_depth"] == 9 + 6 + 5 + 1 + 11
 
 
 def test_cover_ranges_refits_only_the_op_whose_inputs_drift(ranges, data):
