@@ -9,6 +9,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from _seal_cli import run_seal_cli, seal_cli_args
 
 from cgf_fhe import fhe_ops
 from cgf_fhe.cli import main
@@ -114,14 +115,8 @@ def test_per_token_scalar_meets_rows_of_any_width():
 
 def test_seal_runs_the_folded_student(micro_student_folded, mrpc_dir, tmp_path):
     """Real CKKS on the folded micro student: same tolerance and agreement as the unfolded one."""
-    out = tmp_path / "seal_folded"
-    args = ["simulate", str(micro_student_folded / "student.onnx"), "--backend", "seal", "--no-progress",
-            "--data-dir", str(mrpc_dir), "--limit", "2", "--max-length", "6", "--poly-modulus", "8192",
-            "--coeff-bits", "60,40,40,60", "-o", str(out)]
-    assert main(args) == 0
-    s = json.loads((out / "simulation.json").read_text())
-    assert s["n_examples"] == 2 and s["agreement"] == 1.0
-    assert 0 < s["max_logit_error"] < 1e-4
+    run_seal_cli(micro_student_folded / "student.onnx", mrpc_dir, tmp_path / "seal_folded", limit=2,
+                 max_logit_error=1e-4)
 
 
 def test_layouts_and_rotation_steps():
@@ -248,13 +243,9 @@ def test_runner_refuses_what_cannot_fit_memory(micro_student_packed, mrpc_dir, m
 
 def test_cli_seal_agrees_with_plain_and_resumes(micro_student_packed, mrpc_dir, tmp_path):
     out = tmp_path / "seal"
-    args = ["simulate", str(micro_student_packed / "student.onnx"), "--backend", "seal", "--no-progress",
-            "--data-dir", str(mrpc_dir), "--limit", "2", "--max-length", "6", "--poly-modulus", "8192",
-            "--coeff-bits", "60,40,40,60", "-o", str(out)]
-    assert main(args + ["--compare-emulator"]) == 0
-    s = json.loads((out / "simulation.json").read_text())
-    assert s["backend"] == "seal" and s["n_examples"] == 2 and s["agreement"] == 1.0
-    assert 0 < s["max_logit_error"] < 1e-4
+    s = run_seal_cli(micro_student_packed / "student.onnx", mrpc_dir, out, limit=2, max_logit_error=1e-4,
+                     extra=["--compare-emulator"])
+    assert s["backend"] == "seal"
     assert s["refresh_label"] == "client-aided refresh" and s["refreshes"] > 0
     se = s["seal"]
     rows = {r["layer"]: r for r in se["layers_last_example"]}
@@ -270,7 +261,7 @@ def test_cli_seal_agrees_with_plain_and_resumes(micro_student_packed, mrpc_dir, 
     assert [f.name for f in files] == ["00000.json", "00001.json"]
     stamp = files[0].stat().st_mtime_ns
     files[1].unlink()
-    assert main(args) == 0
+    assert main(seal_cli_args(micro_student_packed / "student.onnx", mrpc_dir, out, 2)) == 0
     assert files[0].stat().st_mtime_ns == stamp and files[1].is_file()
     s2 = json.loads((out / "simulation.json").read_text())
     assert s2["n_examples"] == 2 and s2["logits"][0] == s["logits"][0]

@@ -16,6 +16,7 @@ from unittest import mock
 import numpy as np
 import onnx
 import pytest
+from _seal_cli import run_seal_cli
 
 from cgf_fhe import fhe_ops
 from cgf_fhe.simulate import CKKSParams, Interpreter, make_backend
@@ -156,8 +157,6 @@ def test_lean_packing_needs_no_level_beyond_the_graph_depth(lean_student, mrpc_d
 def test_seal_runs_the_lean_student(cls_scaled_student, mrpc_dir, tmp_path):
     """Real CKKS (SEAL, N=8192, 2 levels, client-aided refreshes) on a student with both features (hidden 8: the
     lean fixture's 64 would take minutes): agreement with plain, logits within 1e-3."""
-    from cgf_fhe.cli import main
-
     student = cls_scaled_student.parent / "lean_seal"
     if not (student / "student.onnx").is_file():
         from cgf_fhe.export.onnx_export import export_checkpoint
@@ -167,14 +166,8 @@ def test_seal_runs_the_lean_student(cls_scaled_student, mrpc_dir, tmp_path):
     unfolded = onnx.load(str(cls_scaled_student / "student.onnx"))
     assert fhe_ops.analyze(onnx.load(str(student / "student.onnx"))).total_depth \
         == fhe_ops.analyze(unfolded).total_depth - 1  # the statistics fold: one level less in layer 1
-    out = tmp_path / "seal_lean"
-    args = ["simulate", str(student / "student.onnx"), "--backend", "seal", "--no-progress",
-            "--data-dir", str(mrpc_dir), "--limit", "1", "--max-length", "6", "--poly-modulus", "8192",
-            "--coeff-bits", "60,40,40,60", "-o", str(out)]
-    assert main(args) == 0
-    s = json.loads((out / "simulation.json").read_text())
-    assert s["n_examples"] == 1 and s["agreement"] == 1.0 and s["refreshes"] > 0
-    assert 0 < s["max_logit_error"] < 1e-3
+    s = run_seal_cli(student / "student.onnx", mrpc_dir, tmp_path / "seal_lean", limit=1, max_logit_error=1e-3)
+    assert s["refreshes"] > 0
 
 
 @pytest.mark.parametrize("params,S,H", [(SMALL, 6, 8), (WIDE, 7, 64)], ids=["one-ct", "multi-ct"])
