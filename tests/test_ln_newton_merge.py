@@ -145,7 +145,8 @@ def test_exported_layers_are_two_levels_shallower(student1, tmp_path, monkeypatc
     export_model(model, tmp_path / "old.onnx", settings=settings, extra_metadata={"max_length": 6}, fold_stats=False)
     monkeypatch.undo()
     old = build_report(str(tmp_path / "old.onnx"), level_budget=9)
-    assert len(new["layers"]) == 2 and _per_layer(new) == [o - 2 for o in _per_layer(old)], (new, old)
+    assert len(new["layers"]) == 2 and _per_layer(new) == [o - 2 for o in _per_layer(old)], (
+        _per_layer(new), _per_layer(old))
     assert new["total_depth"] == old["total_depth"] - 4
     # the stated depth (model_depth assumes the statistics fold: one level less in the second layer)
     assert new["total_depth"] == surgery.model_depth(model)["total"] + 1
