@@ -10,8 +10,8 @@ Every row is measured on the first --dev MRPC dev pairs with the training guard 
 intervals: the training form) and off (the exported form): accuracy, agreement with and mean squared logit
 error to the CGF model with exact functions (the ``baseline`` row, always included), non-finite logits and the
 fraction of approximated inputs outside their intervals. Per replaced op: its levels as exported
-(normalisation folded; exp counts its squarings; a Newton LayerNorm ``3 + P + 2*steps``) and the max
-absolute / relative error of its fit on its interval (LayerNorm: of 1/sqrt after the Newton steps).
+(normalisation folded; exp counts its squarings; a Newton LayerNorm ``poly.newton_ln_depth``: ``3 + P``, or
+``2 + P + 2*steps`` with steps) and the max absolute / relative error of its fit on its interval (LayerNorm: of 1/sqrt after the Newton steps).
 
 This is not the accuracy of a trained student: distillation recovers much of what an untrained replacement
 loses. It tells which single choice breaks the model before any training.

@@ -81,10 +81,11 @@ def test_levels_are_the_modules_depths(rows, tiny):
             want = mod.approx.depth(prescaled=True) if isinstance(mod, P.PolyModule) else mod.depth
             assert ops[key]["levels"] == want and ops[key]["depth_module"] == mod.depth
     assert by["exp:exp_degree=7,exp_squarings=2"]["levels"] == {"exp": [5, 5]}  # 3 (degree 7) + 2 squarings
-    # invsqrt degree 15 folded (4) + centring, square, output (3) + one Newton step (2)
-    assert by["ln:ln_band=None,newton_steps=1"]["levels"] == {"ln_attn": [9, 9], "ln_ffn": [9, 9]}
+    # invsqrt degree 15 folded (4) + centring, square, output (3) + one Newton step (2), less the output product
+    # the last Newton step absorbs (poly.newton_ln_depth)
+    assert by["ln:ln_band=None,newton_steps=1"]["levels"] == {"ln_attn": [8, 8], "ln_ffn": [8, 8]}
     assert by["all:ln_band=None,newton_steps=1"]["layer_levels_exported"] == [
-        9 + 5 + 4 + 9 + 9 - 5, 9 + 5 + 4 + 9 + 9 - 6]  # 36 per layer less the folds of cgf_fhe.fold (surgery.model_depth)
+        9 + 5 + 4 + 8 + 8 - 5, 9 + 5 + 4 + 8 + 8 - 6]  # 34 per layer less the folds of cgf_fhe.fold (surgery.model_depth)
 
 
 def test_a_none_override_reaches_the_options(rows):
@@ -173,4 +174,4 @@ def test_screen_record_reaches_the_results_page(rows, tmp_path, capsys):
     acc = by["baseline"]["guard_on"]["accuracy"]
     assert f"| {acc:.4f} (+0.0 pp) / 0 / 0 |" in base
     all_row = next(ln for ln in page.splitlines() if ln.startswith("| all (ln_band None, newton_steps 1) |"))
-    assert "ln_attn 9; ln_ffn 9" in all_row and "| 31 30 |" in all_row
+    assert "ln_attn 8; ln_ffn 8" in all_row and "| 29 28 |" in all_row  # 31 30 before the merged Newton step

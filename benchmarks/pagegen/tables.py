@@ -114,7 +114,7 @@ def screen(rec: dict, level: str = "###") -> list[str]:
             "to the baseline row), mean squared logit error to the baseline (finite rows) and non-finite logit rows, "
             "with the training guard on (inputs clamped into the intervals) and off (what is exported). Levels per "
             "op are read from the polynomial modules, with the normalisation folded as in export (exp counts its "
-            "squarings; a Newton LayerNorm is 3 + P + 2 per step); the fit error is the worst over layers on each "
+            "squarings; a Newton LayerNorm is 3 + P + 2 per step in records made before 2026-12-03 15:00 UTC, one level less with Newton steps since (the last step absorbs the output product)); the fit error is the worst over layers on each "
             "op's interval, with the op where it is worst (exp: where exp >= 1e-3; LayerNorm: 1/sqrt after the Newton "
             "steps). Training recovers part of what a replacement "
             "loses, so these rows rank choices; the paired accuracies of trained students are in section 2.", ""]
