@@ -382,11 +382,13 @@ def test_attention_polynomials_run_by_head_groups_same_numbers_lower_peak(wide_s
     assert co == cc and cc["mul_ct"] > 0 and cc["rotate"] > 0  # no plaintext cache: every encoding counted
     assert [c["chunks"] for c in it.chunk_log] == [2, 2]  # one region per layer, 4 heads in 2 ciphertext pairs
     assert it.chunk_log[0]["nodes"] >= 30 and it.chunk_log[0]["first"] == "node_mul_62"
-    # whole tensors: the run's peak is in the region (the exp polynomial's powers of all the scores at once);
-    # by head pairs the region's peak drops by ~30% and the run's peak moves elsewhere
+    # by head pairs the region's peak (the exp polynomial's powers of all the scores at once) drops by ~30%; the
+    # run's peak never grows. (On this student the run's peak is no longer in the region since the merged last
+    # Newton step keeps a few row-sized products alive in the next linear map: region 1.03e7 -> 7.47e6 bytes, run
+    # 2.02e7 both ways)
     reg = {i for r in it.regions.values() for i in r["nodes"]}
     peak_in = {c: max(pk for i, _b, pk, _a in runs[c][5].node_mem if i in reg) for c in (False, True)}
-    assert peak_in[False] == po and peak_in[True] < 0.75 * po and pc < po
+    assert peak_in[True] < 0.75 * peak_in[False] and pc <= po
 
 
 def test_multi_example_estimate_holds_every_examples_keys():
