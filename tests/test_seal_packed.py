@@ -5,6 +5,7 @@ Real SEAL runs use N=8192, chain [60, 40, 40, 60] (2 levels) and the micro expor
 """
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -265,6 +266,74 @@ def test_cli_seal_agrees_with_plain_and_resumes(micro_student_packed, mrpc_dir, 
     assert files[0].stat().st_mtime_ns == stamp and files[1].is_file()
     s2 = json.loads((out / "simulation.json").read_text())
     assert s2["n_examples"] == 2 and s2["logits"][0] == s["logits"][0]
+
+
+def test_resume_refuses_examples_of_another_model(micro_student_packed, mrpc_dir, tmp_path, capsys):
+    """Issue #23: example files carried into a new run folder (a later session, the student re-exported) are
+    reused only with the same ONNX bytes and CKKS parameters; otherwise the run stops naming the file and both
+    hashes, and the file is kept as it was. Files from before the hash was recorded are reused with a warning."""
+    import hashlib
+    import shutil
+
+    onnx_file = micro_student_packed / "student.onnx"
+    want = hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+    out = tmp_path / "first"
+    run_seal_cli(onnx_file, mrpc_dir, out, limit=1, max_logit_error=1e-4)
+    ex = json.loads((out / "examples" / "00000.json").read_text())
+    assert ex["model_sha256"] == want and ex["ckks"] == {"poly_modulus": 8192, "coeff_bits": [60, 40, 40, 60],
+                                                         "scale_bits": 40}
+    # a new session: the same bytes at another path, the example copied into a fresh run folder -> reused as is
+    (tmp_path / "s2").mkdir()
+    same = shutil.copy(onnx_file, tmp_path / "s2" / "student.onnx")
+    out2 = tmp_path / "second"
+    (out2 / "examples").mkdir(parents=True)
+    f = Path(shutil.copy(out / "examples" / "00000.json", out2 / "examples" / "00000.json"))
+    stamp, body = f.stat().st_mtime_ns, f.read_bytes()
+    capsys.readouterr()
+    assert main(seal_cli_args(same, mrpc_dir, out2, 1)) == 0
+    assert f.stat().st_mtime_ns == stamp and "no model hash" not in capsys.readouterr().err
+    s2 = json.loads((out2 / "simulation.json").read_text())
+    assert s2["logits"] == json.loads((out / "simulation.json").read_text())["logits"]
+    assert s2["model_sha256"] == want
+    # a different student (one weight changed, as a retrain that did not reproduce): refused, file untouched
+    m = onnx.load(str(onnx_file))
+    init = next(t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 1)
+    arr = onnx.numpy_helper.to_array(init).copy()
+    arr.flat[0] += 1e-3
+    init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    (tmp_path / "s3").mkdir()
+    other = tmp_path / "s3" / "student.onnx"
+    onnx.save(m, str(other))
+    other_hash = hashlib.sha256(other.read_bytes()).hexdigest()
+    assert main(seal_cli_args(other, mrpc_dir, out2, 1)) == 2
+    err = _error_line(capsys)
+    assert str(f) in err and want in err and other_hash in err, err
+    # other CKKS parameters: refused the same way, naming both chains
+    args = seal_cli_args(same, mrpc_dir, out2, 1)
+    args[args.index("--poly-modulus") + 1] = "16384"
+    assert main(args) == 2
+    err = _error_line(capsys)
+    assert str(f) in err and "N=8192" in err and "N=16384" in err, err
+    assert f.read_bytes() == body and f.stat().st_mtime_ns == stamp
+    # a file written before hashes were recorded: reused with a warning when its run fingerprint matches ...
+    for k in ("model_sha256", "ckks", "max_length"):
+        ex.pop(k)
+    f.write_text(json.dumps(ex))
+    assert main(seal_cli_args(same, mrpc_dir, out2, 1)) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "no model hash" in err and "00000.json" in err
+    assert json.loads(f.read_text()) == ex  # reused, not rewritten
+    # ... refused when its fingerprint says another model
+    assert main(seal_cli_args(other, mrpc_dir, out2, 1)) == 2
+    err = _error_line(capsys)
+    assert str(f) in err and ex["fingerprint"] in err, err
+
+
+def _error_line(capsys) -> str:
+    """The CLI's error: exactly one line (other stderr lines are progress bars and warnings)."""
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(lines) == 1, lines
+    return lines[0]
 
 
 def test_report_side_cost_estimate_matches_the_dry_run(micro_student_packed, mrpc_dir):

@@ -14,14 +14,17 @@ The exported graph and its metadata drive everything (:class:`PackedInterpreter`
 3. optionally (``--compare-emulator``) the emulator's matching mode (the numpy engine with CKKS's rounding
    errors) on the same example; per layer the error mean and std of both against plain.
 
-Results are appended per example (``DIR/examples/NNNNN.json``, written atomically); a rerun with the same model
-and parameters skips the examples already done (resumable multi-example runs).
+Results are appended per example (``DIR/examples/NNNNN.json``, written atomically, each with the sha256 of the ONNX
+file and the CKKS parameters); a rerun with the same model bytes and parameters skips the examples already done
+(resumable multi-example runs, also across sessions by copying the files); a file of another model or other
+parameters stops the run naming it (:func:`check_resumed_example`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, replace
@@ -581,11 +584,59 @@ def layer_error_stats(plain: dict, runs: dict, layer_values: dict, mask) -> list
 # the dataset loop: resumable, one atomic file per example
 # ---------------------------------------------------------------------------------------------------------------
 def run_fingerprint(onnx_path, cfg) -> str:
-    h = hashlib.sha256()
-    h.update(Path(onnx_path).read_bytes())
-    h.update(json.dumps({"params": cfg.ckks_params().describe(), "max_length": cfg.max_length},
-                        sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+    return run_identity(onnx_path, cfg)["fingerprint"]
+
+
+def run_identity(onnx_path, cfg) -> dict:
+    """What an example's result depends on, recorded in each ``DIR/examples/NNNNN.json``: the sha256 of the ONNX
+    file's bytes, the CKKS parameters that define the ciphertexts (N, coefficient bits, scale) and the token cap.
+    ``fingerprint`` (16 hex digits over all of it) is the older single check, kept in the summary."""
+    model = hashlib.sha256()
+    fp = hashlib.sha256()
+    with open(onnx_path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            model.update(chunk)
+            fp.update(chunk)
+    p = cfg.ckks_params()
+    fp.update(json.dumps({"params": p.describe(), "max_length": cfg.max_length}, sort_keys=True, default=str).encode())
+    return {"model_sha256": model.hexdigest(),
+            "ckks": {"poly_modulus": int(p.poly_modulus), "coeff_bits": [int(b) for b in p.coeff_bits],
+                     "scale_bits": int(p.scale_bits)},
+            "max_length": cfg.max_length, "fingerprint": fp.hexdigest()[:16]}
+
+
+def _ckks_str(c: dict) -> str:
+    return f"N={c.get('poly_modulus')} coeff bits {c.get('coeff_bits')} scale 2^{c.get('scale_bits')}"
+
+
+def check_resumed_example(path: Path, prev: dict, ident: dict, onnx_path) -> str:
+    """An example file found in the run folder may be reused only if it came from the same ONNX bytes and CKKS
+    parameters. A mismatch raises a one-line :class:`SimulationError` naming the file and both values (the file is
+    left as it is: never overwritten, never deleted). Returns ``"sha256"`` when checked; for a file written before
+    model hashes were recorded (no ``model_sha256``) ``"fingerprint"`` when its older 16-digit run fingerprint
+    matches (a different one is refused), ``"unchecked"`` when it has none: both accepted, the caller warns."""
+    have = prev.get("model_sha256")
+    if have is None:
+        old = prev.get("fingerprint")
+        if old is not None and old != ident["fingerprint"]:
+            raise SimulationError(
+                f"{path}: example from another model or CKKS parameters (run fingerprint {old}, this run "
+                f"{ident['fingerprint']} for {onnx_path}); refusing to mix them: move the file away or use another -o")
+        return "unchecked" if old is None else "fingerprint"
+    if have != ident["model_sha256"]:
+        raise SimulationError(
+            f"{path}: example computed with model sha256 {have}, but {onnx_path} has sha256 "
+            f"{ident['model_sha256']}; refusing to mix models: move the file away or use another -o")
+    ck = prev.get("ckks") or {}
+    if ck != ident["ckks"]:
+        raise SimulationError(
+            f"{path}: example computed with CKKS params {_ckks_str(ck)}, this run uses {_ckks_str(ident['ckks'])} "
+            f"(model sha256 {have}); refusing to mix them: move the file away or use another -o")
+    if prev.get("max_length", ident["max_length"]) != ident["max_length"]:
+        raise SimulationError(
+            f"{path}: example computed with --max-length {prev.get('max_length')}, this run uses "
+            f"{ident['max_length']} (model sha256 {have}); refusing to mix them: move the file away or use another -o")
+    return "sha256"
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -621,21 +672,22 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
     batches, client_info = client_batches(model, cfg)
     runner = PackedRunner(str(onnx_path), cfg)
     done_dir = None
-    fp = run_fingerprint(onnx_path, cfg)
+    ident = run_identity(onnx_path, cfg)
+    fp = ident["fingerprint"]
+    done = set()
     if out_dir is not None:
         done_dir = Path(out_dir) / "examples"
         done_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.dry_run:
+            done = _resumable(done_dir, len(batches), ident, onnx_path)
     # dry runs first: refuse before anything is encrypted; one key set for every example's rotation steps
     dries, steps = {}, set()
     todo = []
     if cfg.dry_run:
         return _dry_run_only(runner, batches, out_dir, time.perf_counter() - t0)
     for i, (feeds, labels) in enumerate(batches):
-        f = done_dir / f"{i:05d}.json" if done_dir else None
-        if f is not None and f.is_file():
-            prev = json.loads(f.read_text())
-            if prev.get("fingerprint") == fp:
-                continue
+        if i in done:
+            continue
         dries[i] = runner.dry_run(feeds)
         runner.check_schedule(dries[i], feeds, i)
         runner.check_memory(dries[i])
@@ -656,7 +708,7 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
             r = runner.run_example(i, feeds, labels, progress=cfg.progress, dry=dries[i],
                                    compare_emulator=cfg.compare_emulator)
             r["seal"]["keygen_seconds"] = keygen
-            r["fingerprint"] = fp
+            r.update(ident)
             if done_dir is not None:
                 _atomic_json(done_dir / f"{i:05d}.json", r)
             else:
@@ -676,7 +728,8 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
             "backend": results[-1]["seal"]["backend"] if results else None}
     per = [r["refreshes"] for r in results]
     extra = {"onnx": str(Path(onnx_path).resolve()), **client_info, "refresh_label": "client-aided refresh",
-             "refreshes": int(max(per)) if per else 0, "seal": seal_summary(results), "fingerprint": fp}
+             "refreshes": int(max(per)) if per else 0, "seal": seal_summary(results), "fingerprint": fp,
+             "model_sha256": ident["model_sha256"]}
     summary = summarize(results, cfg, info, time.perf_counter() - t0, extra)
     if out_dir is not None:
         from .report import write_report
@@ -684,6 +737,28 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
         write_report(summary, out_dir)
         (Path(out_dir) / "seal_packed.md").write_text(seal_markdown(summary))
     return summary
+
+
+def _resumable(done_dir: Path, n: int, ident: dict, onnx_path) -> set[int]:
+    """The examples of this run already in ``done_dir`` (all checked before anything is computed: one file of
+    another model refuses the whole run). Files without a model hash (older runs) are accepted with a warning."""
+    done, unchecked = set(), []
+    for i in range(n):
+        f = done_dir / f"{i:05d}.json"
+        if not f.is_file():
+            continue
+        try:
+            prev = json.loads(f.read_text())
+        except (OSError, ValueError) as exc:
+            raise SimulationError(f"{f}: unreadable example file ({exc}); move it away or use another -o") from None
+        if check_resumed_example(f, prev, ident, onnx_path) != "sha256":
+            unchecked.append(f.name)
+        done.add(i)
+    if unchecked:
+        print(f"warning: {len(unchecked)} example file(s) in {done_dir} record no model hash (written before "
+              f"hashes were recorded; checked only by the older run fingerprint where they have one): reused: "
+              f"{', '.join(unchecked)}", file=sys.stderr)
+    return done
 
 
 def _with_run_keys(dries: list[dict], params) -> None:
