@@ -495,3 +495,37 @@ def test_a_dry_run_that_disagrees_with_plain_is_refused_before_encrypting(micro_
     with pytest.raises(SimulationError, match=r"example 0: the packed schedule's dry run .* packing error"):
         pr.simulate_packed(str(micro_student_packed / "student.onnx"), dataclasses.replace(cfg, limit=1))
     assert runner.client is None
+
+
+def test_examples_split_a_run_across_processes(micro_student_packed, mrpc_dir, tmp_path, capsys):
+    """`--examples SPEC`: two runs with disjoint selections (two cores, two folders) compute exactly their
+    examples; their files together are the whole `--limit` run, which then only rebuilds the summary."""
+    import shutil
+
+    onnx_file = micro_student_packed / "student.onnx"
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(seal_cli_args(onnx_file, mrpc_dir, a, 3) + ["--examples", "0,2"]) == 0
+    assert main(seal_cli_args(onnx_file, mrpc_dir, b, 3) + ["--examples", "1-1"]) == 0
+    assert sorted(f.name for f in (a / "examples").glob("*.json")) == ["00000.json", "00002.json"]
+    assert sorted(f.name for f in (b / "examples").glob("*.json")) == ["00001.json"]
+    sa = json.loads((a / "simulation.json").read_text())
+    assert sa["n_examples"] == 2 and [e["index"] for e in sa["seal"]["examples"]] == [0, 2]
+    shutil.copy(b / "examples" / "00001.json", a / "examples" / "00001.json")
+    stamps = {f.name: f.stat().st_mtime_ns for f in (a / "examples").glob("*.json")}
+    assert main(seal_cli_args(onnx_file, mrpc_dir, a, 3)) == 0
+    assert {f.name: f.stat().st_mtime_ns for f in (a / "examples").glob("*.json")} == stamps  # nothing recomputed
+    s = json.loads((a / "simulation.json").read_text())
+    assert s["n_examples"] == 3 and s["agreement"] == 1.0
+    assert [e["index"] for e in s["seal"]["examples"]] == [0, 1, 2]
+    capsys.readouterr()
+    # bad selections: one line naming the cause, nothing written
+    assert main(seal_cli_args(onnx_file, mrpc_dir, tmp_path / "c", 3) + ["--examples", "3"]) == 2
+    assert "--examples 3 is outside --limit 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(seal_cli_args(onnx_file, mrpc_dir, tmp_path / "d", 3) + ["--examples", "2-1"])
+    assert "ranges run upwards" in capsys.readouterr().err
+    args = seal_cli_args(onnx_file, mrpc_dir, tmp_path / "e", 3)
+    args[args.index("seal")] = "emulate"
+    assert main(args + ["--examples", "1"]) == 2
+    assert "--limit" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "examples").exists() or not any((tmp_path / "c" / "examples").iterdir())

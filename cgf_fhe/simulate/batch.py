@@ -42,6 +42,7 @@ class SimConfig:
     seed: int = 0
     # data
     limit: int | None = None
+    examples: tuple[int, ...] | None = None  # seal: only these dev example indices (0-based; resumable subsets)
     data_dir: str | None = None
     checkpoint: str | None = None
     max_length: int | None = None

@@ -25,6 +25,9 @@ def register(sub) -> None:
                    help="folder for simulation.json, simulation.md and error_per_layer.png (created; locked while "
                         "writing)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N dev examples (default: all)")
+    p.add_argument("--examples", type=parse_examples, default=None, metavar="SPEC",
+                   help="seal: only these dev example indices, 0-based, e.g. 1,3-5 (two runs with disjoint SPECs "
+                        "share the work of one --limit run; the summary covers the examples in -o DIR)")
     p.add_argument("--data-dir", default=None, metavar="D", help="MRPC folder (train.tsv, validation.tsv)")
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
                    help="checkpoint for the client part (default: ONNX metadata cgf_fhe.checkpoint)")
@@ -65,6 +68,24 @@ def register(sub) -> None:
     p.set_defaults(func=_simulate)
 
 
+def parse_examples(spec: str) -> tuple[int, ...]:
+    """``"1,3-5"`` -> ``(1, 3, 4, 5)``: dev example indices, 0-based, sorted, without repeats."""
+    import argparse
+
+    out = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            lo, _, hi = part.partition("-")
+            a, b = int(lo), int(hi) if hi else int(lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} in {spec!r}: expected indices like 1,3-5") from None
+        if a < 0 or b < a:
+            raise argparse.ArgumentTypeError(f"{part!r} in {spec!r}: indices are >= 0 and ranges run upwards")
+        out.update(range(a, b + 1))
+    return tuple(sorted(out))
+
+
 def config_from_args(args):
     from .params import parse_bits
     from .runner import SimConfig
@@ -74,7 +95,7 @@ def config_from_args(args):
         scale_bits=args.scale_bits, levels=args.levels, insecure=args.insecure, refresh=args.refresh,
         emulate_refresh=args.emulate_refresh, bootstrap_bits=args.bootstrap_bits,
         bootstrap_bound=args.bootstrap_bound, on_overflow=args.on_overflow, on_exhausted=args.on_exhausted,
-        pinned_scale=not args.unpinned_scale, seed=args.seed, limit=args.limit, data_dir=args.data_dir,
+        pinned_scale=not args.unpinned_scale, seed=args.seed, limit=args.limit, examples=args.examples, data_dir=args.data_dir,
         checkpoint=args.checkpoint, max_length=args.max_length, batch_size=args.batch_size,
         workers=max(1, args.workers), progress=not args.no_progress,
         compare_emulator=getattr(args, "compare_emulator", False), dry_run=getattr(args, "dry_run", False))

@@ -668,8 +668,18 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
     from .interpreter import load
     t0 = time.perf_counter()
     cfg = replace(cfg, batch_size=1)
+    if cfg.examples is not None:
+        if not cfg.examples:
+            raise SimulationError("--examples selects no example")
+        if cfg.limit is not None and max(cfg.examples) >= cfg.limit:
+            raise SimulationError(f"--examples {max(cfg.examples)} is outside --limit {cfg.limit} (indices are 0-based)")
+        if cfg.limit is None:
+            cfg = replace(cfg, limit=max(cfg.examples) + 1)
     model = load(onnx_path)
     batches, client_info = client_batches(model, cfg)
+    if cfg.examples is not None and max(cfg.examples) >= len(batches):
+        raise SimulationError(f"--examples {max(cfg.examples)}: the dev set has {len(batches)} examples (0-based)")
+    wanted = set(range(len(batches))) if cfg.examples is None else set(cfg.examples)
     runner = PackedRunner(str(onnx_path), cfg)
     done_dir = None
     ident = run_identity(onnx_path, cfg)
@@ -684,9 +694,9 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
     dries, steps = {}, set()
     todo = []
     if cfg.dry_run:
-        return _dry_run_only(runner, batches, out_dir, time.perf_counter() - t0)
+        return _dry_run_only(runner, batches, out_dir, time.perf_counter() - t0, wanted)
     for i, (feeds, labels) in enumerate(batches):
-        if i in done:
+        if i in done or i not in wanted:
             continue
         dries[i] = runner.dry_run(feeds)
         runner.check_schedule(dries[i], feeds, i)
@@ -700,8 +710,9 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
     keygen = runner.ensure_keys(steps, cache) if todo else 0.0
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(batches), desc="simulate [seal]", unit="ex", disable=not cfg.progress,
-               initial=len(batches) - len(todo))
+    shown = sorted(wanted | done)  # the summary covers the selection and every example already in DIR
+    bar = tqdm(total=len(shown), desc="simulate [seal]", unit="ex", disable=not cfg.progress,
+               initial=len(shown) - len(todo))
     try:
         for i in todo:
             feeds, labels = batches[i]
@@ -717,7 +728,7 @@ def simulate_packed(onnx_path, cfg, out_dir=None) -> dict:
     finally:
         bar.close()
     results = []
-    for i in range(len(batches)):
+    for i in shown:
         if done_dir is not None:
             results.append(_from_json(json.loads((done_dir / f"{i:05d}.json").read_text())))
         else:
@@ -777,9 +788,11 @@ def _with_run_keys(dries: list[dict], params) -> None:
         d["galois_keys_run"] = len(union)
 
 
-def _dry_run_only(runner: PackedRunner, batches, out_dir, seconds) -> dict:
+def _dry_run_only(runner: PackedRunner, batches, out_dir, seconds, wanted=None) -> dict:
     rows = []
     for i, (feeds, _labels) in enumerate(batches):
+        if wanted is not None and i not in wanted:
+            continue
         t0 = time.perf_counter()
         d = runner.dry_run(feeds)
         plain = runner.base.plain.run(feeds).outputs[LOGITS]

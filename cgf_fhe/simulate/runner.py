@@ -114,6 +114,9 @@ def simulate(onnx_path: str | os.PathLike, cfg: SimConfig, out_dir: str | os.Pat
     if cfg.backend not in ("plain", "emulate", "tenseal", "seal"):
         raise SimulationError(f"unknown backend {cfg.backend!r}: choose plain, emulate, tenseal or seal")
     params = cfg.ckks_params()  # validate (security) before any work
+    if cfg.examples is not None and cfg.backend != "seal":
+        raise SimulationError(f"--examples selects examples of the seal backend's one-by-one runs; backend "
+                              f"{cfg.backend!r} runs batches: use --limit N")
     if cfg.backend == "seal":  # packed real CKKS, one example per pass: a runner of its own
         from .packed_runner import simulate_packed
 
