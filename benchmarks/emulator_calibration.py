@@ -10,7 +10,7 @@ constant), ``ct*pt vector`` (times a per-example slot vector), ``ct*ct`` (with r
 the backends' Mul/Add) and ``refresh`` (client-aided decrypt + re-encrypt after one multiplication).
 
 Run:  python benchmarks/emulator_calibration.py [--poly-modulus 8192 --coeff-bits 60,40,40,60 --scale-bits 40]
-      [-k 16] [-o benchmarks/results/emulator_calibration.json]
+      [-k 16] [-o benchmarks/results/emulator_calibration.json]   (--coeff-bits also as 60 40 40 60)
 The test suite calls :func:`measure` with a small configuration and asserts every ratio lies in [1/2, 2], both for
 the total error and for its random part (error minus the deterministic bias, from a noise-free emulation).
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cgf_fhe.ckks import CoeffBitsAction
 from cgf_fhe.simulate.backends import make_backend
 from cgf_fhe.simulate.params import CKKSParams
 
@@ -130,16 +131,21 @@ def markdown(params: CKKSParams, rows: list[dict], batch: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--poly-modulus", type=int, default=8192)
-    ap.add_argument("--coeff-bits", default="60,40,40,60")
+    ap.add_argument("--coeff-bits", action=CoeffBitsAction, default=(60, 40, 40, 60),
+                    help="coefficient modulus bit sizes, 60,40,40,60 or 60 40 40 60 (default 60,40,40,60)")
     ap.add_argument("--scale-bits", type=int, default=40)
     ap.add_argument("--batch", type=int, default=None, help="slots used (default: all N/2)")
     ap.add_argument("-k", type=int, default=16, help="ciphertexts per primitive")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--output", default=None, help="JSON output (a .md next to it)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     params = CKKSParams.from_options(a.poly_modulus, a.coeff_bits, a.scale_bits)
     batch = a.batch or params.slots
     rows = measure(params, batch, a.k, seed=a.seed)

@@ -158,7 +158,8 @@ class CentringDense(nn.Module):
 class FoldedNewtonLN(IntervalTracker):
     """The Newton LayerNorm fed by :class:`CentringDense`: adds the centred residual, computes ``y`` and returns
     :class:`LNForm` ``(ds, y, gamma/s, beta)``. ``t = sum(ds^2) + alpha*eps = alpha*v``; the Newton steps' ``v/2``
-    is the plaintext multiple ``(t - alpha*eps) * 0.5/alpha + 0.5*eps`` (one level, in parallel with the guess)."""
+    is the plaintext multiple ``t * 0.5/alpha`` (``(t - alpha*eps)/(2 alpha) + eps/2``: the eps terms cancel; one
+    level, in parallel with the guess), the merged last step's ``v/3`` is ``t/(3 alpha)``."""
 
     kind = NewtonLayerNorm.kind
 
@@ -196,11 +197,11 @@ class FoldedNewtonLN(IntervalTracker):
             # y ~ 1/sqrt(v*ps) and ds carries sqrt(ps): (ds * gamma/s) * y is the LayerNorm's output as before
             return LNForm(ds, y, self.weight / self.s, self.bias)
         if n > 1:
-            hv = (t - a * eps) * (0.5 / a) + 0.5 * eps
+            hv = t * (0.5 / a)  # v/2 = (t - a*eps)/(2a) + eps/2: the eps terms cancel (also per token)
             for _ in range(n - 1):
                 y = y * 1.5 - (y * hv) * (y * y)
         # the last step rides on the next linear map (LNForm.times): 1.5 on the plaintext g, h = v/3
-        h = (t - a * eps) * (1.0 / (3.0 * a)) + eps / 3.0
+        h = t * (1.0 / (3.0 * a))  # v/3 = (t - a*eps)/(3a) + eps/3 = t/(3a)
         return LNForm(ds, y, self.weight * (1.5 / self.s), self.bias, h, y * y)
 
 

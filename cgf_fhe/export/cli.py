@@ -6,6 +6,17 @@ import argparse
 from ..ckks import CoeffBitsAction
 
 
+def _reps(text: str) -> int:
+    """``--reps``: an integer >= 1 (a median needs at least one measurement), else argparse's one-line error."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"reps must be an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"reps must be >= 1, got {n}")
+    return n
+
+
 def _export(args) -> int:
     from ..io import check_output_file
 
@@ -112,6 +123,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="coefficient modulus bit sizes, e.g. 60,40,40,60 or 60 40 40 60 "
                         "(default: 60, scale-bits x L, 60 fitting N)")
     p.add_argument("--scale-bits", type=int, default=40, help="log2 of the CKKS scale (default 40)")
-    p.add_argument("--reps", type=int, default=5, help="repetitions per op (median is stored)")
+    p.add_argument("--reps", type=_reps, default=5, help="repetitions per op, >= 1 (median is stored)")
     p.add_argument("-o", "--output", required=True, help="output JSON")
     p.set_defaults(func=_calibrate)

@@ -62,6 +62,8 @@ def _median_ms(fn, reps: int) -> float:
 def calibrate(poly_modulus: int = 16384, coeff_bits: list[int] | None = None, scale_bits: int = 40,
               reps: int = 5) -> dict:
     """Measure one cost-table entry with TenSEAL on this machine (single ciphertext, full slots)."""
+    if int(reps) < 1:
+        raise UserError(f"reps must be >= 1, got {reps}")
     import numpy as np
     import tenseal as ts
     import tenseal.sealapi as sa
