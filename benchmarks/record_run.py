@@ -132,9 +132,31 @@ def seal_record(run_dir: Path, fingerprint: str | None) -> dict | None:
                         f"(fingerprint {fingerprint})")
     examples = sorted((seal_example(d, f) for f, d in keep), key=lambda e: e["index"])
     out = {"examples": examples, "aggregate": seal_aggregate(examples)}
+    shas = {d.get("model_sha256") for _f, d in keep} - {None}
+    if len(shas) == 1:
+        out["model_sha256"] = shas.pop()
+    out["_files"] = [f for f, _d in keep]  # for --keep-examples; not written into the record
     if len(keep) < len(docs):
         out["examples_of_other_runs"] = len(docs) - len(keep)  # other model or parameters: left out
     return out
+
+
+def keep_examples(files: list[Path], dest: Path) -> None:
+    """Copy finished example files into ``dest`` atomically (an existing file with other bytes is an error: a
+    kept example is never overwritten by another run's)."""
+    import os
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        target = dest / f.name
+        if target.is_file():
+            if target.read_bytes() != f.read_bytes():
+                raise UserError(f"--keep-examples: {target} exists with other contents than {f}; not overwritten")
+            continue
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.copyfile(f, tmp)
+        os.replace(tmp, target)
 
 
 def _metric(d: dict | None) -> dict | None:
@@ -328,6 +350,10 @@ def main(argv=None) -> int:
                     "lacks teacher_dev")
     ap.add_argument("--label", help="screen records: the label of the rows to record (when the file holds several)")
     ap.add_argument("--note", action="append", default=[], help="a sentence shown under the figures (repeatable)")
+    ap.add_argument("--keep-examples", type=Path, metavar="DIR",
+                    help="simulate records of a packed SEAL run: also copy its finished examples/NNNNN.json "
+                         "(full, with the model's sha256) into DIR, e.g. records/seal-examples/NAME, so a later "
+                         "session resumes the run: copy them into RUN/examples/ of the re-exported student")
     ap.add_argument("-o", "--output", type=Path, required=True, help="records/<name>.json")
     a = ap.parse_args(argv)
     try:
@@ -339,6 +365,12 @@ def main(argv=None) -> int:
         if a.teacher:
             rec["teacher"] = a.teacher
         rec.update(build(a.kind, a.run_dir, a.teacher_dir, a.command, a.label))
+        files = (rec.get("metrics") or {}).get("seal", {}).pop("_files", None) if a.kind == "simulate" else None
+        if a.keep_examples is not None:
+            if not files:
+                raise UserError(f"--keep-examples: {a.run_dir} is not a packed SEAL run with finished examples")
+            keep_examples(files, a.keep_examples)
+            rec["metrics"]["seal"]["examples_kept_in"] = a.keep_examples.as_posix()
         if a.kind in ("structure", "screen"):
             rec["read_from"] = a.run_dir.as_posix()
         rec["notes"] = a.note

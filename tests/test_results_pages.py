@@ -256,6 +256,34 @@ def test_seal_record_carries_every_finished_example_and_the_page_shows_them(tmp_
     assert "(2/3)" in build(recs)[0]["results.md"]
 
 
+def test_seal_record_keeps_the_examples_for_a_later_session(tmp_path, capsys):
+    """--keep-examples copies the run's own finished example files (not another run's) byte for byte, so a later
+    session can put them back into RUN/examples and resume; a kept file is never overwritten by other bytes."""
+    run = tmp_path / "run"
+    (run / "examples").mkdir(parents=True)
+    (run / "simulation.json").write_text(json.dumps({
+        "backend": "seal", "fingerprint": "A", "n_examples": 1, "batches": 1, "seq_lens": [44], "accuracy": 1.0,
+        "f1": 1.0, "plain_accuracy": 1.0, "agreement": 1.0, "max_logit_error": 4e-5, "refreshes": 248,
+        "refresh_label": "client-aided refresh", "seconds": 60.0, "params": {"poly_modulus": 16384}}))
+    ex = run / "examples"
+    _seal_example(ex, 0, "A", logits=[0.1, 0.3], plain=[0.1, 0.30004], seconds=2600.0, estimate=2000.0,
+                  ratios={"input": 1.0}, rss=2**30)
+    _seal_example(ex, 1, "B", logits=[0.0, 1.0], plain=[5.0, 0.0], seconds=1.0, estimate=1.0,
+                  ratios={"input": 1.0}, rss=1)
+    keep = tmp_path / "kept"
+    rr = load_benchmark("record_run")
+    args = ["simulate", str(run), "--name", "s", "--command", "c", "--keep-examples", str(keep),
+            "-o", str(tmp_path / "s.json")]
+    assert rr.main(args) == 0
+    assert sorted(f.name for f in keep.iterdir()) == ["00000.json"]
+    assert (keep / "00000.json").read_bytes() == (ex / "00000.json").read_bytes()
+    se = json.loads((tmp_path / "s.json").read_text())["metrics"]["seal"]
+    assert "_files" not in se and se["examples_kept_in"] == keep.as_posix()
+    (keep / "00000.json").write_text("{}")  # another run's bytes under the same name: refused, kept as it is
+    assert rr.main(args) == 2
+    assert "exists with other contents" in capsys.readouterr().err and (keep / "00000.json").read_text() == "{}"
+
+
 def test_seal_record_refuses_examples_of_another_run(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "examples").mkdir(parents=True)
