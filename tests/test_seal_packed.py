@@ -479,6 +479,31 @@ def test_token_sum_replicated_in_compact_blocks_costs_one_mask_level():
     assert got == {"double": (256, 0, 0, True), "auto": (128, 1, 1, False)}
 
 
+def test_compact_scores_are_masked_and_their_squares_sum_over_the_keys():
+    """70 tokens in 128-slot blocks: K shifted by up to 69 tokens reads the next or previous block's tokens at
+    some query slots; the masked scores hold exactly Q K^T at the valid slots and zero wherever the support
+    says so, so a ct x ct function of the raw scores summed over the keys (the CGF variance of the statistics
+    fold) is exact."""
+    rng = np.random.default_rng(8)
+    S, H, heads = 70, 32, 2
+    dh = H // heads
+    Xq, Xk = rng.normal(size=(1, S, H)), rng.normal(size=(1, S, H))
+    be = PackedBackend(SMALL, NumpyEngine(SMALL))
+    q, k = be.encrypt(Xq), be.encrypt(Xk)
+    q4 = be.rearrange(lambda t: [t.reshape(1, S, heads, dh).transpose(0, 2, 1, 3)], [q], [0])[0]
+    k4 = be.rearrange(lambda t: [t.reshape(1, S, heads, dh).transpose(0, 2, 3, 1)], [k], [0])[0]
+    sc = be.matmul(q4, k4)
+    assert be.layout.S_blk == 128 and be.counts["scores_masked"] == 1
+    Q4 = Xq.reshape(1, S, heads, dh).transpose(0, 2, 1, 3)
+    K4 = Xk.reshape(1, S, heads, dh).transpose(0, 2, 3, 1)
+    want = Q4 @ K4
+    np.testing.assert_allclose(be.decrypt(sc), want, rtol=1e-12, atol=1e-12)
+    vals = np.stack([c.v for c in sc.cts])
+    assert not np.any((np.abs(vals) > 1e-9) & ~sc.support)  # what the support calls zero is zero
+    var = be.reduce_sum(be.mul(sc, sc), [-1], True)
+    np.testing.assert_allclose(be.decrypt(var), (want ** 2).sum(-1, keepdims=True), rtol=1e-12)
+
+
 def test_attention_in_compact_blocks_equals_plain_with_fewer_products():
     """A hand-built attention (scores, the 1/n-weighted mean over the keys, centring, squares, probs @ Q, head
     merge, residual, LayerNorm-like mean, classifier) at 70 tokens: compact 128-slot blocks with every shifted
