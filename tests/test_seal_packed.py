@@ -125,7 +125,7 @@ def test_layouts_and_rotation_steps():
     L = Layout.choose(8192, 60, 384)
     assert (L.S_blk, L.hp, L.n_ct(384), L.n_ct(1536)) == (128, 64, 6, 24)
     with pytest.raises(SimulationError, match="tokens need blocks"):
-        Layout.choose(4096, 3000, 8)
+        Layout.choose(4096, 3000, 8, "double")  # compact blocks (the default above 64 tokens) fit: 4096 slots
     # a linear layer costs (n1 - 1) baby + (n2 - 1) giant rotations and one ct x pt per non-zero diagonal
     P = CKKSParams(8192, (60, 40, 40, 60), 40)
     rng = np.random.default_rng(0)
