@@ -126,7 +126,7 @@ def test_layouts_and_rotation_steps():
     L = Layout.choose(8192, 60, 384)
     assert (L.S_blk, L.hp, L.n_ct(384), L.n_ct(1536)) == (128, 64, 6, 24)
     with pytest.raises(SimulationError, match="tokens need blocks"):
-        Layout.choose(4096, 3000, 8)
+        Layout.choose(4096, 3000, 8, "double")  # compact blocks (the default above 64 tokens) fit: 4096 slots
     # a linear layer costs (n1 - 1) baby + (n2 - 1) giant rotations and one ct x pt per non-zero diagonal
     P = CKKSParams(8192, (60, 40, 40, 60), 40)
     rng = np.random.default_rng(0)
@@ -529,3 +529,145 @@ def test_examples_split_a_run_across_processes(micro_student_packed, mrpc_dir, t
     assert main(args + ["--examples", "1"]) == 2
     assert "--limit" in capsys.readouterr().err
     assert not (tmp_path / "c" / "examples").exists() or not any((tmp_path / "c" / "examples").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compact blocks (S_blk >= S, masked wrap-around) above 64 tokens
+# ---------------------------------------------------------------------------------------------------------------
+def test_compact_block_layout_and_the_shifts_that_wrap():
+    """Above 64 tokens the blocks hold S slots rounded up to a power of two, not 2 S: MiniLM (hidden 384) at
+    N=16384 keeps 6 ciphertexts per activation up to 128 tokens instead of 12; a shift reads a neighbour block
+    exactly when the key slot s + r leaves [0, S) and lands on another block's token slots."""
+    for S, blocks, want in ((44, "auto", (128, 6, False)), (64, "auto", (128, 6, False)),
+                            (67, "auto", (128, 6, True)), (74, "auto", (128, 6, True)),
+                            (128, "auto", (128, 6, True)), (74, "double", (256, 12, False)),
+                            (44, "compact", (64, 3, True))):
+        L = Layout.choose(8192, S, 384, blocks)
+        assert (L.S_blk, L.n_ct(384), L.wraps) == want, (S, blocks)
+    assert Layout.choose(4096, 70, 32).S_blk == 128 and Layout.choose(4096, 3000, 8).S_blk == 4096  # fits compact
+    with pytest.raises(SimulationError, match="tokens need blocks"):
+        Layout.choose(4096, 5000, 8)
+    L = Layout.choose(8192, 74, 384)
+    # query token 73, shift +55: key slot 128 = the next block's token 0; +54: padding slot 127 (zero)
+    assert L.shift_reads_neighbour([73], 55) and not L.shift_reads_neighbour([73], 54)
+    assert L.shift_reads_neighbour([0], -55) and not L.shift_reads_neighbour([0], -54)
+    assert not any(L.shift_reads_neighbour([0], r) for r in L.diag_sets([0]))  # the CLS query never wraps
+
+
+def test_token_sum_replicated_in_compact_blocks_costs_one_mask_level():
+    """The key mean's token sum left in every token slot: in blocks of 2 S a centred window (no level); in compact
+    blocks (70 tokens in 128 slots) a one-sided sum, a mask of the first token slot and a copy back -- the same
+    totals in the same slots, zero elsewhere (the support says so and the values agree), one level lower."""
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(1, 70, 32))
+    got = {}
+    for blocks in ("double", "auto"):
+        be = PackedBackend(SMALL, NumpyEngine(SMALL), blocks=blocks)
+        x = be.encrypt(X)
+        t = be.reduce_sum(x, [1], True)
+        L = be.layout
+        vals = np.stack([c.v for c in t.cts])
+        tok = np.arange(SMALL.slots) % L.S_blk
+        want = np.zeros_like(vals)
+        for k in range(32):  # hidden unit k: ciphertext k // hp, block k % hp; the total in its token slots
+            c, b = divmod(k, L.hp)
+            want[c, b * L.S_blk:b * L.S_blk + 70] = X[0, :, k].sum()
+        tokens = np.broadcast_to(tok < 70, vals.shape)
+        np.testing.assert_allclose(vals[tokens], want[tokens], atol=1e-11)
+        assert not np.any((np.abs(vals) > 1e-9) & ~t.support)  # what the support calls zero is zero
+        assert t.meta["token_replicas"][0] == tuple(range(70))
+        got[blocks] = (L.S_blk, be.level(x) - be.level(t), be.counts["token_sum_masked"],
+                       bool(np.any(t.support & ~tokens)))
+    # the centred window leaves partial sums on the padding (marked); the masked copy leaves nothing there
+    assert got == {"double": (256, 0, 0, True), "auto": (128, 1, 1, False)}
+
+
+def test_compact_scores_are_masked_and_their_squares_sum_over_the_keys():
+    """70 tokens in 128-slot blocks: K shifted by up to 69 tokens reads the next or previous block's tokens at
+    some query slots; the masked scores hold exactly Q K^T at the valid slots and zero wherever the support
+    says so, so a ct x ct function of the raw scores summed over the keys (the CGF variance of the statistics
+    fold) is exact."""
+    rng = np.random.default_rng(8)
+    S, H, heads = 70, 32, 2
+    dh = H // heads
+    Xq, Xk = rng.normal(size=(1, S, H)), rng.normal(size=(1, S, H))
+    be = PackedBackend(SMALL, NumpyEngine(SMALL))
+    q, k = be.encrypt(Xq), be.encrypt(Xk)
+    q4 = be.rearrange(lambda t: [t.reshape(1, S, heads, dh).transpose(0, 2, 1, 3)], [q], [0])[0]
+    k4 = be.rearrange(lambda t: [t.reshape(1, S, heads, dh).transpose(0, 2, 3, 1)], [k], [0])[0]
+    sc = be.matmul(q4, k4)
+    assert be.layout.S_blk == 128 and be.counts["scores_masked"] == 1
+    Q4 = Xq.reshape(1, S, heads, dh).transpose(0, 2, 1, 3)
+    K4 = Xk.reshape(1, S, heads, dh).transpose(0, 2, 3, 1)
+    want = Q4 @ K4
+    np.testing.assert_allclose(be.decrypt(sc), want, rtol=1e-12, atol=1e-12)
+    vals = np.stack([c.v for c in sc.cts])
+    assert not np.any((np.abs(vals) > 1e-9) & ~sc.support)  # what the support calls zero is zero
+    var = be.reduce_sum(be.mul(sc, sc), [-1], True)
+    np.testing.assert_allclose(be.decrypt(var), (want ** 2).sum(-1, keepdims=True), rtol=1e-12)
+
+
+def test_attention_in_compact_blocks_equals_plain_with_fewer_products():
+    """A hand-built attention (scores, the 1/n-weighted mean over the keys, centring, squares, probs @ Q, head
+    merge, residual, LayerNorm-like mean, classifier) at 70 tokens: compact 128-slot blocks with every shifted
+    key masked give plain's logits to float64 rounding, as the doubled 256-slot blocks do, with half the ct x pt
+    of the linear maps and a lower estimate; the report-side estimate equals the dry run's counts."""
+    from test_simulate import attention_graph
+
+    from cgf_fhe.simulate.packed_runner import packed_cost_estimate
+
+    m = attention_graph(H=32, heads=2)
+    rng = np.random.default_rng(4)
+    feeds = {"embeddings": rng.normal(0, 0.5, size=(1, 70, 32)), "attention_mask": np.ones((1, 70), np.float32)}
+    plain = Interpreter(m, make_backend("plain")).run(feeds).outputs["logits"]
+    runs = {}
+    for blocks in ("auto", "double"):
+        be = PackedBackend(SMALL, NumpyEngine(SMALL, pt_cache_bytes=0), blocks=blocks)
+        got = PackedInterpreter(m, be).run(feeds).outputs["logits"]
+        assert np.abs(got - plain).max() < 1e-12 * max(1.0, np.abs(plain).max()), blocks
+        runs[blocks] = (be, dict(be.engine.counts), sum(be.engine.est_ms.values()))
+    (be, c, ms), (bd, cd, msd) = runs["auto"], runs["double"]
+    assert (be.layout.S_blk, bd.layout.S_blk) == (128, 256) and be.layout.wraps and not bd.layout.wraps
+    assert be.counts["scores_masked"] == 1 and bd.counts["scores_masked"] == 0
+    assert c["mul_pt"] < cd["mul_pt"] and ms < msd, (c, cd, ms, msd)
+    est = packed_cost_estimate(m, SMALL, 70)
+    assert {k: est["totals"][k] for k in ("mul_pt", "mul_ct", "rotate")} == \
+        {k: c[k] for k in ("mul_pt", "mul_ct", "rotate")}
+
+
+def test_dry_run_of_a_student_in_compact_blocks_equals_plain(wide_student_folded, mrpc_dir):
+    """The wide folded student forced into compact blocks at N=1024 (6 tokens in 8-slot blocks: shifts up to 5
+    wrap): masked scores in layer 0, the CLS-only layer 1 unmasked; plain's logits to float64 rounding with
+    fewer ciphertext operations than its doubled blocks."""
+    P = CKKSParams(1024, (60,) + (40,) * 8 + (60,), 40, insecure=True)
+    m, batches = _feeds(wide_student_folded, mrpc_dir, limit=1)
+    feeds = batches[0][0]
+    plain = Interpreter(m, make_backend("plain")).run(feeds).outputs["logits"]
+    est = {}
+    for blocks in ("compact", "double"):
+        be = PackedBackend(P, NumpyEngine(P, pt_cache_bytes=0), blocks=blocks)
+        got = PackedInterpreter(m, be).run(feeds).outputs["logits"]
+        assert np.abs(got - plain).max() < 1e-12 * max(1.0, np.abs(plain).max()), blocks
+        est[blocks] = (be.layout.S_blk, be.counts["scores_masked"], be.engine.counts["mul_pt"])
+    assert est["compact"][:2] == (8, 1) and est["double"][:2] == (16, 0) and est["compact"][2] < est["double"][2]
+
+
+@pytest.mark.slow  # ~60 s on an idle core (keys for 139 shifts), 150 s under a load of 5
+def test_seal_runs_attention_in_compact_blocks():
+    """Real CKKS (SEAL, N=4096 insecure: a small ring for a fast test) on the hand-built attention at 70 tokens:
+    compact blocks chosen by default (doubled ones would be 256 slots, 8 blocks per ciphertext, fewer than a
+    head's 16 units), masked shifted keys, agreement with plain (logits ~180: relative error ~1e-6)."""
+    from test_simulate import attention_graph
+
+    from cgf_fhe.simulate import FHEModel
+
+    rng = np.random.default_rng(4)
+    emb = rng.normal(0, 0.5, size=(1, 70, 32))
+    mask = np.ones((1, 70), np.float32)
+    P = CKKSParams(4096, (60, 40, 40, 60), 40, insecure=True)
+    assert Layout.choose(P.slots, 70, 32).S_blk == 128
+    fm = FHEModel(attention_graph(H=32, heads=2), params=P)
+    plain = fm.predict(emb, mask, fhe="plain")
+    got = fm.predict(emb, mask, fhe="seal")
+    assert np.argmax(got) == np.argmax(plain), (got, plain)
+    assert 0 < np.abs(got - plain).max() < 1e-5 * np.abs(plain).max(), (got, plain)

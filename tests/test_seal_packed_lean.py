@@ -170,7 +170,8 @@ def test_seal_runs_the_lean_student(cls_scaled_student, mrpc_dir, tmp_path):
     assert s["refreshes"] > 0
 
 
-@pytest.mark.parametrize("params,S,H", [(SMALL, 6, 8), (WIDE, 7, 64)], ids=["one-ct", "multi-ct"])
+@pytest.mark.parametrize("params,S,H", [(SMALL, 6, 8), (WIDE, 7, 64), (SMALL, 70, 32)],
+                         ids=["one-ct", "multi-ct", "compact-blocks"])
 def test_token_sum_is_replicated_and_meets_every_query(params, S, H):
     """Hand-built: the sum over the tokens of a hidden-major X holds the total in every token slot of every
     block (checked slot by slot), survives the head split (Reshape + Transpose), and ``Q @ kbar`` per head equals
@@ -184,6 +185,7 @@ def test_token_sum_is_replicated_and_meets_every_query(params, S, H):
     kbar = be.reduce_sum(x, [1], True)
     L = be.layout
     assert kbar.shape == (1, 1, H) and be.counts["token_sum_replicated"] == 1
+    assert be.counts["token_sum_masked"] == (1 if S > 64 else 0) and L.wraps == (S > 64)  # compact blocks
     total = X.sum(1)[0]
     for c, ct in enumerate(kbar.cts):  # the total at every token slot of each block
         v = ct.v.reshape(L.hp, L.S_blk)

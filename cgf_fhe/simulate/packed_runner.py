@@ -878,11 +878,11 @@ def _hidden_size(model) -> int:
                           "embeddings width")
 
 
-def packed_cost_estimate(model, params, tokens: int, seed: int = 0) -> dict:
+def packed_cost_estimate(model, params, tokens: int, seed: int = 0, blocks: str = "auto") -> dict:
     """Rotation / ct x pt / ct x ct / refresh counts per encoder layer of the packed (``seal``) schedule for one
     example of ``tokens`` tokens, with the estimated latency (packing.op_ms at each operation's level) and peak
     memory: the dry run on random embeddings (the counts do not depend on the values). For ``report``, next to
-    the element packing's estimates."""
+    the element packing's estimates. ``blocks``: :meth:`packing.Layout.choose`'s block choice."""
     from .interpreter import load
 
     model = load(model)
@@ -891,7 +891,7 @@ def packed_cost_estimate(model, params, tokens: int, seed: int = 0) -> dict:
     feeds = {"embeddings": rng.normal(size=(1, int(tokens), H)),
              "attention_mask": np.ones((1, int(tokens)), np.float32)}
     eng = NumpyEngine(params, pt_cache_bytes=0)
-    be = PackedBackend(params, eng)
+    be = PackedBackend(params, eng, blocks=blocks)
     it = PackedInterpreter(model, be)
     it.run(feeds)
     cache = eng.pt_bytes_total if eng.pt_bytes_total <= PT_CACHE_BUDGET else 0
@@ -901,7 +901,8 @@ def packed_cost_estimate(model, params, tokens: int, seed: int = 0) -> dict:
             "client_aided_refreshes": be.n_refresh, "galois_keys": len(eng.steps),
             "estimated_seconds": sum(eng.est_ms.values()) / 1e3,
             "estimated_ms_by_kind": {k: round(v, 3) for k, v in eng.est_ms.items()},
-            "estimated_peak_bytes": memory_estimate(eng, params, cache)["estimated_peak_bytes"]}
+            "estimated_peak_bytes": memory_estimate(eng, params, cache)["estimated_peak_bytes"],
+            "block_slots": be.layout.S_blk}
 
 
 def cost_markdown(est: dict) -> str:

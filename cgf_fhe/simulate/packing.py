@@ -12,8 +12,9 @@ not in a layout the op can handle is refused, naming the node):
 * **hidden-major** ``[1, S, H]`` (the embeddings, every linear layer's output): hidden unit ``k`` sits in
   ciphertext ``k // hp``, block ``k % hp``; a block is ``S_blk`` consecutive slots holding the tokens. ``S_blk``
   is a power of two >= 2 S (the second half of a block is zero padding, so a token shift by +-r < S reads zeros
-  outside the sequence) and ``hp * S_blk = slots``: rotating a ciphertext by ``d * S_blk`` moves hidden units
-  cyclically inside it (the diagonal method).
+  outside the sequence) or, above :data:`COMPACT_ABOVE` tokens, the power of two >= S (compact blocks: half the
+  ciphertexts; a shift may then read a neighbour block's tokens, which the scores mask) and ``hp * S_blk =
+  slots``: rotating a ciphertext by ``d * S_blk`` moves hidden units cyclically inside it (the diagonal method).
 * **diagonal scores** ``[1, heads, S, S]``: score ``(h, s, t)`` is in the *diagonal set* ``r = t - s`` (2S - 1
   sets), at the slot of token ``s`` of head ``h``'s first hidden block. Reducing over keys adds ciphertexts of
   different sets (no rotation), probs @ V multiplies each set with V shifted by r tokens.
@@ -32,6 +33,11 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+# Layout.choose("auto"): compact blocks (S_blk >= S, masked wrap-around) above this many tokens, doubled blocks
+# (S_blk >= 2 S) up to it. Set from dry-run estimates of the MiniLM-shaped lean-b export (docs/seal_packed.md).
+COMPACT_ABOVE = 64
+
+
 @dataclass(frozen=True)
 class Layout:
     """Geometry of one example's packing: ``S`` tokens, ``H`` hidden units, ``slots`` per ciphertext."""
@@ -43,12 +49,34 @@ class Layout:
     hp: int  # hidden units (blocks) per ciphertext
 
     @classmethod
-    def choose(cls, slots: int, S: int, H: int) -> "Layout":
-        s_blk = max(next_pow2(2 * S), slots // next_pow2(H)) if H <= slots else next_pow2(2 * S)
+    def choose(cls, slots: int, S: int, H: int, blocks: str = "auto") -> "Layout":
+        """``blocks``: "double" -- ``S_blk`` the power of two >= 2 S (token shifts never wrap into a neighbour
+        block); "compact" -- the power of two >= S (half the ciphertexts per activation; shifts that wrap are
+        masked, see :attr:`wraps`); "auto" -- compact above :data:`COMPACT_ABOVE` tokens (where the dry-run
+        estimate says it wins), else double. Never fewer slots per block than ``slots / next_pow2(H)``."""
+        if blocks not in ("auto", "double", "compact"):
+            raise SimulationError(f"unknown block choice {blocks!r}: auto, double or compact")
+        floor = slots // next_pow2(H) if H <= slots else 1
+        double, compact = max(next_pow2(2 * S), floor), max(next_pow2(S), floor)
+        if blocks == "auto":
+            blocks = "compact" if S > COMPACT_ABOVE or double > slots else "double"
+        s_blk = compact if blocks == "compact" else double
         if s_blk > slots:
-            raise SimulationError(f"{S} tokens need blocks of {next_pow2(2 * S)} slots but a ciphertext has "
+            raise SimulationError(f"{S} tokens need blocks of {s_blk} slots but a ciphertext has "
                                   f"{slots}: use a larger --poly-modulus or a shorter --max-length")
         return cls(slots, S, H, s_blk, slots // s_blk)
+
+    @property
+    def wraps(self) -> bool:
+        """Blocks shorter than 2 S - 1 slots: a token shift by +-r < S can read a neighbour block's tokens (the
+        compact blocks), so the scores mask each shifted key and a token sum replicated over the tokens costs a
+        mask level (seal_packed.PackedBackend._scores_masked, _token_sum_masked)."""
+        return self.S_blk < 2 * self.S - 1
+
+    def shift_reads_neighbour(self, tq, r: int) -> bool:
+        """Whether shifting by ``r`` tokens reads another block's token slot at any query offset in ``tq``."""
+        o = np.asarray(tq) + int(r)
+        return bool(np.any(((o < 0) | (o >= self.S)) & (o % self.S_blk < self.S)))
 
     def n_ct(self, width: int) -> int:
         return math.ceil(width / self.hp)
@@ -282,5 +310,5 @@ def galois_key_bytes(poly_modulus: int, data_primes: int) -> int:
     return data_primes * 2 * (data_primes + 1) * poly_modulus * 8
 
 
-__all__ = ["Layout", "PackedTensor", "next_pow2", "axis_groups", "take_axis", "concat_axis", "op_ms", "ciphertext_bytes", "plaintext_bytes",
+__all__ = ["Layout", "PackedTensor", "next_pow2", "COMPACT_ABOVE", "axis_groups", "take_axis", "concat_axis", "op_ms", "ciphertext_bytes", "plaintext_bytes",
            "galois_key_bytes", "MS_AT_16384"]

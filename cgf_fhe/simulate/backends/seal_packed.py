@@ -639,10 +639,11 @@ class PackedBackend(Backend):
     leveled = True
     refresh_label = "client-aided refresh"
 
-    def __init__(self, params, engine: Engine, layout: Layout | None = None):
+    def __init__(self, params, engine: Engine, layout: Layout | None = None, blocks: str = "auto"):
         super().__init__(params)
         self.engine = engine
         self.layout = layout
+        self.blocks = blocks  # Layout.choose's block choice for a new input
         self.slots = params.slots
         self.refreshed_ciphertexts = 0
 
@@ -653,7 +654,7 @@ class PackedBackend(Backend):
             raise SimulationError(f"the seal backend packs one example [1, tokens, hidden]; got {list(x.shape)}")
         _, S, H = x.shape
         if self.layout is None or (self.layout.S, self.layout.H) != (S, H):
-            self.layout = Layout.choose(self.slots, S, H)
+            self.layout = Layout.choose(self.slots, S, H, self.blocks)
         smap = self.layout.hidden_major(np.arange(S)[None], H)
         n_ct = int(smap.max()) // self.slots + 1
         vecs = np.zeros((n_ct, self.slots))
@@ -1044,7 +1045,7 @@ class PackedBackend(Backend):
         t0, t1 = int(tok.min()), int(tok.max())
         m = t1 - t0
         if 2 * m >= L.S_blk:
-            return None
+            return self._token_sum_masked(a, t0, t1) if m < L.S_blk else None
         self._ensure(a, 0)
         e = self.engine
         cts, sup = [], []
@@ -1259,6 +1260,8 @@ class PackedBackend(Backend):
                                   "per ciphertext")
         if not (self.is_clean(q) and self.is_clean(k)):
             raise SimulationError("attention scores need Q and K with zero padding slots")
+        if any(L.shift_reads_neighbour(tq, r) for r in L.diag_sets(tq)):  # compact blocks
+            return self._scores_masked(q, k, heads, dh, tq)
         self._ensure(q)
         self._ensure(k)
         e = self.engine
@@ -1288,6 +1291,73 @@ class PackedBackend(Backend):
         sup = [out[r, c][1] for r in sets for c in range(n_ct)]
         self.counts["matmul_ct"] += 1
         return PackedTensor(cts, L.diag_map(heads, dh, tq), np.array(sup))
+
+    def _token_sum_masked(self, a: PackedTensor, t0: int, t1: int) -> PackedTensor:
+        """:meth:`_token_sum_replicated` for blocks shorter than the centred window (compact blocks,
+        ``2 (t1 - t0) >= S_blk``), where any window sum that covers a block's tokens from every token slot also
+        reaches a neighbour block's tokens: a one-sided rotate-and-sum over ``[t0, t1]`` leaves the block's total
+        exact at slot ``t0`` only, a plaintext mask keeps that slot (one level: the price of the compact blocks
+        on this path), and a rotate-and-sum the other way copies it to the slots ``t0..t1`` of its own block (the
+        previous block's total is ``S_blk > t1 - t0`` slots away). Same result, replicas and support as the
+        centred window: clean outside the token slots."""
+        L, e = self.layout, self.engine
+        n = t1 - t0 + 1
+        self._ensure(a, 1)
+        lv = self.level(a)
+        mask = np.tile(np.arange(L.S_blk) == t0, self.slots // L.S_blk).astype(np.float64)
+        key = ("token_sum_mask", L.S_blk, t0)
+        cts, sup = [], []
+        for c, s in zip(a.cts, a.support):
+            w, ws = self._rotsum(e.level_down(c, lv), s, 1, n)  # x(p) + ... + x(p + n - 1): the total at t0
+            w = e.rescale(e.mul_plain_raw(w, e.plain(key, lambda: mask, lv, "mul")))
+            w, ws = self._rotsum(w, ws & (mask != 0), -1, n)  # x(p) + x(p - 1) + ... + x(p - n + 1)
+            cts.append(w)
+            sup.append(ws)
+        H = a.shape[2]
+        res = PackedTensor(cts, L.hidden_major(np.full((1, 1), t0), H), np.array(sup))
+        res.meta[TOKEN_REPLICAS] = {i: tuple(range(t0, t1 + 1)) for i in range(len(cts))}
+        self.counts["token_sum_replicated"] += 1
+        self.counts["token_sum_masked"] += 1
+        return res
+
+    def _scores_masked(self, q: PackedTensor, k: PackedTensor, heads: int, dh: int, tq) -> PackedTensor:
+        """:meth:`_scores` for compact blocks (``S <= S_blk < 2 S - 1``), where K shifted by ``r`` tokens reads a
+        neighbour block's tokens at some query slots: each shifted key is multiplied by the plaintext mask of
+        set ``r``'s valid (query, key) slots before the product (one ct x pt and one level on K; Q is brought to
+        that level once per ciphertext, so the products and the head sums run one level lower). Every set gets
+        its own product (no pairing: a shifted copy of Q has no free slots in a compact block). The result is
+        exact and zero outside the valid slots, as :meth:`_scores`' (the supports are derived, not assumed)."""
+        L, e = self.layout, self.engine
+        self._ensure(k, 2)
+        self._ensure(q, 1)
+        lk = self.level(k) - 1  # the masked keys' level
+        lv = min(self.level(q), lk)
+        n_ct = L.n_ct(heads * dh)
+        S, S_blk = L.S, L.S_blk
+        tok = np.arange(self.slots) % S_blk
+        qmask = np.isin(tok, np.asarray(tq))
+        sets = L.diag_sets(tq)
+        key = ("scores_mask", S, S_blk, tuple(int(t) for t in tq))
+        cts, sup = {}, {}
+        for c in range(n_ct):
+            qc = e.level_down(q.cts[c], lv)
+            for r in sets:
+                valid = qmask & (tok + r >= 0) & (tok + r < S)
+                kr = e.rotate(k.cts[c], r)
+                kr = e.rescale(e.mul_plain_raw(kr, e.plain((key, r), lambda v=valid: v.astype(np.float64), lk + 1,
+                                                           "mul")))
+                p = e.mul(qc, e.level_down(kr, lv))
+                s = q.support[c] & np.roll(k.support[c], -r) & valid
+                step = 1
+                while step < dh:
+                    p = e.add(p, e.rotate(p, step * S_blk))
+                    s = s | np.roll(s, -step * S_blk)
+                    step *= 2
+                cts[r, c], sup[r, c] = p, s
+        self.counts["matmul_ct"] += 1
+        self.counts["scores_masked"] += 1
+        return PackedTensor([cts[r, c] for r in sets for c in range(n_ct)], L.diag_map(heads, dh, tq),
+                            np.array([sup[r, c] for r in sets for c in range(n_ct)]))
 
     def _diag_queries(self, p: PackedTensor, heads: int, dh: int):
         """Query token offsets of a diagonal-layout ``[1, heads, Sq, S]`` tensor, or None."""
