@@ -1493,6 +1493,9 @@ class PackedBackend(Backend):
         off = (G % self.slots) % S_blk
         if np.any(off != off[:, :1]):
             return None
+        blocks = (G % self.slots) // S_blk
+        if np.all(blocks == blocks[:, :1]):
+            return None  # one block per output (the diagonal layout): adding ciphertexts is the whole sum
         cts_of = G // self.slots
         # outputs whose ciphertexts overlap add the union of them (each must be zero at the others' slots)
         pairs = [(int(row[0]), int(c)) for row in cts_of for c in row[1:]]
