@@ -372,9 +372,11 @@ def test_attention_polynomials_run_by_head_groups_same_numbers_lower_peak(wide_s
     m, batches = _feeds(wide_student_folded, mrpc_dir)
     feeds = batches[0][0]
     runs = {}
-    for chunked in (False, True):
-        be = PackedBackend(P, NumpyEngine(P, pt_cache_bytes=0))  # as the dry run: ciphertexts only
-        it = PackedInterpreter(m, be, chunked=chunked)
+    for chunked in (False, True, "compact"):
+        # as the dry run: ciphertexts only; the diagonal score layout (one set per ciphertext set), then the
+        # compact one (tests/test_seal_compact.py) chunked
+        be = PackedBackend(P, NumpyEngine(P, pt_cache_bytes=0), compact_scores=chunked == "compact")
+        it = PackedInterpreter(m, be, chunked=bool(chunked))
         runs[chunked] = (it.run(feeds).outputs["logits"], dict(be.engine.counts), be.n_refresh,
                          be.refreshed_ciphertexts, be.engine.peak_bytes, it)
     (lo, co, ro, rco, po, _), (lc, cc, rc, rcc, pc, it) = runs[False], runs[True]
@@ -387,8 +389,12 @@ def test_attention_polynomials_run_by_head_groups_same_numbers_lower_peak(wide_s
     # Newton step keeps a few row-sized products alive in the next linear map: region 1.03e7 -> 7.47e6 bytes, run
     # 2.02e7 both ways)
     reg = {i for r in it.regions.values() for i in r["nodes"]}
-    peak_in = {c: max(pk for i, _b, pk, _a in runs[c][5].node_mem if i in reg) for c in (False, True)}
+    peak_in = {c: max(pk for i, _b, pk, _a in runs[c][5].node_mem if i in reg) for c in runs}
     assert peak_in[True] < 0.75 * peak_in[False] and pc <= po
+    # compact scores (8 ciphertexts per score tensor instead of 11 sets x 2): the region's peak by head pairs drops
+    # again by more than half (7.47e6 -> 3.06e6 bytes)
+    assert peak_in["compact"] < 0.5 * peak_in[True]
+    assert np.abs(runs["compact"][0] - lc).max() < 1e-12 * max(1.0, np.abs(lc).max())
 
 
 def test_multi_example_estimate_holds_every_examples_keys():
