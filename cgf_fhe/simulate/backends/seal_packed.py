@@ -1560,9 +1560,11 @@ class PackedBackend(Backend):
         """ctx = sum_r rep(P_r) * rot(V, r tokens) on compact probabilities: set r of each head of a V ciphertext
         masked out of its compact block (a ct x pt per set and head: one level; the mask also drops whatever
         the element-wise run left on unused slots), the heads' sets added, replicated over ``dh`` blocks from
-        the set's block, times V rotated by r tokens and by the set's block offset (one rotation); products with
-        the same block offset are summed and rotated back once at the end. Sets r and r + D are paired as in
-        :meth:`_probs_v` (one replication and product for both)."""
+        the set's block, rotated back to the heads' own blocks (one rotation by whole blocks) and multiplied by V
+        rotated by r tokens (the scores' rotation steps: no Galois key of its own). Sets r and r + D are paired as
+        in :meth:`_probs_v` (one replication and product for both). (Rotating V by r tokens and the block offset
+        at once and the products back once per offset costs as many rotations and ~one Galois key per set
+        more.)"""
         L = self.layout
         if not self.is_clean(v):
             raise SimulationError("probs @ V needs V with zero padding slots")
@@ -1582,7 +1584,6 @@ class PackedBackend(Backend):
             hs = [h for h in range(heads) if (h * dh) // hp == c]
             if not hs:
                 continue
-            by_b: dict = {}
             for g in groups:
                 parts = []
                 for j, r in enumerate(g):
@@ -1609,10 +1610,8 @@ class PackedBackend(Backend):
                     rep = e.add(rep, e.rotate(rep, -step * S_blk))
                     step *= 2
                 b = ib % hp
-                t = e.mul(*self._align(rep, e.rotate(v.cts[c], (g[j0] - b * S_blk) % self.slots)))
-                by_b[b] = t if b not in by_b else e.add(*self._align(by_b[b], t))
-            for b, t in sorted(by_b.items()):
-                t = e.rotate(t, b * S_blk) if b else t
+                rep = e.rotate(rep, b * S_blk) if b else rep  # back to the heads' own blocks
+                t = e.mul(*self._align(rep, e.rotate(v.cts[c], g[j0])))  # rot(V, r): the scores' Galois key
                 acc[c] = t if acc[c] is None else e.add(*self._align(acc[c], t))
             if folded[c]:
                 acc[c] = e.add(acc[c], e.rotate(acc[c], D))
