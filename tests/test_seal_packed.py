@@ -441,9 +441,11 @@ def test_attention_polynomials_run_by_head_groups_same_numbers_lower_peak(wide_s
     m, batches = _feeds(wide_student_folded, mrpc_dir)
     feeds = batches[0][0]
     runs = {}
-    for chunked in (False, True):
-        be = PackedBackend(P, NumpyEngine(P, pt_cache_bytes=0))  # as the dry run: ciphertexts only
-        it = PackedInterpreter(m, be, chunked=chunked)
+    for chunked in (False, True, "compact"):
+        # as the dry run: ciphertexts only; the diagonal score layout (one set per ciphertext set), then the
+        # compact one (tests/test_seal_compact.py) chunked
+        be = PackedBackend(P, NumpyEngine(P, pt_cache_bytes=0), compact_scores=chunked == "compact")
+        it = PackedInterpreter(m, be, chunked=bool(chunked))
         runs[chunked] = (it.run(feeds).outputs["logits"], dict(be.engine.counts), be.n_refresh,
                          be.refreshed_ciphertexts, be.engine.peak_bytes, it)
     (lo, co, ro, rco, po, _), (lc, cc, rc, rcc, pc, it) = runs[False], runs[True]
@@ -456,8 +458,12 @@ def test_attention_polynomials_run_by_head_groups_same_numbers_lower_peak(wide_s
     # Newton step keeps a few row-sized products alive in the next linear map: region 1.03e7 -> 7.47e6 bytes, run
     # 2.02e7 both ways)
     reg = {i for r in it.regions.values() for i in r["nodes"]}
-    peak_in = {c: max(pk for i, _b, pk, _a in runs[c][5].node_mem if i in reg) for c in (False, True)}
+    peak_in = {c: max(pk for i, _b, pk, _a in runs[c][5].node_mem if i in reg) for c in runs}
     assert peak_in[True] < 0.75 * peak_in[False] and pc <= po
+    # compact scores (8 ciphertexts per score tensor instead of 11 sets x 2): the region's peak by head pairs drops
+    # again by more than half (7.47e6 -> 3.06e6 bytes)
+    assert peak_in["compact"] < 0.5 * peak_in[True]
+    assert np.abs(runs["compact"][0] - lc).max() < 1e-12 * max(1.0, np.abs(lc).max())
 
 
 def test_multi_example_estimate_holds_every_examples_keys():
@@ -591,7 +597,9 @@ def test_compact_scores_are_masked_and_their_squares_sum_over_the_keys():
     S, H, heads = 70, 32, 2
     dh = H // heads
     Xq, Xk = rng.normal(size=(1, S, H)), rng.normal(size=(1, S, H))
-    be = PackedBackend(SMALL, NumpyEngine(SMALL))
+    # the diagonal score layout with masked shifted keys (compact_scores=False; the compact score layout masks
+    # its own sets and is checked in tests/test_seal_compact.py and below)
+    be = PackedBackend(SMALL, NumpyEngine(SMALL), compact_scores=False)
     q, k = be.encrypt(Xq), be.encrypt(Xk)
     q4 = be.rearrange(lambda t: [t.reshape(1, S, heads, dh).transpose(0, 2, 1, 3)], [q], [0])[0]
     k4 = be.rearrange(lambda t: [t.reshape(1, S, heads, dh).transpose(0, 2, 3, 1)], [k], [0])[0]
@@ -628,7 +636,8 @@ def test_attention_in_compact_blocks_equals_plain_with_fewer_products():
         runs[blocks] = (be, dict(be.engine.counts), sum(be.engine.est_ms.values()))
     (be, c, ms), (bd, cd, msd) = runs["auto"], runs["double"]
     assert (be.layout.S_blk, bd.layout.S_blk) == (128, 256) and be.layout.wraps and not bd.layout.wraps
-    assert be.counts["scores_masked"] == 1 and bd.counts["scores_masked"] == 0
+    # the compact score layout (the default) takes the wrapping shifts itself: no diagonal-layout masking
+    assert be.counts["compact_scores"] >= 1 and be.counts["scores_masked"] == 0 == bd.counts["scores_masked"]
     assert c["mul_pt"] < cd["mul_pt"] and ms < msd, (c, cd, ms, msd)
     est = packed_cost_estimate(m, SMALL, 70)
     assert {k: est["totals"][k] for k in ("mul_pt", "mul_ct", "rotate")} == \
@@ -645,10 +654,12 @@ def test_dry_run_of_a_student_in_compact_blocks_equals_plain(wide_student_folded
     plain = Interpreter(m, make_backend("plain")).run(feeds).outputs["logits"]
     est = {}
     for blocks in ("compact", "double"):
-        be = PackedBackend(P, NumpyEngine(P, pt_cache_bytes=0), blocks=blocks)
-        got = PackedInterpreter(m, be).run(feeds).outputs["logits"]
-        assert np.abs(got - plain).max() < 1e-12 * max(1.0, np.abs(plain).max()), blocks
-        est[blocks] = (be.layout.S_blk, be.counts["scores_masked"], be.engine.counts["mul_pt"])
+        for cs in (False, True):  # the diagonal score layout (masked shifted keys) and the compact one
+            be = PackedBackend(P, NumpyEngine(P, pt_cache_bytes=0), blocks=blocks, compact_scores=cs)
+            got = PackedInterpreter(m, be).run(feeds).outputs["logits"]
+            assert np.abs(got - plain).max() < 1e-12 * max(1.0, np.abs(plain).max()), (blocks, cs)
+            if not cs:
+                est[blocks] = (be.layout.S_blk, be.counts["scores_masked"], be.engine.counts["mul_pt"])
     assert est["compact"][:2] == (8, 1) and est["double"][:2] == (16, 0) and est["compact"][2] < est["double"][2]
 
 

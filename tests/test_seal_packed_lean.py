@@ -144,14 +144,18 @@ def test_lean_packing_needs_no_level_beyond_the_graph_depth(lean_student, mrpc_d
     """The packed schedule of both features spends exactly the exported graph's depth: a chain of that many
     levels runs without a refresh, one level fewer needs one (the row scalings of the statistics fold are
     plaintext products off the critical path, as in the graph; the token-sum replication and the Concat cost no
-    level)."""
+    level) -- with the diagonal score layout. The compact score layout (seal_packed._scores_compact, the default)
+    spends two mask levels per attention beyond it (the scores and q' kbar compacted; each set taken out again for
+    probs @ V): 2 layers, depth + 4 levels run without a refresh, depth + 3 need one."""
     m, batches = _feeds(lean_student, mrpc_dir, limit=1)
     feeds = batches[0][0]
     depth = fhe_ops.analyze(m).total_depth
-    for levels, refreshes in ((depth, 0), (depth - 1, 1)):
-        P = CKKSParams(8192, (60,) + (40,) * levels + (60,), 40, insecure=True)
-        _, be = _dry(m, feeds, P)
-        assert be.n_refresh == refreshes, (levels, be.n_refresh)
+    for compact, extra in ((False, 0), (True, 4)):
+        for levels, refreshes in ((depth + extra, 0), (depth + extra - 1, 1)):
+            P = CKKSParams(8192, (60,) + (40,) * levels + (60,), 40, insecure=True)
+            be = PackedBackend(P, NumpyEngine(P), compact_scores=compact)
+            PackedInterpreter(m, be).run(feeds)
+            assert be.n_refresh == refreshes, (compact, levels, be.n_refresh)
 
 
 def test_seal_runs_the_lean_student(cls_scaled_student, mrpc_dir, tmp_path):

@@ -130,6 +130,32 @@ class Layout:
         slot = ((h * dh) % self.hp) * self.S_blk + s
         return (ct * self.slots + slot)[None].astype(np.int64)
 
+    def compact_groups(self, tq) -> int:
+        """Ciphertexts per head of compact diagonal scores (:meth:`compact_map`): ``hp`` sets per ciphertext."""
+        return math.ceil(len(self.diag_sets(tq)) / self.hp)
+
+    def compact_pos(self, h: int, dh: int, i: int, n_g: int) -> tuple[int, int]:
+        """(ciphertext, block) of head ``h``'s diagonal set number ``i`` (``r = i - max(tq)``) in the compact
+        layout: one ciphertext per (head, group of ``hp`` sets), set ``i`` in block ``(i + off_h) % hp`` where
+        ``off_h`` is the head's first block in the hidden-major layout (so moving a score set from its head-sum
+        block to its compact block is the same rotation for every head of a ciphertext)."""
+        return h * n_g + i // self.hp, (i % self.hp + (h * dh) % self.hp) % self.hp
+
+    def compact_map(self, heads: int, dh: int, tq) -> np.ndarray:
+        """Slot map ``[1, heads, Sq, S]`` of **compact** diagonal scores: score ``(h, s, t)`` (set ``r = t - s``,
+        number ``i = r + max(tq)``) in ciphertext ``h * n_g + i // hp``, block ``(i + off_h) % hp``, slot of query
+        token ``s``: every block of a ciphertext holds one set of one head (``diag_map`` uses one block of
+        ``hp``)."""
+        tq = np.asarray(tq)
+        n_g = self.compact_groups(tq)
+        h = np.arange(heads)[:, None, None]
+        s = tq[None, :, None]
+        t = np.arange(self.S)[None, None, :]
+        i = (t - s) + max(tq)
+        ct = h * n_g + i // self.hp
+        block = (i % self.hp + (h * dh) % self.hp) % self.hp
+        return (ct * self.slots + block * self.S_blk + s)[None].astype(np.int64)
+
 
 # PackedTensor.meta key: {ciphertext index: token slots} where each block of that ciphertext holds the same value
 # at those slots (a token sum replicated over the tokens, seal_packed.PackedBackend._token_sum_replicated). Keyed

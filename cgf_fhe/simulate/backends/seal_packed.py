@@ -639,13 +639,17 @@ class PackedBackend(Backend):
     leveled = True
     refresh_label = "client-aided refresh"
 
-    def __init__(self, params, engine: Engine, layout: Layout | None = None, blocks: str = "auto"):
+    def __init__(self, params, engine: Engine, layout: Layout | None = None, blocks: str = "auto",
+                 compact_scores: bool = True):
         super().__init__(params)
         self.engine = engine
         self.layout = layout
         self.blocks = blocks  # Layout.choose's block choice for a new input
         self.slots = params.slots
         self.refreshed_ciphertexts = 0
+        # attention scores in the compact diagonal layout (packing.Layout.compact_map: every block holds a set)
+        # rather than one set per ciphertext set (diag_map): see _scores_compact
+        self.compact_scores = compact_scores
 
     # ---- client side -------------------------------------------------------------------------------------------
     def encrypt(self, x):
@@ -887,6 +891,9 @@ class PackedBackend(Backend):
         rep = self._token_sum_replicated(a, axes, keepdims)
         if rep is not None:
             return rep
+        rep = self._reduce_blocks_cyclic(a, axes, keepdims)
+        if rep is not None:
+            return rep
         keep_axes = [i for i in range(rank) if i not in axes]
         perm = keep_axes + axes
         inv_perm = np.argsort(perm)
@@ -993,11 +1000,18 @@ class PackedBackend(Backend):
         qh = L.heads_hm(a.smap)
         kh = L.heads_hm(b.smap, transposed=True)
         if qh is not None and kh is not None and kh[:2] == qh[:2] and kh[2] == tuple(range(L.S)):
+            if self._compact_ok(qh[1]):
+                return self._scores_compact(a, b, *qh)
             return self._scores(a, b, *qh)
         if qh is not None and kh is not None and kh[:2] == qh[:2] and len(kh[2]) == 1:
+            if self._compact_ok(qh[1]):
+                return self._query_times_vector_compact(a, b, *qh)
             return self._query_times_vector(a, b, *qh)
         vh = L.heads_hm(b.smap)
         if vh is not None and vh[2] == tuple(range(L.S)):
+            cq = self._compact_queries(a, vh[0], vh[1])
+            if cq is not None:
+                return self._probs_v_compact(a, b, vh[0], vh[1], *cq)
             tq = self._diag_queries(a, vh[0], vh[1])
             if tq is not None:
                 return self._probs_v(a, b, vh[0], vh[1], tq)
@@ -1419,6 +1433,256 @@ class PackedBackend(Backend):
                     rep = e.add(rep, e.rotate(rep, -step * S_blk))
                     step *= 2
                 t = e.mul(*self._align(rep, e.rotate(v.cts[c], g[0])))
+                acc[c] = t if acc[c] is None else e.add(*self._align(acc[c], t))
+            if folded[c]:
+                acc[c] = e.add(acc[c], e.rotate(acc[c], D))
+        self.counts["matmul_ct"] += 1
+        full = L.hidden_major(tqa, heads * dh).reshape(len(tqa), heads, dh).transpose(1, 0, 2)[None]
+        res = PackedTensor(acc, np.ascontiguousarray(full), None)
+        res.support = self._keep(res)
+        for c in range(n_ct):
+            if folded[c]:  # partial sums on the free slots tq + D and tq - D of every block
+                res.support[c] |= np.roll(res.support[c], D) | np.roll(res.support[c], -D)
+        return res
+
+    # ---- compact diagonal scores (every block of a ciphertext holds a score set) -------------------------------
+    # The diagonal layout (diag_map) keeps set r of a head in the head's first block of a ciphertext set: for
+    # MiniLM (64 blocks, 2 heads per ciphertext) 2 of 64 blocks are used, and the attention's element-wise run
+    # (CGF statistics, exp polynomial, squarings: ~9 ct x ct per set) pays ~30x the ct x ct it needs. The compact
+    # layout (Layout.compact_map) puts one head's sets in all hp blocks of its own ciphertexts: 87 sets x 12 heads
+    # in 24 ciphertexts instead of 87 x 6 = 522 at 44 tokens. It costs one plaintext mask (a level) where the
+    # scores and the statistics' q' kbar are compacted and one where probs @ V takes a set out again, plus a
+    # rotation per set and ciphertext; a sum over the keys becomes a cyclic rotate-and-sum over the blocks that
+    # leaves the total in every block (period S_blk), which meets every set without a replication.
+    def _compact_ok(self, dh: int) -> bool:
+        L = self.layout
+        return bool(self.compact_scores and L is not None and L.hp >= 2 and dh >= 1 and not dh & (dh - 1)
+                    and L.hp % dh == 0)
+
+    def _mask_pt(self, m: np.ndarray, level: int):
+        return self.engine.plain(("mask", _fingerprint(m)), lambda: m, level, "mul")
+
+    def _scores_compact(self, q: PackedTensor, k: PackedTensor, heads: int, dh: int, tq) -> PackedTensor:
+        """:meth:`_scores` (the same paired products and head sums), then every set is moved to its compact block
+        (one rotation per set and ciphertext, the same for all heads of the ciphertext) and masked to its valid
+        query slots (a ct x pt per set and head: one level), the masked products of a compact ciphertext summed
+        before one rescale. Exact zeros outside the valid (query, key) slots."""
+        L = self.layout
+        if not (self.is_clean(q) and self.is_clean(k)):
+            raise SimulationError("attention scores need Q and K with zero padding slots")
+        self._ensure(q, 2)
+        self._ensure(k, 2)
+        e = self.engine
+        n_ct = L.n_ct(heads * dh)
+        S, S_blk, hp = L.S, L.S_blk, L.hp
+        tqa = np.asarray(tq)
+        sets = L.diag_sets(tq)
+        i0 = int(tqa.max())
+        n_g = L.compact_groups(tq)
+        D, groups = self._pairs(tq, sets)
+        acc: dict = {}
+        sup = np.zeros((heads * n_g, self.slots), dtype=bool)
+        for c in range(n_ct):
+            hs = [h for h in range(heads) if (h * dh) // hp == c]
+            q2 = e.add(q.cts[c], e.rotate(q.cts[c], -D)) if any(len(g) == 2 for g in groups) else None
+            for g in groups:
+                p = e.mul(*self._align(q.cts[c] if len(g) == 1 else q2, e.rotate(k.cts[c], g[0])))
+                step = 1
+                while step < dh:
+                    p = e.add(p, e.rotate(p, step * S_blk))
+                    step *= 2
+                for j, r in enumerate(g):
+                    i = r + i0
+                    vs = tqa[(tqa + r >= 0) & (tqa + r < S)]
+                    if not len(vs):
+                        continue
+                    move = (i % hp) * S_blk - j * D  # set j of the pair sits j * D slots up
+                    pr = e.rotate(p, -move)
+                    for h in hs:
+                        ci, b = L.compact_pos(h, dh, i, n_g)
+                        m = np.zeros(self.slots)
+                        m[b * S_blk + vs] = 1.0
+                        term = e.mul_plain_raw(pr, self._mask_pt(m, e.level(pr)))
+                        acc[ci] = term if ci not in acc else e.add(acc[ci], term)
+                        sup[ci] |= m != 0
+        lv = e.level(next(iter(acc.values())))
+        cts = [e.rescale(acc[ci]) if ci in acc else e.zeros(lv - 1) for ci in range(heads * n_g)]
+        self.counts["matmul_ct"] += 1
+        self.counts["compact_scores"] += 1
+        return PackedTensor(cts, L.compact_map(heads, dh, tq), sup)
+
+    def _query_times_vector_compact(self, q: PackedTensor, v: PackedTensor, heads: int, dh: int,
+                                    tq) -> PackedTensor:
+        """:meth:`_query_times_vector` for compact scores: each head's sum masked out of its ciphertext (one
+        level, as the compact scores) and summed cyclically over the blocks, so every block holds it
+        (``period = S_blk``) and it meets every compact set slot-wise."""
+        L = self.layout
+        n_ct = L.n_ct(heads * dh)
+        reps = v.meta.get(TOKEN_REPLICAS, {})
+        if len(v.cts) != n_ct or any(not set(tq) <= set(reps.get(i, ())) for i in range(n_ct)):
+            raise SimulationError(f"encrypted MatMul {list(q.shape)} x {list(v.shape)}: the vector is not "
+                                  "replicated over the query tokens (only a sum over the tokens of a hidden-major "
+                                  "tensor is)")
+        if not self.is_clean(q):
+            raise SimulationError("a query x vector product needs the queries with zero padding slots")
+        self._ensure(q, 2)
+        self._ensure(v, 2)
+        e = self.engine
+        S_blk, hp = L.S_blk, L.hp
+        tqa = np.asarray(tq)
+        cts, sup = [None] * heads, [None] * heads
+        for c in range(n_ct):
+            hs = [h for h in range(heads) if (h * dh) // hp == c]
+            if not hs:
+                continue
+            p = e.mul(*self._align(q.cts[c], v.cts[c]))
+            step = 1
+            while step < dh:
+                p = e.add(p, e.rotate(p, step * S_blk))
+                step *= 2
+            for h in hs:
+                m = np.zeros(self.slots)
+                m[((h * dh) % hp) * S_blk + tqa] = 1.0
+                x = e.rescale(e.mul_plain_raw(p, self._mask_pt(m, e.level(p))))
+                cts[h], sup[h] = self._rotsum(x, m != 0, S_blk, hp)
+        h = np.arange(heads)[:, None, None]
+        smap = (h * self.slots + ((h * dh) % hp) * S_blk + tqa[None, :, None])[None].astype(np.int64)
+        self.counts["matmul_ct"] += 1
+        return PackedTensor(cts, smap, np.array(sup), period=S_blk)
+
+    def _reduce_blocks_cyclic(self, a: PackedTensor, axes, keepdims: bool) -> PackedTensor | None:
+        """Sum over the last axis of a ``[1, heads, Sq, S]`` tensor whose elements of an output all sit at one
+        slot offset inside the blocks (compact scores): add the output's ciphertexts, then a cyclic
+        rotate-and-sum over all ``hp`` blocks, which leaves the total in every block (``period = S_blk``). Exact
+        when every other slot of that offset in those ciphertexts is known zero (the support); else None."""
+        L = self.layout
+        if (L is None or L.hp < 2 or a.smap.ndim != 4 or list(axes) != [3] or a.alias is not None or a.period
+                or a.shape[3] < 2):
+            return None
+        S_blk, hp = L.S_blk, L.hp
+        G = a.smap[0].reshape(-1, a.shape[3])
+        off = (G % self.slots) % S_blk
+        if np.any(off != off[:, :1]):
+            return None
+        blocks = (G % self.slots) // S_blk
+        if np.all(blocks == blocks[:, :1]):
+            return None  # one block per output (the diagonal layout): adding ciphertexts is the whole sum
+        cts_of = G // self.slots
+        # outputs whose ciphertexts overlap add the union of them (each must be zero at the others' slots)
+        pairs = [(int(row[0]), int(c)) for row in cts_of for c in row[1:]]
+        comp = component_labels(len(a.cts), pairs)
+        members: dict = {}
+        for c in range(len(a.cts)):
+            members.setdefault(comp[c], []).append(c)
+        csets = [tuple(members[comp[int(row[0])]]) for row in cts_of]
+        grid = np.arange(hp) * S_blk
+        for o, cs in enumerate(csets):
+            if len(set(G[o].tolist())) != G.shape[1]:
+                return None
+            for c in cs:
+                g = c * self.slots + off[o, 0] + grid
+                if np.any(a.support[c, g % self.slots] & ~np.isin(g, G[o])):
+                    return None
+        self._ensure(a, 0)
+        e = self.engine
+        index: dict = {}
+        res_cts, res_sup = [], []
+        o_group = np.empty(len(csets), dtype=np.int64)
+        for o, cs in enumerate(csets):
+            if cs not in index:
+                index[cs] = len(res_cts)
+                c = e.add_many([a.cts[j] for j in cs])
+                cc, ss = self._rotsum(c, np.any(a.support[list(cs)], axis=0), S_blk, hp)
+                res_cts.append(cc)
+                res_sup.append(ss)
+            o_group[o] = index[cs]
+        H, Sq = a.shape[1], a.shape[2]
+        smap = (o_group * self.slots + G[:, 0] % self.slots).reshape(1, H, Sq, 1)
+        alias = None
+        if keepdims:
+            alias = (np.broadcast_to(o_group.reshape(1, H, Sq, 1), a.shape) * self.slots
+                     + a.smap % self.slots).astype(np.int64)
+        else:
+            smap = smap.reshape(1, H, Sq)
+        self.counts["reduce_blocks_cyclic"] += 1
+        return PackedTensor(res_cts, smap.astype(np.int64), np.array(res_sup), alias=alias, period=S_blk)
+
+    def _compact_queries(self, p: PackedTensor, heads: int, dh: int):
+        """(query token offsets, ciphertext of each (head, group)) of compact diagonal scores, or None."""
+        L = self.layout
+        if not self._compact_ok(dh) or p.smap.ndim != 4 or p.smap.shape[:2] != (1, heads) or p.smap.shape[3] != L.S:
+            return None
+        tq = tuple(int(x) for x in (p.smap[0, 0, :, 0] % self.slots) % L.S_blk)
+        want = L.compact_map(heads, dh, tq)
+        if not np.array_equal(p.smap % self.slots, want % self.slots):
+            return None
+        n_g = L.compact_groups(tq)
+        ct_of = p.smap[0] // self.slots
+        want_ct = want[0] // self.slots
+        where = np.full(heads * n_g, -1, dtype=np.int64)
+        for w, c in zip(want_ct.reshape(-1).tolist(), ct_of.reshape(-1).tolist()):
+            if where[w] not in (-1, c):
+                return None
+            where[w] = c
+        return tq, where
+
+    def _probs_v_compact(self, p: PackedTensor, v: PackedTensor, heads: int, dh: int, tq,
+                         where: np.ndarray) -> PackedTensor:
+        """ctx = sum_r rep(P_r) * rot(V, r tokens) on compact probabilities: set r of each head of a V ciphertext
+        masked out of its compact block (a ct x pt per set and head: one level; the mask also drops whatever
+        the element-wise run left on unused slots), the heads' sets added, replicated over ``dh`` blocks from
+        the set's block, rotated back to the heads' own blocks (one rotation by whole blocks) and multiplied by V
+        rotated by r tokens (the scores' rotation steps: no Galois key of its own). Sets r and r + D are paired as
+        in :meth:`_probs_v` (one replication and product for both). (Rotating V by r tokens and the block offset
+        at once and the products back once per offset costs as many rotations and ~one Galois key per set
+        more.)"""
+        L = self.layout
+        if not self.is_clean(v):
+            raise SimulationError("probs @ V needs V with zero padding slots")
+        self._ensure(p, 2)
+        self._ensure(v)
+        e = self.engine
+        n_ct = L.n_ct(heads * dh)
+        S, S_blk, hp = L.S, L.S_blk, L.hp
+        tqa = np.asarray(tq)
+        sets = L.diag_sets(tq)
+        i0 = int(tqa.max())
+        n_g = L.compact_groups(tq)
+        D, groups = self._pairs(tq, sets)
+        acc = [None] * n_ct
+        folded = [False] * n_ct
+        for c in range(n_ct):
+            hs = [h for h in range(heads) if (h * dh) // hp == c]
+            if not hs:
+                continue
+            for g in groups:
+                parts = []
+                for j, r in enumerate(g):
+                    i = r + i0
+                    vs = tqa[(tqa + r >= 0) & (tqa + r < S)]
+                    if not len(vs):
+                        continue
+                    terms = []
+                    for h in hs:
+                        ci, b = L.compact_pos(h, dh, i, n_g)
+                        m = np.zeros(self.slots)
+                        m[b * S_blk + vs] = 1.0
+                        pc = p.cts[where[ci]]
+                        terms.append(e.mul_plain_raw(pc, self._mask_pt(m, e.level(pc))))
+                    parts.append((j, i, e.rescale(e.add_many(terms))))
+                if not parts:
+                    continue
+                j0, ib, rep = parts[0]
+                for j, i, x in parts[1:]:  # the partner: to the first set's block, j * D slots up
+                    rep = e.add(rep, e.rotate(x, -(((ib - i) % hp) * S_blk + (j - j0) * D)))
+                    folded[c] = True
+                step = 1
+                while step < dh:
+                    rep = e.add(rep, e.rotate(rep, -step * S_blk))
+                    step *= 2
+                b = ib % hp
+                rep = e.rotate(rep, b * S_blk) if b else rep  # back to the heads' own blocks
+                t = e.mul(*self._align(rep, e.rotate(v.cts[c], g[j0])))  # rot(V, r): the scores' Galois key
                 acc[c] = t if acc[c] is None else e.add(*self._align(acc[c], t))
             if folded[c]:
                 acc[c] = e.add(acc[c], e.rotate(acc[c], D))
