@@ -466,21 +466,19 @@ def test_attention_polynomials_run_by_head_groups_same_numbers_lower_peak(wide_s
     assert np.abs(runs["compact"][0] - lc).max() < 1e-12 * max(1.0, np.abs(lc).max())
 
 
-def test_multi_example_estimate_holds_every_examples_keys():
-    """One key set serves all examples of a run: each example's estimate grows by the keys it did not need."""
-    from cgf_fhe.simulate.packed_runner import MEMORY_OVERHEAD, _with_run_keys
-    from cgf_fhe.simulate.packing import galois_key_bytes
+def test_each_example_gets_the_key_set_of_its_own_steps(micro_student_packed):
+    """Examples of other lengths rotate by other steps: a key set covering the steps is reused, otherwise it is
+    replaced by one of exactly the example's steps (never the union: on MiniLM 4 examples of 44-74 tokens made
+    668 keys, 16.2 GB peak RSS, where one example needs ~200)."""
+    from cgf_fhe.simulate.runner import SimConfig
 
-    P = CKKSParams(16384, (60, 40, 40, 40, 40, 60), 40)
-    one = galois_key_bytes(16384, 5)
-    dries = [{"steps": [1, 2, 3], "estimated_peak_bytes": 10 << 30, "galois_key_bytes": 4 * one},
-             {"steps": [2, 3, 4, 5, 6], "estimated_peak_bytes": 11 << 30, "galois_key_bytes": 6 * one}]
-    _with_run_keys(dries, P)
-    _with_run_keys(dries, P)  # idempotent
-    assert [d["galois_keys_run"] for d in dries] == [6, 6]
-    assert dries[0]["estimated_peak_bytes"] == int((10 << 30) + 3 * one * MEMORY_OVERHEAD)
-    assert dries[1]["estimated_peak_bytes"] == int((11 << 30) + 1 * one * MEMORY_OVERHEAD)
-    assert dries[0]["galois_key_bytes"] == 7 * one and dries[0]["own_estimated_peak_bytes"] == 10 << 30
+    cfg = SimConfig(backend="seal", poly_modulus=8192, coeff_bits=(60, 40, 40, 60), max_length=6, progress=False)
+    runner = PackedRunner(str(micro_student_packed / "student.onnx"), cfg)
+    assert runner.ensure_keys({1, 2, 4}) > 0 and sorted(runner.client.steps) == [1, 2, 4]
+    first = runner.client
+    assert runner.ensure_keys({2, 4}) == 0.0 and runner.client is first  # covered: reused
+    assert runner.ensure_keys({4, 8}) > 0 and sorted(runner.client.steps) == [4, 8]  # replaced, not merged
+    assert runner.engine is not None and runner.engine.client is runner.client
 
 
 def test_a_dry_run_that_disagrees_with_plain_is_refused_before_encrypting(micro_student_packed, mrpc_dir,
