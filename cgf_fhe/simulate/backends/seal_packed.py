@@ -1097,12 +1097,7 @@ class PackedBackend(Backend):
         cts, sup = [], []
         for c in range(n_ct):
             p = e.mul(*self._align(q.cts[c], v.cts[c]))
-            s = q.support[c] & v.support[c]
-            step = 1
-            while step < dh:
-                p = e.add(p, e.rotate(p, step * L.S_blk))
-                s = s | np.roll(s, -step * L.S_blk)
-                step *= 2
+            p, s = self._head_blocks(p, dh, 1, q.support[c] & v.support[c])
             cts.append(p)
             sup.append(s)
         h = np.arange(heads)[:, None, None]
@@ -1291,10 +1286,7 @@ class PackedBackend(Backend):
             q2 = e.add(q.cts[c], e.rotate(q.cts[c], -D)) if any(len(g) == 2 for g in groups) else None
             for g in groups:
                 p = e.mul(*self._align(q.cts[c] if len(g) == 1 else q2, e.rotate(k.cts[c], g[0])))
-                step = 1
-                while step < dh:
-                    p = e.add(p, e.rotate(p, step * S_blk))
-                    step *= 2
+                p, _ = self._head_blocks(p, dh)
                 if len(g) == 1:
                     out[g[0], c] = (p, valid[g[0]])
                 else:
@@ -1361,12 +1353,7 @@ class PackedBackend(Backend):
                 kr = e.rescale(e.mul_plain_raw(kr, e.plain((key, r), lambda v=valid: v.astype(np.float64), lk + 1,
                                                            "mul")))
                 p = e.mul(qc, e.level_down(kr, lv))
-                s = q.support[c] & np.roll(k.support[c], -r) & valid
-                step = 1
-                while step < dh:
-                    p = e.add(p, e.rotate(p, step * S_blk))
-                    s = s | np.roll(s, -step * S_blk)
-                    step *= 2
+                p, s = self._head_blocks(p, dh, 1, q.support[c] & np.roll(k.support[c], -r) & valid)
                 cts[r, c], sup[r, c] = p, s
         self.counts["matmul_ct"] += 1
         self.counts["scores_masked"] += 1
@@ -1383,6 +1370,34 @@ class PackedBackend(Backend):
             return None
         return tq
 
+    def _head_blocks(self, c, dh: int, direction: int = 1, sup=None):
+        """Doubling rotate-and-sum over a head's ``dh`` blocks (log2 dh rotations). ``direction`` 1 sums blocks
+        b .. b + dh - 1 into block b (a head's partial products into its first block); -1 copies block b into
+        blocks b .. b + dh - 1 when they hold zeros (a replication over the head). ``sup``, if given, is the
+        support, moved by the same steps; returns ``(ciphertext, support)``."""
+        e, S_blk = self.engine, self.layout.S_blk
+        step = 1
+        while step < dh:
+            c = e.add(c, e.rotate(c, direction * step * S_blk))
+            if sup is not None:
+                sup = sup | np.roll(sup, -direction * step * S_blk)
+            step *= 2
+        return c, sup
+
+    def _probs_v_result(self, acc, folded, D: int, tqa, heads: int, dh: int) -> PackedTensor:
+        """The tail of probs @ V (both score layouts): a paired ciphertext's partner sums folded down D slots, the
+        hidden-major context tensor, its support widened by +-D where partial sums were left on free slots."""
+        e, L = self.engine, self.layout
+        acc = [e.add(a, e.rotate(a, D)) if f else a for a, f in zip(acc, folded)]
+        self.counts["matmul_ct"] += 1
+        full = L.hidden_major(tqa, heads * dh).reshape(len(tqa), heads, dh).transpose(1, 0, 2)[None]
+        res = PackedTensor(acc, np.ascontiguousarray(full), None)
+        res.support = self._keep(res)
+        for c, f in enumerate(folded):
+            if f:  # partial sums on the free slots tq + D and tq - D of every block
+                res.support[c] |= np.roll(res.support[c], D) | np.roll(res.support[c], -D)
+        return res
+
     def _probs_v(self, p: PackedTensor, v: PackedTensor, heads: int, dh: int, tq) -> PackedTensor:
         """ctx = sum_r rep(P_r) * rot(V, r tokens); rep copies each head's first block to its dh blocks.
 
@@ -1398,7 +1413,6 @@ class PackedBackend(Backend):
         self._ensure(v)
         e = self.engine
         n_ct = L.n_ct(heads * dh)
-        S_blk = L.S_blk
         ct_of = p.smap[0] // self.slots  # [heads, Sq, S]
         tqa = np.asarray(tq)
         sets = L.diag_sets(tq)
@@ -1428,22 +1442,10 @@ class PackedBackend(Backend):
                     folded[c] = True
                 else:
                     rep = p.cts[where[g[0]]]
-                step = 1
-                while step < dh:
-                    rep = e.add(rep, e.rotate(rep, -step * S_blk))
-                    step *= 2
+                rep, _ = self._head_blocks(rep, dh, -1)
                 t = e.mul(*self._align(rep, e.rotate(v.cts[c], g[0])))
                 acc[c] = t if acc[c] is None else e.add(*self._align(acc[c], t))
-            if folded[c]:
-                acc[c] = e.add(acc[c], e.rotate(acc[c], D))
-        self.counts["matmul_ct"] += 1
-        full = L.hidden_major(tqa, heads * dh).reshape(len(tqa), heads, dh).transpose(1, 0, 2)[None]
-        res = PackedTensor(acc, np.ascontiguousarray(full), None)
-        res.support = self._keep(res)
-        for c in range(n_ct):
-            if folded[c]:  # partial sums on the free slots tq + D and tq - D of every block
-                res.support[c] |= np.roll(res.support[c], D) | np.roll(res.support[c], -D)
-        return res
+        return self._probs_v_result(acc, folded, D, tqa, heads, dh)
 
     # ---- compact diagonal scores (every block of a ciphertext holds a score set) -------------------------------
     # The diagonal layout (diag_map) keeps set r of a head in the head's first block of a ciphertext set: for
@@ -1487,10 +1489,7 @@ class PackedBackend(Backend):
             q2 = e.add(q.cts[c], e.rotate(q.cts[c], -D)) if any(len(g) == 2 for g in groups) else None
             for g in groups:
                 p = e.mul(*self._align(q.cts[c] if len(g) == 1 else q2, e.rotate(k.cts[c], g[0])))
-                step = 1
-                while step < dh:
-                    p = e.add(p, e.rotate(p, step * S_blk))
-                    step *= 2
+                p, _ = self._head_blocks(p, dh)
                 for j, r in enumerate(g):
                     i = r + i0
                     vs = tqa[(tqa + r >= 0) & (tqa + r < S)]
@@ -1536,10 +1535,7 @@ class PackedBackend(Backend):
             if not hs:
                 continue
             p = e.mul(*self._align(q.cts[c], v.cts[c]))
-            step = 1
-            while step < dh:
-                p = e.add(p, e.rotate(p, step * S_blk))
-                step *= 2
+            p, _ = self._head_blocks(p, dh)
             for h in hs:
                 m = np.zeros(self.slots)
                 m[((h * dh) % hp) * S_blk + tqa] = 1.0
@@ -1676,24 +1672,12 @@ class PackedBackend(Backend):
                 for j, i, x in parts[1:]:  # the partner: to the first set's block, j * D slots up
                     rep = e.add(rep, e.rotate(x, -(((ib - i) % hp) * S_blk + (j - j0) * D)))
                     folded[c] = True
-                step = 1
-                while step < dh:
-                    rep = e.add(rep, e.rotate(rep, -step * S_blk))
-                    step *= 2
+                rep, _ = self._head_blocks(rep, dh, -1)
                 b = ib % hp
                 rep = e.rotate(rep, b * S_blk) if b else rep  # back to the heads' own blocks
                 t = e.mul(*self._align(rep, e.rotate(v.cts[c], g[j0])))  # rot(V, r): the scores' Galois key
                 acc[c] = t if acc[c] is None else e.add(*self._align(acc[c], t))
-            if folded[c]:
-                acc[c] = e.add(acc[c], e.rotate(acc[c], D))
-        self.counts["matmul_ct"] += 1
-        full = L.hidden_major(tqa, heads * dh).reshape(len(tqa), heads, dh).transpose(1, 0, 2)[None]
-        res = PackedTensor(acc, np.ascontiguousarray(full), None)
-        res.support = self._keep(res)
-        for c in range(n_ct):
-            if folded[c]:  # partial sums on the free slots tq + D and tq - D of every block
-                res.support[c] |= np.roll(res.support[c], D) | np.roll(res.support[c], -D)
-        return res
+        return self._probs_v_result(acc, folded, D, tqa, heads, dh)
 
     # ---- data movement -----------------------------------------------------------------------------------------
     def rearrange(self, fn, args, ct_positions):
