@@ -34,11 +34,9 @@ bits for N = 8192, 16384, 32768; the standard stops at 32768, so a longer chain 
 """
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 from ..errors import UserError
 

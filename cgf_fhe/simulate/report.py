@@ -1,7 +1,6 @@
 """simulation.json / simulation.md / error_per_layer.png from a simulation summary."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
