@@ -503,7 +503,7 @@ class PackedRunner:
 
         gc.collect()
         self.client = SealClient(self.params, sorted(steps))
-        self.engine = SealEngine(self.params, self.client, self.client.public_blobs(),
+        self.engine = SealEngine(self.params, self.client, self.client.hand_over_public(),
                                  pt_cache_bytes=self.pt_cache_bytes)
         return self.client.keygen_seconds
 
@@ -920,7 +920,7 @@ def run_packed(model, params, feeds: dict, *, runner_state: dict | None = None, 
         steps = set(eng.steps) | set(client.steps if client is not None else ())
         client = SealClient(params, sorted(steps))
         state["client"] = client
-        state["engine"] = SealEngine(params, client, client.public_blobs())
+        state["engine"] = SealEngine(params, client, client.hand_over_public())
     be = PackedBackend(params, state["engine"])
     return PackedInterpreter(model, be).run(feeds, progress=progress)
 
