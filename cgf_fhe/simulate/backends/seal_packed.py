@@ -36,7 +36,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..packing import (TOKEN_REPLICAS, Layout, PackedTensor, ciphertext_bytes, component_labels, next_pow2, op_ms, plaintext_bytes, reindex_replicas)
+from ..packing import (TOKEN_REPLICAS, Layout, PackedTensor, ciphertext_bytes, component_labels, next_pow2, op_ms,
+                       plaintext_bytes, reindex_replicas)
 from .base import Backend, SimulationError, logical_broadcast, optional_import, require
 from .seal_noise import ModelKeys, add_rotation_error, measure_rotation, rotation_error_for
 
