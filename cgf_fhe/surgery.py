@@ -112,6 +112,10 @@ class FheOptions:
     variance scale ``pos_scale0 = 1/ratio`` (:class:`cgf_fhe.poly.NewtonLayerNorm`; no extra level): its interval,
     band and penalty are then on the scaled variance, which leaves MiniLM's [CLS] massive activation inside a
     narrow interval.
+    ``gelu_tail_weight`` (None: Chebyshev interpolation on the whole interval): fit GELU by least squares whose
+    residuals outside its calibrated 0.01%-99.99% quantile band (widened by ``margin``) count this much (e.g. 0.1):
+    the interval stays the calibrated maximum (no input leaves it), but the error of a low degree moves from where
+    99.98% of the inputs are to the tails of the few massive-activation tokens (:func:`cgf_fhe.poly.fit`, "band").
     Frozen LN constant ``frozen_stat``: "geo" (``1/sigma = exp(-E[log sqrt v])``, robust to the few
     massive-activation tokens) or "ls" (``E[sqrt v]/E[v]``, least-squares optimal output scale).
 
@@ -127,6 +131,7 @@ class FheOptions:
     ln: str = "newton"
     exp_degree: int = 15
     gelu_degree: int = 63
+    gelu_tail_weight: float | None = None
     tanh_degree: int = 15
     invsqrt_degree: int = 31
     newton_steps: int | None = None
@@ -169,6 +174,8 @@ class FheOptions:
             raise ValueError(f"ln_band must be one of the calibrated quantiles {_BAND_QUANTILES}, got {self.ln_band!r}")
         if not (float(self.ln_cls_threshold) >= 1.0):
             raise ValueError(f"ln_cls_threshold must be >= 1, got {self.ln_cls_threshold!r}")
+        if self.gelu_tail_weight is not None and not 0.0 < float(self.gelu_tail_weight) <= 1.0:
+            raise ValueError(f"gelu_tail_weight must be in (0, 1], got {self.gelu_tail_weight!r}")
         if self.frozen_stat not in ("geo", "ls"):
             raise ValueError(f"frozen_stat must be 'geo' or 'ls', got {self.frozen_stat!r}")
 
@@ -513,6 +520,17 @@ def newton_ln(approx: P.PolyApprox, options: FheOptions, ln, pos_scale0: float =
     return m
 
 
+def gelu_core(st: dict, margin: float) -> tuple[float, float] | None:
+    """The band a "band" GELU fit weights fully: a refit's kept ``core`` (cover), else the calibrated 0.01% and
+    99.99% quantiles widened by ``margin``; None when the ranges keep neither (the fit is then plain)."""
+    if st.get("core") is not None:
+        return tuple(float(v) for v in st["core"])
+    qs = st.get("quantiles") or {}
+    if "0.0001" not in qs or "0.9999" not in qs:
+        return None
+    return widen({"min": qs["0.0001"], "max": qs["0.9999"]}, margin)
+
+
 def build_modules(model, options: FheOptions, ranges: dict, keys=None) -> dict[str, nn.Module]:
     """The polynomial modules for ``model`` (not installed). Keys as in :func:`named_approx_modules`;
     ``keys``: build only these ops (default: every op ``options.kinds`` names)."""
@@ -539,8 +557,11 @@ def build_modules(model, options: FheOptions, ranges: dict, keys=None) -> dict[s
             mods[key] = P.PolyExp(approx)
         elif kind == "gelu":
             lo, hi = widen(st, options.margin)
-            mods[key] = P.PolyGELU(P.fit(gelu_f, lo, hi, degree=options.gelu_degree, form=options.form,
-                                         method=options.fit, name="gelu"))
+            core = gelu_core(st, options.margin) if options.gelu_tail_weight is not None else None
+            band = {"method": "band", "core": core, "tail_weight": float(options.gelu_tail_weight)} if core else \
+                {"method": options.fit}
+            mods[key] = P.PolyGELU(P.fit(gelu_f, lo, hi, degree=options.gelu_degree, form=options.form, name="gelu",
+                                         **band))
         elif kind == "tanh":
             lo, hi = widen(st, options.margin)
             mods[key] = P.PolyTanh(P.fit("tanh", lo, hi, degree=options.tanh_degree, form=options.form,
@@ -609,6 +630,9 @@ def cover_ranges(model, ranges: dict, options: FheOptions | None = None) -> dict
         if lo <= mn and mx <= hi:
             continue
         entry = {**st, "min": min(lo, mn), "max": max(hi, mx)}
+        core = getattr(getattr(m, "approx", None), "core", None)
+        if core is not None:  # a band fit keeps its core: the counters keep no quantiles
+            entry["core"] = list(core)
         if banded:  # build_modules re-applies the band: its quantile is the new top (the counters keep none)
             entry["quantiles"] = {**(st.get("quantiles") or {}), str(float(options.ln_band)): entry["max"]}
         _put_range(union, key, entry)

@@ -373,9 +373,22 @@ def test_python_api_seal_matches_plain():
     plain = fm.predict(emb, mask, fhe="plain")
     got = fm.predict(emb, mask, fhe="seal")
     assert got.shape == plain.shape and 0 < np.abs(got - plain).max() < 1e-4
-    client = fm._seal_state["client"]
+    keys = fm._seal_state["keys"]
+    client = keys.client
     fm.predict(emb[:1], mask[:1], fhe="seal")
-    assert fm._seal_state["client"] is client  # same keys: no new key generation
+    assert keys.client is client  # same keys: no new key generation
+    # a longer example rotates by steps the held set lacks: the set is replaced by exactly its own steps, as the CLI
+    # runner does (PackedRunner.ensure_keys), not grown into the union of every length seen
+    emb6 = rng.normal(size=(1, 6, 8))
+    mask6 = np.ones((1, 6), np.float32)
+    eng = NumpyEngine(SMALL)
+    PackedInterpreter(fm.model, PackedBackend(SMALL, eng)).run({"embeddings": emb6, "attention_mask": mask6})
+    assert not set(eng.steps) <= set(client.steps) and set(client.steps) - set(eng.steps)
+    got6 = fm.predict(emb6, mask6, fhe="seal")
+    assert keys.client is not client and sorted(keys.client.steps) == sorted(eng.steps)
+    assert keys.engine.client is keys.client
+    plain6 = fm.predict(emb6, mask6, fhe="plain")
+    assert 0 < np.abs(got6 - plain6).max() < 1e-4
 
 
 def test_dry_run_reports_modulus_headroom_and_refuses_overflow(micro_student_packed, mrpc_dir):

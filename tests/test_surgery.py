@@ -658,3 +658,37 @@ def test_distill_flags_override_profile_band_and_exp_squarings():
                      "--newton-steps", "1", "--gelu-degree", "31")
     with pytest.raises(UserError, match="--ln-band"):
         opts("--ln-band", "max")
+
+
+def test_gelu_band_fit_uses_calibrated_quantiles_and_cover_keeps_its_core(ranges):
+    """``gelu_tail_weight``: every GELU is a band fit on its calibrated 0.01%-99.99% quantiles (widened by the
+    margin) over the full calibrated interval (same interval and depth as the plain fit); an epoch-cover refit,
+    whose training-time counters keep no quantiles, keeps that core instead of falling back to a plain fit."""
+    from cgf_fhe.surgery import cover_ranges, gelu_core, tracked_ranges
+
+    opts = FheOptions(poly="all", gelu_degree=15, gelu_tail_weight=0.1)
+    model, _ = build_model("tiny", "cgf", 0.5, seed=0)
+    model.eval()
+    polynomialize(model, opts, ranges)
+    plain_model, _, _ = _poly_model(ranges, gelu_degree=15)
+    mods, plain = dict(named_approx_modules(model)), dict(named_approx_modules(plain_model))
+    for i in range(2):
+        key = f"layers.{i}.gelu"
+        st = ranges["layers"][i]["gelu"]
+        p = mods[key].approx
+        assert p.method == "band" and p.tail_weight == 0.1
+        assert p.core == pytest.approx(gelu_core(st, opts.margin))
+        lo, hi = st["quantiles"]["0.0001"], st["quantiles"]["0.9999"]
+        assert p.core[0] < lo and p.core[1] > hi and p.core[1] - p.core[0] < p.b - p.a
+        assert mods[key].interval == plain[key].interval and mods[key].depth == plain[key].depth
+    key = "layers.0.gelu"
+    core = mods[key].approx.core
+    ghi = mods[key].interval[1]
+    measured = tracked_ranges(model)
+    measured["layers"][0]["gelu"].update(max=ghi + 2.0, count=100)
+    assert "quantiles" not in measured["layers"][0]["gelu"]
+    assert set(cover_ranges(model, measured)) == {key}
+    p = dict(named_approx_modules(model))[key].approx
+    assert p.method == "band" and p.core == pytest.approx(core) and p.b >= ghi + 2.0
+    with pytest.raises(ValueError, match="gelu_tail_weight"):
+        FheOptions(poly="all", gelu_tail_weight=1.5)

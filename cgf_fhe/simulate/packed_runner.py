@@ -376,6 +376,36 @@ class PackedInterpreter(Interpreter):
         return {x: env[x] for x in reg["outputs"]}
 
 
+class KeySet:
+    """The client (secret, relinearisation and Galois keys) and the server engine of one run, with the key policy
+    both the CLI runner and the Python API use: keep the set while it covers the rotation steps an example needs,
+    else replace it by one made for exactly that example's steps (examples of other lengths rotate by other steps;
+    one union set for every length held 668 keys, 5.3 GiB at N=16384, 16.2 GB peak RSS, where each example needs
+    ~200). The old client, its keys and engine are dropped before the new keygen."""
+
+    def __init__(self, params, client: SealClient | None = None, engine: SealEngine | None = None):
+        self.params, self.client, self.engine = params, client, engine
+
+    def covers(self, steps) -> bool:
+        return self.client is not None and set(steps) <= set(self.client.steps)
+
+    def ensure(self, steps, pt_cache_bytes: int | None = None) -> float:
+        """Keys for ``steps``; returns the keygen seconds (0.0 when the held set is reused). ``pt_cache_bytes``:
+        the engine's plaintext-cache cap (None: SealEngine's default), only ever raised on a kept engine."""
+        if self.engine is not None and pt_cache_bytes is not None:
+            self.engine.cache_cap = max(self.engine.cache_cap, int(pt_cache_bytes))
+        if self.covers(steps):
+            return 0.0
+        self.client = self.engine = None
+        import gc
+
+        gc.collect()
+        self.client = SealClient(self.params, sorted(set(steps)))
+        cache = {} if pt_cache_bytes is None else {"pt_cache_bytes": int(pt_cache_bytes)}
+        self.engine = SealEngine(self.params, self.client, self.client.hand_over_public(), **cache)
+        return self.client.keygen_seconds
+
+
 def memory_estimate(eng: NumpyEngine, params, cache_bytes: int = 0) -> dict:
     """Peak memory of the encrypted run from its dry run: SEAL's memory pool keeps every freed ciphertext buffer
     for reuse by one of the same size (the same level), so the ciphertexts cost the sum over levels of each level's
@@ -489,23 +519,11 @@ class PackedRunner:
 
     # ---- keys and the encrypted run ------------------------------------------------------------------------------
     def ensure_keys(self, steps, cache_bytes: int = 0) -> float:
-        steps = set(steps)
         self.pt_cache_bytes = max(self.pt_cache_bytes, int(cache_bytes))
-        if self.engine is not None:
-            self.engine.cache_cap = self.pt_cache_bytes
-        if self.client is not None and steps <= set(self.client.steps):
-            return 0.0
-        # a key set of the example's own steps, replacing the last one: examples of other lengths rotate by other
-        # steps, and one set for all of them held 668 keys (5.3 GiB at N=16384, 16.2 GB peak RSS) where each example
-        # needs ~200; the old client, its keys and engine are dropped before the new keygen
-        self.client = self.engine = None
-        import gc
-
-        gc.collect()
-        self.client = SealClient(self.params, sorted(steps))
-        self.engine = SealEngine(self.params, self.client, self.client.hand_over_public(),
-                                 pt_cache_bytes=self.pt_cache_bytes)
-        return self.client.keygen_seconds
+        keys = KeySet(self.params, self.client, self.engine)
+        seconds = keys.ensure(steps, self.pt_cache_bytes)
+        self.client, self.engine = keys.client, keys.engine
+        return seconds
 
     def run_seal(self, feeds: dict, progress=False) -> dict:
         be = PackedBackend(self.params, self.engine)
@@ -915,13 +933,9 @@ def run_packed(model, params, feeds: dict, *, runner_state: dict | None = None, 
     need = memory_estimate(eng, params)["estimated_peak_bytes"]
     if need > psutil.virtual_memory().available:
         raise SimulationError(f"not enough memory for the seal backend: about {need / 2**30:.1f} GiB needed")
-    client = state.get("client")
-    if client is None or not set(eng.steps) <= set(client.steps):
-        steps = set(eng.steps) | set(client.steps if client is not None else ())
-        client = SealClient(params, sorted(steps))
-        state["client"] = client
-        state["engine"] = SealEngine(params, client, client.hand_over_public())
-    be = PackedBackend(params, state["engine"])
+    keys = state.setdefault("keys", KeySet(params))
+    keys.ensure(eng.steps)
+    be = PackedBackend(params, keys.engine)
     return PackedInterpreter(model, be).run(feeds, progress=progress)
 
 

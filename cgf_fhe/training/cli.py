@@ -193,7 +193,8 @@ def _fhe_from_args(args):
         args.poly = "all"  # a profile is a choice of polynomials
     if args.poly == "none":
         ignored = [f for f in ("ln", "exp_degree", "gelu_degree", "tanh_degree", "invsqrt_degree", "newton_steps",
-                               "margin", "ln_cls_scale", "exp_squarings", "ln_band") if getattr(args, f, None) is not None]
+                               "margin", "ln_cls_scale", "exp_squarings", "ln_band", "gelu_tail_weight")
+                   if getattr(args, f, None) is not None]
         if ignored:
             from ..errors import UserError
 
@@ -204,7 +205,7 @@ def _fhe_from_args(args):
 
     kw = {"poly": args.poly}
     for f in ("ln", "exp_degree", "exp_squarings", "gelu_degree", "tanh_degree", "invsqrt_degree", "newton_steps",
-              "margin", "ln_cls_scale"):
+              "margin", "ln_cls_scale", "gelu_tail_weight"):
         v = getattr(args, f, None)
         if v is not None:
             kw[f] = v
@@ -354,6 +355,10 @@ def _distill_student_args(p) -> None:
                    help="range reduction of exp: fit exp(x/2^K) and square K times (K more levels; default: the "
                         "profile's; the default profile picks K per layer)")
     f.add_argument("--gelu-degree", type=int, help="degree of the GELU polynomial (default: the profile's)")
+    f.add_argument("--gelu-tail-weight", type=float, metavar="W",
+                   help="fit GELU by least squares that weights its calibrated 0.01%%-99.99%% quantile band fully and "
+                        "the tails (massive-activation tokens) by W in (0, 1], e.g. 0.1, instead of interpolating on "
+                        "the whole interval: a low degree keeps its error where few inputs are (same interval, depth)")
     f.add_argument("--tanh-degree", type=int, help="degree of the pooler's tanh polynomial (default: the profile's)")
     f.add_argument("--invsqrt-degree", type=int,
                    help="degree of LayerNorm's 1/sqrt starting polynomial (default: the profile's)")
