@@ -53,6 +53,9 @@ class Builder:
             return tables.section(self.rec(it["record"]), title=it.get("title"))
         if t == "student":
             return students.section(self.rec(it["record"]), self.specs.get(it["record"]))
+        if t == "ablation":
+            self.used.update(r["record"] for r in it["rows"] if r["record"] in self.recs)
+            return students.ablation(self.recs, it)
         if t == "summary":
             return [*students.summary(self.recs, [s for s in self.pages["students"] if s.get("summary", True)]), ""]
         if t == "pooled":

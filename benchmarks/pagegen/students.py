@@ -188,3 +188,49 @@ def pooled_line(recs: dict, spec: dict) -> list[str]:
             f"standard error {ms.sem:.2f} pp, 95% t-interval of the mean [{ci[0]:+.2f}, {ci[1]:+.2f}] pp; "
             f"{pl['within_1pp']} of {ms.n} seeds within 1 pp. Target on the pooled mean (within "
             f"{spec['target_pp']:g} pp): {'met' if ok else '**NOT met**'}.", ""]
+
+
+def _choices(rec: dict) -> str:
+    """exp / GELU / LayerNorm choices of a polynomial student, from its recorded FHE options."""
+    o = (rec.get("settings") or {}).get("fhe_options") or {}
+    if not o:
+        return "n/a"
+    k = o.get("exp_squarings")
+    exp = f"exp {o.get('exp_degree')}" + (f" + {k} sq." if k else " + auto sq." if k is None else "")
+    gelu = f"GELU {o.get('gelu_degree')}" + (f" (band, tails x{o['gelu_tail_weight']:g})"
+                                              if o.get("gelu_tail_weight") else "")
+    steps = o.get("newton_steps")
+    ln = f"1/sqrt {o.get('invsqrt_degree')} + {'auto' if steps is None else steps} Newton" \
+         + (" (CLS-scaled)" if o.get("ln_cls_scale") else "") \
+         + (f" (band {o['ln_band']:g})" if o.get("ln_band") is not None else "")
+    return f"{exp}; {gelu}; {ln}"
+
+
+def ablation(recs: dict, spec: dict) -> list[str]:
+    """One table of depth against paired accuracy over student records that differ in one choice each
+    (pages.json item ``{"type": "ablation", "title", "rows": [{"record", "what"}], "notes"}``); a row whose
+    record is absent says so with its command instead of a figure."""
+    rows, cited = [], []
+    for row in spec["rows"]:
+        rec = recs.get(row["record"])
+        if rec is None:
+            rows.append([row["what"], "-", "-", "-", "-", "-", "-", f"not run: `{row['command']}`"])
+            continue
+        cited.append(rec)
+        runs = finished(rec)
+        d = diffs_pp(rec)
+        pl = per_layer(rec)
+        acc = " / ".join(f"{num(r['chosen']['accuracy'])} (seed {r['seed']})" for r in runs) or "n/a"
+        nonf = " / ".join(f"{r['nonfinite']}" for r in runs if "nonfinite" in r) or "-"
+        rows.append([row["what"], _choices(rec), f"{max(pl[1])} ({' '.join(map(str, pl[1]))})" if pl else "n/a",
+                     "/".join(map(str, depths(rec))) or "n/a", acc,
+                     pm(d.values(), 2, sign=True) if len(d) > 1 else (signed(next(iter(d.values()))) if d else "n/a"),
+                     nonf, f"`{rec['name']}`"])
+    out = [f"### {spec['title']}", ""]
+    for rec in cited:
+        out += [f"- `{rec['name']}`: `{rec['command']}`"]
+    out += ["", *table(["change from the base row", "exp; GELU; LayerNorm", "depth per encoder layer: max (each)",
+                         "total depth", "dev accuracy", "paired difference to the teacher (pp)",
+                         "non-finite dev logits", "record"], rows), ""]
+    out += notes(spec.get("notes", []))
+    return out

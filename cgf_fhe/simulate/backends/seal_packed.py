@@ -977,12 +977,7 @@ class PackedBackend(Backend):
         the whole ciphertext): power-of-two partial sums combined by the bits of n."""
         e = self.engine
         if n * stride == self.slots and (n & (n - 1)) == 0:
-            k = 1
-            while k < n:
-                c = e.add(c, e.rotate(c, k * stride))
-                sup = sup | np.roll(sup, -k * stride)
-                k *= 2
-            return c, sup
+            return self._doubling(c, stride, n, sup=sup)
         acc = acc_sup = None
         offset, T, T_sup, j = 0, c, sup, 0
         while (1 << j) <= n:
@@ -1388,12 +1383,17 @@ class PackedBackend(Backend):
         b .. b + dh - 1 into block b (a head's partial products into its first block); -1 copies block b into
         blocks b .. b + dh - 1 when they hold zeros (a replication over the head). ``sup``, if given, is the
         support, moved by the same steps; returns ``(ciphertext, support)``."""
-        e, S_blk = self.engine, self.layout.S_blk
-        step = 1
-        while step < dh:
-            c = e.add(c, e.rotate(c, direction * step * S_blk))
+        return self._doubling(c, direction * self.layout.S_blk, dh, sup=sup)
+
+    def _doubling(self, c, unit: int, n: int, sup=None):
+        """``c + rot(c, unit) + rot(c, 2 unit) + ...`` by doubling: ceil(log2 n) rotations by ``unit``, ``2 unit``,
+        ``4 unit``, ... (n a power of two: every slot p gets the sum of p, p + unit, ..., p + (n-1) unit).
+        ``sup``, if given, is the support, moved by the same steps; returns ``(ciphertext, support)``."""
+        e, step = self.engine, 1
+        while step < n:
+            c = e.add(c, e.rotate(c, step * unit))
             if sup is not None:
-                sup = sup | np.roll(sup, -direction * step * S_blk)
+                sup = sup | np.roll(sup, -step * unit)
             step *= 2
         return c, sup
 
