@@ -442,8 +442,7 @@ class PackedRunner:
         self.trace = set(self.base.layer_values.values()) | {EMB}
         self.pt_cache_budget = pt_cache_budget
         self.pt_cache_bytes = 0  # decided by the dry run (plan_cache)
-        self.client: SealClient | None = None
-        self.engine: SealEngine | None = None
+        self.keys = KeySet(self.params)  # the client and server engine, under the shared key policy
 
     # ---- dry run -----------------------------------------------------------------------------------------------
     def dry_run(self, feeds: dict, *, noise: bool = False, seed: int = 0, rotation_std: dict | None = None) -> dict:
@@ -520,10 +519,15 @@ class PackedRunner:
     # ---- keys and the encrypted run ------------------------------------------------------------------------------
     def ensure_keys(self, steps, cache_bytes: int = 0) -> float:
         self.pt_cache_bytes = max(self.pt_cache_bytes, int(cache_bytes))
-        keys = KeySet(self.params, self.client, self.engine)
-        seconds = keys.ensure(steps, self.pt_cache_bytes)
-        self.client, self.engine = keys.client, keys.engine
-        return seconds
+        return self.keys.ensure(steps, self.pt_cache_bytes)
+
+    @property
+    def client(self) -> SealClient | None:
+        return self.keys.client
+
+    @property
+    def engine(self) -> SealEngine | None:
+        return self.keys.engine
 
     def run_seal(self, feeds: dict, progress=False) -> dict:
         be = PackedBackend(self.params, self.engine)
